@@ -1,0 +1,18 @@
+# make run   -- set up .venv and run the whole pipeline on the embedded default
+# make test  -- set up .venv and run the test suite
+PY := .venv/bin/python
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup run test bench-prepare
+setup:
+	@bash scripts/setup_env.sh
+
+run: setup
+	$(PY) -m pipelines.full_run $(ARGS)
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+bench-prepare: setup
+	$(PY) bench/prepare.py $(ARGS)

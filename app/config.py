@@ -1,0 +1,354 @@
+"""Typed configuration: one dataclass per concern, one source of defaults.
+
+A YAML file (``--config FILE``) and command-line flags override the defaults, in that order.
+Every field is reachable as a flag named after it (``label_threshold`` -> ``--label-threshold``),
+so field names are unique across sections. Invalid values raise :class:`ConfigError` naming the
+flag, e.g. ``--val-fraction must be in [0, 1), got 1.5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the flag."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a one-line help text (shown by ``--help``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+DATASETS = ("movielens-small", "lfs", "csv", "parquet", "synthetic")
+LFS_URL = "https://files.grouplens.org/datasets/learning-from-sets-2019/learning-from-sets-2019.zip"
+
+
+@dataclass
+class DataConfig:
+    """Where ratings come from and how they become a prepared dataset."""
+
+    dataset: Literal["movielens-small", "lfs", "csv", "parquet", "synthetic"] = _f(
+        "movielens-small", "data source")
+    input: Optional[str] = _f(None, "file, folder, glob or URI to read (lfs, csv, parquet)")
+    output: Optional[str] = _f(None, "prepared dataset folder (default: <workdir>/data)")
+    overwrite: bool = _f(False, "replace an existing prepared dataset at --output")
+    download_url: str = _f(LFS_URL, "where --dataset lfs downloads from when --input is not given")
+    user_col: str = _f("userId", "user id column in the raw ratings")
+    item_col: str = _f("movieId", "item id column in the raw ratings")
+    rating_col: str = _f("rating", "rating column in the raw ratings")
+    timestamp_col: str = _f("timestamp", "timestamp column (epoch seconds or ISO-8601)")
+    rating_min: float = _f(0.5, "smallest valid rating (inclusive)")
+    rating_max: float = _f(5.0, "largest valid rating (inclusive)")
+    label_rule: Literal["threshold", "mean"] = _f(
+        "threshold", "label = rating >= threshold, or >= the mean accepted rating")
+    label_threshold: float = _f(4.0, "rating at or above which an interaction is positive")
+    split: Literal["random", "temporal"] = _f(
+        "random", "random (seeded, per row) or temporal (per user, latest held out)")
+    val_fraction: float = _f(0.2, "share of interactions in the validation split")
+    test_fraction: float = _f(0.1, "share of interactions in the test split")
+    seed: int = _f(42, "seed for the random split and the synthetic generator")
+    rows: int = _f(1_000_000, "rows to generate (synthetic)")
+    synthetic_users: int = _f(0, "users to generate (synthetic; 0 = rows / 50)")
+    synthetic_items: int = _f(0, "items to generate (synthetic; 0 = rows / 200, at least 100)")
+    shard_size_limit: int = _f(1 << 26, "bytes per MDS shard file")
+    read_block_size: int = _f(64 << 20, "bytes per Ray Data CSV read block")
+
+    def validate(self) -> None:
+        _check(self.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}",
+               self.dataset)
+        _check(self.dataset not in ("csv", "parquet") or bool(self.input), "input",
+               f"is required with --dataset {self.dataset}", self.input)
+        _check(self.rating_min < self.rating_max, "rating_min",
+               f"must be below --rating-max ({self.rating_max})", self.rating_min)
+        _check(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)", self.val_fraction)
+        _check(0 <= self.test_fraction < 1, "test_fraction", "must be in [0, 1)",
+               self.test_fraction)
+        _check(self.val_fraction + self.test_fraction < 1, "test_fraction",
+               "plus --val-fraction must leave a non-empty training split",
+               self.test_fraction)
+        _check(self.rows > 0, "rows", "must be positive", self.rows)
+        _check(self.synthetic_users >= 0, "synthetic_users", "must be >= 0",
+               self.synthetic_users)
+        _check(self.synthetic_items >= 0, "synthetic_items", "must be >= 0",
+               self.synthetic_items)
+        _check(1 << 16 <= self.shard_size_limit < 1 << 32, "shard_size_limit",
+               "must be in [64 KiB, 4 GiB)", self.shard_size_limit)
+        _check(self.read_block_size >= 1 << 20, "read_block_size", "must be at least 1 MiB",
+               self.read_block_size)
+        for name in ("user_col", "item_col", "rating_col", "timestamp_col"):
+            _check(bool(getattr(self, name)), name, "must not be empty", getattr(self, name))
+
+    @property
+    def train_fraction(self) -> float:
+        return 1.0 - self.val_fraction - self.test_fraction
+
+
+@dataclass
+class ModelConfig:
+    """The two-tower model."""
+
+    embedding_dim: int = _f(64, "embedding table dimension")
+    tower_layers: list = _f([128, 64], "MLP layer sizes per tower; the last is the output dim")
+    objective: Literal["bce", "softmax"] = _f("softmax", "training objective")
+    temperature: float = _f(0.05, "softmax temperature")
+
+    def validate(self) -> None:
+        _check(self.embedding_dim > 0, "embedding_dim", "must be positive", self.embedding_dim)
+        _check(len(self.tower_layers) > 0 and all(int(x) > 0 for x in self.tower_layers),
+               "tower_layers", "must be a non-empty list of positive sizes", self.tower_layers)
+        _check(self.objective in ("bce", "softmax"), "objective", "must be bce or softmax",
+               self.objective)
+        _check(self.temperature > 0, "temperature", "must be positive", self.temperature)
+
+
+@dataclass
+class TrainConfig:
+    """Distributed training."""
+
+    topology: Literal["cpu", "snsg", "snmg", "mnmg"] = _f("cpu", "worker placement")
+    num_workers: int = _f(2, "training workers (cpu topology) or GPUs in all (snmg, mnmg)")
+    epochs: int = _f(3, "passes over the training split")
+    batch_size: int = _f(8192, "samples per batch per worker")
+    embedding_lr: float = _f(0.05, "learning rate of the fused embedding optimizer")
+    dense_lr: float = _f(1e-3, "learning rate of the dense (MLP) optimizer")
+    top_k: list = _f([10, 20, 50], "K values of Recall@K and NDCG@K")
+
+    def validate(self) -> None:
+        _check(self.topology in ("cpu", "snsg", "snmg", "mnmg"), "topology",
+               "must be one of cpu, snsg, snmg, mnmg", self.topology)
+        _check(self.num_workers > 0, "num_workers", "must be positive", self.num_workers)
+        _check(self.epochs > 0, "epochs", "must be positive", self.epochs)
+        _check(self.batch_size > 0, "batch_size", "must be positive", self.batch_size)
+        _check(self.embedding_lr > 0, "embedding_lr", "must be positive", self.embedding_lr)
+        _check(self.dense_lr > 0, "dense_lr", "must be positive", self.dense_lr)
+        _check(len(self.top_k) > 0 and all(int(k) > 0 for k in self.top_k), "top_k",
+               "must be a non-empty list of positive integers", self.top_k)
+
+
+@dataclass
+class TuneConfig:
+    """Hyperparameter sweeps."""
+
+    num_samples: int = _f(4, "trials to run")
+    max_concurrent: int = _f(1, "trials running at once")
+
+    def validate(self) -> None:
+        _check(self.num_samples > 0, "num_samples", "must be positive", self.num_samples)
+        _check(self.max_concurrent > 0, "max_concurrent", "must be positive",
+               self.max_concurrent)
+
+
+@dataclass
+class InferenceConfig:
+    """Batch inference."""
+
+    recommend_k: int = _f(100, "items recommended per user")
+    inference_batch_size: int = _f(4096, "users per map_batches call")
+
+    def validate(self) -> None:
+        _check(self.recommend_k > 0, "recommend_k", "must be positive", self.recommend_k)
+        _check(self.inference_batch_size > 0, "inference_batch_size", "must be positive",
+               self.inference_batch_size)
+
+
+@dataclass
+class ClusterConfig:
+    """Where Ray and MLflow run."""
+
+    address: Optional[str] = _f(None, "Ray cluster address (default: RAY_ADDRESS or local)")
+    num_cpus: Optional[int] = _f(None, "CPUs for an embedded local Ray (default: all)")
+    workdir: str = _f("workdir", "folder for the outputs of a full run")
+    mlflow_tracking_uri: Optional[str] = _f(None, "MLflow tracking URI (default: local store)")
+
+    def validate(self) -> None:
+        _check(self.num_cpus is None or self.num_cpus > 0, "num_cpus", "must be positive",
+               self.num_cpus)
+
+
+@dataclass
+class Config:
+    """The whole configuration; each section is one concern."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def validate(self) -> "Config":
+        for section in _sections(self):
+            getattr(self, section).validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def dump_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def describe(self) -> str:
+        """The resolved configuration, one ``section.field = value`` per line."""
+        lines = ["resolved config:"]
+        for section, values in self.to_dict().items():
+            for name, value in values.items():
+                lines.append(f"  {section}.{name} = {json.dumps(value)}")
+        return "\n".join(lines)
+
+
+def _check(ok: bool, name: str, message: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{flag(name)} {message}, got {value!r}")
+
+
+def _sections(cfg: Config) -> list[str]:
+    return [f.name for f in dataclasses.fields(cfg)]
+
+
+def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Field name -> (section, field), checking that names are unique across sections."""
+    index: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory()):  # type: ignore[misc]
+            if f.name in index:
+                raise RuntimeError(f"config field {f.name} is defined in two sections")
+            index[f.name] = (section.name, f)
+    return index
+
+
+FIELDS = _field_index()
+
+
+def _base_type(tp: Any) -> Any:
+    """Strip Optional[...] from a field type."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    """Convert a YAML or CLI value to the field's type, or raise ConfigError naming the flag."""
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    base = _base_type(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("", "none")):
+        if optional:
+            return None
+        raise ConfigError(f"{flag(name)} must not be empty")
+    try:
+        if typing.get_origin(base) is Literal:
+            choices = typing.get_args(base)
+            if value not in choices:
+                raise ConfigError(f"{flag(name)} must be one of {', '.join(choices)}, "
+                                  f"got {value!r}")
+            return value
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if base is list:
+            items = value if isinstance(value, list) else str(value).split(",")
+            return [int(x) if str(x).strip().lstrip("-").isdigit() else float(x) for x in items]
+        if base is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() \
+                else int(value)
+        if base is float:
+            return float(value)
+        return str(value)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag(name)} expects {getattr(base, '__name__', base)}, "
+                          f"got {value!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser, sections: Optional[list[str]] = None) -> None:
+    """Add ``--config`` and one flag per config field (of the given sections, default all)."""
+    parser.add_argument("--config", help="YAML file whose values override the defaults")
+    hints = {s: typing.get_type_hints(type(getattr(Config(), s))) for s in _sections(Config())}
+    for name, (section, f) in FIELDS.items():
+        if sections is not None and section not in sections:
+            continue
+        base = _base_type(hints[section][name])
+        help_text = f"{f.metadata.get('help', '')} [{section}; default: {_default(f)!r}]"
+        if base is bool:
+            parser.add_argument(flag(name), dest=name, default=None,
+                                action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag(name), dest=name, default=None, help=help_text)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def load_config(config_file: Optional[str] = None,
+                overrides: Optional[dict[str, Any]] = None) -> Config:
+    """Defaults, then the YAML file, then the overrides (field name -> value), validated.
+
+    Args:
+        config_file: optional YAML file with a mapping per section (``data: {split: temporal}``).
+        overrides: field name -> value, as from the command line; None values are ignored.
+
+    Returns:
+        The validated configuration.
+    """
+    cfg = Config()
+    hints = {s: typing.get_type_hints(type(getattr(cfg, s))) for s in _sections(cfg)}
+
+    def apply(name: str, value: Any, origin: str) -> None:
+        if name not in FIELDS:
+            raise ConfigError(f"unknown setting {name!r} in {origin}")
+        section, _ = FIELDS[name]
+        setattr(getattr(cfg, section), name, _coerce(name, hints[section][name], value))
+
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"--config {config_file}: no such file")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config {config_file}: expected a mapping of sections")
+        for section, values in raw.items():
+            if section not in hints:
+                raise ConfigError(f"--config {config_file}: unknown section {section!r} "
+                                  f"(sections: {', '.join(hints)})")
+            for name, value in (values or {}).items():
+                if name not in hints[section]:
+                    raise ConfigError(f"--config {config_file}: unknown setting "
+                                      f"{section}.{name}")
+                apply(name, value, f"--config {config_file}")
+    for name, value in (overrides or {}).items():
+        if value is not None and name in FIELDS:
+            apply(name, value, "the command line")
+    return cfg.validate()
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Build the config from parsed arguments (see :func:`add_arguments`)."""
+    return load_config(getattr(args, "config", None), vars(args))

