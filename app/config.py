@@ -67,7 +67,7 @@ class DataConfig:
     synthetic_users: int = _f(0, "users to generate (synthetic; 0 = rows / 50)")
     synthetic_items: int = _f(0, "items to generate (synthetic; 0 = rows / 200, at least 100)")
     shard_size_limit: int = _f(1 << 26, "bytes per MDS shard file")
-    read_block_size: int = _f(64 << 20, "bytes per Ray Data CSV read block")
+    read_block_size: int = _f(16 << 20, "bytes of CSV input per Ray Data block")
 
     def validate(self) -> None:
         _check(self.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}",

@@ -9,7 +9,6 @@ Recipe (:func:`prepare_dataset`):
 
 from __future__ import annotations
 
-import functools
 import glob
 import json
 import os
@@ -32,7 +31,7 @@ from app.config import DataConfig
 from app.dataset import MANIFEST, SCHEMA_VERSION, SPLITS, read_manifest
 from app.mds import INTERACTION_COLUMNS, write_mds_columns
 from app.sources import DataError, Source, open_source
-from app.validate import Columns, validate_table
+from app.validate import VALIDATED_SCHEMA, Columns, validate_table
 
 REJECTED = len(SPLITS)  # split code of quarantined rows
 _INT_ID = r"^[+-]?\d+$"
@@ -42,6 +41,8 @@ _INT_ID = r"^[+-]?\d+$"
 
 def _block_stats(table: pa.Table) -> pa.Table:
     """One row summarising a validated block: distinct ids, rating sum, counts by reason."""
+    if table.num_rows == 0:  # an empty block may come without columns
+        table = VALIDATED_SCHEMA.empty_table()
     ok = pc.is_null(table["reason"])
     acc = table.filter(ok)
     reasons = pc.value_counts(table["reason"].filter(pc.invert(ok)))
@@ -57,6 +58,10 @@ def _block_stats(table: pa.Table) -> pa.Table:
         "accepted": [acc.num_rows],
         "rejected": [json.dumps(by_reason)],
     })
+
+
+# A plain task per materialised block: a tiny summary each, without a second Dataset plan.
+_remote_block_stats = ray.remote(num_cpus=1)(_block_stats)
 
 
 def _split_hash(user: np.ndarray, item: np.ndarray, ts: np.ndarray, seed: int) -> np.ndarray:
@@ -75,6 +80,8 @@ def _split_hash(user: np.ndarray, item: np.ndarray, ts: np.ndarray, seed: int) -
 def _encode(table: pa.Table, *, users: pa.Array, items: pa.Array, threshold: float,
             split: str, val_fraction: float, test_fraction: float, seed: int) -> pa.Table:
     """Ids -> vocabulary indices, label, and (for the random rule) the split code."""
+    if table.num_rows == 0:
+        return table  # nothing to encode; the sink skips empty blocks
     ok = pc.is_null(table["reason"]).to_numpy(zero_copy_only=False)
     user = pc.fill_null(pc.add(pc.index_in(table["user"], value_set=users), 1), 0)
     item = pc.fill_null(pc.add(pc.index_in(table["item"], value_set=items), 1), 0)
@@ -164,31 +171,27 @@ class InteractionSink(Datasink):
         return counts
 
     def on_write_complete(self, write_result: Any) -> None:
-        import logging
-
-        from streaming.base.util import merge_index
-
-        # merge_index reports its temporary folders as warnings; they are routine here.
-        quiet = [logging.getLogger(), logging.getLogger("streaming")]
-        levels = [q.level for q in quiet]
-        for q in quiet:
-            q.setLevel(logging.ERROR)
-        try:
-            self._merge(merge_index)
-        finally:
-            for q, level in zip(quiet, levels):
-                q.setLevel(level)
-
-    def _merge(self, merge_index: Any) -> None:
         for name in SPLITS:
-            split_dir = os.path.join(self.root, name)
-            parts = sorted(glob.glob(os.path.join(split_dir, "part-*", "index.json")))
-            os.makedirs(split_dir, exist_ok=True)
-            if parts:
-                merge_index(parts, split_dir)
-            else:  # an empty split still gets a valid (empty) index
-                Path(split_dir, "index.json").write_text(json.dumps({"version": 2,
-                                                                     "shards": []}))
+            merge_split_index(os.path.join(self.root, name))
+
+
+def merge_split_index(split_dir: str) -> None:
+    """One ``index.json`` for a split from its per-task folders, in task order.
+
+    The same merge as ``streaming.base.util.merge_index`` (shard entries of each part, basenames
+    prefixed by the part folder), done here so the driver need not import streaming (and torch).
+    An empty split gets a valid index with no shards.
+    """
+    shards = []
+    for part in sorted(glob.glob(os.path.join(split_dir, "part-*", "index.json"))):
+        folder = os.path.basename(os.path.dirname(part))
+        for shard in json.loads(Path(part).read_text())["shards"]:
+            for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
+                if shard.get(key):
+                    shard[key]["basename"] = f"{folder}/{shard[key]['basename']}"
+            shards.append(shard)
+    os.makedirs(split_dir, exist_ok=True)
+    Path(split_dir, "index.json").write_text(json.dumps({"version": 2, "shards": shards}))
 
 
 # ---------------------------------------------------------------- driver side
@@ -293,13 +296,16 @@ def prepare_dataset(cfg: DataConfig, output: str, *, verbose: bool = True) -> di
     return manifest
 
 
+_T0 = [time.perf_counter()]
+
+
 def _say(verbose: bool, msg: str) -> None:
     if verbose:
-        print(f"[prepare] {msg}", flush=True)
+        print(f"[prepare {time.perf_counter() - _T0[0]:6.1f}s] {msg}", flush=True)
 
 
 def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
-    t0 = time.perf_counter()
+    t0 = _T0[0] = time.perf_counter()
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     source = open_source(cfg, scratch_dir=str(tmp / "_scratch"))
     cols = source.columns
@@ -307,11 +313,9 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
         validate_table, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
         fn_kwargs=dict(columns=cols, rating_min=cfg.rating_min, rating_max=cfg.rating_max),
     ).materialize()
-    stats = pa.concat_tables([_block_stats(validate_table(
-        pa.table({c: pa.array([], pa.string()) for c in cols.required()}), columns=cols,
-        rating_min=cfg.rating_min, rating_max=cfg.rating_max))]  # typed even with no blocks
-        + ray.get(validated.map_batches(_block_stats, batch_size=None,
-                                        batch_format="pyarrow").to_arrow_refs()))
+    _say(verbose, f"validated {validated.num_blocks()} blocks")
+    stats = pa.concat_tables([_block_stats(VALIDATED_SCHEMA.empty_table())]  # typed if no blocks
+                             + ray.get([_remote_block_stats.remote(ref) for ref in validated.to_arrow_refs()]))
     accepted = int(pc.sum(stats["accepted"]).as_py() or 0)
     rejected: Counter = Counter()
     for text in stats["rejected"].to_pylist():
@@ -350,6 +354,7 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
     encoded.write_datasink(InteractionSink(str(tmp), columns=cols,
                                            size_limit=cfg.shard_size_limit))
     validated = None  # release the materialised blocks
+    _say(verbose, "wrote MDS shards")
 
     split_rows = {name: _index_rows(tmp / name) for name in SPLITS}
     rejects_written = _rejects_rows(rejects_dir) 

@@ -47,7 +47,10 @@ def _text(col: pa.ChunkedArray | pa.Array) -> pa.Array:
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
         col = pc.cast(col, pa.string())
     col = pc.utf8_trim_whitespace(col)
-    return pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
+    empty = pc.equal(pc.binary_length(col), 0)  # faster than comparing with ""
+    if not pc.any(empty).as_py():
+        return col
+    return pc.if_else(empty, pa.scalar(None, pa.string()), col)
 
 
 def _parse_rating(col: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
@@ -57,6 +60,13 @@ def _parse_rating(col: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
         missing = pc.is_null(value)
         bad = pc.fill_null(pc.is_nan(value), False)  # NaN is a value we cannot use
         return pc.if_else(bad, None, value), missing, bad
+    try:  # fast path: every value parses; "nan" / "inf" parse too and are rejected below
+        value = pc.cast(col, pa.float64())
+        missing = pc.is_null(value)
+        bad = pc.fill_null(pc.invert(pc.is_finite(value)), False)
+        return pc.if_else(bad, None, value), missing, bad
+    except pa.ArrowInvalid:
+        pass
     text = _text(col)
     missing = pc.is_null(text)
     ok = pc.fill_null(pc.match_substring_regex(text, _NUMBER), False)
@@ -77,6 +87,12 @@ def _parse_timestamp(col: pa.Array) -> tuple[pa.Array, pa.Array, pa.Array]:
         value = pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64())
         missing = pc.is_null(value)
         return value, missing, pc.and_(missing, False)
+    try:  # fast path: all epoch seconds
+        value = pc.cast(col, pa.int64())
+        missing = pc.is_null(value)
+        return value, missing, pc.and_(missing, False)
+    except pa.ArrowInvalid:
+        pass
     text = _text(col)
     missing = pc.is_null(text)
     is_int = pc.fill_null(pc.match_substring_regex(text, _INTEGER), False)
@@ -100,6 +116,8 @@ def validate_table(table: pa.Table, *, columns: Columns, rating_min: float,
     Returns:
         A table with :data:`VALIDATED_SCHEMA`, one row per input row, in input order.
     """
+    if table.num_rows == 0:  # an empty block may come without columns
+        return VALIDATED_SCHEMA.empty_table()
     user = _text(table[columns.user])
     item = _text(table[columns.item])
     rating_col = table[columns.rating].combine_chunks()
@@ -122,19 +140,21 @@ def validate_table(table: pa.Table, *, columns: Columns, rating_min: float,
         (ts_missing, f"missing {columns.timestamp}"),
         (ts_bad, f"unparsable {columns.timestamp}"),
     ]
+    any_rejected = any(pc.any(mask).as_py() for mask, _ in checks)
     reason = pa.nulls(len(table), pa.string())
-    for mask, text in reversed(checks):
-        reason = pc.if_else(mask, text, reason)
+    if any_rejected:
+        for mask, text in reversed(checks):
+            reason = pc.if_else(mask, text, reason)
     rejected = pc.is_valid(reason)
-    any_rejected = pc.any(rejected).as_py()
 
     def raw_if_rejected(col: pa.Array) -> pa.Array:
         if not any_rejected:
             return pa.nulls(len(table), pa.string())
         return pc.if_else(rejected, _text(col), None)
 
+    if any_rejected:
+        rating, ts = pc.if_else(rejected, None, rating), pc.if_else(rejected, None, ts)
     return pa.Table.from_arrays(
-        [user, item,
-         pc.if_else(rejected, None, rating), pc.if_else(rejected, None, ts),
+        [user, item, rating, ts,
          reason, raw_if_rejected(rating_col), raw_if_rejected(ts_col)],
         schema=VALIDATED_SCHEMA)

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from streaming import StreamingDataset
 
-from app.dataset import SPLITS, InteractionStream, load_vocab, read_manifest, read_split_arrays
+from app.dataset import SPLITS, load_vocab, read_manifest, read_split_arrays
+from app.reader import InteractionStream
 from app.prepare import InteractionSink, prepare_dataset
 from app.sources import DataError
 from pipelines import prepare_data
@@ -247,3 +248,14 @@ def test_interrupted_run_leaves_nothing_and_rerun_succeeds(ray_local, tmp_path, 
     cfg.overwrite = True
     prepare_dataset(cfg, str(out), verbose=False)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_csv_folder_with_a_header_only_file(ray_local, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.csv").write_text("userId,movieId,rating,timestamp\n")
+    (tmp_path / "in" / "b.csv").write_text("userId,movieId,rating,timestamp,extra\n"
+                                           "1,2,4.0,1260759144,x\n7,8,2.0,1260759145,y\n")
+    out = tmp_path / "out"
+    prepare_dataset(data_config(dataset="csv", input=str(tmp_path / "in"), split="temporal"),
+                    str(out), verbose=False)
+    assert check_counts_add_up(out)["counts"]["accepted"] == 2

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.dataset import InteractionStream, ItemFeatures, read_split_arrays, to_kjt
+from app.dataset import read_split_arrays
+from app.reader import InteractionStream, ItemFeatures, to_kjt
 
 
 def test_batches_cover_the_split_once_per_epoch_and_reshuffle(movielens_dir):

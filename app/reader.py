@@ -1,0 +1,139 @@
+"""Training-side reader of a prepared split: ``StreamingDataset`` partitioning, numpy decoding,
+TorchRec ``KeyedJaggedTensor`` batches.
+
+:class:`InteractionStream` is a ``StreamingDataset`` (so it partitions samples across ranks and
+shuffles like one) that yields whole batches decoded with numpy instead of one sample at a
+time; :func:`to_kjt` turns such a batch into a ``KeyedJaggedTensor`` with array operations only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import numpy as np
+from streaming import StreamingDataset
+
+from app.dataset import shard_records, load_vocab
+from app.mds import INTERACTION_COLUMNS, record_dtype
+
+
+class InteractionStream(StreamingDataset):
+    """A ``StreamingDataset`` over one split that yields decoded batches of this rank's rows.
+
+    Inside Ray Train workers RANK / WORLD_SIZE / LOCAL_RANK are set, so each rank gets its own
+    partition; every call of :meth:`iter_batches` is one epoch (shuffled per epoch when
+    ``shuffle`` is on, reproducibly from ``shuffle_seed``).
+    """
+
+    def __init__(self, split_dir: str, *, batch_size: int, shuffle: bool = False,
+                 shuffle_seed: int = 9176, **kwargs: Any) -> None:
+        super().__init__(local=split_dir, batch_size=batch_size, shuffle=shuffle,
+                         shuffle_seed=shuffle_seed, **kwargs)
+        self._record = record_dtype(INTERACTION_COLUMNS)
+        self._maps: dict[int, np.ndarray] = {}
+
+    def _shard_array(self, shard_id: int) -> np.ndarray:
+        if shard_id not in self._maps:
+            self.prepare_shard(shard_id)  # downloads/decompresses a remote shard if needed
+            shard = self.shards[shard_id]
+            path = os.path.join(shard.dirname, shard.split, shard.raw_data.basename)
+            self._maps[shard_id] = shard_records(path, self._record, list(shard.column_names),
+                                                  list(shard.column_encodings))
+        return self._maps[shard_id]
+
+    def epoch_sample_ids(self) -> np.ndarray:
+        """This rank's sample ids for the next epoch, in iteration order (advances the epoch)."""
+        self._unique_worker_world = self._unique_rank_world.detect_workers()
+        self._parallel_worker_world = self._parallel_rank_world.detect_workers()
+        epoch, sample_in_epoch = self._resume_incr_epoch()
+        ids = self._get_work(epoch, sample_in_epoch)
+        return ids[ids >= 0]
+
+    def gather(self, sample_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Decode the given global sample ids (any order, any shards) as numpy columns."""
+        shard_of = np.searchsorted(self.sample_offset_per_shard, sample_ids, side="right") - 1
+        local = sample_ids - self.sample_offset_per_shard[shard_of]
+        out = np.empty(len(sample_ids), self._record)
+        for shard_id in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == shard_id)
+            out[where] = self._shard_array(int(shard_id))[local[where]]
+        return {name: out[name] for name in self._record.names}
+
+    def iter_batches(self, batch_size: Optional[int] = None, *,
+                     drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        """One epoch of this rank's rows in batches of numpy columns.
+
+        Args:
+            batch_size: rows per batch (default: the dataset's ``batch_size``).
+            drop_last: drop a final batch smaller than ``batch_size``.
+        """
+        size = batch_size or self.batch_size
+        ids = self.epoch_sample_ids()
+        for start in range(0, len(ids), size):
+            chunk = ids[start:start + size]
+            if drop_last and len(chunk) < size:
+                break
+            yield self.gather(chunk)
+
+
+@dataclass
+class ItemFeatures:
+    """Multi-valued item features as CSR arrays: values of item i are
+    ``values[offsets[i]:offsets[i + 1]]`` (index 0 of every feature means unknown)."""
+
+    name: str
+    offsets: np.ndarray  # (num_items + 2,) int64: item index 0..num_items
+    values: np.ndarray   # (nnz,) int64
+    vocab: list[str]     # value index -> text; index 0 is unknown
+
+    @classmethod
+    def genres(cls, data_dir: str | os.PathLike) -> Optional["ItemFeatures"]:
+        """Genres of each item from the item metadata ("A|B|C"), or None when there is none."""
+        items = load_vocab(data_dir)["items"]
+        if "genres" not in items.column_names:
+            return None
+        lists = [(g or "").split("|") if g and g != "(no genres listed)" else []
+                 for g in items["genres"].to_pylist()]
+        vocab = ["<unknown>"] + sorted({g for gs in lists for g in gs})
+        pos = {g: i for i, g in enumerate(vocab)}
+        lengths = np.array([0] + [len(gs) for gs in lists], np.int64)  # item 0 has none
+        values = np.array([pos[g] for gs in lists for g in gs], np.int64)
+        return cls("item_genres", np.concatenate([[0], np.cumsum(lengths)]), values, vocab)
+
+    def lookup(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lengths (B,), values (sum of lengths,)) for a batch of item indices, vectorised."""
+        starts = self.offsets[items]
+        lengths = self.offsets[items + 1] - starts
+        total = int(lengths.sum())
+        # position j of the output reads values[starts[row] + (j - first output index of row)]
+        row_first = np.cumsum(lengths) - lengths
+        idx = np.repeat(starts - row_first, lengths) + np.arange(total)
+        return lengths, self.values[idx]
+
+
+def to_kjt(batch: dict[str, np.ndarray], item_features: Optional[ItemFeatures] = None) -> Any:
+    """A decoded batch as TorchRec's ``KeyedJaggedTensor`` (keys: user_id, item_id[, ...]).
+
+    Every key has one length per row: 1 for the id features, the number of values for
+    multi-valued item features. Built from whole arrays, no per-row Python.
+
+    Returns:
+        KeyedJaggedTensor with ``stride`` = batch size.
+    """
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    b = len(batch["user"])
+    keys = ["user_id", "item_id"]
+    values = [batch["user"].astype(np.int64), batch["item"].astype(np.int64)]
+    lengths = [np.ones(b, np.int64), np.ones(b, np.int64)]
+    if item_features is not None:
+        lens, vals = item_features.lookup(batch["item"].astype(np.int64))
+        keys.append(item_features.name)
+        values.append(vals)
+        lengths.append(lens)
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=torch.from_numpy(np.concatenate(values)),
+        lengths=torch.from_numpy(np.concatenate(lengths)))

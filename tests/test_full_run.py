@@ -1,0 +1,25 @@
+"""The main job's entry point on a small synthetic dataset, through its own CLI parsing."""
+
+import json
+
+from pipelines import full_run
+
+
+def test_full_run_prepares_into_the_workdir_and_reuses_it(ray_local, tmp_path, capsys):
+    argv = ["--dataset", "synthetic", "--rows", "20000", "--workdir", str(tmp_path / "wd")]
+    assert full_run.main(argv) == 0
+    summary = json.loads((tmp_path / "wd" / "summary.json").read_text())
+    assert summary["stages"]["prepare"]["counts"]["accepted"] == 20_000
+    assert (tmp_path / "wd" / "data" / "manifest.json").exists()
+    assert "data:" in (tmp_path / "wd" / "config.yaml").read_text()
+    assert full_run.main(argv) == 0
+    assert "reusing" in capsys.readouterr().out
+    # a changed data setting prepares again
+    assert full_run.main(argv + ["--split", "temporal"]) == 0
+    manifest = json.loads((tmp_path / "wd" / "data" / "manifest.json").read_text())
+    assert manifest["split"]["rule"] == "temporal"
+
+
+def test_full_run_reports_bad_flags(capsys):
+    assert full_run.main(["--val-fraction", "2"]) == 2
+    assert "--val-fraction must be in [0, 1)" in capsys.readouterr().err
