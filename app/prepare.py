@@ -357,7 +357,7 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
     _say(verbose, "wrote MDS shards")
 
     split_rows = {name: _index_rows(tmp / name) for name in SPLITS}
-    rejects_written = _rejects_rows(rejects_dir) 
+    rejects_written = _rejects_rows(rejects_dir)
     if sum(split_rows.values()) != accepted or rejects_written != sum(rejected.values()):
         raise RuntimeError(f"written rows do not add up: splits {split_rows} vs {accepted} "
                            f"accepted, {rejects_written} rejects vs {sum(rejected.values())}")
@@ -385,7 +385,7 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - t0, 2),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    _say(verbose, f"splits: " + ", ".join(f"{k} {v:,}" for k, v in split_rows.items())
+    _say(verbose, "splits: " + ", ".join(f"{k} {v:,}" for k, v in split_rows.items())
          + f"; rejected {sum(rejected.values()):,}; {manifest['seconds']:.1f}s")
     read_manifest(tmp)  # the contract check a reader will run
     return manifest
