@@ -1,4 +1,4 @@
-"""Where Ray comes from: an existing cluster (``--address`` / ``RAY_ADDRESS``) or an embedded one."""
+"""Where Ray comes from: an existing cluster (``--address``, ``RAY_ADDRESS``) or a local one."""
 
 from __future__ import annotations
 

@@ -133,17 +133,20 @@ def _temporal_split(table: pa.Table, *, val_fraction: float, test_fraction: floa
 class InteractionSink(Datasink):
     """Writes each split as MDS shards (one folder per write task) plus quarantined rejects.
 
-    ``on_write_complete`` merges each split's per-task ``index.json`` files into one.
+    ``on_write_complete`` (on the driver) merges each split's per-task ``index.json`` files
+    into one and adds up what the tasks wrote into :attr:`written`: rows per split and
+    ``rejected``, and positives per split as ``<split>_positives``.
     """
 
     def __init__(self, root: str, *, columns: Columns, size_limit: int) -> None:
         self.root = root
         self.columns = columns
         self.size_limit = size_limit
+        self.written: Counter = Counter()
 
     def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, int]:
         tables = [b for b in blocks if b.num_rows]
-        counts = {name: 0 for name in SPLITS} | {"rejected": 0}
+        counts: dict[str, int] = {}
         if not tables:
             return counts
         table = pa.concat_tables(tables)
@@ -158,6 +161,7 @@ class InteractionSink(Datasink):
                     "label": t["label"].to_numpy(), "rating": t["rating32"].to_numpy(),
                     "timestamp": t["timestamp"].to_numpy()}, size_limit=self.size_limit)
                 counts[name] = len(idx)
+                counts[f"{name}_positives"] = int(t["label"].to_numpy().sum())
         rejected = np.flatnonzero(code == REJECTED)
         if len(rejected):
             t = table.take(pa.array(rejected))
@@ -171,6 +175,8 @@ class InteractionSink(Datasink):
         return counts
 
     def on_write_complete(self, write_result: Any) -> None:
+        for counts in write_result.write_returns:
+            self.written.update(counts)
         for name in SPLITS:
             merge_split_index(os.path.join(self.root, name))
 
@@ -296,16 +302,13 @@ def prepare_dataset(cfg: DataConfig, output: str, *, verbose: bool = True) -> di
     return manifest
 
 
-_T0 = [time.perf_counter()]
-
-
-def _say(verbose: bool, msg: str) -> None:
-    if verbose:
-        print(f"[prepare {time.perf_counter() - _T0[0]:6.1f}s] {msg}", flush=True)
-
-
 def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
-    t0 = _T0[0] = time.perf_counter()
+    t0 = time.perf_counter()
+
+    def say(msg: str) -> None:
+        if verbose:
+            print(f"[prepare {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
+
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     source = open_source(cfg, scratch_dir=str(tmp / "_scratch"))
     cols = source.columns
@@ -313,9 +316,11 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
         validate_table, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
         fn_kwargs=dict(columns=cols, rating_min=cfg.rating_min, rating_max=cfg.rating_max),
     ).materialize()
-    _say(verbose, f"validated {validated.num_blocks()} blocks")
-    stats = pa.concat_tables([_block_stats(VALIDATED_SCHEMA.empty_table())]  # typed if no blocks
-                             + ray.get([_remote_block_stats.remote(ref) for ref in validated.to_arrow_refs()]))
+    say(f"validated {validated.num_blocks()} blocks")
+    block_stats = [_remote_block_stats.remote(ref) for ref in validated.to_arrow_refs()]
+    # the empty summary first keeps the table typed when there are no blocks at all
+    stats = pa.concat_tables([_block_stats(VALIDATED_SCHEMA.empty_table())]
+                             + ray.get(block_stats))
     accepted = int(pc.sum(stats["accepted"]).as_py() or 0)
     rejected: Counter = Counter()
     for text in stats["rejected"].to_pylist():
@@ -325,8 +330,8 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
     rejected.update(malformed)
     n_read = accepted + sum(rejected.values())
     where = source.description.get("input") or source.description["dataset"]
-    _say(verbose, f"read {n_read:,} rows from {where}: {accepted:,} accepted, "
-                  f"{sum(rejected.values()):,} rejected")
+    say(f"read {n_read:,} rows from {where}: {accepted:,} accepted, "
+        f"{sum(rejected.values()):,} rejected")
     if accepted == 0:
         detail = "; ".join(f"{r}: {n}" for r, n in rejected.most_common()) or "no data rows"
         raise DataError(f"{where}: no valid rows to prepare ({n_read} read; {detail})")
@@ -338,8 +343,8 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
     _save_vocab(tmp / "vocab" / "items.parquet", items, source.item_metadata, items_text)
     mean = float(pc.sum(stats["rating_sum"]).as_py()) / accepted
     threshold = mean if cfg.label_rule == "mean" else cfg.label_threshold
-    _say(verbose, f"vocabularies: {len(users):,} users, {len(items):,} items; label: rating >= "
-                  f"{threshold:.4g} ({cfg.label_rule})")
+    say(f"vocabularies: {len(users):,} users, {len(items):,} items; label: rating >= "
+        f"{threshold:.4g} ({cfg.label_rule})")
 
     encoded = validated.map_batches(
         _encode, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
@@ -351,17 +356,20 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
             .map_batches(_temporal_split, batch_size=None, batch_format="pyarrow",
                          fn_kwargs=dict(val_fraction=cfg.val_fraction,
                                         test_fraction=cfg.test_fraction))
-    encoded.write_datasink(InteractionSink(str(tmp), columns=cols,
-                                           size_limit=cfg.shard_size_limit))
+    sink = InteractionSink(str(tmp), columns=cols, size_limit=cfg.shard_size_limit)
+    encoded.write_datasink(sink)
     validated = None  # release the materialised blocks
-    _say(verbose, "wrote MDS shards")
+    say("wrote MDS shards")
 
+    # What the indexes and reject files on disk hold must match what the tasks wrote.
     split_rows = {name: _index_rows(tmp / name) for name in SPLITS}
     rejects_written = _rejects_rows(rejects_dir)
-    if sum(split_rows.values()) != accepted or rejects_written != sum(rejected.values()):
+    if (split_rows != {name: sink.written[name] for name in SPLITS}
+            or sum(split_rows.values()) != accepted
+            or rejects_written != sum(rejected.values())):
         raise RuntimeError(f"written rows do not add up: splits {split_rows} vs {accepted} "
                            f"accepted, {rejects_written} rejects vs {sum(rejected.values())}")
-    positives = {name: _positives(tmp / name) for name in SPLITS}
+    positives = {name: sink.written[f"{name}_positives"] for name in SPLITS}
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "created_unix": int(time.time()),
@@ -381,11 +389,11 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
                   "item_metadata": [c for c in (source.item_metadata.column_names
                                                 if source.item_metadata is not None else [])
                                     if c != "item"]},
-        "config": {k: v for k, v in vars(cfg).items()},
+        "config": dict(vars(cfg)),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    _say(verbose, "splits: " + ", ".join(f"{k} {v:,}" for k, v in split_rows.items())
+    say("splits: " + ", ".join(f"{k} {v:,}" for k, v in split_rows.items())
          + f"; rejected {sum(rejected.values()):,}; {manifest['seconds']:.1f}s")
     read_manifest(tmp)  # the contract check a reader will run
     return manifest
@@ -394,13 +402,6 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
 def _index_rows(split_dir: Path) -> int:
     index = json.loads((split_dir / "index.json").read_text())
     return sum(s["samples"] for s in index["shards"])
-
-
-def _positives(split_dir: Path) -> int:
-    """Count label == 1 rows by reading the shards back (a check of what was written)."""
-    from app.dataset import read_split_arrays
-
-    return int(read_split_arrays(split_dir)["label"].sum()) if _index_rows(split_dir) else 0
 
 
 def _rejects_rows(rejects_dir: Path) -> int:

@@ -73,27 +73,32 @@ class MalformedLines:
         return {"directory": self.directory, "_path": None}
 
 
+def _filesystem(spec: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path on it) for a URI, or for a local path relative or absolute."""
+    if "://" in spec:
+        return pafs.FileSystem.from_uri(spec)
+    return pafs.LocalFileSystem(), os.path.abspath(spec)
+
+
 def resolve_files(spec: str, extensions: tuple[str, ...]) -> tuple[list[str], pafs.FileSystem]:
     """Expand a file, folder, glob or URI into the data files it names.
 
     Returns:
         (sorted file paths as the filesystem spells them, the filesystem)
     """
-    has_glob = any(c in spec for c in "*?[")
-    base = spec.split("*")[0].split("?")[0].split("[")[0] if has_glob else spec
-    try:
-        fs, base_path = pafs.FileSystem.from_uri(base)
-    except (pa.ArrowInvalid, ValueError):
-        fs, base_path = pafs.LocalFileSystem(), os.path.abspath(base)
-    if has_glob:
-        pattern = spec if "://" not in spec else spec.split("://", 1)[1]
-        if isinstance(fs, pafs.LocalFileSystem):
-            pattern = os.path.abspath(spec)
-        root = base_path if base_path.endswith("/") else os.path.dirname(base_path)
-        infos = fs.get_file_info(pafs.FileSelector(root or "/", recursive=True,
+    first_glob = min((spec.index(c) for c in "*?[" if c in spec), default=None)
+    # A glob is listed from the folder that holds its first wildcard, not above it.
+    base = spec if first_glob is None else spec[:spec.rfind("/", 0, first_glob) + 1]
+    fs, base_path = _filesystem(base or ".")
+    if first_glob is not None:
+        pattern = base_path.rstrip("/") + "/" + spec[len(base):]
+        infos = fs.get_file_info(pafs.FileSelector(base_path, recursive=True,
                                                    allow_not_found=True))
+        # fnmatch's * also crosses "/": match folder depth too, as a shell does (** excepted)
+        depth = None if "**" in pattern else pattern.count("/")
         files = [i.path for i in infos if i.type == pafs.FileType.File
-                 and fnmatch.fnmatch(i.path, pattern)]
+                 and fnmatch.fnmatch(i.path, pattern)
+                 and depth in (None, i.path.count("/"))]
         if not files:
             raise DataError(f"{spec}: no files match")
         return sorted(files), fs
@@ -104,7 +109,7 @@ def resolve_files(spec: str, extensions: tuple[str, ...]) -> tuple[list[str], pa
         return [base_path], fs
     infos = fs.get_file_info(pafs.FileSelector(base_path, recursive=True))
     files = [i.path for i in infos if i.type == pafs.FileType.File
-             and i.path.lower().endswith(extensions) and not os.path.basename(i.path)[0] in "._"]
+             and i.path.lower().endswith(extensions) and os.path.basename(i.path)[0] not in "._"]
     if not files:
         raise DataError(f"{spec}: folder holds no {' or '.join(extensions)} files")
     return sorted(files), fs

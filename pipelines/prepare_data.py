@@ -1,4 +1,7 @@
-"""Prepare raw ratings into MDS splits: ``python -m pipelines.prepare_data --dataset ... --output DIR``."""
+"""Prepare raw ratings into MDS splits.
+
+    python -m pipelines.prepare_data --dataset ... --output DIR
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The split reader: StreamingDataset partitioning under Ray Train, batches as KeyedJaggedTensors."""
+"""The split reader: StreamingDataset partitioning under Ray Train, KeyedJaggedTensor batches."""
 
 from __future__ import annotations
 

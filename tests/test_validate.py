@@ -44,3 +44,23 @@ def test_typed_columns_with_nan_and_nulls():
     out = validate_table(t, columns=Columns(), rating_min=0.5, rating_max=5.0).to_pylist()
     assert [r["reason"] for r in out] == [None, "unparsable rating", "missing userId"]
     assert out[0]["user"] == "1"
+
+
+def test_globs_list_from_the_wildcards_folder_and_keep_depth(tmp_path, monkeypatch):
+    from app.sources import DataError, resolve_files
+
+    (tmp_path / "sub").mkdir()
+    for name in ("a.csv", "b.csv", "sub/c.csv", "x.txt"):
+        (tmp_path / name).write_text("")
+    monkeypatch.chdir(tmp_path)
+    top = [str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]
+    assert resolve_files(str(tmp_path / "*.csv"), (".csv",))[0] == top
+    assert resolve_files("*.csv", (".csv",))[0] == top
+    assert resolve_files(str(tmp_path / "s*" / "*.csv"), (".csv",))[0] == [
+        str(tmp_path / "sub" / "c.csv")]
+    assert len(resolve_files(str(tmp_path), (".csv",))[0]) == 3
+    try:
+        resolve_files(str(tmp_path / "*.parquet"), (".csv",))
+        raise AssertionError("expected DataError")
+    except DataError as e:
+        assert "no files match" in str(e)
