@@ -64,9 +64,14 @@ def load_vocab(data_dir: str | os.PathLike) -> dict[str, Any]:
             "items": pq.read_table(root / "items.parquet")}
 
 
-def shard_records(path: str, expected: np.dtype, columns: list[str],
-                   encodings: list[str]) -> np.ndarray:
-    """Memory-map the sample records of one uncompressed MDS shard file."""
+def shard_records(path: str, columns: list[str], encodings: list[str]) -> np.ndarray:
+    """Memory-map the sample records of one uncompressed MDS shard file.
+
+    Args:
+        path: the shard file.
+        columns, encodings: the shard's column names and MDS encodings from its index entry.
+    """
+    expected = record_dtype(INTERACTION_COLUMNS)
     want = sorted(INTERACTION_COLUMNS)
     if columns != want or encodings != [INTERACTION_COLUMNS[c] for c in want]:
         raise DatasetError(f"{path}: shard columns {dict(zip(columns, encodings))} differ from "
@@ -87,8 +92,8 @@ def read_split_arrays(split_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     """All rows of one split, in stored order, as numpy arrays (for evaluation and checks)."""
     index = json.loads((Path(split_dir) / "index.json").read_text())
     record = record_dtype(INTERACTION_COLUMNS)
-    parts = [shard_records(os.path.join(split_dir, s["raw_data"]["basename"]), record,
-                            s["column_names"], s["column_encodings"])
+    parts = [shard_records(os.path.join(split_dir, s["raw_data"]["basename"]),
+                           s["column_names"], s["column_encodings"])
              for s in index["shards"]]
     rows = np.concatenate(parts) if parts else np.empty(0, record)
     return {name: np.ascontiguousarray(rows[name]) for name in record.names}

@@ -39,8 +39,8 @@ class InteractionStream(StreamingDataset):
             self.prepare_shard(shard_id)  # downloads/decompresses a remote shard if needed
             shard = self.shards[shard_id]
             path = os.path.join(shard.dirname, shard.split, shard.raw_data.basename)
-            self._maps[shard_id] = shard_records(path, self._record, list(shard.column_names),
-                                                  list(shard.column_encodings))
+            self._maps[shard_id] = shard_records(path, list(shard.column_names),
+                                                 list(shard.column_encodings))
         return self._maps[shard_id]
 
     def epoch_sample_ids(self) -> np.ndarray:

@@ -16,7 +16,7 @@ import shutil
 import urllib.request
 import uuid
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,15 +43,14 @@ class Source:
     description: dict[str, Any]
     item_metadata: Optional[pa.Table] = None  # columns: item (string), title, genres
     malformed_dir: Optional[str] = None       # where unreadable CSV lines are recorded
-    files: list[str] = field(default_factory=list)
 
 
 class MalformedLines:
     """pyarrow ``invalid_row_handler`` that records unreadable CSV lines instead of failing.
 
     Each call appends one JSON line to a file of its own under ``directory``; the prepare stage
-    turns them into quarantined rows. Blank lines and lines with the wrong number of fields
-    arrive here, so none of them vanishes silently.
+    turns them into quarantined rows. Lines with the wrong number of fields arrive here (blank
+    lines are read as empty rows and quarantined by validation), so none vanishes silently.
     """
 
     def __init__(self, directory: str) -> None:
@@ -258,15 +257,14 @@ def open_source(cfg: DataConfig, *, scratch_dir: str) -> Source:
                             block_size=cfg.read_block_size)
         meta = _movies_csv(movies_csv) if movies_csv else None
         return Source(ds, columns, {"dataset": "lfs", "input": cfg.input or cfg.download_url},
-                      meta, malformed_dir, [ratings_csv])
+                      meta, malformed_dir)
     assert cfg.input is not None  # checked by DataConfig.validate
     if cfg.dataset == "csv":
         files, fs = resolve_files(cfg.input, (".csv", ".csv.gz", ".tsv"))
         ds = read_csv_files(files, fs, columns, malformed_dir=malformed_dir,
                             block_size=cfg.read_block_size)
         return Source(ds, columns, {"dataset": "csv", "input": cfg.input, "files": len(files)},
-                      None, malformed_dir, files)
+                      None, malformed_dir)
     files, fs = resolve_files(cfg.input, (".parquet", ".pq"))
     return Source(read_parquet_files(files, fs, columns), columns,
-                  {"dataset": "parquet", "input": cfg.input, "files": len(files)}, None, None,
-                  files)
+                  {"dataset": "parquet", "input": cfg.input, "files": len(files)})

@@ -49,7 +49,9 @@ def run(cfg: Config) -> dict[str, Any]:
         print(f"[prepare] reusing {data_dir} (prepared with the same data settings; "
               f"--overwrite prepares it again)")
     else:
-        cfg.data.overwrite = True  # the workdir is this job's own
+        # The workdir is this job's own: its dataset is replaced when the settings changed.
+        # A dataset elsewhere (--output) is replaced only with --overwrite.
+        cfg.data.overwrite = cfg.data.overwrite or workdir in data_dir.absolute().parents
         manifest = prepare_dataset(cfg.data, str(data_dir))
     seconds = time.perf_counter() - t0
     summary["stages"]["prepare"] = {"seconds": round(seconds, 2),
