@@ -107,6 +107,8 @@ class ModelConfig:
     tower_layers: list = _f([128, 64], "MLP layer sizes per tower; the last is the output dim")
     objective: Literal["bce", "softmax"] = _f("softmax", "training objective")
     temperature: float = _f(0.05, "softmax temperature")
+    use_genres: bool = _f(True, "add item genres to the candidate tower when the dataset has "
+                                "item metadata")
 
     def validate(self) -> None:
         _check(self.embedding_dim > 0, "embedding_dim", "must be positive", self.embedding_dim)
@@ -122,12 +124,24 @@ class TrainConfig:
     """Distributed training."""
 
     topology: Literal["cpu", "snsg", "snmg", "mnmg"] = _f("cpu", "worker placement")
-    num_workers: int = _f(2, "training workers (cpu topology) or GPUs in all (snmg, mnmg)")
+    num_workers: int = _f(2, "training workers: CPU workers (cpu) or GPUs in all (snmg, mnmg); "
+                                 "snsg is always 1")
     epochs: int = _f(3, "passes over the training split")
     batch_size: int = _f(8192, "samples per batch per worker")
     embedding_lr: float = _f(0.05, "learning rate of the fused embedding optimizer")
     dense_lr: float = _f(1e-3, "learning rate of the dense (MLP) optimizer")
     top_k: list = _f([10, 20, 50], "K values of Recall@K and NDCG@K")
+    accelerator: Literal["gpu", "cpu"] = _f(
+        "gpu", "device of snsg/snmg/mnmg workers; cpu places the same topology on CPU workers")
+    cpus_per_worker: int = _f(1, "CPUs reserved per training worker")
+    sharding: Literal["auto", "table_wise", "column_wise", "row_wise", "table_row_wise",
+                      "data_parallel"] = _f(
+        "auto", "sharding of the id tables; auto lets the planner choose a model-parallel type")
+    max_failures: int = _f(1, "restarts of the worker group from the latest checkpoint")
+    keep_checkpoints: int = _f(2, "epoch checkpoints kept on storage")
+    log_every: int = _f(20, "steps between progress lines on rank 0")
+    train_seed: int = _f(0, "seed of model initialisation and data order")
+    resume: bool = _f(False, "continue the run of this output folder from its latest checkpoint")
 
     def validate(self) -> None:
         _check(self.topology in ("cpu", "snsg", "snmg", "mnmg"), "topology",
@@ -139,6 +153,13 @@ class TrainConfig:
         _check(self.dense_lr > 0, "dense_lr", "must be positive", self.dense_lr)
         _check(len(self.top_k) > 0 and all(int(k) > 0 for k in self.top_k), "top_k",
                "must be a non-empty list of positive integers", self.top_k)
+        _check(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive",
+               self.cpus_per_worker)
+        _check(self.max_failures >= -1, "max_failures", "must be >= -1 (-1: no limit)",
+               self.max_failures)
+        _check(self.keep_checkpoints > 0, "keep_checkpoints", "must be positive",
+               self.keep_checkpoints)
+        _check(self.log_every > 0, "log_every", "must be positive", self.log_every)
 
 
 @dataclass
@@ -174,7 +195,14 @@ class ClusterConfig:
     address: Optional[str] = _f(None, "Ray cluster address (default: RAY_ADDRESS or local)")
     num_cpus: Optional[int] = _f(None, "CPUs for an embedded local Ray (default: all)")
     workdir: str = _f("workdir", "folder for the outputs of a full run")
-    mlflow_tracking_uri: Optional[str] = _f(None, "MLflow tracking URI (default: local store)")
+    storage_path: Optional[str] = _f(None, "Ray Train checkpoint storage, shared by all nodes "
+                                           "(default: <workdir>/checkpoints)")
+    mlflow_tracking_uri: Optional[str] = _f(
+        None, "MLflow tracking URI, e.g. databricks (default: sqlite:///<workdir>/mlflow.db)")
+    mlflow_registry_uri: Optional[str] = _f(
+        None, "MLflow model registry URI, e.g. databricks-uc (default: the tracking URI)")
+    mlflow_experiment: str = _f("two-tower", "MLflow experiment name (or workspace path)")
+    registered_model_name: str = _f("two-tower", "name of the registered MLflow model")
 
     def validate(self) -> None:
         _check(self.num_cpus is None or self.num_cpus > 0, "num_cpus", "must be positive",

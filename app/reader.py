@@ -1,9 +1,9 @@
 """Training-side reader of a prepared split: ``StreamingDataset`` partitioning, numpy decoding,
-TorchRec ``KeyedJaggedTensor`` batches.
+item features.
 
 :class:`InteractionStream` is a ``StreamingDataset`` (so it partitions samples across ranks and
 shuffles like one) that yields whole batches decoded with numpy instead of one sample at a
-time; :func:`to_kjt` turns such a batch into a ``KeyedJaggedTensor`` with array operations only.
+time; :mod:`app.model` turns such batches into ``KeyedJaggedTensor`` inputs of the towers.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import numpy as np
+from filelock import FileLock
 from streaming import StreamingDataset
 
 from app.dataset import shard_records, load_vocab
@@ -43,11 +44,23 @@ class InteractionStream(StreamingDataset):
                                                  list(shard.column_encodings))
         return self._maps[shard_id]
 
-    def epoch_sample_ids(self) -> np.ndarray:
-        """This rank's sample ids for the next epoch, in iteration order (advances the epoch)."""
+    def epoch_sample_ids(self, epoch: Optional[int] = None) -> np.ndarray:
+        """This rank's sample ids of an epoch, in iteration order.
+
+        Args:
+            epoch: which epoch (its shuffle is a function of the seed and the epoch, so a
+                resumed run sees the same order); None: the next one, advancing the counter.
+        """
         self._unique_worker_world = self._unique_rank_world.detect_workers()
         self._parallel_worker_world = self._parallel_rank_world.detect_workers()
-        epoch, sample_in_epoch = self._resume_incr_epoch()
+        if epoch is None:
+            epoch, sample_in_epoch = self._resume_incr_epoch()
+        else:
+            # streaming's own start-of-epoch path without its shared-memory epoch counter:
+            # fixes num_canonical_nodes (physical nodes) and the shuffle block size
+            if not hasattr(self._shared_barrier, "lock"):
+                self._shared_barrier.lock = FileLock(self._shared_barrier.filelock_path)
+            epoch, sample_in_epoch = self._resume(self._parallel_worker_world, epoch)
         ids = self._get_work(epoch, sample_in_epoch)
         return ids[ids >= 0]
 
@@ -111,29 +124,3 @@ class ItemFeatures:
         row_first = np.cumsum(lengths) - lengths
         idx = np.repeat(starts - row_first, lengths) + np.arange(total)
         return lengths, self.values[idx]
-
-
-def to_kjt(batch: dict[str, np.ndarray], item_features: Optional[ItemFeatures] = None) -> Any:
-    """A decoded batch as TorchRec's ``KeyedJaggedTensor`` (keys: user_id, item_id[, ...]).
-
-    Every key has one length per row: 1 for the id features, the number of values for
-    multi-valued item features. Built from whole arrays, no per-row Python.
-
-    Returns:
-        KeyedJaggedTensor with ``stride`` = batch size.
-    """
-    import torch
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
-    b = len(batch["user"])
-    keys = ["user_id", "item_id"]
-    values = [batch["user"].astype(np.int64), batch["item"].astype(np.int64)]
-    lengths = [np.ones(b, np.int64), np.ones(b, np.int64)]
-    if item_features is not None:
-        lens, vals = item_features.lookup(batch["item"].astype(np.int64))
-        keys.append(item_features.name)
-        values.append(vals)
-        lengths.append(lens)
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=keys, values=torch.from_numpy(np.concatenate(values)),
-        lengths=torch.from_numpy(np.concatenate(lengths)))

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from app.dataset import read_split_arrays
-from app.reader import InteractionStream, ItemFeatures, to_kjt
+from app.model import make_batch
+from app.reader import InteractionStream, ItemFeatures
 
 
 def test_batches_cover_the_split_once_per_epoch_and_reshuffle(movielens_dir):
@@ -34,11 +35,15 @@ def test_kjt_from_a_batch(movielens_dir):
     genres = ItemFeatures.genres(movielens_dir)
     assert genres is not None and "Drama" in genres.vocab
     batch = next(InteractionStream(str(movielens_dir / "train"), batch_size=512).iter_batches())
-    kjt = to_kjt(batch, genres)
-    assert kjt.keys() == ["user_id", "item_id", "item_genres"]
+    tb = make_batch(batch, genres)
+    assert tb.query.keys() == ["user_id"] and tb.query.stride() == 512
+    assert torch.equal(tb.query.to_dict()["user_id"].values(),
+                       torch.from_numpy(batch["user"].astype(np.int64)))
+    assert torch.equal(tb.labels, torch.from_numpy(batch["label"].astype(np.float32)))
+    kjt = tb.candidate
+    assert kjt.keys() == ["item_id", "item_genres"]
     assert kjt.stride() == 512
     d = kjt.to_dict()
-    assert torch.equal(d["user_id"].values(), torch.from_numpy(batch["user"].astype(np.int64)))
     assert torch.equal(d["item_id"].values(), torch.from_numpy(batch["item"].astype(np.int64)))
     # the vectorised genre lookup agrees with a plain per-item reading of the metadata
     from app.dataset import load_vocab
@@ -58,9 +63,9 @@ def _read_partition(config: dict) -> None:
 
     ctx = ray.train.get_context()
     ds = InteractionStream(config["split"], batch_size=256)
-    batches = [to_kjt(b) for b in ds.iter_batches()]
-    users = torch.cat([k["user_id"].values() for k in batches]).tolist()
-    items = torch.cat([k["item_id"].values() for k in batches]).tolist()
+    batches = [make_batch(b) for b in ds.iter_batches()]
+    users = torch.cat([b.query["user_id"].values() for b in batches]).tolist()
+    items = torch.cat([b.candidate["item_id"].values() for b in batches]).tolist()
     Path(config["out"], f"rank{ctx.get_world_rank()}.json").write_text(
         json.dumps({"pairs": list(zip(users, items)), "world": ctx.get_world_size()}))
 

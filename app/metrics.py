@@ -1,0 +1,108 @@
+"""Retrieval metrics over the full catalog, and the popularity baseline.
+
+Definitions (per user with at least one positive in the evaluated split, then averaged):
+
+- items the user has in the training split are excluded from the ranking, as is index 0
+  (unknown item);
+- Recall@K = (positives in the top K) / (number of positives);
+- NDCG@K   = sum over hits of 1 / log2(rank + 1), divided by the same sum for an ideal
+  ranking (all positives first).
+
+The functions return sums and a user count, so that ranks of a distributed job can
+``all_reduce`` them before dividing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class UserItems:
+    """Items per user as CSR arrays: the items of user u are ``items[offsets[u]:offsets[u+1]]``."""
+
+    offsets: np.ndarray  # (num_users + 1,) int64
+    items: np.ndarray    # (nnz,) int64
+
+    @classmethod
+    def build(cls, users: np.ndarray, items: np.ndarray, num_users: int) -> "UserItems":
+        """From parallel arrays of user and item indices (user indices < num_users)."""
+        order = np.argsort(users, kind="stable")
+        counts = np.bincount(users, minlength=num_users)
+        return cls(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                   items[order].astype(np.int64))
+
+    def counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def rows_and_items(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row position in ``users``, item) for every item of the given users, vectorised."""
+        starts, ends = self.offsets[users], self.offsets[users + 1]
+        lengths = ends - starts
+        row_first = np.cumsum(lengths) - lengths
+        idx = np.repeat(starts - row_first, lengths) + np.arange(int(lengths.sum()))
+        return np.repeat(np.arange(len(users)), lengths), self.items[idx]
+
+
+def ranking_sums(scores: torch.Tensor, users: np.ndarray, *, exclude: UserItems,
+                 positives: UserItems, ks: list[int]) -> dict[str, float]:
+    """Sums of Recall@K and NDCG@K over a chunk of users, and the number of users counted.
+
+    Args:
+        scores: (U, num_items) scores of every item for each user (column 0 = unknown item).
+        users: (U,) user indices of the rows; rows of users without positives are skipped.
+        exclude: items removed from each user's ranking (their training items).
+        positives: the relevant items of each user in the evaluated split.
+        ks: cut-offs.
+
+    Returns:
+        ``{"recall@K": sum, "ndcg@K": sum, ..., "users": count}``.
+    """
+    scores = scores.float().clone()
+    scores[:, 0] = float("-inf")
+    rows, items = exclude.rows_and_items(users)
+    scores[torch.from_numpy(rows), torch.from_numpy(items)] = float("-inf")
+    relevant = torch.zeros(scores.shape, dtype=torch.bool)
+    rows, items = positives.rows_and_items(users)
+    relevant[torch.from_numpy(rows), torch.from_numpy(items)] = True
+    n_pos = relevant.sum(1)                                                   # (U,)
+    kmax = min(max(ks), scores.shape[1])
+    top = scores.topk(kmax, dim=1).indices                                    # (U, kmax)
+    hits = relevant.gather(1, top).float()                                    # (U, kmax)
+    discount = 1.0 / torch.log2(torch.arange(2, kmax + 2, dtype=torch.float32))
+    keep = n_pos > 0
+    out: dict[str, float] = {"users": float(keep.sum())}
+    for k in ks:
+        k_ = min(k, kmax)
+        recall = hits[:, :k_].sum(1) / n_pos.clamp(min=1)
+        ideal = torch.cumsum(discount, 0)[(n_pos.clamp(min=1, max=k_) - 1)]
+        ndcg = (hits[:, :k_] * discount[:k_]).sum(1) / ideal
+        out[f"recall@{k}"] = float(recall[keep].sum())
+        out[f"ndcg@{k}"] = float(ndcg[keep].sum())
+    return out
+
+
+def finish(sums: dict[str, float]) -> dict[str, float]:
+    """Averages from summed ranking metrics (divide by the user count)."""
+    n = max(sums["users"], 1.0)
+    return {k: (v / n if k != "users" else int(v)) for k, v in sums.items()}
+
+
+def popularity_scores(positive_counts: np.ndarray, n_users: int) -> torch.Tensor:
+    """The popularity baseline's scores: every user gets each item's training positives."""
+    return torch.from_numpy(positive_counts.astype(np.float32)).expand(n_users, -1)
+
+
+def binary_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (ties counted as half), NaN if only one class is present."""
+    from scipy.stats import rankdata
+
+    pos = labels > 0
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -1,0 +1,136 @@
+"""MLflow: where runs go, what a training run records, and the registered pyfunc model.
+
+A local store (``sqlite:///<workdir>/mlflow.db``, artifacts under ``<workdir>/mlartifacts``) is
+the default; any tracking URI (``databricks``, ``http://...``) and registry URI
+(``databricks-uc``) come from the config. Credentials come from the environment only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+from app.config import ClusterConfig, Config
+
+APP_DIR = Path(__file__).resolve().parent
+
+
+def tracking_uri(cluster: ClusterConfig) -> str:
+    if cluster.mlflow_tracking_uri:
+        return cluster.mlflow_tracking_uri
+    workdir = Path(cluster.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+def configure(cluster: ClusterConfig) -> str:
+    """Point this process's MLflow at the configured stores and experiment; returns its id."""
+    uri = tracking_uri(cluster)
+    mlflow.set_tracking_uri(uri)
+    if cluster.mlflow_registry_uri:
+        mlflow.set_registry_uri(cluster.mlflow_registry_uri)
+    exp = mlflow.get_experiment_by_name(cluster.mlflow_experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):
+        location = (Path(cluster.workdir).resolve() / "mlartifacts").as_uri()
+    return mlflow.create_experiment(cluster.mlflow_experiment, artifact_location=location)
+
+
+def flat_params(cfg: Config) -> dict[str, str]:
+    """The config as MLflow params: ``section.field -> value``."""
+    return {f"{s}.{k}": str(v)[:500] for s, fields in cfg.to_dict().items()
+            for k, v in fields.items()}
+
+
+def start_run(cfg: Config, *, run_name: str, tags: Optional[dict[str, str]] = None,
+              parent_run_id: Optional[str] = None) -> str:
+    """Create a run with the config as params; returns its id (the run is left closed, so
+    workers and later steps log to it by id)."""
+    experiment_id = configure(cfg.cluster)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    client = mlflow.MlflowClient()
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    params = flat_params(cfg)
+    keys = sorted(params)
+    for start in range(0, len(keys), 100):
+        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, params[k])
+                                                  for k in keys[start:start + 100]])
+    return run.info.run_id
+
+
+class TwoTowerPyfunc(PythonModel):
+    """The registered model: top-K items for users, or scores for (user, item) pairs.
+
+    Input: a DataFrame with ``userId`` (and ``movieId`` for pair scores). Params: ``k``
+    (items per user, default 10). Output: :meth:`app.serving.Recommender.recommend` or
+    :meth:`app.serving.Recommender.score_pairs` rows.
+    """
+
+    def load_context(self, context: Any) -> None:
+        from app.serving import Recommender
+
+        self.recommender = Recommender(context.artifacts["model_dir"])
+
+    def predict(self, context: Any, model_input: pd.DataFrame,
+                params: Optional[dict[str, Any]] = None) -> pd.DataFrame:
+        if "userId" not in model_input.columns:
+            raise ValueError(f"input needs a userId column; got {list(model_input.columns)}")
+        if "movieId" in model_input.columns and model_input["movieId"].notna().any():
+            return self.recommender.score_pairs(model_input["userId"].tolist(),
+                                                model_input["movieId"].tolist())
+        k = int((params or {}).get("k", 10))
+        return self.recommender.recommend(model_input["userId"].tolist(), k)
+
+
+def _signature(user_type: str, item_type: str) -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    kind = {"int64": "long", "int32": "integer", "string": "string", "large_string": "string"}
+    return ModelSignature(
+        inputs=Schema([ColSpec(kind.get(user_type, "string"), "userId"),
+                       ColSpec(kind.get(item_type, "string"), "movieId", required=False)]),
+        params=ParamSchema([ParamSpec("k", "long", 10)]))
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in ("torch", "numpy", "pandas", "pyarrow", "mlflow")]
+
+
+def log_trained_model(cfg: Config, run_id: str, model_dir: str | os.PathLike,
+                      vocab_types: dict[str, str]) -> dict[str, Any]:
+    """Log the model folder as artifacts and as a pyfunc model, and register it.
+
+    Returns:
+        ``{"run_id", "model_uri", "registered_model", "version"}``.
+    """
+    configure(cfg.cluster)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifacts(str(model_dir), artifact_path="model_folder")
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=TwoTowerPyfunc(),
+            artifacts={"model_dir": str(model_dir)}, code_paths=[str(APP_DIR)],
+            signature=_signature(vocab_types["user_id_type"], vocab_types["item_id_type"]),
+            pip_requirements=_requirements(),
+            registered_model_name=cfg.cluster.registered_model_name)
+    version = info.registered_model_version
+    return {"run_id": run_id, "model_uri": info.model_uri,
+            "registered_model": cfg.cluster.registered_model_name,
+            "version": int(version) if version is not None else None,
+            "registered_uri": f"models:/{cfg.cluster.registered_model_name}/{version}"}
+
+
+def end_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None:
+    configure(cfg.cluster)
+    mlflow.MlflowClient().set_terminated(run_id, status=status)

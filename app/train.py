@@ -1,0 +1,187 @@
+"""The training driver: a ``TorchTrainer`` over :func:`app.train_loop.train_loop`, then the
+model folder and the MLflow run.
+
+``train(cfg, data_dir, output)``:
+
+1. checks the dataset and that the cluster can place the topology's workers (fails at once
+   with what is missing, instead of waiting for resources);
+2. runs the workers under Ray Train with a ``FailureConfig`` (a failed worker group restarts
+   from the latest epoch checkpoint); ``--resume`` continues a stopped run of the same output;
+3. consolidates the last sharded checkpoint into plain weights (one process, no TorchRec
+   runtime) and publishes the model folder atomically (see :mod:`app.export`);
+4. logs the folder to MLflow and registers the pyfunc model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from app.config import Config
+from app.dataset import SPLITS, DatasetError, read_manifest
+from app.placement import check_resources, cluster_nodes, placement
+from app.train_loop import PLAN_FILE, POPULARITY_FILE, STATE_FILE, model_spec, train_loop
+
+
+class TrainError(RuntimeError):
+    """Training could not run or did not finish."""
+
+
+def run_name(output: Path) -> str:
+    """A stable Ray Train run name per output folder (so ``--resume`` finds its checkpoints)."""
+    digest = hashlib.sha1(str(output.resolve()).encode()).hexdigest()[:8]
+    return f"train-{re.sub(r'[^A-Za-z0-9_.-]', '_', output.name)}-{digest}"
+
+
+def _latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The checkpoint with the most epochs under a Ray Train run folder, or None."""
+    best, best_epoch = None, -1
+    for state in run_dir.glob(f"checkpoint_*/{STATE_FILE}"):
+        epoch = json.loads(state.read_text())["epoch"]
+        if epoch > best_epoch:
+            best, best_epoch = state.parent, epoch
+    return best
+
+
+def consolidate(checkpoint_dir: Path) -> dict[str, Any]:
+    """The model part of a sharded checkpoint as full tensors, in this process."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(checkpoint_dir), f"{tmp}/full.pt")
+        full = torch.load(f"{tmp}/full.pt", weights_only=False, map_location="cpu")
+    return full["model"]
+
+
+def final_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``metrics.json`` shape: model and popularity, val and test, from the last epoch."""
+    last = history[-1]
+
+    def pick(prefix: str) -> dict[str, float]:
+        return {k[len(prefix):]: v for k, v in last.items() if k.startswith(prefix)}
+
+    model_val = pick("val_")
+    return {"model": {"val": model_val, "test": pick("test_")},
+            "popularity": {"val": pick("popularity_val_"), "test": pick("popularity_test_")},
+            "epochs": last["epoch"]}
+
+
+def _prepare_output(output: Path) -> None:
+    if output.exists() and any(output.iterdir()) and not (output / "model.json").exists():
+        raise TrainError(f"{output} exists and is not a model folder; choose another --output")
+
+
+def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> dict[str, Any]:
+    """Train on a prepared dataset and write the model folder ``output``.
+
+    Args:
+        cfg: the resolved configuration (``cfg.train.resume`` continues a stopped run).
+        data_dir: a prepared dataset folder.
+        output: the model folder to write (replaced if it holds an older model).
+        verbose: print progress.
+
+    Returns:
+        A summary: metrics, paths, MLflow run and model version, seconds.
+    """
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from app import tracking
+    from app.cluster import init_ray
+    from app.export import WEIGHTS, export_state_dict, write_model_json
+    from app.reader import ItemFeatures
+
+    say = print if verbose else (lambda *a, **k: None)
+    t0 = time.perf_counter()
+    manifest = read_manifest(data_dir)
+    for split in SPLITS:
+        if manifest["counts"]["splits"][split] == 0:
+            raise DatasetError(f"{data_dir}: the {split} split is empty; training needs rows "
+                               f"in train, val and test")
+    out = Path(output).resolve()
+    _prepare_output(out)
+    genres = ItemFeatures.genres(data_dir) if cfg.model.use_genres else None
+    spec = model_spec(cfg, manifest, genres)
+
+    init_ray(cfg.cluster)
+    place = placement(cfg.train)
+    check_resources(place, cluster_nodes())
+    say(f"placement {place.describe()}; model: {spec.num_users - 1:,} users, "
+        f"{spec.num_items - 1:,} items, dim {spec.embedding_dim}, towers "
+        f"{list(spec.tower_layers)}, objective {spec.objective}")
+
+    storage = Path(cfg.cluster.storage_path or Path(cfg.cluster.workdir, "checkpoints")).resolve()
+    name = run_name(out)
+    run_dir = storage / name
+    resume_from = None
+    if cfg.train.resume:
+        resume_from = _latest_checkpoint(run_dir)
+        if resume_from is None:
+            raise TrainError(f"--resume: no checkpoint of this output under {run_dir}")
+        state = json.loads((resume_from / STATE_FILE).read_text())
+        say(f"resuming after epoch {state['epoch']} from {resume_from}")
+    elif run_dir.exists():
+        shutil.rmtree(run_dir)
+
+    run_id = tracking.start_run(cfg, run_name=out.name, tags={"stage": "train",
+                                                               "dataset": str(data_dir)})
+    mlflow_info = {"tracking_uri": tracking.tracking_uri(cfg.cluster), "run_id": run_id}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()),
+                           "mlflow": mlflow_info},
+        scaling_config=place.scaling_config(),
+        torch_config=TorchConfig(backend=place.backend),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(
+                                 num_to_keep=cfg.train.keep_checkpoints)),
+        resume_from_checkpoint=Checkpoint(str(resume_from)) if resume_from else None)
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        tracking.end_run(cfg, run_id, status="FAILED")
+        raise TrainError(f"training failed: {e}") from e
+    if result.checkpoint is None:
+        tracking.end_run(cfg, run_id, status="FAILED")
+        raise TrainError("training finished without a checkpoint")
+    ckpt = Path(result.checkpoint.path)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    if state["epoch"] != cfg.train.epochs:
+        raise TrainError(f"training stopped after {state['epoch']} of {cfg.train.epochs} epochs")
+
+    # the model folder, written beside its final place and renamed into it
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    import torch
+    torch.save(export_state_dict(consolidate(ckpt)), tmp / WEIGHTS)
+    write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest)
+    cfg.dump_yaml(tmp / "config.yaml")
+    shutil.copytree(Path(data_dir, "vocab"), tmp / "vocab")
+    shutil.copy(ckpt / PLAN_FILE, tmp / PLAN_FILE)
+    shutil.copy(ckpt / POPULARITY_FILE, tmp / POPULARITY_FILE)
+    metrics = final_metrics(state["history"])
+    metrics["resumed_at_epochs"] = state["resumed_at_epochs"]
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (tmp / "history.json").write_text(json.dumps(state["history"], indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+    say(f"model folder: {out}")
+    registered = tracking.log_trained_model(cfg, run_id, out, manifest["vocab"])
+    tracking.end_run(cfg, run_id)
+    (out / "mlflow.json").write_text(json.dumps({**registered, **mlflow_info}, indent=2) + "\n")
+    seconds = round(time.perf_counter() - t0, 1)
+    say(f"MLflow run {run_id}; registered {registered['registered_uri']}; {seconds}s")
+    return {"model_dir": str(out), "metrics": metrics, "history": state["history"],
+            "mlflow": registered, "checkpoint": str(ckpt), "seconds": seconds,
+            "placement": place.describe()}

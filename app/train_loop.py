@@ -1,0 +1,391 @@
+"""The per-worker training loop: a plain function of its config, run by Ray Train.
+
+Each worker: reads its partition of the training split (``InteractionStream``), builds the
+two-tower model with tables on the meta device, lets TorchRec's planner shard the tables over
+all ranks, wraps the model in ``DistributedModelParallel`` and trains it with a fused
+row-wise Adagrad for the tables and Adam for the dense layers. After every epoch it evaluates
+(validation loss, AUROC for ``bce``, full-catalog Recall/NDCG@K), writes a sharded checkpoint
+(``torch.distributed.checkpoint``: every rank writes its own shards) and calls
+``ray.train.report``. Restarted after a failure, it resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from app.config import Config, load_config
+from app.dataset import load_vocab, read_split_arrays
+from app.metrics import UserItems, binary_auroc, finish, popularity_scores, ranking_sums
+from app.model import (TABLES, ModelSpec, TwoTower, TwoTowerTrainTask, candidate_kjt,
+                       log_sampling_probability, make_batch, query_kjt)
+from app.reader import InteractionStream, ItemFeatures
+
+STATE_FILE = "state.json"
+PLAN_FILE = "sharding_plan.json"
+POPULARITY_FILE = "item_popularity.npy"
+
+
+def model_spec(cfg: Config, manifest: dict[str, Any], genres: Optional[ItemFeatures]) -> ModelSpec:
+    """The model's shape from the config and the dataset's vocabularies."""
+    use_genres = cfg.model.use_genres and genres is not None
+    return ModelSpec(num_users=manifest["vocab"]["users"] + 1,
+                     num_items=manifest["vocab"]["items"] + 1,
+                     num_genres=len(genres.vocab) if use_genres else 0,
+                     embedding_dim=cfg.model.embedding_dim,
+                     tower_layers=tuple(int(x) for x in cfg.model.tower_layers),
+                     objective=cfg.model.objective, temperature=cfg.model.temperature)
+
+
+def _equal_share(ids: np.ndarray, device: torch.device) -> np.ndarray:
+    """Truncate this rank's sample ids to the shortest rank's count, so that every rank runs
+    the same number of steps (sharded lookups are collective); at most a few rows per epoch."""
+    n = torch.tensor([len(ids)], device=device)
+    dist.all_reduce(n, op=dist.ReduceOp.MIN)
+    return ids[: int(n.item())]
+
+
+def _prefetch(make: Callable[[int], Any], n: int, depth: int = 2) -> Iterator[Any]:
+    """Yield make(0..n-1), building up to ``depth`` items ahead in a background thread
+    (decoding and KJT building overlap the model step)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+
+    def run() -> None:
+        try:
+            for i in range(n):
+                q.put(make(i))
+        except BaseException as e:  # surfaced in the consumer
+            q.put(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    for _ in range(n):
+        item = q.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def sharding_constraints(cfg: Config, spec: ModelSpec, on_gpu: bool) -> dict[str, Any]:
+    """Planner constraints per table: ``auto`` allows the model-parallel types the device
+    supports for the id tables (row-wise types need a GPU) and lets a small genre table be
+    replicated; an explicit ``--sharding`` applies to every table."""
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    if cfg.train.sharding != "auto":
+        types = [cfg.train.sharding]
+        return {TABLES[f]: ParameterConstraints(sharding_types=types) for f in spec.table_rows()}
+    model_parallel = ["table_wise", "column_wise"] + (["row_wise", "table_row_wise"]
+                                                      if on_gpu else [])
+    out = {TABLES[f]: ParameterConstraints(sharding_types=model_parallel)
+           for f in ("user_id", "item_id")}
+    if spec.num_genres:
+        out[TABLES["item_genres"]] = ParameterConstraints(
+            sharding_types=model_parallel + ["data_parallel"])
+    return out
+
+
+def plan_rows(plan: Any) -> list[dict[str, Any]]:
+    """A TorchRec ``ShardingPlan`` as JSON-able rows: one per table, with its shards."""
+    rows = []
+    for module, params in plan.plan.items():
+        for table, ps in params.items():
+            shards = []
+            if ps.sharding_spec is not None:
+                shards = [{"offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes),
+                           "placement": str(s.placement)} for s in ps.sharding_spec.shards]
+            rows.append({"module": module, "table": table, "sharding_type": ps.sharding_type,
+                         "compute_kernel": ps.compute_kernel, "ranks": list(ps.ranks or []),
+                         "shards": shards})
+    return rows
+
+
+class Evaluator:
+    """Full-catalog retrieval metrics, computed jointly by all ranks.
+
+    Item embeddings: each rank runs the candidate tower on a slice of the catalog and the
+    slices are all-gathered. Users: each rank ranks the catalog for its share of the users;
+    metric sums are all-reduced. Every rank runs the same number of sharded forward calls.
+    """
+
+    def __init__(self, data_dir: str, spec: ModelSpec, genres: Optional[ItemFeatures],
+                 train_rows: dict[str, np.ndarray], ks: list[int], device: torch.device) -> None:
+        self.spec, self.genres, self.ks, self.device = spec, genres, [int(k) for k in ks], device
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.exclude = UserItems.build(train_rows["user"].astype(np.int64),
+                                       train_rows["item"].astype(np.int64), spec.num_users)
+        self.positives: dict[str, UserItems] = {}
+        for split in ("val", "test"):
+            rows = read_split_arrays(Path(data_dir, split))
+            pos = rows["label"] > 0
+            self.positives[split] = UserItems.build(rows["user"][pos].astype(np.int64),
+                                                    rows["item"][pos].astype(np.int64),
+                                                    spec.num_users)
+        # each user scored at once: (users, items) floats, kept to ~64 MB
+        self.chunk = int(max(1, min(2048, (1 << 24) // spec.num_items)))
+
+    def _my_users(self, split: str) -> np.ndarray:
+        users = np.flatnonzero(self.positives[split].counts() > 0)
+        return users[self.rank::self.world]
+
+    def _n_chunks(self, n: int, chunk: int) -> int:
+        t = torch.tensor([(n + chunk - 1) // chunk], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def _reduce(self, sums: dict[str, float]) -> dict[str, float]:
+        keys = sorted(sums)
+        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return finish(dict(zip(keys, t.cpu().tolist())))
+
+    @torch.no_grad()
+    def item_embeddings(self, model: TwoTower) -> torch.Tensor:
+        """(num_items, D) candidate-tower outputs for every item index, on every rank."""
+        n = self.spec.num_items
+        per = (n + self.world - 1) // self.world
+        mine = np.arange(self.rank * per, min(n, (self.rank + 1) * per))
+        out = []
+        chunk = 8192
+        for c in range(self._n_chunks(len(mine), chunk)):
+            part = mine[c * chunk:(c + 1) * chunk]
+            items = part if len(part) else np.zeros(1, np.int64)  # keep collectives in step
+            emb = model.candidate(candidate_kjt(items, self.genres).to(self.device))
+            out.append(emb[: len(part)])
+        local = torch.cat(out) if out else torch.empty(0, self.spec.output_dim,
+                                                       device=self.device)
+        padded = torch.zeros(per, self.spec.output_dim, device=self.device)
+        padded[: len(local)] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return torch.cat(parts)[:n]
+
+    @torch.no_grad()
+    def ranking(self, model: TwoTower, split: str, items: torch.Tensor) -> dict[str, float]:
+        """Recall@K / NDCG@K of the model on a split's positives (this rank's users, reduced)."""
+        users = self._my_users(split)
+        sums: dict[str, float] = {}
+        for c in range(self._n_chunks(len(users), self.chunk)):
+            part = users[c * self.chunk:(c + 1) * self.chunk]
+            q = model.query(query_kjt(part if len(part) else np.zeros(1, np.int64))
+                            .to(self.device))
+            if not len(part):
+                continue
+            scores = (q @ items.T).cpu()                                      # (U, num_items)
+            for k, v in ranking_sums(scores, part, exclude=self.exclude,
+                                     positives=self.positives[split], ks=self.ks).items():
+                sums[k] = sums.get(k, 0.0) + v
+        return self._reduce(sums or {"users": 0.0, **{f"{m}@{k}": 0.0 for k in self.ks
+                                                      for m in ("recall", "ndcg")}})
+
+    def popularity(self, split: str, positive_counts: np.ndarray) -> dict[str, float]:
+        """The same metrics for the popularity baseline (no model involved)."""
+        users = self._my_users(split)
+        sums: dict[str, float] = {"users": 0.0, **{f"{m}@{k}": 0.0 for k in self.ks
+                                                    for m in ("recall", "ndcg")}}
+        for start in range(0, len(users), self.chunk):
+            part = users[start:start + self.chunk]
+            for k, v in ranking_sums(popularity_scores(positive_counts, len(part)), part,
+                                     exclude=self.exclude, positives=self.positives[split],
+                                     ks=self.ks).items():
+                sums[k] += v
+        return self._reduce(sums)
+
+
+def _validation_loss(dmp: Any, stream: InteractionStream, genres: Optional[ItemFeatures],
+                     batch_size: int, device: torch.device, objective: str
+                     ) -> dict[str, float]:
+    """Mean validation loss (weighted by rows, or positives for softmax); AUROC for bce."""
+    ids = _equal_share(stream.epoch_sample_ids(epoch=0), device)
+    total, weight = 0.0, 0.0
+    scores, labels = [], []
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            batch = make_batch(stream.gather(ids[start:start + batch_size]), genres).to(device)
+            loss, (_, s, y) = dmp(batch)
+            w = float(len(y)) if objective == "bce" else float((y > 0).sum())
+            total += float(loss) * w
+            weight += w
+            if objective == "bce":
+                scores.append(s.cpu().numpy())
+                labels.append(y.cpu().numpy())
+    t = torch.tensor([total, weight], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    out = {"val_loss": float(t[0] / max(float(t[1]), 1.0))}
+    if objective == "bce":
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (np.concatenate(scores) if scores else np.empty(0),
+                                          np.concatenate(labels) if labels else np.empty(0)))
+        out["val_auroc"] = binary_auroc(np.concatenate([g[0] for g in gathered]),
+                                        np.concatenate([g[1] for g in gathered]))
+    return out
+
+
+def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}_{k}": v for k, v in metrics.items() if k != "users"}
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker function.
+
+    Args:
+        config: ``{"config": Config.to_dict(), "data_dir": str, "mlflow": {"tracking_uri",
+            "run_id"} or None}``.
+    """
+    import logging
+
+    # TorchRec, FBGEMM and streaming log every kernel load and default at INFO
+    for name in ("", "torchrec", "fbgemm_gpu", "streaming"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import ray.train
+    from ray.train import Checkpoint
+    from torch.distributed import checkpoint as dcp
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+    from torchrec.optim import RowWiseAdagrad
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    cfg: Config = load_config(overrides={k: v for section in config["config"].values()
+                                         for k, v in section.items()})
+    data_dir: str = config["data_dir"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    say = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(cfg.train.train_seed)
+
+    from app.dataset import read_manifest
+    manifest = read_manifest(data_dir)
+    genres = ItemFeatures.genres(data_dir) if cfg.model.use_genres else None
+    spec = model_spec(cfg, manifest, genres)
+    genres = genres if spec.num_genres else None
+    train_rows = read_split_arrays(Path(data_dir, "train"))
+    positive_counts = np.bincount(train_rows["item"][train_rows["label"] > 0].astype(np.int64),
+                                  minlength=spec.num_items)
+
+    # model: tables on meta, dense layers on the device; the planner decides the shards
+    model = TwoTower(spec, table_device=torch.device("meta"), device=device)
+    task = TwoTowerTrainTask(model, log_q=log_sampling_probability(positive_counts).to(device))
+    apply_optimizer_in_backward(RowWiseAdagrad,
+                                list(model.query.ebc.parameters())
+                                + list(model.candidate.ebc.parameters()),
+                                {"lr": cfg.train.embedding_lr})
+    topology = TopologyFactory.create_topology(
+        TrainerConfig(world_size=world, local_world_size=ctx.get_local_world_size()),
+        kernel_config=KernelConfig(compute_device=device.type))
+    planner = EmbeddingShardingPlanner(topology=topology,
+                                       constraints=sharding_constraints(cfg, spec, on_gpu))
+    plan = planner.collective_plan(task, [EmbeddingBagCollectionSharder()],
+                                   dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(task, device=device, plan=plan)
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
+                                  lambda ps: torch.optim.Adam(ps, lr=cfg.train.dense_lr))
+    optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
+
+    state: dict[str, Any] = {"epoch": 0, "history": [], "resumed_at_epochs": []}
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            sd = {"model": dmp.state_dict(), "optim": optimizer.state_dict()}
+            dcp.load(sd, checkpoint_id=d)
+            dmp.load_state_dict(sd["model"])
+            optimizer.load_state_dict(sd["optim"])
+            state = json.loads(Path(d, STATE_FILE).read_text())
+        state["resumed_at_epochs"].append(state["epoch"])
+        say(f"resumed from the checkpoint after epoch {state['epoch']}")
+    else:
+        say(f"sharding plan ({world} rank(s), {device.type}):\n{plan}")
+
+    mlflow_client = None
+    if rank == 0 and config.get("mlflow"):
+        from mlflow.tracking import MlflowClient
+        mlflow_client = MlflowClient(config["mlflow"]["tracking_uri"])
+
+    train_stream = InteractionStream(str(Path(data_dir, "train")), batch_size=cfg.train.batch_size,
+                                     shuffle=True, shuffle_seed=cfg.train.train_seed + 1)
+    val_stream = InteractionStream(str(Path(data_dir, "val")), batch_size=cfg.train.batch_size)
+    evaluator = Evaluator(data_dir, spec, genres, train_rows, cfg.train.top_k, device)
+    popularity = {s: evaluator.popularity(s, positive_counts) for s in ("val", "test")}
+    pipeline = None
+    if on_gpu:
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+        pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=True)
+
+    bs = cfg.train.batch_size
+    for epoch in range(state["epoch"], cfg.train.epochs):
+        dmp.train()
+        ids = _equal_share(train_stream.epoch_sample_ids(epoch=epoch), device)
+        steps = (len(ids) + bs - 1) // bs
+        batches = _prefetch(lambda i: make_batch(train_stream.gather(ids[i * bs:(i + 1) * bs]),
+                                                 genres), steps)
+        t0 = t_last = time.perf_counter()
+        seen_last, losses = 0, []
+        for step in range(steps):
+            if pipeline is not None:
+                loss = pipeline.progress(batches)[0]
+            else:
+                batch = next(batches).to(device)
+                loss, _ = dmp(batch)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            losses.append(float(loss.detach()))
+            if rank == 0 and ((step + 1) % cfg.train.log_every == 0 or step + 1 == steps):
+                now = time.perf_counter()
+                rows = min((step + 1) * bs, len(ids)) - seen_last
+                say(f"epoch {epoch + 1}/{cfg.train.epochs} step {step + 1}/{steps} "
+                    f"loss {np.mean(losses[-cfg.train.log_every:]):.4f} "
+                    f"{rows / max(now - t_last, 1e-9):,.0f} samples/s/worker", flush=True)
+                t_last, seen_last = now, seen_last + rows
+        train_seconds = time.perf_counter() - t0
+
+        dmp.eval()
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+                                   "train_samples_per_s_per_worker":
+                                       len(ids) / max(train_seconds, 1e-9)}
+        metrics.update(_validation_loss(dmp, val_stream, genres, bs, device,
+                                        spec.objective))
+        items = evaluator.item_embeddings(model)
+        metrics.update(_prefixed("val", evaluator.ranking(model, "val", items)))
+        final = epoch + 1 == cfg.train.epochs
+        if final:
+            metrics.update(_prefixed("test", evaluator.ranking(model, "test", items)))
+        for split, m in popularity.items():
+            metrics.update(_prefixed(f"popularity_{split}", m))
+        state["history"].append(metrics)
+        state["epoch"] = epoch + 1
+        say(f"epoch {epoch + 1}: train_loss {metrics['train_loss']:.4f} val_loss "
+            f"{metrics['val_loss']:.4f} val recall@20 {metrics.get('val_recall@20', 0):.4f} "
+            f"(popularity {metrics.get('popularity_val_recall@20', 0):.4f})", flush=True)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp.save({"model": dmp.state_dict(), "optim": optimizer.state_dict()},
+                     checkpoint_id=tmp)
+            if rank == 0:
+                Path(tmp, STATE_FILE).write_text(json.dumps(state, indent=1))
+                Path(tmp, PLAN_FILE).write_text(json.dumps(
+                    {"world_size": world, "device": device.type, "tables": plan_rows(plan)},
+                    indent=1))
+                np.save(os.path.join(tmp, POPULARITY_FILE), positive_counts)
+            if mlflow_client is not None:
+                from mlflow.entities import Metric
+                stamp = int(time.time() * 1000)
+                mlflow_client.log_batch(config["mlflow"]["run_id"], metrics=[
+                    Metric(k.replace("@", "_at_"), float(v), stamp, epoch + 1)
+                    for k, v in metrics.items() if isinstance(v, (int, float))
+                    and np.isfinite(v)])
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
