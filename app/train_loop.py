@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from app.config import Config, load_config
-from app.dataset import load_vocab, read_split_arrays
+from app.dataset import read_split_arrays
 from app.metrics import UserItems, binary_auroc, finish, popularity_scores, ranking_sums
 from app.model import (TABLES, ModelSpec, TwoTower, TwoTowerTrainTask, candidate_kjt,
                        log_sampling_probability, make_batch, query_kjt)
@@ -107,6 +107,54 @@ def plan_rows(plan: Any) -> list[dict[str, Any]]:
                          "compute_kernel": ps.compute_kernel, "ranks": list(ps.ranks or []),
                          "shards": shards})
     return rows
+
+
+
+def build_sharded(cfg: Config, spec: ModelSpec, positive_counts: np.ndarray, *,
+                  device: torch.device, local_world_size: int) -> tuple[Any, Any, Any]:
+    """The sharded train task on this rank (call on every rank of an initialised process
+    group): tables built on meta, planned by TorchRec's planner, materialised by
+    ``DistributedModelParallel``; fused row-wise Adagrad for the tables, Adam for the rest.
+
+    Returns:
+        (DistributedModelParallel of a TwoTowerTrainTask, its combined optimizer, the plan).
+    """
+    from torchrec.distributed import DistributedModelParallel
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+    from torchrec.optim import RowWiseAdagrad
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    model = TwoTower(spec, table_device=torch.device("meta"), device=device)
+    task = TwoTowerTrainTask(model, log_q=log_sampling_probability(positive_counts).to(device))
+    # the table optimizer runs inside the backward kernels (no dense gradient of a table)
+    apply_optimizer_in_backward(RowWiseAdagrad,
+                                list(model.query.ebc.parameters())
+                                + list(model.candidate.ebc.parameters()),
+                                {"lr": cfg.train.embedding_lr})
+    topology = TopologyFactory.create_topology(
+        TrainerConfig(world_size=dist.get_world_size(), local_world_size=local_world_size),
+        kernel_config=KernelConfig(compute_device=device.type))
+    planner = EmbeddingShardingPlanner(
+        topology=topology, constraints=sharding_constraints(cfg, spec, device.type == "cuda"))
+    plan = planner.collective_plan(task, [EmbeddingBagCollectionSharder()],
+                                   dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(task, device=device, plan=plan)
+    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
+                                  lambda ps: torch.optim.Adam(ps, lr=cfg.train.dense_lr))
+    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), plan
+
+
+def train_step(dmp: Any, optimizer: Any, batch: Any) -> torch.Tensor:
+    """One step of the plain (CPU) loop: forward, backward (tables update in it), dense step."""
+    loss, _ = dmp(batch)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 class Evaluator:
@@ -249,14 +297,6 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     from ray.train import Checkpoint
     from torch.distributed import checkpoint as dcp
-    from torchrec.distributed import DistributedModelParallel
-    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-    from torchrec.distributed.planner import EmbeddingShardingPlanner
-    from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
-    from torchrec.optim import RowWiseAdagrad
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-    from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     cfg: Config = load_config(overrides={k: v for section in config["config"].values()
                                          for k, v in section.items()})
@@ -277,24 +317,9 @@ def train_loop(config: dict[str, Any]) -> None:
     positive_counts = np.bincount(train_rows["item"][train_rows["label"] > 0].astype(np.int64),
                                   minlength=spec.num_items)
 
-    # model: tables on meta, dense layers on the device; the planner decides the shards
-    model = TwoTower(spec, table_device=torch.device("meta"), device=device)
-    task = TwoTowerTrainTask(model, log_q=log_sampling_probability(positive_counts).to(device))
-    apply_optimizer_in_backward(RowWiseAdagrad,
-                                list(model.query.ebc.parameters())
-                                + list(model.candidate.ebc.parameters()),
-                                {"lr": cfg.train.embedding_lr})
-    topology = TopologyFactory.create_topology(
-        TrainerConfig(world_size=world, local_world_size=ctx.get_local_world_size()),
-        kernel_config=KernelConfig(compute_device=device.type))
-    planner = EmbeddingShardingPlanner(topology=topology,
-                                       constraints=sharding_constraints(cfg, spec, on_gpu))
-    plan = planner.collective_plan(task, [EmbeddingBagCollectionSharder()],
-                                   dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(task, device=device, plan=plan)
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                  lambda ps: torch.optim.Adam(ps, lr=cfg.train.dense_lr))
-    optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
+    dmp, optimizer, plan = build_sharded(cfg, spec, positive_counts, device=device,
+                                         local_world_size=ctx.get_local_world_size())
+    model = dmp.module.model
 
     state: dict[str, Any] = {"epoch": 0, "history": [], "resumed_at_epochs": []}
     restored = ray.train.get_checkpoint()
@@ -338,11 +363,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if pipeline is not None:
                 loss = pipeline.progress(batches)[0]
             else:
-                batch = next(batches).to(device)
-                loss, _ = dmp(batch)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+                loss = train_step(dmp, optimizer, next(batches).to(device))
             losses.append(float(loss.detach()))
             if rank == 0 and ((step + 1) % cfg.train.log_every == 0 or step + 1 == steps):
                 now = time.perf_counter()
