@@ -320,6 +320,9 @@ def train_loop(config: dict[str, Any]) -> None:
     dmp, optimizer, plan = build_sharded(cfg, spec, positive_counts, device=device,
                                          local_world_size=ctx.get_local_world_size())
     model = dmp.module.model
+    import ray
+    rank_nodes: list[Any] = [None] * world  # which node each rank runs on, saved with the plan
+    dist.all_gather_object(rank_nodes, ray.get_runtime_context().get_node_id())
 
     state: dict[str, Any] = {"epoch": 0, "history": [], "resumed_at_epochs": []}
     restored = ray.train.get_checkpoint()
@@ -399,7 +402,8 @@ def train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 Path(tmp, STATE_FILE).write_text(json.dumps(state, indent=1))
                 Path(tmp, PLAN_FILE).write_text(json.dumps(
-                    {"world_size": world, "device": device.type, "tables": plan_rows(plan)},
+                    {"world_size": world, "device": device.type, "rank_nodes": rank_nodes,
+                     "tables": plan_rows(plan)},
                     indent=1))
                 np.save(os.path.join(tmp, POPULARITY_FILE), positive_counts)
             if mlflow_client is not None:

@@ -1,0 +1,314 @@
+"""Benchmark: training throughput of the data path against the model step alone, and against
+the seed notebook's data path, side by side in one run.
+
+    .venv/bin/python bench/train.py [--rows 1000000] [--repeats 3] [--steps 30]
+
+Prepares a synthetic dataset once (cached under .bench/), then measures training samples/s
+per worker with the ``bce`` objective at batch size 8192, each inside a Ray Train
+``TorchTrainer`` (CPU workers, gloo) on the real sharded model (``build_sharded``):
+  ceiling  -- ``train_step`` on batches built in memory before the clock, cycled over:
+              the model step alone, no data path;
+  pipeline -- this project's data path, as the epoch loop of app/train_loop.py runs it:
+              ``InteractionStream`` over the MDS train split -> ``epoch_sample_ids`` ->
+              ``gather`` -> ``make_batch`` in the ``_prefetch`` background thread ->
+              ``train_step``; with 1 worker and with 2 workers;
+  seed     -- the seed notebook's data path: a ``streaming.StreamingDataLoader`` over a plain
+              ``StreamingDataset`` of the same split, default collate, then a per-row Python
+              loop that fills lists and builds the KeyedJaggedTensors -> ``train_step``.
+Every worker warms up (2 steps) before its clock starts. Ceiling and pipeline run in the same
+1-worker group, interleaved ``--repeats`` times (medians are reported), so drift hits both
+alike; each pipeline repeat is a fresh epoch order and a fresh prefetch thread, timed from the
+thread's start as the epoch loop times itself. The seed path is slow, so it times a fixed
+``--seed-batches``. Also reports where a batch's time goes (gather, make_batch, step).
+Prints samples/s per worker, the ratios against the targets, and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ray  # noqa: E402
+
+from app.config import load_config  # noqa: E402
+from app.prepare import prepare_dataset  # noqa: E402
+
+BATCH_SIZE = 8192
+WARMUP = 2
+
+
+def prepared(rows: int, cache: Path) -> Path:
+    """The synthetic dataset of ``rows`` rows, prepared once under ``cache``."""
+    out = cache / f"train-synthetic-{rows}"
+    if (out / "manifest.json").exists():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(overrides={"dataset": "synthetic", "rows": rows, "overwrite": True}).data
+    prepare_dataset(cfg, str(out), verbose=False)
+    return out
+
+
+# ---------------------------------------------------------------- worker side (Ray Train)
+
+def _seed_batch(batch: dict[str, Any], genre_lists: Any) -> Any:
+    """The seed notebook's conversion: one default-collated batch -> KJTs, row by row."""
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from app.model import TwoTowerBatch
+
+    user_values, user_lengths = [], []
+    item_values, item_lengths = [], []
+    genre_values, genre_lengths = [], []
+    labels = []
+    for user, item, label in zip(batch["user"], batch["item"], batch["label"]):
+        user_values.append(int(user))
+        user_lengths.append(1)
+        item_values.append(int(item))
+        item_lengths.append(1)
+        if genre_lists is not None:
+            ids = genre_lists[int(item)]
+            genre_values.extend(ids)
+            genre_lengths.append(len(ids))
+        labels.append(float(label))
+    query = KeyedJaggedTensor.from_lengths_sync(
+        keys=["user_id"], values=torch.tensor(user_values, dtype=torch.int64),
+        lengths=torch.tensor(user_lengths, dtype=torch.int64))
+    keys = ["item_id"] + (["item_genres"] if genre_lists is not None else [])
+    candidate = KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=torch.tensor(item_values + genre_values, dtype=torch.int64),
+        lengths=torch.tensor(item_lengths + genre_lengths, dtype=torch.int64))
+    return TwoTowerBatch(query=query, candidate=candidate,
+                         labels=torch.tensor(labels, dtype=torch.float32),
+                         items=torch.tensor(item_values, dtype=torch.int64))
+
+
+def bench_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: build the sharded model, time the requested modes, and (rank 0)
+    write ``{mode: [samples/s per worker, ...], ...}`` to ``config["out"]``."""
+    import logging
+
+    for name in ("", "torchrec", "fbgemm_gpu", "streaming"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import numpy as np
+    import ray.train
+    import torch
+
+    from app.dataset import read_manifest, read_split_arrays
+    from app.model import make_batch
+    from app.reader import InteractionStream, ItemFeatures
+    from app.train_loop import _equal_share, _prefetch, build_sharded, model_spec, train_step
+
+    cfg = load_config(overrides=config["overrides"])
+    data_dir = config["data_dir"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.train_seed)
+    manifest = read_manifest(data_dir)
+    genres = ItemFeatures.genres(data_dir) if cfg.model.use_genres else None
+    spec = model_spec(cfg, manifest, genres)
+    genres = genres if spec.num_genres else None
+    train_rows = read_split_arrays(Path(data_dir, "train"))
+    positive_counts = np.bincount(train_rows["item"][train_rows["label"] > 0].astype(np.int64),
+                                  minlength=spec.num_items)
+    dmp, optimizer, _ = build_sharded(cfg, spec, positive_counts, device=device,
+                                      local_world_size=ctx.get_local_world_size())
+    dmp.train()
+    bs = cfg.train.batch_size
+    split = str(Path(data_dir, "train"))
+    repeats, steps = int(config["repeats"]), int(config["steps"])
+    out: dict[str, Any] = {"world_size": ctx.get_world_size(),
+                           "torch_threads": torch.get_num_threads()}
+
+    def step(batch: Any) -> None:
+        train_step(dmp, optimizer, batch.to(device))
+
+    if config["mode"] == "seed":
+        from streaming import StreamingDataLoader, StreamingDataset
+
+        genre_lists = None
+        if genres is not None:
+            genre_lists = [genres.values[genres.offsets[i]:genres.offsets[i + 1]].tolist()
+                           for i in range(len(genres.offsets) - 1)]
+        ds = StreamingDataset(local=split, batch_size=bs, shuffle=True,
+                              shuffle_seed=cfg.train.train_seed + 1)
+        loader = StreamingDataLoader(ds, batch_size=bs, num_workers=config["loader_workers"])
+        it = iter(loader)
+        for _ in range(WARMUP):
+            step(_seed_batch(next(it), genre_lists))
+        n = int(config["seed_batches"])
+        parts = {"load": 0.0, "kjt": 0.0, "step": 0.0}
+        samples = 0
+        t0 = time.perf_counter()
+        for _ in range(n):
+            a = time.perf_counter()
+            raw = next(it)
+            b = time.perf_counter()
+            batch = _seed_batch(raw, genre_lists)
+            c = time.perf_counter()
+            step(batch)
+            parts["load"] += b - a
+            parts["kjt"] += c - b
+            parts["step"] += time.perf_counter() - c
+            samples += len(batch)
+        out["seed"] = [samples / (time.perf_counter() - t0)]
+        out["seed_ms_per_batch"] = {k: 1e3 * v / n for k, v in parts.items()}
+    else:
+        stream = InteractionStream(split, batch_size=bs, shuffle=True,
+                                   shuffle_seed=cfg.train.train_seed + 1)
+
+        def pipeline(epoch: int) -> float:
+            """One epoch's first ``steps`` steps, as the epoch loop runs them."""
+            ids = _equal_share(stream.epoch_sample_ids(epoch=epoch), device)
+            n = min(steps, (len(ids) + bs - 1) // bs)
+            batches = _prefetch(lambda i: make_batch(stream.gather(ids[i * bs:(i + 1) * bs]),
+                                                     genres), n)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                step(next(batches))
+            return min(n * bs, len(ids)) / (time.perf_counter() - t0)
+
+        # the in-memory batches of the ceiling: full batches of epoch 0, built before any clock
+        ids0 = _equal_share(stream.epoch_sample_ids(epoch=0), device)
+        n_mem = max(1, min(int(config["memory_batches"]), len(ids0) // bs))
+        gathered = [stream.gather(ids0[i * bs:(i + 1) * bs]) for i in range(n_mem)]
+        in_memory = [make_batch(g, genres) for g in gathered]
+        for i in range(WARMUP):
+            step(in_memory[i % n_mem])
+
+        def ceiling() -> float:
+            t0 = time.perf_counter()
+            for s in range(steps):
+                step(in_memory[s % n_mem])
+            return steps * bs / (time.perf_counter() - t0)
+
+        modes = config["modes"]
+        for m in modes:
+            out[m] = []
+        for r in range(repeats):  # interleaved, so drift hits every mode alike
+            if "ceiling" in modes:
+                out["ceiling"].append(ceiling())
+            if "pipeline" in modes:
+                out["pipeline"].append(pipeline(epoch=r + 1))
+
+        if config.get("breakdown"):  # where one batch's time goes, each stage on its own
+            k = min(n_mem, 8)
+            t0 = time.perf_counter()
+            for i in range(k):
+                stream.gather(ids0[i * bs:(i + 1) * bs])
+            t1 = time.perf_counter()
+            for g in gathered[:k]:
+                make_batch(g, genres)
+            t2 = time.perf_counter()
+            for b in in_memory[:k]:
+                step(b)
+            t3 = time.perf_counter()
+            out["ms_per_batch"] = {"gather": 1e3 * (t1 - t0) / k,
+                                   "make_batch": 1e3 * (t2 - t1) / k,
+                                   "step": 1e3 * (t3 - t2) / k}
+
+    if rank == 0:
+        Path(config["out"]).write_text(json.dumps(out))
+
+
+# ---------------------------------------------------------------- driver side
+
+def run_group(workers: int, config: dict[str, Any], scratch: Path, tag: str) -> dict[str, Any]:
+    """Run ``bench_worker`` in a Ray Train worker group; rank 0's figures."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    out = scratch / f"{tag}.json"
+    TorchTrainer(bench_worker, train_loop_config={**config, "out": str(out)},
+                 scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
+                 torch_config=TorchConfig(backend="gloo"),
+                 run_config=RunConfig(name=tag, storage_path=str(scratch / "runs"))).fit()
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=1_000_000, help="synthetic rows to prepare")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed windows of ceiling and pipeline (1 worker); medians are reported")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per window")
+    p.add_argument("--memory-batches", type=int, default=16,
+                   help="in-memory batches the ceiling cycles over")
+    p.add_argument("--seed-batches", type=int, default=6, help="timed batches of the seed path")
+    p.add_argument("--seed-loader-workers", type=int, default=0,
+                   help="DataLoader worker processes of the seed path")
+    p.add_argument("--cache", default=str(Path(__file__).resolve().parents[1] / ".bench"))
+    args = p.parse_args()
+
+    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
+             _node_ip_address="127.0.0.1", log_to_driver=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    t = time.perf_counter()
+    data_dir = prepared(args.rows, Path(args.cache))
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    train_rows = manifest["counts"]["splits"]["train"]
+    print(f"data: {data_dir} ({train_rows:,} train rows, {manifest['vocab']['users']:,} users, "
+          f"{manifest['vocab']['items']:,} items; ready in {time.perf_counter() - t:.1f}s)")
+
+    base = {"overrides": {"objective": "bce", "batch_size": BATCH_SIZE},
+            "data_dir": str(data_dir), "repeats": args.repeats, "steps": args.steps,
+            "memory_batches": args.memory_batches, "seed_batches": args.seed_batches,
+            "loader_workers": args.seed_loader_workers}
+    scratch = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    try:
+        t = time.perf_counter()
+        one = run_group(1, {**base, "mode": "train", "modes": ["ceiling", "pipeline"],
+                            "breakdown": True}, scratch, "one-worker")
+        print(f"ceiling + pipeline, 1 worker: {time.perf_counter() - t:.0f}s")
+        for r, (c, pl) in enumerate(zip(one["ceiling"], one["pipeline"])):
+            print(f"  run {r + 1}: ceiling {c:,.0f}  pipeline {pl:,.0f} samples/s")
+        t = time.perf_counter()
+        two = run_group(2, {**base, "mode": "train", "modes": ["pipeline"],
+                            "repeats": 1}, scratch, "two-workers")
+        print(f"pipeline, 2 workers: {time.perf_counter() - t:.0f}s")
+        t = time.perf_counter()
+        seed = run_group(1, {**base, "mode": "seed"}, scratch, "seed")
+        print(f"seed, 1 worker: {time.perf_counter() - t:.0f}s")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        ray.shutdown()
+
+    c = statistics.median(one["ceiling"])
+    pl = statistics.median(one["pipeline"])
+    pl2 = statistics.median(two["pipeline"])
+    s = seed["seed"][0]
+    ms, sms = one["ms_per_batch"], seed["seed_ms_per_batch"]
+    print(f"\nsamples/s per worker, batch {BATCH_SIZE}, objective bce, CPU workers "
+          f"({one['torch_threads']} torch thread(s) each)")
+    print(f"{'':<22}{'workers':>8}{'samples/s':>12}")
+    print(f"{'ceiling (in memory)':<22}{1:>8}{c:>12,.0f}")
+    print(f"{'pipeline':<22}{1:>8}{pl:>12,.0f}")
+    print(f"{'pipeline':<22}{2:>8}{pl2:>12,.0f}")
+    print(f"{'seed notebook path':<22}{1:>8}{s:>12,.0f}")
+    print(f"ms per batch (1 worker, each stage alone): gather {ms['gather']:.1f}, "
+          f"make_batch {ms['make_batch']:.1f}, step {ms['step']:.1f}")
+    print(f"ms per batch (seed path): loader {sms['load']:.0f}, per-row KJT loop "
+          f"{sms['kjt']:.0f}, step {sms['step']:.0f}")
+    print(f"pipeline / ceiling: {pl / c:.1%} (target: >= 80%)")
+    print(f"pipeline / seed: {pl / s:.1f}x (target: >= 20x)")
+    print(json.dumps({"rows": args.rows, "ceiling_samples_per_s": round(c),
+                      "pipeline_samples_per_s": round(pl), "seed_samples_per_s": round(s),
+                      "pipeline_vs_ceiling": round(pl / c, 3),
+                      "pipeline_vs_seed": round(pl / s, 1),
+                      "pipeline_2_workers_samples_per_s": round(pl2)}))
+
+
+if __name__ == "__main__":
+    main()

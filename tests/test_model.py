@@ -1,0 +1,207 @@
+"""Unit tests of the model pieces: losses, the export conversion, metrics, placement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from app.config import load_config
+from app.export import ExportedTwoTower, ModelError, export_state_dict
+from app.metrics import UserItems, binary_auroc, finish, ranking_sums
+from app.model import (ModelSpec, TwoTower, TwoTowerTrainTask, bce_loss, candidate_kjt,
+                       make_batch, query_kjt, sampled_softmax_loss)
+from app.placement import Placement, ResourceError, check_resources, placement
+from app.reader import ItemFeatures
+
+SPEC = ModelSpec(num_users=30, num_items=40, num_genres=5, embedding_dim=8,
+                 tower_layers=(16, 6))
+
+
+def _genres() -> ItemFeatures:
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([[0], rng.integers(0, 4, SPEC.num_items - 1)])  # item 0: none
+    values = rng.integers(1, SPEC.num_genres, int(lengths.sum()))
+    return ItemFeatures("item_genres", np.concatenate([[0], np.cumsum(lengths)]), values,
+                        [f"g{i}" for i in range(SPEC.num_genres)])
+
+
+def test_export_computes_what_the_towers_compute():
+    torch.manual_seed(0)
+    genres = _genres()
+    towers = TwoTower(SPEC, table_device=torch.device("cpu"))
+    for p in towers.parameters():  # tables start at zero-ish; make every weight matter
+        torch.nn.init.normal_(p)
+    exported = ExportedTwoTower(SPEC, genres)
+    state = export_state_dict(TwoTowerTrainTask(towers).state_dict())
+    exported.load_state_dict({**state, "genre_offsets": exported.genre_offsets,
+                              "genre_values": exported.genre_values})
+    users = np.array([1, 5, 29, 0])
+    items = np.array([0, 1, 7, 39, 12])
+    with torch.no_grad():
+        assert torch.allclose(towers.query(query_kjt(users)),
+                              exported.user_embeddings(torch.from_numpy(users)), atol=1e-5)
+        assert torch.allclose(towers.candidate(candidate_kjt(items, genres)),
+                              exported.item_embeddings(torch.from_numpy(items)), atol=1e-5)
+        pair_users, pair_items = np.array([3, 4]), np.array([7, 9])
+        assert torch.allclose(towers(query_kjt(pair_users), candidate_kjt(pair_items, genres)),
+                              exported.score(torch.from_numpy(pair_users),
+                                             torch.from_numpy(pair_items)), atol=1e-5)
+
+
+def test_export_rejects_foreign_keys():
+    with pytest.raises(ModelError, match="unexpected key.*dense_arch"):
+        export_state_dict({"dense_arch.weight": torch.zeros(1)})
+
+
+def test_bce_loss_is_the_pointwise_objective():
+    q, c = torch.randn(6, 4), torch.randn(6, 4)
+    y = torch.tensor([1.0, 0, 1, 0, 0, 1])
+    loss, logits = bce_loss(q, c, y)
+    assert torch.allclose(logits, (q * c).sum(1))
+    manual = -(y * torch.log(torch.sigmoid(logits))
+               + (1 - y) * torch.log(1 - torch.sigmoid(logits))).mean()
+    assert torch.allclose(loss, manual, atol=1e-6)
+
+
+def _softmax_reference(q, c, y, items, log_q, t):
+    """Row by row: each positive against every other positive that is not the same item."""
+    pos = [i for i in range(len(y)) if y[i] > 0]
+    total = 0.0
+    for i in pos:
+        logits = []
+        for j in pos:
+            if j != i and items[j] == items[i]:
+                continue  # an accidental hit is no negative
+            logits.append(float(q[i] @ c[j]) / t - float(log_q[items[j]]))
+        target = float(q[i] @ c[i]) / t - float(log_q[items[i]])
+        total += -target + float(torch.logsumexp(torch.tensor(logits), 0))
+    return total / max(len(pos), 1)
+
+
+def test_sampled_softmax_masks_accidental_hits_and_corrects_for_sampling():
+    torch.manual_seed(1)
+    q, c = torch.randn(8, 4), torch.randn(8, 4)
+    y = torch.tensor([1.0, 1, 0, 1, 1, 0, 1, 1])
+    items = torch.tensor([3, 5, 3, 5, 2, 9, 7, 3])  # rows 1/3 and 0/7 repeat an item
+    log_q = torch.log(torch.rand(10) + 0.1)
+    loss, scores = sampled_softmax_loss(q, c, y, items, log_q, 0.5)
+    assert loss.item() == pytest.approx(_softmax_reference(q, c, y, items, log_q, 0.5),
+                                        rel=1e-5)
+    assert torch.allclose(scores, (q * c).sum(1))
+    # without the correction the loss differs: log Q matters
+    flat, _ = sampled_softmax_loss(q, c, y, items, torch.zeros(10), 0.5)
+    assert abs(flat.item() - loss.item()) > 1e-3
+
+
+def test_sampled_softmax_without_positives_is_zero_and_differentiable():
+    q = torch.randn(4, 3, requires_grad=True)
+    loss, _ = sampled_softmax_loss(q, torch.randn(4, 3), torch.zeros(4),
+                                   torch.arange(4), torch.zeros(4), 0.1)
+    loss.backward()
+    assert loss.item() == 0.0 and q.grad is not None
+
+
+def test_train_task_uses_the_configured_objective():
+    towers = TwoTower(SPEC, table_device=torch.device("cpu"))
+    rows = {"user": np.array([1, 2, 3]), "item": np.array([4, 5, 6]),
+            "label": np.array([1, 0, 1], np.uint8)}
+    batch = make_batch(rows, _genres())
+    loss, (_, scores, labels) = TwoTowerTrainTask(towers)(batch)
+    assert loss.ndim == 0 and scores.shape == (3,) and torch.equal(labels, batch.labels)
+    bce = ModelSpec(**{**SPEC.to_dict(), "tower_layers": (16, 6), "objective": "bce"})
+    towers.spec = bce
+    loss_bce, _ = TwoTowerTrainTask(towers)(batch)
+    assert loss_bce.item() != pytest.approx(loss.item())
+
+
+def _brute_force(scores, users, exclude, positives, k):
+    recall, ndcg, n = 0.0, 0.0, 0
+    for row, u in enumerate(users):
+        pos = set(positives.get(u, []))
+        if not pos:
+            continue
+        s = scores[row].copy()
+        s[0] = -np.inf
+        s[list(exclude.get(u, []))] = -np.inf
+        top = np.argsort(-s, kind="stable")[:k]
+        hits = [1.0 if i in pos else 0.0 for i in top]
+        recall += sum(hits) / len(pos)
+        dcg = sum(h / np.log2(r + 2) for r, h in enumerate(hits))
+        ndcg += dcg / sum(1 / np.log2(r + 2) for r in range(min(len(pos), k)))
+        n += 1
+    return recall / n, ndcg / n
+
+
+def test_ranking_metrics_match_a_brute_force_reading():
+    rng = np.random.default_rng(3)
+    n_users, n_items = 12, 30
+    scores = rng.normal(size=(n_users, n_items)).astype(np.float32)  # no ties
+    train = {u: list(rng.choice(np.arange(1, n_items), 4, replace=False)) for u in range(n_users)}
+    pos = {u: [i for i in rng.choice(np.arange(1, n_items), 3, replace=False)
+               if i not in train[u]] for u in range(1, n_users)}
+    pairs = [(u, i) for u, its in train.items() for i in its]
+    exclude = UserItems.build(np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]),
+                              n_users)
+    ppairs = [(u, i) for u, its in pos.items() for i in its]
+    positives = UserItems.build(np.array([p[0] for p in ppairs]),
+                                np.array([p[1] for p in ppairs]), n_users)
+    users = np.arange(n_users)
+    got = finish(ranking_sums(torch.from_numpy(scores), users, exclude=exclude,
+                              positives=positives, ks=[5, 10]))
+    assert got["users"] == sum(1 for u in users if pos.get(u))
+    for k in (5, 10):
+        recall, ndcg = _brute_force(scores, users, train, pos, k)
+        assert got[f"recall@{k}"] == pytest.approx(recall, abs=1e-6)
+        assert got[f"ndcg@{k}"] == pytest.approx(ndcg, abs=1e-6)
+
+
+def test_auroc_matches_the_pairwise_definition():
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=300)
+    y = (rng.random(300) < 0.4).astype(int)
+    pairs = [(a > b) + 0.5 * (a == b) for a in s[y == 1] for b in s[y == 0]]
+    assert binary_auroc(s, y) == pytest.approx(np.mean(pairs), abs=1e-9)
+    assert np.isnan(binary_auroc(s, np.zeros(300)))
+
+
+@pytest.mark.parametrize("topology,workers,gpu,strategy", [
+    ("cpu", 3, False, "PACK"), ("snsg", 1, True, "PACK"), ("snmg", 4, True, "STRICT_PACK"),
+    ("mnmg", 8, True, "SPREAD")])
+def test_topologies_map_onto_placements(topology, workers, gpu, strategy):
+    cfg = load_config(overrides={"topology": topology, "num_workers": workers}).train
+    p = placement(cfg)
+    assert (p.num_workers, p.use_gpu, p.strategy) == (workers, gpu, strategy)
+    assert p.backend == ("nccl" if gpu else "gloo")
+    assert ("GPU" in p.resources_per_worker) == gpu
+    sc = p.scaling_config()
+    assert sc.num_workers == workers and sc.use_gpu == gpu
+
+
+def test_cpu_accelerator_keeps_the_gpu_topology_placement():
+    cfg = load_config(overrides={"topology": "mnmg", "num_workers": 2,
+                                 "accelerator": "cpu"}).train
+    p = placement(cfg)
+    assert (p.use_gpu, p.strategy, p.backend) == (False, "SPREAD", "gloo")
+
+
+def _p(topology, n, gpu=True):
+    res = {"CPU": 1.0, **({"GPU": 1.0} if gpu else {})}
+    strategy = {"cpu": "PACK", "snsg": "PACK", "snmg": "STRICT_PACK", "mnmg": "SPREAD"}
+    return Placement(topology, n, gpu, res, strategy[topology])
+
+
+def test_resource_check_says_what_is_missing():
+    cpu_node = {"CPU": 2.0}
+    gpu_node = {"CPU": 16.0, "GPU": 4.0}
+    with pytest.raises(ResourceError, match="needs GPUs.*0 GPUs.*--accelerator cpu"):
+        check_resources(_p("snsg", 1), [cpu_node])
+    with pytest.raises(ResourceError, match="8 workers on one node.*at most 4"):
+        check_resources(_p("snmg", 8), [gpu_node, gpu_node])
+    with pytest.raises(ResourceError, match="several nodes.*only 1 node"):
+        check_resources(_p("mnmg", 4), [gpu_node, cpu_node])
+    with pytest.raises(ResourceError, match="needs 3 workers, but only 2 fit"):
+        check_resources(_p("cpu", 3, gpu=False), [cpu_node])
+    check_resources(_p("mnmg", 8), [gpu_node, gpu_node])
+    check_resources(_p("snmg", 4), [gpu_node])
+    check_resources(_p("cpu", 2, gpu=False), [cpu_node])
