@@ -1,7 +1,7 @@
 """Benchmark: training throughput of the data path against the model step alone, and against
 the seed notebook's data path, side by side in one run.
 
-    .venv/bin/python bench/train.py [--rows 1000000] [--repeats 3] [--steps 30]
+    .venv/bin/python bench/train.py [--rows 1000000] [--repeats 3] [--steps 50]
 
 Prepares a synthetic dataset once (cached under .bench/), then measures training samples/s
 per worker with the ``bce`` objective at batch size 8192, each inside a Ray Train
@@ -13,7 +13,8 @@ per worker with the ``bce`` objective at batch size 8192, each inside a Ray Trai
               ``gather`` -> ``make_batch`` in the ``_prefetch`` background thread ->
               ``train_step``; with 1 worker and with 2 workers;
   seed     -- the seed notebook's data path: a ``streaming.StreamingDataLoader`` over a plain
-              ``StreamingDataset`` of the same split, default collate, then a per-row Python
+              ``StreamingDataset`` of the same split (default collate, one loader worker
+              process unless --seed-loader-workers says otherwise), then a per-row Python
               loop that fills lists and builds the KeyedJaggedTensors -> ``train_step``.
 Every worker warms up (2 steps) before its clock starts. Ceiling and pipeline run in the same
 1-worker group, interleaved ``--repeats`` times (medians are reported), so drift hits both
@@ -36,7 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import ray  # noqa: E402
 
@@ -131,8 +133,10 @@ def bench_worker(config: dict[str, Any]) -> None:
     out: dict[str, Any] = {"world_size": ctx.get_world_size(),
                            "torch_threads": torch.get_num_threads()}
 
-    def step(batch: Any) -> None:
-        train_step(dmp, optimizer, batch.to(device))
+    losses: list[float] = []
+
+    def step(batch: Any) -> None:  # as the epoch loop steps (it keeps every step's loss)
+        losses.append(float(train_step(dmp, optimizer, batch.to(device)).detach()))
 
     if config["mode"] == "seed":
         from streaming import StreamingDataLoader, StreamingDataset
@@ -243,15 +247,18 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1_000_000, help="synthetic rows to prepare")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed windows of ceiling and pipeline (1 worker); medians are reported")
-    p.add_argument("--steps", type=int, default=30, help="timed steps per window")
+    p.add_argument("--steps", type=int, default=50, help="timed steps per window")
     p.add_argument("--memory-batches", type=int, default=16,
                    help="in-memory batches the ceiling cycles over")
-    p.add_argument("--seed-batches", type=int, default=6, help="timed batches of the seed path")
-    p.add_argument("--seed-loader-workers", type=int, default=0,
+    p.add_argument("--seed-batches", type=int, default=8, help="timed batches of the seed path")
+    p.add_argument("--seed-loader-workers", type=int, default=1,
                    help="DataLoader worker processes of the seed path")
-    p.add_argument("--cache", default=str(Path(__file__).resolve().parents[1] / ".bench"))
+    p.add_argument("--cache", default=str(ROOT / ".bench"))
     args = p.parse_args()
 
+    # Ray workers start from the node's environment: let them import app from any cwd
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x])
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
              _node_ip_address="127.0.0.1", log_to_driver=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -275,8 +282,8 @@ def main() -> None:
         for r, (c, pl) in enumerate(zip(one["ceiling"], one["pipeline"])):
             print(f"  run {r + 1}: ceiling {c:,.0f}  pipeline {pl:,.0f} samples/s")
         t = time.perf_counter()
-        two = run_group(2, {**base, "mode": "train", "modes": ["pipeline"],
-                            "repeats": 1}, scratch, "two-workers")
+        two = run_group(2, {**base, "mode": "train", "modes": ["pipeline"], "repeats": 1,
+                            "breakdown": True}, scratch, "two-workers")
         print(f"pipeline, 2 workers: {time.perf_counter() - t:.0f}s")
         t = time.perf_counter()
         seed = run_group(1, {**base, "mode": "seed"}, scratch, "seed")
@@ -289,7 +296,7 @@ def main() -> None:
     pl = statistics.median(one["pipeline"])
     pl2 = statistics.median(two["pipeline"])
     s = seed["seed"][0]
-    ms, sms = one["ms_per_batch"], seed["seed_ms_per_batch"]
+    ms, ms2, sms = one["ms_per_batch"], two["ms_per_batch"], seed["seed_ms_per_batch"]
     print(f"\nsamples/s per worker, batch {BATCH_SIZE}, objective bce, CPU workers "
           f"({one['torch_threads']} torch thread(s) each)")
     print(f"{'':<22}{'workers':>8}{'samples/s':>12}")
@@ -297,8 +304,9 @@ def main() -> None:
     print(f"{'pipeline':<22}{1:>8}{pl:>12,.0f}")
     print(f"{'pipeline':<22}{2:>8}{pl2:>12,.0f}")
     print(f"{'seed notebook path':<22}{1:>8}{s:>12,.0f}")
-    print(f"ms per batch (1 worker, each stage alone): gather {ms['gather']:.1f}, "
-          f"make_batch {ms['make_batch']:.1f}, step {ms['step']:.1f}")
+    for w, m in ((1, ms), (2, ms2)):
+        print(f"ms per batch ({w} worker(s), each stage alone): gather {m['gather']:.1f}, "
+              f"make_batch {m['make_batch']:.1f}, step {m['step']:.1f}")
     print(f"ms per batch (seed path): loader {sms['load']:.0f}, per-row KJT loop "
           f"{sms['kjt']:.0f}, step {sms['step']:.0f}")
     print(f"pipeline / ceiling: {pl / c:.1%} (target: >= 80%)")

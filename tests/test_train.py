@@ -154,11 +154,13 @@ def test_a_topology_the_cluster_cannot_place_fails_at_once(ray_local, movielens_
 def _worker_pids() -> list[int]:
     import psutil
 
-    pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::RayTrainWorker"):
-            pids.append(p.info["pid"])
+    pids = []  # only this test run's Ray (started by this process), not another on the host
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(p.cmdline()).startswith("ray::RayTrainWorker"):
+                pids.append(p.pid)
+        except psutil.Error:
+            continue
     return pids
 
 
