@@ -360,6 +360,8 @@ def train_loop(config: dict[str, Any]) -> None:
         steps = (len(ids) + bs - 1) // bs
         batches = _prefetch(lambda i: make_batch(train_stream.gather(ids[i * bs:(i + 1) * bs]),
                                                  genres), steps)
+        if pipeline is not None:
+            pipeline.reset()  # a fresh iterator each epoch
         t0 = t_last = time.perf_counter()
         seen_last, losses = 0, []
         for step in range(steps):
@@ -376,6 +378,8 @@ def train_loop(config: dict[str, Any]) -> None:
                     f"{rows / max(now - t_last, 1e-9):,.0f} samples/s/worker", flush=True)
                 t_last, seen_last = now, seen_last + rows
         train_seconds = time.perf_counter() - t0
+        if pipeline is not None:
+            pipeline.detach()  # restore the sharded modules' own forward for evaluation
 
         dmp.eval()
         metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),

@@ -178,10 +178,17 @@ def bench_worker(config: dict[str, Any]) -> None:
             n = min(steps, (len(ids) + bs - 1) // bs)
             batches = _prefetch(lambda i: make_batch(stream.gather(ids[i * bs:(i + 1) * bs]),
                                                      genres), n)
+            wait = 0.0
             t0 = time.perf_counter()
             for _ in range(n):
-                step(next(batches))
-            return min(n * bs, len(ids)) / (time.perf_counter() - t0)
+                a = time.perf_counter()
+                batch = next(batches)
+                wait += time.perf_counter() - a
+                step(batch)
+            seconds = time.perf_counter() - t0
+            out["pipeline_ms_per_step"].append({"wait": 1e3 * wait / n,
+                                                "step": 1e3 * (seconds - wait) / n})
+            return min(n * bs, len(ids)) / seconds
 
         # the in-memory batches of the ceiling: full batches of epoch 0, built before any clock
         ids0 = _equal_share(stream.epoch_sample_ids(epoch=0), device)
@@ -200,6 +207,7 @@ def bench_worker(config: dict[str, Any]) -> None:
         modes = config["modes"]
         for m in modes:
             out[m] = []
+        out["pipeline_ms_per_step"] = []
         for r in range(repeats):  # interleaved, so drift hits every mode alike
             if "ceiling" in modes:
                 out["ceiling"].append(ceiling())
@@ -307,6 +315,12 @@ def main() -> None:
     for w, m in ((1, ms), (2, ms2)):
         print(f"ms per batch ({w} worker(s), each stage alone): gather {m['gather']:.1f}, "
               f"make_batch {m['make_batch']:.1f}, step {m['step']:.1f}")
+    for w, res in ((1, one), (2, two)):
+        per = res["pipeline_ms_per_step"]
+        wait = statistics.median(x["wait"] for x in per)
+        st = statistics.median(x["step"] for x in per)
+        print(f"ms per step inside the pipeline ({w} worker(s)): waiting for the batch "
+              f"{wait:.1f}, step {st:.1f}")
     print(f"ms per batch (seed path): loader {sms['load']:.0f}, per-row KJT loop "
           f"{sms['kjt']:.0f}, step {sms['step']:.0f}")
     print(f"pipeline / ceiling: {pl / c:.1%} (target: >= 80%)")

@@ -1,8 +1,9 @@
 """The main job: ``python -m pipelines.full_run [--config FILE] [--dataset ...] [--workdir DIR]``.
 
-Runs the stages of the pipeline in order on the resolved Ray cluster (an embedded local Ray by
-default) and writes everything under ``--workdir``: ``data/`` (the prepared dataset),
-``config.yaml`` (the resolved configuration) and ``summary.json``.
+Runs the stages of the pipeline in order (prepare -> train) on the resolved Ray cluster (an
+embedded local Ray by default) and writes everything under ``--workdir``: ``data/`` (the
+prepared dataset), ``model/`` (the model folder), ``config.yaml`` (the resolved
+configuration) and ``summary.json``; MLflow records the training run and the registered model.
 """
 
 from __future__ import annotations
@@ -17,8 +18,12 @@ from typing import Any
 from app.cluster import init_ray
 from app.config import Config, ConfigError, add_arguments, config_from_args
 from app.dataset import DatasetError, read_manifest
+from app.placement import ResourceError
 from app.prepare import prepare_dataset
 from app.sources import DataError
+from app.train import TrainError
+
+STAGES = ("prepare", "train")
 
 _VOLATILE = {"output", "overwrite"}  # settings that do not change what is prepared
 
@@ -34,8 +39,8 @@ def _prepared_with(data_dir: Path, cfg: Config) -> bool:
     return want == have
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Run every stage; returns the summary (also written to ``<workdir>/summary.json``)."""
+def run(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
+    """Run the stages in order; returns the summary (also ``<workdir>/summary.json``)."""
     workdir = Path(cfg.cluster.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     cfg.dump_yaml(workdir / "config.yaml")
@@ -57,6 +62,16 @@ def run(cfg: Config) -> dict[str, Any]:
     summary["stages"]["prepare"] = {"seconds": round(seconds, 2),
                                     "rows": manifest["counts"]["read"],
                                     "counts": manifest["counts"], "output": str(data_dir)}
+    if "train" in stages:
+        from app.train import train
+
+        model_dir = workdir / "model"
+        t0 = time.perf_counter()
+        result = train(cfg, str(data_dir), str(model_dir))
+        samples = manifest["counts"]["splits"]["train"] * cfg.train.epochs
+        summary["stages"]["train"] = {"seconds": round(time.perf_counter() - t0, 2),
+                                      "rows": samples, "output": str(model_dir),
+                                      "metrics": result["metrics"], "mlflow": result["mlflow"]}
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     print("\n" + "=" * 72)
@@ -67,6 +82,14 @@ def run(cfg: Config) -> dict[str, Any]:
     c = manifest["counts"]
     print(f"dataset   : {data_dir}  (train {c['splits']['train']:,} / val {c['splits']['val']:,}"
           f" / test {c['splits']['test']:,}; {c['rejected']:,} rejected)")
+    if "train" in summary["stages"]:
+        st = summary["stages"]["train"]
+        m = st["metrics"]
+        print(f"model     : {st['output']}")
+        for k in ("recall@20", "ndcg@20"):
+            print(f"  test {k:<10} model {m['model']['test'][k]:.4f}   popularity "
+                  f"{m['popularity']['test'][k]:.4f}")
+        print(f"mlflow    : run {st['mlflow']['run_id']}, {st['mlflow']['registered_uri']}")
     print(f"summary   : {workdir / 'summary.json'}")
     print("=" * 72)
     return summary
@@ -75,13 +98,21 @@ def run(cfg: Config) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated stages to run, in order (default: all of "
+                             f"{','.join(STAGES)})")
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
+        stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)} "
+                              f"(stages: {', '.join(STAGES)})")
         cfg = config_from_args(args)
         print(cfg.describe(), flush=True)
-        run(cfg)
-    except (ConfigError, DataError, DatasetError) as e:
+        run(cfg, stages)
+    except (ConfigError, DataError, DatasetError, ResourceError, TrainError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -6,7 +6,8 @@ from pipelines import full_run
 
 
 def test_full_run_prepares_into_the_workdir_and_reuses_it(ray_local, tmp_path, capsys):
-    argv = ["--dataset", "synthetic", "--rows", "20000", "--workdir", str(tmp_path / "wd")]
+    argv = ["--dataset", "synthetic", "--rows", "20000", "--workdir", str(tmp_path / "wd"),
+            "--stages", "prepare"]
     assert full_run.main(argv) == 0
     summary = json.loads((tmp_path / "wd" / "summary.json").read_text())
     assert summary["stages"]["prepare"]["counts"]["accepted"] == 20_000
@@ -23,3 +24,22 @@ def test_full_run_prepares_into_the_workdir_and_reuses_it(ray_local, tmp_path, c
 def test_full_run_reports_bad_flags(capsys):
     assert full_run.main(["--val-fraction", "2"]) == 2
     assert "--val-fraction must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_full_run_prepares_and_trains(ray_local, tmp_path, capsys):
+    wd = tmp_path / "wd"
+    argv = ["--dataset", "synthetic", "--rows", "30000", "--workdir", str(wd), "--epochs", "1",
+            "--registered-model-name", "two-tower-full-run"]
+    assert full_run.main(argv) == 0
+    summary = json.loads((wd / "summary.json").read_text())
+    assert list(summary["stages"]) == ["prepare", "train"]
+    train = summary["stages"]["train"]
+    assert (wd / "model" / "weights.pt").is_file()
+    assert train["metrics"]["epochs"] == 1 and train["mlflow"]["version"] >= 1
+    out = capsys.readouterr().out
+    assert "test recall@20" in out and "models:/two-tower-full-run/" in out
+
+
+def test_full_run_rejects_unknown_stages(capsys):
+    assert full_run.main(["--stages", "prepare,serve"]) == 2
+    assert "unknown stage(s) serve" in capsys.readouterr().err
