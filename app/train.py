@@ -90,7 +90,7 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
     Returns:
         A summary: metrics, paths, MLflow run and model version, seconds.
     """
-    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from app import tracking
@@ -136,14 +136,14 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()),
-                           "mlflow": mlflow_info},
+                           "mlflow": mlflow_info,
+                           "resume_from": str(resume_from) if resume_from else None},
         scaling_config=place.scaling_config(),
         torch_config=TorchConfig(backend=place.backend),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(
-                                 num_to_keep=cfg.train.keep_checkpoints)),
-        resume_from_checkpoint=Checkpoint(str(resume_from)) if resume_from else None)
+                                 num_to_keep=cfg.train.keep_checkpoints)))
     try:
         result = trainer.fit()
     except Exception as e:

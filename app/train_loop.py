@@ -287,7 +287,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     Args:
         config: ``{"config": Config.to_dict(), "data_dir": str, "mlflow": {"tracking_uri",
-            "run_id"} or None}``.
+            "run_id"} or None, "resume_from": checkpoint folder or None}``.
     """
     import logging
 
@@ -325,7 +325,10 @@ def train_loop(config: dict[str, Any]) -> None:
     dist.all_gather_object(rank_nodes, ray.get_runtime_context().get_node_id())
 
     state: dict[str, Any] = {"epoch": 0, "history": [], "resumed_at_epochs": []}
+    # after a failure Ray Train hands back the latest checkpoint; --resume names one
     restored = ray.train.get_checkpoint()
+    if restored is None and config.get("resume_from"):
+        restored = Checkpoint.from_directory(config["resume_from"])
     if restored is not None:
         with restored.as_directory() as d:
             sd = {"model": dmp.state_dict(), "optim": optimizer.state_dict()}

@@ -1,7 +1,7 @@
 """Benchmark: training throughput of the data path against the model step alone, and against
 the seed notebook's data path, side by side in one run.
 
-    .venv/bin/python bench/train.py [--rows 1000000] [--repeats 3] [--steps 50]
+    .venv/bin/python bench/train.py [--rows 1000000] [--repeats 3] [--steps 80]
 
 Prepares a synthetic dataset once (cached under .bench/), then measures training samples/s
 per worker with the ``bce`` objective at batch size 8192, each inside a Ray Train
@@ -255,10 +255,10 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1_000_000, help="synthetic rows to prepare")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed windows of ceiling and pipeline (1 worker); medians are reported")
-    p.add_argument("--steps", type=int, default=50, help="timed steps per window")
+    p.add_argument("--steps", type=int, default=80, help="timed steps per window")
     p.add_argument("--memory-batches", type=int, default=16,
                    help="in-memory batches the ceiling cycles over")
-    p.add_argument("--seed-batches", type=int, default=8, help="timed batches of the seed path")
+    p.add_argument("--seed-batches", type=int, default=10, help="timed batches of the seed path")
     p.add_argument("--seed-loader-workers", type=int, default=1,
                    help="DataLoader worker processes of the seed path")
     p.add_argument("--cache", default=str(ROOT / ".bench"))
