@@ -180,12 +180,26 @@ class InferenceConfig:
     """Batch inference."""
 
     recommend_k: int = _f(100, "items recommended per user")
-    inference_batch_size: int = _f(4096, "users per map_batches call")
+    inference_batch_size: int = _f(1024, "users (or pairs) per map_batches call")
+    inference_actors: int = _f(0, "actors in the pool (0: one per GPU, else one per 2 CPUs)")
+    inference_device: Literal["auto", "cpu", "gpu"] = _f(
+        "auto", "where actors score: a GPU each when the cluster has GPUs (auto), or as given")
+    exclude_rated: Literal["all", "train", "none"] = _f(
+        "all", "items left out of a user's list: rated in any split, in train only, or none")
+    index: Literal["exact", "faiss"] = _f(
+        "exact", "exact top-K by matrix product, or an approximate FAISS inner-product index")
+    faiss_m: int = _f(32, "FAISS HNSW graph degree")
+    faiss_ef_search: int = _f(256, "FAISS HNSW search breadth (higher: better recall, slower)")
 
     def validate(self) -> None:
         _check(self.recommend_k > 0, "recommend_k", "must be positive", self.recommend_k)
         _check(self.inference_batch_size > 0, "inference_batch_size", "must be positive",
                self.inference_batch_size)
+        _check(self.inference_actors >= 0, "inference_actors", "must be >= 0",
+               self.inference_actors)
+        _check(self.faiss_m > 1, "faiss_m", "must be at least 2", self.faiss_m)
+        _check(self.faiss_ef_search > 0, "faiss_ef_search", "must be positive",
+               self.faiss_ef_search)
 
 
 @dataclass

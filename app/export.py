@@ -135,12 +135,15 @@ def export_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def write_model_json(model_dir: str | os.PathLike, spec: ModelSpec, *,
-                     data_dir: str, manifest: dict[str, Any]) -> None:
-    """The folder's contract file: schema version, spec, the dataset it was trained on."""
+                     data_dir: str, manifest: dict[str, Any],
+                     calibration: Optional[dict[str, float]] = None) -> None:
+    """The folder's contract file: schema version, spec, the dataset it was trained on, and
+    the calibration of pair probabilities (``sigmoid(a * score + b)``)."""
     info = {"schema_version": MODEL_SCHEMA_VERSION, "spec": spec.to_dict(),
             "dataset": {"path": str(Path(data_dir).resolve()),
                         "created_unix": manifest["created_unix"],
-                        "vocab": manifest["vocab"], "splits": manifest["counts"]["splits"]}}
+                        "vocab": manifest["vocab"], "splits": manifest["counts"]["splits"]},
+            "calibration": calibration or {"a": 1.0, "b": 0.0}}
     Path(model_dir, MODEL_JSON).write_text(json.dumps(info, indent=2) + "\n")
 
 

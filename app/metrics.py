@@ -106,3 +106,20 @@ def binary_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
         return float("nan")
     ranks = rankdata(scores)
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def fit_platt(scores: np.ndarray, labels: np.ndarray, iters: int = 50) -> tuple[float, float]:
+    """Platt scaling: (a, b) of P(label=1 | score) = sigmoid(a * score + b), fitted by Newton's
+    method on the log loss (a small ridge keeps it finite when the classes separate)."""
+    x = np.stack([scores.astype(np.float64), np.ones(len(scores))], axis=1)  # (N, 2)
+    y = labels.astype(np.float64)
+    w = np.array([1.0, 0.0])
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        grad = x.T @ (p - y) + 1e-6 * w
+        hess = (x * (p * (1 - p))[:, None]).T @ x + 1e-6 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    return float(w[0]), float(w[1])

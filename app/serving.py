@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from app.dataset import load_vocab
-from app.export import item_popularity, load_exported
+from app.export import item_popularity, load_exported, read_model_json
 
 
 class Recommender:
@@ -31,6 +31,7 @@ class Recommender:
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
         self.model = load_exported(model_dir, map_location=self.device)
+        self.calibration = read_model_json(model_dir).get("calibration", {"a": 1.0, "b": 0.0})
         vocab = load_vocab(model_dir)
         self.user_ids = vocab["users"]["id"].to_pandas()
         items = vocab["items"]
@@ -97,9 +98,9 @@ class Recommender:
 
     @torch.no_grad()
     def score_pairs(self, user_ids: Sequence[Any], item_ids: Sequence[Any]) -> pd.DataFrame:
-        """Scores of (user, item) pairs: userId, movieId, score, prediction_prob,
-        predicted_class, known. Pairs with an unknown id keep their row with NaN scores and
-        ``known`` False."""
+        """Scores of (user, item) pairs: userId, movieId, score (the towers' dot product),
+        prediction_prob (calibrated, see ``model.json``), predicted_class, known. Pairs with
+        an unknown id keep their row with NaN scores and ``known`` False."""
         u, i = self.user_indices(list(user_ids)), self.item_indices(list(item_ids))
         known = (u > 0) & (i > 0)
         score = np.full(len(u), np.nan, np.float32)
@@ -107,7 +108,8 @@ class Recommender:
             s = self.model.score(torch.from_numpy(u[known]).to(self.device),
                                  torch.from_numpy(i[known]).to(self.device))
             score[known] = s.cpu().numpy()
-        prob = 1.0 / (1.0 + np.exp(-score.astype(np.float64)))
+        prob = 1.0 / (1.0 + np.exp(-(self.calibration["a"] * score.astype(np.float64)
+                                     + self.calibration["b"])))
         return pd.DataFrame({"userId": list(user_ids), "movieId": list(item_ids),
                              "score": score, "prediction_prob": prob,
                              "predicted_class": np.where(known, (prob >= 0.5).astype(np.int8),

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 from app.config import Config
 from app.dataset import SPLITS, DatasetError, read_manifest
 from app.placement import check_resources, cluster_nodes, placement
@@ -58,6 +60,28 @@ def consolidate(checkpoint_dir: Path) -> dict[str, Any]:
         dcp_to_torch_save(str(checkpoint_dir), f"{tmp}/full.pt")
         full = torch.load(f"{tmp}/full.pt", weights_only=False, map_location="cpu")
     return full["model"]
+
+
+def calibrate(model_dir: Path, data_dir: str, objective: str,
+              max_pairs: int = 500_000) -> dict[str, float]:
+    """Pair probabilities: ``bce`` logits are probabilities already (a=1, b=0); a ``softmax``
+    model's dot products are mapped by Platt scaling fitted on validation pairs."""
+    if objective == "bce":
+        return {"a": 1.0, "b": 0.0}
+    import torch
+
+    from app.dataset import read_split_arrays
+    from app.export import load_exported
+    from app.metrics import fit_platt
+
+    rows = read_split_arrays(Path(data_dir, "val"))
+    pick = np.random.default_rng(0).permutation(len(rows["user"]))[:max_pairs]
+    model = load_exported(model_dir)
+    with torch.no_grad():
+        scores = model.score(torch.from_numpy(rows["user"][pick].astype(np.int64)),
+                             torch.from_numpy(rows["item"][pick].astype(np.int64))).numpy()
+    a, b = fit_platt(scores, rows["label"][pick])
+    return {"a": a, "b": b, "fitted_on": "val", "pairs": int(len(pick))}
 
 
 def final_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -164,8 +188,10 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
     import torch
     torch.save(export_state_dict(consolidate(ckpt)), tmp / WEIGHTS)
     write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest)
-    cfg.dump_yaml(tmp / "config.yaml")
     shutil.copytree(Path(data_dir, "vocab"), tmp / "vocab")
+    write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest,
+                     calibration=calibrate(tmp, data_dir, spec.objective))
+    cfg.dump_yaml(tmp / "config.yaml")
     shutil.copy(ckpt / PLAN_FILE, tmp / PLAN_FILE)
     shutil.copy(ckpt / POPULARITY_FILE, tmp / POPULARITY_FILE)
     metrics = final_metrics(state["history"])

@@ -1,0 +1,449 @@
+"""Batch inference with Ray Data: top-K recommendations for users, or scores for given pairs.
+
+The driver loads the model folder (or downloads it from MLflow), computes every item's
+embedding once through the candidate tower, and puts the item embeddings, the vocabularies and
+each user's rated items in Ray's object store. Users (or pairs) then flow through
+``map_batches`` on an actor pool; each actor holds one copy of the shared arrays (zero-copy
+numpy from the object store), computes query embeddings on its device (a GPU per actor when
+the cluster has them) and the exact top-K by matrix product and ``topk``, or searches an
+approximate FAISS inner-product index. The result is a Parquet folder written beside its final
+place and renamed into it when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from app.config import Config
+from app.dataset import SPLITS, DatasetError, load_vocab, read_manifest, read_split_arrays
+from app.export import ModelError, item_popularity, read_model_json
+from app.metrics import UserItems
+
+SUMMARY = "_summary.json"  # inside the output folder; Parquet readers skip "_" files
+
+
+def resolve_model(model: str, cfg: Config, cache_dir: Optional[str] = None) -> Path:
+    """A local model folder for ``model``: a folder path, or an MLflow URI (``models:/name/1``,
+    ``models:/name@alias``, ``runs:/<id>/model``) whose artifacts are downloaded.
+
+    Raises:
+        ModelError: nothing usable there.
+    """
+    path = Path(model)
+    if path.exists():
+        read_model_json(path)
+        return path
+    if ":/" not in model:
+        raise ModelError(f"--model {model}: no such folder, and not an MLflow model URI")
+    from mlflow.artifacts import download_artifacts
+
+    from app import tracking
+
+    tracking.configure(cfg.cluster)
+    local = Path(download_artifacts(artifact_uri=model,
+                                    dst_path=cache_dir or tempfile.mkdtemp(prefix="model-")))
+    for candidate in (local, local / "artifacts" / "model_dir", local / "model_folder"):
+        if (candidate / "model.json").is_file():
+            read_model_json(candidate)
+            return candidate
+    raise ModelError(f"--model {model}: downloaded to {local}, but it holds no model folder")
+
+
+def check_dataset_matches(model_dir: Path, data_dir: str) -> None:
+    """The dataset's vocabularies must be the model's (same ids at the same indices).
+
+    Raises:
+        DatasetError: naming what differs.
+    """
+    mine, theirs = load_vocab(model_dir), load_vocab(data_dir)
+    for kind in ("users", "items"):
+        a, b = mine[kind]["id"], theirs[kind]["id"]
+        if len(a) != len(b) or a.type != b.type or not a.equals(b):
+            raise DatasetError(f"{data_dir} does not match the model {model_dir}: the model has "
+                               f"{len(a):,} {kind} ({a.type}), the dataset {len(b):,} "
+                               f"({b.type}); use the dataset the model was trained on")
+
+
+def rated_items(data_dir: str, splits: tuple[str, ...], num_users: int) -> UserItems:
+    """Each user's items in the given splits (what recommendations leave out)."""
+    users, items = [], []
+    for split in splits:
+        rows = read_split_arrays(Path(data_dir, split))
+        users.append(rows["user"].astype(np.int64))
+        items.append(rows["item"].astype(np.int64))
+    return UserItems.build(np.concatenate(users) if users else np.empty(0, np.int64),
+                           np.concatenate(items) if items else np.empty(0, np.int64),
+                           num_users)
+
+
+def to_vocab_type(values: pd.Series, vocab_ids: pa.Array) -> pd.Series:
+    """Raw ids read from a file, converted to the vocabulary's type (unparsable -> missing)."""
+    if pa.types.is_integer(vocab_ids.type):
+        return pd.to_numeric(values, errors="coerce").astype("Int64")
+    return values.astype("string")
+
+
+def lookup(index: pd.Index, values: pd.Series) -> np.ndarray:
+    """Raw ids -> vocabulary indices (1..N), 0 for unknown or missing ids."""
+    pos = index.get_indexer(pd.Index(values))
+    return (pos + 1).astype(np.int64)
+
+
+def build_faiss(items: np.ndarray, m: int, ef_search: int) -> Any:
+    """An HNSW index over item embeddings with inner-product similarity (the model scores by
+    dot product, so an L2 index would rank differently). Row i of ``items`` is item index i;
+    index 0 (unknown) is left out."""
+    import faiss
+
+    index = faiss.IndexHNSWFlat(items.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = max(2 * m, 64)
+    index.add(np.ascontiguousarray(items[1:], dtype=np.float32))
+    index.hnsw.efSearch = ef_search
+    return index
+
+
+class TopK:
+    """Ray Data actor: top-K items for a batch of users (column ``userId``).
+
+    Args:
+        model_dir: the model folder (each actor loads its own towers).
+        shared: object reference of a dict with ``items`` (num_items, D) embeddings,
+            ``item_ids`` / ``titles`` / ``user_ids`` vocabularies, ``rated`` (UserItems or
+            None), ``popular`` (item indices by popularity), ``faiss`` (serialized index or
+            None).
+        k: items per user.
+        device: ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, model_dir: str, shared: list, k: int, device: str,
+                 ef_search: int = 256) -> None:
+        import ray
+        import torch
+
+        from app.export import load_exported
+
+        s = ray.get(shared[0]) if isinstance(shared[0], ray.ObjectRef) else shared[0]
+        self.device = torch.device(device)
+        self.model = load_exported(model_dir, map_location=self.device)
+        # the object store's arrays are read-only: one copy per actor, on its device
+        self.items = torch.tensor(s["items"], device=self.device)          # (num_items, D)
+        self.item_ids, self.titles = s["item_ids"], s["titles"]
+        self.user_index = pd.Index(s["user_ids"].to_pandas())
+        self.user_vocab = s["user_ids"]
+        self.rated: Optional[UserItems] = s["rated"]
+        self.popular, self.popularity = s["popular"], s["popularity"]
+        self.k = min(k, len(self.items) - 1)
+        self.faiss = None
+        if s["faiss"] is not None:
+            import faiss
+
+            self.faiss = faiss.deserialize_index(s["faiss"])
+            self.faiss.hnsw.efSearch = ef_search
+        # score this many users at once: (users, items) floats kept to ~64 MB
+        self.chunk = max(1, min(4096, (1 << 24) // max(len(self.items), 1)))
+
+    def _exact(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        q = self.model.user_embeddings(torch.from_numpy(users).to(self.device))
+        scores = q @ self.items.T                                            # (U, num_items)
+        scores[:, 0] = float("-inf")
+        if self.rated is not None:
+            rows, items = self.rated.rows_and_items(users)
+            scores[torch.from_numpy(rows).to(self.device),
+                   torch.from_numpy(items).to(self.device)] = float("-inf")
+        top = scores.topk(self.k, dim=1)
+        return top.values.cpu().numpy(), top.indices.cpu().numpy()
+
+    def _approximate(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        q = self.model.user_embeddings(torch.from_numpy(users).to(self.device)).cpu().numpy()
+        counts = self.rated.counts()[users] if self.rated is not None else np.zeros(len(users))
+        extra = int(counts.max()) if len(counts) else 0
+        want = min(self.k + extra, len(self.items) - 1)
+        scores, found = self.faiss.search(np.ascontiguousarray(q, np.float32), want)
+        found = np.where(found >= 0, found + 1, 0)  # faiss row i is item index i + 1
+        out_s = np.full((len(users), self.k), -np.inf, np.float32)
+        out_i = np.zeros((len(users), self.k), np.int64)
+        for row, u in enumerate(users):  # drop rated items, keep the first k
+            rated = (self.rated.items[self.rated.offsets[u]:self.rated.offsets[u + 1]]
+                     if self.rated is not None else ())
+            keep = (found[row] > 0) & ~np.isin(found[row], rated)
+            s, i = scores[row][keep][: self.k], found[row][keep][: self.k]
+            out_s[row, : len(s)], out_i[row, : len(i)] = s, i
+        return out_s, out_i
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import torch
+
+        with torch.no_grad():
+            return self._recommend(batch)
+
+    def _recommend(self, batch: pd.DataFrame) -> pd.DataFrame:
+        ids = to_vocab_type(batch["userId"], self.user_vocab)
+        users = lookup(self.user_index, ids)
+        known = users > 0
+        n, k = len(users), self.k
+        scores = np.zeros((n, k), np.float32)
+        items = np.zeros((n, k), np.int64)
+        known_users = users[known]
+        parts_s, parts_i = [], []
+        for start in range(0, len(known_users), self.chunk):
+            part = known_users[start:start + self.chunk]
+            s, i = (self._approximate(part) if self.faiss is not None else self._exact(part))
+            parts_s.append(s)
+            parts_i.append(i)
+        if parts_s:
+            scores[known], items[known] = np.concatenate(parts_s), np.concatenate(parts_i)
+        if (~known).any():  # unknown users: the most popular items (score: positives), flagged
+            items[~known] = self.popular[:k]
+            scores[~known] = self.popularity[self.popular[:k]]
+        out = pd.DataFrame({
+            "userId": np.repeat(batch["userId"].to_numpy(), k),
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), n),
+            "movieId": self.item_ids[np.maximum(items.ravel() - 1, 0)],
+            "score": scores.ravel(),
+            "fallback": np.repeat(~known, k)})
+        if self.titles is not None:
+            out["title"] = self.titles[np.maximum(items.ravel() - 1, 0)]
+        return out
+
+
+class PairScores:
+    """Ray Data actor: scores of (userId, movieId) pairs, unknown ids flagged, never dropped."""
+
+    def __init__(self, model_dir: str, shared: list, device: str) -> None:
+        import ray
+        import torch
+
+        from app.export import load_exported
+
+        s = ray.get(shared[0]) if isinstance(shared[0], ray.ObjectRef) else shared[0]
+        self.device = torch.device(device)
+        self.model = load_exported(model_dir, map_location=self.device)
+        self.calibration = read_model_json(model_dir)["calibration"]
+        self.user_vocab, self.item_vocab = s["user_ids"], s["item_id_array"]
+        self.user_index = pd.Index(s["user_ids"].to_pandas())
+        self.item_index = pd.Index(s["item_id_array"].to_pandas())
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import torch
+
+        with torch.no_grad():
+            return self._score(batch)
+
+    def _score(self, batch: pd.DataFrame) -> pd.DataFrame:
+        import torch
+
+        u = lookup(self.user_index, to_vocab_type(batch["userId"], self.user_vocab))
+        i = lookup(self.item_index, to_vocab_type(batch["movieId"], self.item_vocab))
+        known = (u > 0) & (i > 0)
+        score = np.full(len(u), np.nan, np.float32)
+        if known.any():
+            score[known] = self.model.score(torch.from_numpy(u[known]).to(self.device),
+                                            torch.from_numpy(i[known]).to(self.device)
+                                            ).cpu().numpy()
+        a, b = self.calibration["a"], self.calibration["b"]
+        prob = 1.0 / (1.0 + np.exp(-(a * score.astype(np.float64) + b)))
+        return pd.DataFrame({"userId": batch["userId"].to_numpy(),
+                             "movieId": batch["movieId"].to_numpy(), "score": score,
+                             "prediction_prob": prob,
+                             "predicted_class": pd.array(
+                                 np.where(known, prob >= 0.5, 0), dtype="Int8").where(
+                                     known, pd.NA),
+                             "known_user": u > 0, "known_item": i > 0})
+
+
+def _device_and_pool(cfg: Config) -> tuple[str, int, dict[str, Any]]:
+    """(device, pool size, Ray resources per actor) from the config and the cluster."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    want = cfg.inference.inference_device
+    if want == "gpu" and gpus == 0:
+        raise ModelError("--inference-device gpu: the cluster has no GPUs")
+    use_gpu = gpus > 0 and want in ("auto", "gpu")
+    size = cfg.inference.inference_actors or (gpus if use_gpu else max(1, cpus // 2))
+    resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    return ("cuda" if use_gpu else "cpu"), size, resources
+
+
+def _check_output(out: Path) -> None:
+    if out.exists() and any(out.iterdir()) and not (out / SUMMARY).exists():
+        raise ModelError(f"{out} exists and is not an output of this stage; choose another "
+                         f"--output")
+
+
+def _publish(tmp: Path, out: Path, summary: dict[str, Any]) -> None:
+    (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def _parquet_rows(folder: Path) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in folder.glob("*.parquet"))
+
+
+def _read_table(path: str, columns: list[str]) -> Any:
+    """A Ray dataset of a CSV or Parquet file/folder, checked to have the columns."""
+    import ray
+
+    p = Path(path)
+    if not p.exists():
+        raise DatasetError(f"{path}: no such file or folder")
+    files = sorted(p.rglob("*")) if p.is_dir() else [p]
+    parquet = any(f.suffix == ".parquet" for f in files)
+    ds = ray.data.read_parquet(path) if parquet else ray.data.read_csv(path)
+    names = ds.schema().names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise DatasetError(f"{path}: missing column(s) {', '.join(missing)} "
+                           f"(has {', '.join(names)})")
+    return ds.select_columns(columns)
+
+
+def exact_recall(shared: dict[str, Any], model_dir: Path, users: np.ndarray, k: int,
+                 ef_search: int) -> float:
+    """Recall@k of the FAISS index against exact top-k on the given users (same exclusions)."""
+    exact = TopK(str(model_dir), [{**shared, "faiss": None}], k, "cpu")
+    approx = TopK(str(model_dir), [shared], k, "cpu", ef_search=ef_search)
+    _, want = exact._exact(users)
+    _, got = approx._approximate(users)
+    hits = sum(len(np.intersect1d(a, b)) for a, b in zip(want, got))
+    return hits / float(want.size)
+
+
+def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
+                    users: str = "all", pairs: Optional[str] = None,
+                    verbose: bool = True) -> dict[str, Any]:
+    """Write recommendations (or pair scores) for a prepared dataset's users to ``output``.
+
+    Args:
+        cfg: the resolved configuration (``cfg.inference``).
+        model: a model folder or an MLflow model URI.
+        data_dir: the prepared dataset the model was trained on (vocabularies, rated items).
+        output: Parquet folder to write (replaced if it holds an older output of this stage).
+        users: ``all`` (every user of the vocabulary) or a CSV/Parquet file with ``userId``.
+        pairs: a CSV/Parquet file with ``userId, movieId``: score these pairs instead.
+        verbose: print progress.
+
+    Returns:
+        The summary (also written to ``output/_summary.json``).
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from app.cluster import init_ray
+
+    say = print if verbose else (lambda *a, **k: None)
+    t0 = time.perf_counter()
+    out = Path(output).resolve()
+    _check_output(out)
+    read_manifest(data_dir)
+    init_ray(cfg.cluster)
+    model_dir = resolve_model(model, cfg)
+    check_dataset_matches(model_dir, data_dir)
+    inf = cfg.inference
+    device, pool, resources = _device_and_pool(cfg)
+    vocab = load_vocab(model_dir)
+    item_ids = vocab["items"]["id"]
+    shared: dict[str, Any] = {"user_ids": vocab["users"]["id"], "item_id_array": item_ids}
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    summary: dict[str, Any] = {"model": str(model_dir), "dataset": str(Path(data_dir).resolve()),
+                               "device": device, "actors": pool}
+
+    if pairs is not None:
+        ds = _read_table(pairs, ["userId", "movieId"])
+        ref = ray.put(shared)
+        result = ds.map_batches(PairScores, batch_format="pandas",
+                                batch_size=inf.inference_batch_size,
+                                fn_constructor_kwargs={"model_dir": str(model_dir),
+                                                       "shared": [ref], "device": device},
+                                compute=ActorPoolStrategy(size=pool), **resources)
+        result.write_parquet(str(tmp))
+        written = pq.read_table(tmp, columns=["known_user", "known_item"])
+        n = written.num_rows
+        unknown_users = n - int(pc.sum(written["known_user"]).as_py() or 0)
+        unknown_items = n - int(pc.sum(written["known_item"]).as_py() or 0)
+        summary.update(mode="pairs", input=str(pairs), rows=n, unknown_user_rows=unknown_users,
+                       unknown_item_rows=unknown_items)
+        if unknown_items or unknown_users:
+            say(f"pairs with unknown ids (kept, score NaN, known_* False): {unknown_users:,} "
+                f"unknown users, {unknown_items:,} unknown items")
+    else:
+        import torch
+
+        from app.export import load_exported
+
+        exported = load_exported(model_dir)
+        with torch.no_grad():  # every item through the candidate tower, once
+            n_items = exported.spec.num_items
+            items = torch.cat([exported.item_embeddings(torch.arange(s, min(n_items, s + 65536)))
+                               for s in range(0, n_items, 65536)]).numpy()
+        exclude = {"all": SPLITS, "train": ("train",), "none": ()}[inf.exclude_rated]
+        rated = rated_items(data_dir, exclude, exported.spec.num_users) if exclude else None
+        popularity = item_popularity(model_dir)
+        titles = (np.asarray(vocab["items"]["title"].to_pylist(), dtype=object)
+                  if "title" in vocab["items"].column_names else None)
+        shared.update(items=items, item_ids=item_ids.to_numpy(zero_copy_only=False),
+                      titles=titles, rated=rated,
+                      popular=np.argsort(-popularity[1:], kind="stable") + 1,
+                      popularity=popularity.astype(np.float32), faiss=None)
+        k = min(inf.recommend_k, n_items - 1)
+        if inf.index == "faiss":
+            import faiss
+
+            index = build_faiss(items, inf.faiss_m, inf.faiss_ef_search)
+            shared["faiss"] = faiss.serialize_index(index)
+            sample = np.arange(1, exported.spec.num_users)
+            sample = np.random.default_rng(0).permutation(sample)[:1000]
+            recall = exact_recall(shared, model_dir, sample, k, inf.faiss_ef_search)
+            summary["faiss_recall_vs_exact"] = recall
+            say(f"FAISS HNSW (M={inf.faiss_m}, efSearch={inf.faiss_ef_search}): recall@{k} "
+                f"against exact top-{k} on {len(sample):,} users: {recall:.4f}")
+        if users == "all":
+            ids = vocab["users"]["id"]
+            step = max(inf.inference_batch_size, 1)
+            ds = ray.data.from_arrow([pa.table({"userId": ids.slice(s, step)})
+                                      for s in range(0, len(ids), step)])
+        else:
+            ds = _read_table(users, ["userId"])
+        ref = ray.put(shared)
+        result = ds.map_batches(TopK, batch_format="pandas",
+                                batch_size=inf.inference_batch_size,
+                                fn_constructor_kwargs={"model_dir": str(model_dir),
+                                                       "shared": [ref], "k": k,
+                                                       "device": device,
+                                                       "ef_search": inf.faiss_ef_search},
+                                compute=ActorPoolStrategy(size=pool), **resources)
+        result.write_parquet(str(tmp))
+        n = _parquet_rows(tmp)
+        fallback = pq.read_table(tmp, columns=["fallback"])["fallback"]
+        n_fallback = int(pc.sum(fallback).as_py() or 0) // max(k, 1)
+        summary.update(mode="recommend", users=n // max(k, 1), k=k, rows=n,
+                       fallback_users=n_fallback, exclude_rated=inf.exclude_rated,
+                       index=inf.index)
+        if n % max(k, 1):
+            raise ModelError(f"wrote {n} rows, not a multiple of k={k}; output left in {tmp}")
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    _publish(tmp, out, summary)
+    what = (f"{summary['users']:,} users x {summary['k']} = {summary['rows']:,} rows"
+            if summary["mode"] == "recommend" else f"{summary['rows']:,} pairs")
+    say(f"batch inference: {what} in {summary['seconds']:.1f}s ({pool} {device} actor(s)) "
+        f"-> {out}")
+    return summary

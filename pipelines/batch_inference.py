@@ -1,0 +1,47 @@
+"""Batch inference: ``python -m pipelines.batch_inference --model MODEL --data DIR --output OUT
+[--users all|PATH] [--top-k K] [--pairs PATH] [--index exact|faiss] ...``
+
+MODEL is a model folder or an MLflow model URI (``models:/name/version``, ``models:/name@alias``,
+``runs:/<run id>/model``). OUT becomes a Parquet folder: ``userId, rank, movieId, score,
+fallback`` (+ ``title``) per recommendation, or ``userId, movieId, score, prediction_prob,
+predicted_class, known_user, known_item`` per pair with ``--pairs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from app.config import ConfigError, add_arguments, config_from_args
+from app.dataset import DatasetError
+from app.export import ModelError
+from app.inference import batch_inference
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.batch_inference",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model folder or MLflow model URI")
+    parser.add_argument("--data", required=True, help="the prepared dataset of the model")
+    parser.add_argument("--output", required=True, help="Parquet folder to write")
+    parser.add_argument("--users", default="all",
+                        help="all (default) or a CSV/Parquet file with a userId column")
+    parser.add_argument("--pairs", help="CSV/Parquet file with userId, movieId: score pairs")
+    parser.add_argument("--top-k", dest="recommend_k", default=None,
+                        help="items per user (same as --recommend-k)")
+    add_arguments(parser, sections=["inference", "cluster"])
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        print(cfg.describe(), flush=True)
+        batch_inference(cfg, args.model, args.data, args.output, users=args.users,
+                        pairs=args.pairs)
+    except (ConfigError, DatasetError, ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
