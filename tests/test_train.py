@@ -19,23 +19,12 @@ from app.config import load_config
 from app.placement import ResourceError
 
 ROOT = Path(__file__).resolve().parents[1]
-EPOCHS = 3
+EPOCHS = 3  # as in conftest.trained
 
 
 def train_config(workdir: Path, **overrides):
     return load_config(overrides={"epochs": EPOCHS, "num_workers": 2, "workdir": str(workdir),
                                   "registered_model_name": "two-tower-test", **overrides})
-
-
-@pytest.fixture(scope="module")
-def trained(ray_local, movielens_dir, tmp_path_factory):
-    from app.train import train
-
-    work = tmp_path_factory.mktemp("train")
-    cfg = train_config(work)
-    summary = train(cfg, str(movielens_dir), str(work / "model"), verbose=False)
-    return {"summary": summary, "model_dir": Path(summary["model_dir"]), "cfg": cfg,
-            "work": work}
 
 
 def test_two_workers_shard_the_tables_and_learn(trained):
