@@ -233,7 +233,8 @@ class TopK:
             "fallback": np.repeat(~known, k)})
         if self.titles is not None:
             out["title"] = self.titles[np.maximum(items.ravel() - 1, 0)]
-        return out
+        # a user who rated almost the whole catalog has fewer than k items left: a short list
+        return out[np.isfinite(scores.ravel()) & (items.ravel() > 0)]
 
 
 class PairScores:
@@ -450,14 +451,17 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
                                                        "ef_search": inf.faiss_ef_search},
                                 compute=ActorPoolStrategy(size=pool), **resources)
         result.write_parquet(str(tmp))
-        n = _parquet_rows(tmp)
-        fallback = pq.read_table(tmp, columns=["fallback"])["fallback"]
-        n_fallback = int(pc.sum(fallback).as_py() or 0) // max(k, 1)
-        summary.update(mode="recommend", users=n // max(k, 1), k=k, rows=n,
-                       fallback_users=n_fallback, exclude_rated=inf.exclude_rated,
-                       index=inf.index)
-        if n % max(k, 1):
-            raise ModelError(f"wrote {n} rows, not a multiple of k={k}; output left in {tmp}")
+        written = pq.read_table(tmp, columns=["userId", "rank", "fallback"])
+        n = written.num_rows
+        n_users = pc.count_distinct(written["userId"]).as_py()
+        firsts = pc.equal(written["rank"], 1)
+        n_fallback = int(pc.sum(pc.and_(firsts, written["fallback"])).as_py() or 0)
+        summary.update(mode="recommend", users=n_users, k=k, rows=n,
+                       short_lists=n_users * k - n, fallback_users=n_fallback,
+                       exclude_rated=inf.exclude_rated, index=inf.index)
+        if n_users != int(pc.sum(firsts).as_py() or 0):
+            raise ModelError(f"the written lists do not start at rank 1 once per user; "
+                             f"output left in {tmp}")
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     _publish(tmp, out, summary)
     what = (f"{summary['users']:,} users x {summary['k']} = {summary['rows']:,} rows"

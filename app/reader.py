@@ -34,6 +34,7 @@ class InteractionStream(StreamingDataset):
                          shuffle_seed=shuffle_seed, **kwargs)
         self._record = record_dtype(INTERACTION_COLUMNS)
         self._maps: dict[int, np.ndarray] = {}
+        self._columns: dict[tuple[int, str], np.ndarray] = {}
 
     def _shard_array(self, shard_id: int) -> np.ndarray:
         if shard_id not in self._maps:
@@ -64,15 +65,37 @@ class InteractionStream(StreamingDataset):
         ids = self._get_work(epoch, sample_in_epoch)
         return ids[ids >= 0]
 
-    def gather(self, sample_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Decode the given global sample ids (any order, any shards) as numpy columns."""
+    def _shard_column(self, shard_id: int, name: str) -> np.ndarray:
+        """One column of a shard as a contiguous array (decoded once, then kept)."""
+        key = (shard_id, name)
+        if key not in self._columns:
+            self._columns[key] = np.ascontiguousarray(self._shard_array(shard_id)[name])
+        return self._columns[key]
+
+    def gather(self, sample_ids: np.ndarray,
+               columns: Optional[tuple[str, ...]] = None) -> dict[str, np.ndarray]:
+        """Decode the given global sample ids (any order, any shards) as numpy columns.
+
+        Args:
+            sample_ids: global sample ids.
+            columns: which columns (default: all). Each is kept contiguous per shard, so a
+                batch reads only the bytes of the columns asked for.
+        """
+        names = columns or self._record.names
         shard_of = np.searchsorted(self.sample_offset_per_shard, sample_ids, side="right") - 1
         local = sample_ids - self.sample_offset_per_shard[shard_of]
-        out = np.empty(len(sample_ids), self._record)
-        for shard_id in np.unique(shard_of):
-            where = np.flatnonzero(shard_of == shard_id)
-            out[where] = self._shard_array(int(shard_id))[local[where]]
-        return {name: out[name] for name in self._record.names}
+        out = {n: np.empty(len(sample_ids), self._record[n]) for n in names}
+        shards = np.unique(shard_of)
+        for shard_id in shards:
+            where = None if len(shards) == 1 else np.flatnonzero(shard_of == shard_id)
+            rows = local if where is None else local[where]
+            for n in names:
+                col = self._shard_column(int(shard_id), n)
+                if where is None:
+                    out[n] = col[rows]
+                else:
+                    out[n][where] = col[rows]
+        return out
 
     def iter_batches(self, batch_size: Optional[int] = None, *,
                      drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:

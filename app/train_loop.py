@@ -34,6 +34,7 @@ from app.reader import InteractionStream, ItemFeatures
 STATE_FILE = "state.json"
 PLAN_FILE = "sharding_plan.json"
 POPULARITY_FILE = "item_popularity.npy"
+BATCH_COLUMNS = ("user", "item", "label")  # what a training batch reads
 
 
 def model_spec(cfg: Config, manifest: dict[str, Any], genres: Optional[ItemFeatures]) -> ModelSpec:
@@ -258,7 +259,8 @@ def _validation_loss(dmp: Any, stream: InteractionStream, genres: Optional[ItemF
     scores, labels = [], []
     with torch.no_grad():
         for start in range(0, len(ids), batch_size):
-            batch = make_batch(stream.gather(ids[start:start + batch_size]), genres).to(device)
+            batch = make_batch(stream.gather(ids[start:start + batch_size], BATCH_COLUMNS),
+                               genres).to(device)
             loss, (_, s, y) = dmp(batch)
             w = float(len(y)) if objective == "bce" else float((y > 0).sum())
             total += float(loss) * w
@@ -361,8 +363,8 @@ def train_loop(config: dict[str, Any]) -> None:
         dmp.train()
         ids = _equal_share(train_stream.epoch_sample_ids(epoch=epoch), device)
         steps = (len(ids) + bs - 1) // bs
-        batches = _prefetch(lambda i: make_batch(train_stream.gather(ids[i * bs:(i + 1) * bs]),
-                                                 genres), steps)
+        batches = _prefetch(lambda i: make_batch(train_stream.gather(
+            ids[i * bs:(i + 1) * bs], BATCH_COLUMNS), genres), steps)
         if pipeline is not None:
             pipeline.reset()  # a fresh iterator each epoch
         t0 = t_last = time.perf_counter()

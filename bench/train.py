@@ -109,7 +109,8 @@ def bench_worker(config: dict[str, Any]) -> None:
     from app.dataset import read_manifest, read_split_arrays
     from app.model import make_batch
     from app.reader import InteractionStream, ItemFeatures
-    from app.train_loop import _equal_share, _prefetch, build_sharded, model_spec, train_step
+    from app.train_loop import (BATCH_COLUMNS, _equal_share, _prefetch, build_sharded,
+                                model_spec, train_step)
 
     cfg = load_config(overrides=config["overrides"])
     data_dir = config["data_dir"]
@@ -176,7 +177,8 @@ def bench_worker(config: dict[str, Any]) -> None:
             """One epoch's first ``steps`` steps, as the epoch loop runs them."""
             ids = _equal_share(stream.epoch_sample_ids(epoch=epoch), device)
             n = min(steps, (len(ids) + bs - 1) // bs)
-            batches = _prefetch(lambda i: make_batch(stream.gather(ids[i * bs:(i + 1) * bs]),
+            batches = _prefetch(lambda i: make_batch(
+                stream.gather(ids[i * bs:(i + 1) * bs], BATCH_COLUMNS),
                                                      genres), n)
             wait = 0.0
             t0 = time.perf_counter()
@@ -193,7 +195,8 @@ def bench_worker(config: dict[str, Any]) -> None:
         # the in-memory batches of the ceiling: full batches of epoch 0, built before any clock
         ids0 = _equal_share(stream.epoch_sample_ids(epoch=0), device)
         n_mem = max(1, min(int(config["memory_batches"]), len(ids0) // bs))
-        gathered = [stream.gather(ids0[i * bs:(i + 1) * bs]) for i in range(n_mem)]
+        gathered = [stream.gather(ids0[i * bs:(i + 1) * bs], BATCH_COLUMNS)
+                    for i in range(n_mem)]
         in_memory = [make_batch(g, genres) for g in gathered]
         for i in range(WARMUP):
             step(in_memory[i % n_mem])
@@ -218,7 +221,7 @@ def bench_worker(config: dict[str, Any]) -> None:
             k = min(n_mem, 8)
             t0 = time.perf_counter()
             for i in range(k):
-                stream.gather(ids0[i * bs:(i + 1) * bs])
+                stream.gather(ids0[i * bs:(i + 1) * bs], BATCH_COLUMNS)
             t1 = time.perf_counter()
             for g in gathered[:k]:
                 make_batch(g, genres)
