@@ -178,8 +178,7 @@ def bench_worker(config: dict[str, Any]) -> None:
             ids = _equal_share(stream.epoch_sample_ids(epoch=epoch), device)
             n = min(steps, (len(ids) + bs - 1) // bs)
             batches = _prefetch(lambda i: make_batch(
-                stream.gather(ids[i * bs:(i + 1) * bs], BATCH_COLUMNS),
-                                                     genres), n)
+                stream.gather(ids[i * bs:(i + 1) * bs], BATCH_COLUMNS), genres), n)
             wait = 0.0
             t0 = time.perf_counter()
             for _ in range(n):
