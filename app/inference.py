@@ -53,7 +53,8 @@ def resolve_model(model: str, cfg: Config, cache_dir: Optional[str] = None) -> P
     tracking.configure(cfg.cluster)
     local = Path(download_artifacts(artifact_uri=model,
                                     dst_path=cache_dir or tempfile.mkdtemp(prefix="model-")))
-    for candidate in (local, local / "artifacts" / "model_dir", local / "model_folder"):
+    # a model folder itself (runs:/<id>/model_folder), or the pyfunc model's copy of it
+    for candidate in [local, *sorted((local / "artifacts").glob("*"))]:
         if (candidate / "model.json").is_file():
             read_model_json(candidate)
             return candidate
@@ -276,9 +277,8 @@ class PairScores:
         return pd.DataFrame({"userId": batch["userId"].to_numpy(),
                              "movieId": batch["movieId"].to_numpy(), "score": score,
                              "prediction_prob": prob,
-                             "predicted_class": pd.array(
-                                 np.where(known, prob >= 0.5, 0), dtype="Int8").where(
-                                     known, pd.NA),
+                             "predicted_class": pd.Series(
+                                 (prob >= 0.5).astype(np.int8), dtype="Int8").where(known),
                              "known_user": u > 0, "known_item": i > 0})
 
 

@@ -1,0 +1,214 @@
+"""Batch inference through Ray Data on the model trained in conftest.trained."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from app.config import load_config
+from app.dataset import SPLITS, DatasetError, read_split_arrays
+from app.export import ModelError
+from app.inference import batch_inference
+
+
+def inference_config(work: Path, **overrides):
+    return load_config(overrides={"workdir": str(work), **overrides})
+
+
+@pytest.fixture(scope="module")
+def recommendations(trained, movielens_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("recs") / "recs"
+    cfg = inference_config(trained["work"], recommend_k=20, inference_actors=2,
+                           inference_batch_size=128)
+    summary = batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir), str(out),
+                              verbose=False)
+    return out, summary
+
+
+def _index_of(vocab_ids: list) -> dict:
+    return {v: i + 1 for i, v in enumerate(vocab_ids)}
+
+
+def test_every_user_gets_k_ranked_unrated_items(recommendations, movielens_dir):
+    from app.dataset import load_vocab
+
+    out, summary = recommendations
+    df = pd.read_parquet(out)
+    vocab = load_vocab(movielens_dir)
+    users = vocab["users"]["id"].to_pylist()
+    assert summary["users"] == len(users) and summary["rows"] == len(users) * 20
+    assert sorted(df["userId"].unique().tolist()) == sorted(users)
+    assert (df.groupby("userId").size() == 20).all()
+    df = df.sort_values(["userId", "rank"])
+    assert all(r == list(range(1, 21)) for r in df.groupby("userId")["rank"].apply(list))
+    assert (df.groupby("userId")["score"].apply(lambda s: bool((np.diff(s) <= 0).all()))).all()
+    assert not df["fallback"].any() and df["title"].notna().all()
+    # nothing the user rated, in any split
+    user_index, item_index = (_index_of(users), _index_of(vocab["items"]["id"].to_pylist()))
+    rated = set()
+    for split in SPLITS:
+        rows = read_split_arrays(movielens_dir / split)
+        rated |= set(zip(rows["user"].tolist(), rows["item"].tolist()))
+    pairs = zip(df["userId"].map(user_index), df["movieId"].map(item_index))
+    assert not any(p in rated for p in pairs)
+    assert not (out.parent / ".recs.partial").exists()
+
+
+def test_recommendations_reproduce_the_training_test_recall(trained, movielens_dir, tmp_path):
+    """Excluding the training items only (as training-time evaluation does), Recall@20 on the
+    test split recomputed from the written table matches the metric in metrics.json."""
+    from app.dataset import load_vocab
+
+    cfg = inference_config(trained["work"], recommend_k=20, exclude_rated="train")
+    batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir), str(tmp_path / "r"),
+                    verbose=False)
+    df = pd.read_parquet(tmp_path / "r")
+    vocab = load_vocab(movielens_dir)
+    user_index = _index_of(vocab["users"]["id"].to_pylist())
+    item_index = _index_of(vocab["items"]["id"].to_pylist())
+    df["u"], df["i"] = df["userId"].map(user_index), df["movieId"].map(item_index)
+    top = df.groupby("u")["i"].apply(set).to_dict()
+    test = read_split_arrays(movielens_dir / "test")
+    pos = pd.DataFrame({"u": test["user"], "i": test["item"]})[test["label"] > 0]
+    recall = np.mean([len(top[u] & set(g)) / len(g) for u, g in pos.groupby("u")["i"]])
+    want = json.loads((trained["model_dir"] / "metrics.json").read_text())
+    assert recall == pytest.approx(want["model"]["test"]["recall@20"], abs=2e-3)
+
+
+def test_pair_scores_are_the_models_forward_pass(trained, movielens_dir, tmp_path):
+    import torch
+
+    from app.export import load_exported
+    from app.serving import Recommender
+
+    rec = Recommender(trained["model_dir"])
+    users = rec.user_ids.iloc[[0, 3, 7, 9]].tolist()
+    items = rec.item_ids.iloc[[10, 20, 30, 40]].tolist()
+    pairs = pd.DataFrame({"userId": users + [users[0], -5],
+                          "movieId": items + [987654321, items[0]]})  # unknown item, user
+    pairs.to_csv(tmp_path / "pairs.csv", index=False)
+    cfg = inference_config(trained["work"])
+    summary = batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir),
+                              str(tmp_path / "scores"), pairs=str(tmp_path / "pairs.csv"),
+                              verbose=False)
+    got = pd.read_parquet(tmp_path / "scores")
+    assert len(got) == 6 and summary["unknown_item_rows"] == 1
+    assert summary["unknown_user_rows"] == 1
+    got = got.set_index(["userId", "movieId"]).loc[list(zip(pairs.userId, pairs.movieId))]
+    model = load_exported(trained["model_dir"])
+    with torch.no_grad():
+        want = model.score(torch.from_numpy(rec.user_indices(users)),
+                           torch.from_numpy(rec.item_indices(items))).numpy()
+    assert np.allclose(got["score"].to_numpy()[:4], want, atol=1e-5)
+    assert got["score"].isna().to_numpy()[4:].all()
+    assert got["known_item"].tolist() == [True] * 4 + [False, True]
+    probs = got["prediction_prob"].to_numpy()[:4]
+    assert ((probs > 0) & (probs < 1)).all()
+    assert got["predicted_class"].isna().to_numpy()[4:].all()
+
+
+def test_faiss_index_recall_against_exact(trained, movielens_dir, tmp_path, capsys):
+    cfg = inference_config(trained["work"], index="faiss", recommend_k=100)
+    summary = batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir),
+                              str(tmp_path / "r"))
+    assert summary["faiss_recall_vs_exact"] >= 0.95
+    assert "recall@100 against exact top-100" in capsys.readouterr().out
+    df = pd.read_parquet(tmp_path / "r")
+    assert summary["rows"] == len(df) and summary["users"] == df["userId"].nunique()
+    assert summary["short_lists"] == 0
+
+
+def test_mlflow_uri_and_user_file_with_unknown_users(trained, movielens_dir, tmp_path):
+    info = json.loads((trained["model_dir"] / "mlflow.json").read_text())
+    known = pd.read_parquet(trained["model_dir"] / "vocab" / "users.parquet")["id"][:3]
+    users = pd.DataFrame({"userId": known.tolist() + [10 ** 9]})
+    users.to_parquet(tmp_path / "users.parquet")
+    cfg = inference_config(trained["work"], recommend_k=5)
+    summary = batch_inference(cfg, info["registered_uri"], str(movielens_dir),
+                              str(tmp_path / "r"), users=str(tmp_path / "users.parquet"),
+                              verbose=False)
+    assert summary["users"] == 4 and summary["fallback_users"] == 1
+    df = pd.read_parquet(tmp_path / "r")
+    fallback = df[df["userId"] == 10 ** 9].sort_values("rank")
+    assert fallback["fallback"].all() and len(fallback) == 5
+    popularity = np.load(trained["model_dir"] / "item_popularity.npy")
+    assert fallback["score"].tolist() == sorted(popularity[1:], reverse=True)[:5]
+
+
+def test_a_dataset_that_does_not_match_the_model_is_refused(trained, tmp_path):
+    from app.prepare import prepare_dataset
+
+    other = tmp_path / "other"
+    prepare_dataset(load_config(overrides={"dataset": "synthetic", "rows": 5000}).data,
+                    str(other), verbose=False)
+    with pytest.raises(DatasetError, match="does not match the model"):
+        batch_inference(inference_config(trained["work"]), str(trained["model_dir"]),
+                        str(other), str(tmp_path / "r"), verbose=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_inputs_name_what_is_wrong(trained, movielens_dir, tmp_path):
+    cfg = inference_config(trained["work"])
+    pd.DataFrame({"user": [1]}).to_csv(tmp_path / "pairs.csv", index=False)
+    with pytest.raises(DatasetError, match="missing column.*userId.*movieId"):
+        batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir),
+                        str(tmp_path / "r"), pairs=str(tmp_path / "pairs.csv"), verbose=False)
+    with pytest.raises(ModelError, match="not an MLflow model URI"):
+        batch_inference(cfg, str(tmp_path / "nowhere"), str(movielens_dir),
+                        str(tmp_path / "r"), verbose=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(ModelError, match="not an output of this stage"):
+        batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir),
+                        str(tmp_path / "mine"), verbose=False)
+
+
+def _actor_pids() -> list[int]:
+    import psutil
+
+    pids = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "MapWorker(MapBatches(TopK))" in " ".join(p.cmdline()):
+                pids.append(p.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def test_a_killed_actor_still_yields_complete_output(trained, movielens_dir, tmp_path):
+    """SIGKILL one actor while batches are in flight: Ray Data restarts it and retries its
+    batches; the output holds every user's list exactly once."""
+    cfg = inference_config(trained["work"], recommend_k=10, inference_actors=2,
+                           inference_batch_size=4)
+    killed: list[int] = []
+
+    def kill_one() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(_actor_pids()) < 2:
+            time.sleep(0.05)
+        time.sleep(2.0)  # both actors busy with batches by now
+        pids = _actor_pids()
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    killer = threading.Thread(target=kill_one, daemon=True)
+    killer.start()
+    summary = batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir),
+                              str(tmp_path / "r"), verbose=False)
+    killer.join()
+    assert killed
+    df = pd.read_parquet(tmp_path / "r")
+    n_users = len(pd.read_parquet(trained["model_dir"] / "vocab" / "users.parquet"))
+    assert len(df) == n_users * 10 == summary["rows"]
+    assert not df.duplicated(["userId", "rank"]).any()
+    assert df["userId"].nunique() == n_users
