@@ -1,9 +1,10 @@
 """The main job: ``python -m pipelines.full_run [--config FILE] [--dataset ...] [--workdir DIR]``.
 
-Runs the stages of the pipeline in order (prepare -> train) on the resolved Ray cluster (an
-embedded local Ray by default) and writes everything under ``--workdir``: ``data/`` (the
-prepared dataset), ``model/`` (the model folder), ``config.yaml`` (the resolved
-configuration) and ``summary.json``; MLflow records the training run and the registered model.
+Runs the stages of the pipeline in order (prepare -> train -> infer) on the resolved Ray
+cluster (an embedded local Ray by default) and writes everything under ``--workdir``:
+``data/`` (the prepared dataset), ``model/`` (the model folder), ``recommendations/`` (top-K
+per user, Parquet), ``config.yaml`` (the resolved configuration) and ``summary.json``; MLflow
+records the training run and the registered model.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from typing import Any
 from app.cluster import init_ray
 from app.config import Config, ConfigError, add_arguments, config_from_args
 from app.dataset import DatasetError, read_manifest
+from app.export import ModelError
 from app.placement import ResourceError
 from app.prepare import prepare_dataset
 from app.sources import DataError
 from app.train import TrainError
 
-STAGES = ("prepare", "train")
+STAGES = ("prepare", "train", "infer")
 
 _VOLATILE = {"output", "overwrite"}  # settings that do not change what is prepared
 
@@ -72,6 +74,15 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
         summary["stages"]["train"] = {"seconds": round(time.perf_counter() - t0, 2),
                                       "rows": samples, "output": str(model_dir),
                                       "metrics": result["metrics"], "mlflow": result["mlflow"]}
+    if "infer" in stages:
+        from app.inference import batch_inference
+
+        recs = workdir / "recommendations"
+        t0 = time.perf_counter()
+        result = batch_inference(cfg, str(workdir / "model"), str(data_dir), str(recs))
+        summary["stages"]["infer"] = {"seconds": round(time.perf_counter() - t0, 2),
+                                      "rows": result["users"], "output": str(recs),
+                                      "summary": result}
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     print("\n" + "=" * 72)
@@ -90,6 +101,10 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
             print(f"  test {k:<10} model {m['model']['test'][k]:.4f}   popularity "
                   f"{m['popularity']['test'][k]:.4f}")
         print(f"mlflow    : run {st['mlflow']['run_id']}, {st['mlflow']['registered_uri']}")
+    if "infer" in summary["stages"]:
+        st = summary["stages"]["infer"]
+        print(f"recommend : {st['output']}  ({st['summary']['users']:,} users x top "
+              f"{st['summary']['k']})")
     print(f"summary   : {workdir / 'summary.json'}")
     print("=" * 72)
     return summary
@@ -112,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         print(cfg.describe(), flush=True)
         run(cfg, stages)
-    except (ConfigError, DataError, DatasetError, ResourceError, TrainError) as e:
+    except (ConfigError, DataError, DatasetError, ModelError, ResourceError, TrainError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -26,16 +26,20 @@ def test_full_run_reports_bad_flags(capsys):
     assert "--val-fraction must be in [0, 1)" in capsys.readouterr().err
 
 
-def test_full_run_prepares_and_trains(ray_local, tmp_path, capsys):
+def test_full_run_prepares_trains_and_recommends(ray_local, tmp_path, capsys):
     wd = tmp_path / "wd"
     argv = ["--dataset", "synthetic", "--rows", "30000", "--workdir", str(wd), "--epochs", "1",
             "--registered-model-name", "two-tower-full-run"]
     assert full_run.main(argv) == 0
     summary = json.loads((wd / "summary.json").read_text())
-    assert list(summary["stages"]) == ["prepare", "train"]
+    assert list(summary["stages"]) == ["prepare", "train", "infer"]
     train = summary["stages"]["train"]
     assert (wd / "model" / "weights.pt").is_file()
     assert train["metrics"]["epochs"] == 1 and train["mlflow"]["version"] >= 1
+    import pandas as pd
+
+    recs = pd.read_parquet(wd / "recommendations")
+    assert summary["stages"]["infer"]["summary"]["rows"] == len(recs) > 0
     out = capsys.readouterr().out
     assert "test recall@20" in out and "models:/two-tower-full-run/" in out
 

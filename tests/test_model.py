@@ -205,3 +205,13 @@ def test_resource_check_says_what_is_missing():
     check_resources(_p("mnmg", 8), [gpu_node, gpu_node])
     check_resources(_p("snmg", 4), [gpu_node])
     check_resources(_p("cpu", 2, gpu=False), [cpu_node])
+
+
+def test_platt_scaling_recovers_a_known_calibration():
+    from app.metrics import fit_platt
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(0, 3, 50_000)
+    labels = rng.random(50_000) < 1 / (1 + np.exp(-(0.5 * scores - 1.0)))
+    a, b = fit_platt(scores, labels)
+    assert a == pytest.approx(0.5, abs=0.03) and b == pytest.approx(-1.0, abs=0.05)
