@@ -162,17 +162,57 @@ class TrainConfig:
         _check(self.log_every > 0, "log_every", "must be positive", self.log_every)
 
 
+DEFAULT_SEARCH_SPACE = {
+    "embedding_dim": {"choice": [16, 32, 64, 128, 256]},
+    "tower_layers": {"choice": [[64], [128, 64], [256, 128]]},
+    "embedding_lr": {"loguniform": [0.01, 0.2]},
+    "dense_lr": {"loguniform": [1e-4, 1e-2]},
+    "temperature": {"loguniform": [0.02, 0.2]},
+    "batch_size": {"choice": [2048, 4096, 8192]},
+}
+SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
 @dataclass
 class TuneConfig:
     """Hyperparameter sweeps."""
 
-    num_samples: int = _f(4, "trials to run")
-    max_concurrent: int = _f(1, "trials running at once")
+    num_samples: int = _f(8, "trials to sample (each grid point is run this many times)")
+    max_concurrent: int = _f(1, "trials running at once (each with its own training workers)")
+    search_alg: Literal["random", "optuna"] = _f(
+        "optuna", "how trials are chosen: random sampling or Optuna's TPE")
+    scheduler: Literal["asha", "none"] = _f(
+        "asha", "early stopping of weak trials (ASHA), or run every trial to the end")
+    tune_metric: str = _f("val_recall@20", "metric the sweep maximises (reported per epoch)")
+    grace_period: int = _f(1, "epochs every trial runs before ASHA may stop it")
+    reduction_factor: int = _f(2, "ASHA keeps 1 / reduction_factor of the trials per rung")
+    tune_seed: int = _f(0, "seed of the search algorithm")
+    search_space: dict = _f(DEFAULT_SEARCH_SPACE,
+                            "setting -> {sampler: args}; samplers: " + ", ".join(SAMPLERS))
 
     def validate(self) -> None:
         _check(self.num_samples > 0, "num_samples", "must be positive", self.num_samples)
         _check(self.max_concurrent > 0, "max_concurrent", "must be positive",
                self.max_concurrent)
+        _check(self.grace_period > 0, "grace_period", "must be positive", self.grace_period)
+        _check(self.reduction_factor > 1, "reduction_factor", "must be at least 2",
+               self.reduction_factor)
+        _check(bool(self.search_space), "search_space", "must not be empty", self.search_space)
+        for name, spec in self.search_space.items():
+            _check(name in FIELDS_OF_TRIALS, "search_space",
+                   f"names {name!r}, which is not a model or train setting", self.search_space)
+            _check(isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SAMPLERS,
+                   "search_space", f"entry {name} must be one {{sampler: args}} with a sampler "
+                   f"among {', '.join(SAMPLERS)}", spec)
+            kind, args = next(iter(spec.items()))
+            _check(isinstance(args, list) and len(args) > 0
+                   and (kind in ("choice", "grid") or len(args) == 2), "search_space",
+                   f"entry {name}: {kind} takes a list" + ("" if kind in ("choice", "grid")
+                                                             else " [low, high]"), spec)
+        _check(self.search_alg != "optuna" or not any(
+            "grid" in spec for spec in self.search_space.values()), "search_alg",
+            "optuna does not take grid entries in --search-space; use choice, or random",
+            self.search_alg)
 
 
 @dataclass
@@ -275,6 +315,8 @@ def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
 
 
 FIELDS = _field_index()
+# settings a tuning trial may vary
+FIELDS_OF_TRIALS = {name for name, (section, _) in FIELDS.items() if section in ("model", "train")}
 
 
 def _base_type(tp: Any) -> Any:
@@ -309,6 +351,11 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
             if text in ("0", "false", "no", "off"):
                 return False
             raise ValueError(value)
+        if base is dict:
+            parsed = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(parsed, dict):
+                raise ValueError(value)
+            return parsed
         if base is list:
             items = value if isinstance(value, list) else str(value).split(",")
             return [int(x) if str(x).strip().lstrip("-").isdigit() else float(x) for x in items]

@@ -8,6 +8,7 @@ the default; any tracking URI (``databricks``, ``http://...``) and registry URI
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -134,3 +135,20 @@ def log_trained_model(cfg: Config, run_id: str, model_dir: str | os.PathLike,
 def end_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None:
     configure(cfg.cluster)
     mlflow.MlflowClient().set_terminated(run_id, status=status)
+
+
+def log_sweep(cfg: Config, parent_run_id: str, *, best: dict[str, Any], metric: str,
+              folder: str | os.PathLike) -> None:
+    """The sweep's parent run: the best trial's settings and metric, the result files."""
+    configure(cfg.cluster)
+    client = mlflow.MlflowClient()
+    client.log_batch(parent_run_id, params=[
+        mlflow.entities.Param(f"best.{k}", str(v)[:500]) for k, v in best["params"].items()],
+        metrics=[mlflow.entities.Metric(f"best_{metric}".replace("@", "_at_"),
+                                        float(best["metric"]), int(time.time() * 1000), 0)])
+    for name in ("results.txt", "results.json", "best_config.yaml",
+                 "metric_by_embedding_dim.png"):
+        path = Path(folder, name)
+        if path.is_file():
+            client.log_artifact(parent_run_id, str(path))
+    client.set_terminated(parent_run_id)

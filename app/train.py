@@ -102,6 +102,37 @@ def _prepare_output(output: Path) -> None:
         raise TrainError(f"{output} exists and is not a model folder; choose another --output")
 
 
+def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Path,
+                 mlflow_info: Optional[dict[str, str]] = None,
+                 resume_from: Optional[Path] = None, callbacks: Optional[list] = None) -> Any:
+    """The ``TorchTrainer`` of one training run (also what every tuning trial fits).
+
+    Args:
+        cfg: the resolved configuration.
+        data_dir: the prepared dataset.
+        name, storage: the Ray Train run name and storage path (checkpoints).
+        mlflow_info: ``{"tracking_uri", "run_id"}`` of the run rank 0 logs epochs to.
+        resume_from: a checkpoint folder to start from.
+        callbacks: Ray Train ``UserCallback``s (Tune's report callback in a sweep).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    place = placement(cfg.train)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"config": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()),
+                           "mlflow": mlflow_info,
+                           "resume_from": str(resume_from) if resume_from else None},
+        scaling_config=place.scaling_config(),
+        torch_config=TorchConfig(backend=place.backend),
+        run_config=RunConfig(name=name, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(
+                                 num_to_keep=cfg.train.keep_checkpoints),
+                             callbacks=callbacks or []))
+
+
 def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> dict[str, Any]:
     """Train on a prepared dataset and write the model folder ``output``.
 
@@ -114,9 +145,6 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
     Returns:
         A summary: metrics, paths, MLflow run and model version, seconds.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from app import tracking
     from app.cluster import init_ray
     from app.export import WEIGHTS, export_state_dict, write_model_json
@@ -157,17 +185,8 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
     run_id = tracking.start_run(cfg, run_name=out.name, tags={"stage": "train",
                                                                "dataset": str(data_dir)})
     mlflow_info = {"tracking_uri": tracking.tracking_uri(cfg.cluster), "run_id": run_id}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"config": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()),
-                           "mlflow": mlflow_info,
-                           "resume_from": str(resume_from) if resume_from else None},
-        scaling_config=place.scaling_config(),
-        torch_config=TorchConfig(backend=place.backend),
-        run_config=RunConfig(name=name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(
-                                 num_to_keep=cfg.train.keep_checkpoints)))
+    trainer = make_trainer(cfg, data_dir, name=name, storage=storage, mlflow_info=mlflow_info,
+                           resume_from=resume_from)
     try:
         result = trainer.fit()
     except Exception as e:

@@ -1,0 +1,409 @@
+"""Benchmark: batch top-K inference through Ray Data against the same top-K in one process,
+side by side in one run.
+
+    .venv/bin/python bench/inference.py [--users 100000] [--items 50000] [--dim 64] [--k 100]
+                                        [--actors 1,2] [--batch-sizes 1024] [--repeats 1]
+
+Builds once (cached under .bench/) a synthetic model folder and a prepared dataset that
+matches it, without training:
+  model -- ``ModelSpec(num_users=U + 1, num_items=N + 1, num_genres=0, embedding_dim=D,
+           tower_layers=(D,))``, one linear layer per tower, random weights saved as the
+           ``ExportedTwoTower`` state dict (``weights.pt``); ``model.json`` by
+           ``write_model_json``; ``vocab/users.parquet`` and ``vocab/items.parquet`` (index
+           1..n, id = 1000 + index as int64); ``item_popularity.npy`` (train positives per item);
+  data  -- the same vocab files, ``--rated`` random interactions per user written as MDS splits
+           (train/val/test, 70/20/10) with ``app.mds.write_mds_columns`` and merged by
+           ``app.prepare.merge_split_index``, and a manifest with the keys ``read_manifest``
+           checks (schema version, MDS columns) and ``write_model_json`` reads (created_unix,
+           vocab, counts.splits). The vocab files are copies of the model's, so
+           ``check_dataset_matches`` passes; the splits are only read when exclusion is on.
+Then, with Ray started before any clock:
+  ceiling  -- the same scoring in this process on in-memory tensors: query embeddings (U, D)
+              @ item embeddings (N + 1, D).T in chunks of users (the pipeline's chunk rule),
+              column 0 (unknown item) masked, ``torch.topk`` K per row; every torch thread;
+  pipeline -- ``app.inference.batch_inference`` end to end (model and dataset checks, item
+              embeddings, actor pool start-up, ``map_batches(TopK)``, Parquet output, the
+              summary read back), with ``exclude_rated="none"`` so the work equals the
+              ceiling's; one run per pool size in ``--actors`` (and batch size), users/s over
+              its wall time. Ceiling and pipeline runs are interleaved ``--repeats`` times
+              (medians are reported), so drift hits all alike;
+  exclude  -- one pipeline run with the default exclusion (``exclude_rated="all"``), for
+              reference (``--no-exclude-run`` skips it).
+The query and item embeddings of the ceiling come from the saved weights through
+``ExportedTwoTower.user_embeddings`` / ``item_embeddings``, as the pipeline computes them, and
+the first pipeline run's lists are checked against the ceiling's on a sample of users. Also
+reports where one actor's time goes, stage by stage on a sample of batches in this process
+with one torch thread (an actor's share): actor set-up, matrix product + topk, the rest of
+``TopK._recommend`` (id lookup, output DataFrame), Arrow conversion and Parquet writing.
+Prints users/s side by side, the ratio against the target, and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from app.config import load_config  # noqa: E402
+from app.dataset import MANIFEST, SCHEMA_VERSION, SPLITS, read_manifest  # noqa: E402
+from app.export import (WEIGHTS, ExportedTwoTower, item_popularity, load_exported,  # noqa: E402
+                        write_model_json)
+from app.inference import TopK, _device_and_pool, batch_inference  # noqa: E402
+from app.mds import INTERACTION_COLUMNS, write_mds_columns  # noqa: E402
+from app.model import ModelSpec  # noqa: E402
+from app.prepare import merge_split_index  # noqa: E402
+
+ID_BASE = 1000          # id of vocabulary index i is ID_BASE + i
+SPLIT_FRACTIONS = (0.7, 0.2, 0.1)
+SAMPLE_USERS = 200      # users whose pipeline lists are compared with the ceiling's
+TARGET = 0.5
+
+
+# ---------------------------------------------------------------- synthetic model and dataset
+
+def _vocab_table(n: int) -> pa.Table:
+    index = np.arange(1, n + 1, dtype=np.int32)
+    return pa.table({"index": index, "id": (index.astype(np.int64) + ID_BASE)})
+
+
+def build_fixture(users: int, items: int, dim: int, rated: int, cache: Path,
+                  seed: int = 0) -> tuple[Path, Path]:
+    """(model folder, dataset folder) for these sizes, built once under ``cache``."""
+    root = cache / f"inference-{users}x{items}x{dim}-r{rated}"
+    model_dir, data_dir = root / "model", root / "data"
+    if (model_dir / "model.json").is_file() and (data_dir / MANIFEST).is_file():
+        return model_dir, data_dir
+    shutil.rmtree(root, ignore_errors=True)
+    tmp = cache / f".{root.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    m, d = tmp / "model", tmp / "data"
+    for folder in (m / "vocab", d / "vocab"):
+        folder.mkdir(parents=True)
+    for kind, n in (("users", users), ("items", items)):
+        table = _vocab_table(n)
+        pq.write_table(table, m / "vocab" / f"{kind}.parquet")
+        pq.write_table(table, d / "vocab" / f"{kind}.parquet")
+
+    # interactions: `rated` distinct-enough random items per user, split at random
+    rng = np.random.default_rng(seed)
+    rows = users * rated
+    user = np.repeat(np.arange(1, users + 1, dtype=np.int32), rated)
+    item = rng.integers(1, items + 1, size=rows, dtype=np.int32)
+    rating = rng.integers(1, 11, size=rows).astype(np.float32) / 2
+    label = (rating >= 4.0).astype(np.uint8)
+    ts = rng.integers(1_000_000_000, 1_700_000_000, size=rows, dtype=np.int64)
+    u = rng.random(rows)
+    code = np.where(u < SPLIT_FRACTIONS[0], 0, np.where(u < 1 - SPLIT_FRACTIONS[2], 1, 2))
+    splits, positives = {}, {}
+    for sid, name in enumerate(SPLITS):
+        idx = np.flatnonzero(code == sid)
+        write_mds_columns(str(d / name / "part-00000"),
+                          {"user": user[idx], "item": item[idx], "label": label[idx],
+                           "rating": rating[idx], "timestamp": ts[idx]})
+        merge_split_index(str(d / name))
+        splits[name], positives[name] = len(idx), int(label[idx].sum())
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "created_unix": int(time.time()),
+        "source": {"dataset": "bench-inference-synthetic", "seed": seed},
+        "mds_columns": INTERACTION_COLUMNS,
+        "counts": {"read": rows, "accepted": rows, "rejected": 0, "rejected_by_reason": {},
+                   "splits": splits, "positives": positives},
+        "label": {"rule": "threshold", "threshold": 4.0},
+        "vocab": {"users": users, "items": items, "unknown_index": 0,
+                  "user_id_type": "int64", "item_id_type": "int64", "item_metadata": []},
+    }
+    (d / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    read_manifest(d)
+
+    torch.manual_seed(seed)
+    spec = ModelSpec(num_users=users + 1, num_items=items + 1, num_genres=0,
+                     embedding_dim=dim, tower_layers=(dim,))
+    torch.save(ExportedTwoTower(spec).state_dict(), m / WEIGHTS)
+    write_model_json(m, spec, data_dir=str(root / "data"), manifest=manifest)
+    train = code == 0
+    np.save(m / "item_popularity.npy",
+            np.bincount(item[train & (label > 0)], minlength=items + 1).astype(np.int64))
+    os.replace(tmp, root)
+    return model_dir, data_dir
+
+
+def embeddings(model_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query embeddings of users 1..U, item embeddings of indices 0..N) from the weights."""
+    model = load_exported(model_dir)
+    step = 65536
+    with torch.no_grad():
+        q = torch.cat([model.user_embeddings(torch.arange(s, min(model.spec.num_users, s + step)))
+                       for s in range(1, model.spec.num_users, step)])
+        it = torch.cat([model.item_embeddings(torch.arange(s, min(model.spec.num_items, s + step)))
+                        for s in range(0, model.spec.num_items, step)])
+    return q.contiguous(), it.contiguous()
+
+
+def chunk_rows(num_items: int) -> int:
+    """Users scored at once: TopK's rule ((users, items) floats kept to ~64 MB)."""
+    return max(1, min(4096, (1 << 24) // max(num_items, 1)))
+
+
+# ---------------------------------------------------------------- the measured paths
+
+def ceiling(q: torch.Tensor, items: torch.Tensor, k: int
+            ) -> tuple[float, torch.Tensor, dict[str, float]]:
+    """Top-k of every user in this process: (users/s, indices (U, k), seconds per stage)."""
+    chunk = chunk_rows(len(items))
+    n = len(q)
+    top_v = torch.empty(n, k)
+    top_i = torch.empty(n, k, dtype=torch.int64)
+    mm = tk = 0.0
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for s in range(0, n, chunk):
+            a = time.perf_counter()
+            scores = q[s:s + chunk] @ items.T
+            scores[:, 0] = float("-inf")
+            b = time.perf_counter()
+            top = scores.topk(k, dim=1)
+            top_v[s:s + chunk], top_i[s:s + chunk] = top.values, top.indices
+            mm += b - a
+            tk += time.perf_counter() - b
+        seconds = time.perf_counter() - t0
+    return n / seconds, top_i, {"matmul": mm, "topk": tk, "total": seconds}
+
+
+def pipeline(model_dir: Path, data_dir: Path, out: Path, *, k: int, actors: int,
+             batch_size: int, exclude: str) -> tuple[float, dict[str, Any]]:
+    """``batch_inference`` end to end: (wall seconds, its summary); output left in ``out``."""
+    cfg = load_config(overrides={"recommend_k": k, "inference_actors": actors,
+                                 "inference_batch_size": batch_size, "exclude_rated": exclude,
+                                 "inference_device": "cpu"})
+    t0 = time.perf_counter()
+    summary = batch_inference(cfg, str(model_dir), str(data_dir), str(out), verbose=False)
+    return time.perf_counter() - t0, summary
+
+
+def agreement(out: Path, top_i: torch.Tensor, users: int, k: int) -> float:
+    """Share of the ceiling's top-k items that the pipeline's lists hold, on a user sample."""
+    rng = np.random.default_rng(1)
+    sample = np.sort(rng.choice(users, size=min(SAMPLE_USERS, users), replace=False))
+    ids = sample + 1 + ID_BASE  # user index sample + 1
+    got = pq.read_table(out, columns=["userId", "movieId"],
+                        filters=[("userId", "in", ids.tolist())]).to_pandas()
+    lists = got.groupby("userId")["movieId"].apply(set).to_dict()
+    hits = 0
+    for row, uid in zip(sample, ids):
+        want = set((top_i[row].numpy() + ID_BASE).tolist())
+        hits += len(want & lists.get(int(uid), set()))
+    return hits / float(len(sample) * k)
+
+
+def breakdown(model_dir: Path, k: int, batch_size: int, batches: int,
+              scratch: Path) -> dict[str, float]:
+    """Where one actor's time goes, each stage timed on its own in this process with one
+    torch thread: ms per 1,000 users (``setup_s``: the TopK constructor, once per actor)."""
+    vocab_u = pq.read_table(model_dir / "vocab" / "users.parquet")["id"]
+    vocab_i = pq.read_table(model_dir / "vocab" / "items.parquet")["id"]
+    model = load_exported(model_dir)
+    with torch.no_grad():
+        items = model.item_embeddings(torch.arange(model.spec.num_items)).numpy()
+    popularity = item_popularity(model_dir)
+    shared = {"user_ids": vocab_u, "item_id_array": vocab_i, "items": items,
+              "item_ids": vocab_i.to_numpy(), "titles": None, "rated": None,
+              "popular": np.argsort(-popularity[1:], kind="stable") + 1,
+              "popularity": popularity.astype(np.float32), "faiss": None}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # an actor of the CPU pool gets one (Ray sets OMP_NUM_THREADS=1)
+    try:
+        t = time.perf_counter()
+        topk = TopK(str(model_dir), [shared], k, "cpu")
+        setup = time.perf_counter() - t
+        ids = vocab_u.to_pandas()
+        n = min(batches * batch_size, len(ids))
+        frames = [pd.DataFrame({"userId": ids.iloc[s:min(n, s + batch_size)]})
+                  for s in range(0, n, batch_size)]
+        exact = recommend = arrow = write = 0.0
+        with torch.no_grad():
+            for i, df in enumerate(frames):
+                users = df["userId"].to_numpy() - ID_BASE
+                a = time.perf_counter()
+                for s in range(0, len(users), topk.chunk):
+                    topk._exact(users[s:s + topk.chunk])
+                b = time.perf_counter()
+                out = topk(df)
+                c = time.perf_counter()
+                table = pa.Table.from_pandas(out, preserve_index=False)
+                d = time.perf_counter()
+                pq.write_table(table, scratch / f"breakdown-{i}.parquet")
+                e = time.perf_counter()
+                exact += b - a
+                recommend += c - b
+                arrow += d - c
+                write += e - d
+    finally:
+        torch.set_num_threads(threads)
+    per = 1e6 / n  # seconds over n users -> ms per 1,000 users
+    return {"setup_s": setup, "topk_ms": exact * per,
+            "rest_of_recommend_ms": max(recommend - exact, 0.0) * per,
+            "arrow_ms": arrow * per, "parquet_ms": write * per, "users": n}
+
+
+# ---------------------------------------------------------------- driver
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--users", type=int, default=100_000)
+    p.add_argument("--items", type=int, default=50_000)
+    p.add_argument("--dim", type=int, default=64, help="embedding and tower output dimension")
+    p.add_argument("--k", type=int, default=100, help="items per user")
+    p.add_argument("--actors", type=_ints, default=[1, 2],
+                   help="pool sizes (inference_actors) to run the pipeline with, comma-separated")
+    p.add_argument("--batch-sizes", type=_ints, default=[1024],
+                   help="inference_batch_size values, comma-separated (each with every pool "
+                        "size)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="interleaved rounds of ceiling and pipeline runs; medians are reported")
+    p.add_argument("--rated", type=int, default=20,
+                   help="synthetic interactions per user (what exclusion leaves out)")
+    p.add_argument("--no-exclude-run", action="store_true",
+                   help="skip the reference run with the default exclusion")
+    p.add_argument("--breakdown-batches", type=int, default=4,
+                   help="batches timed stage by stage in this process (0: skip)")
+    p.add_argument("--cache", default=str(ROOT / ".bench"))
+    args = p.parse_args()
+
+    cache = Path(args.cache)
+    t = time.perf_counter()
+    model_dir, data_dir = build_fixture(args.users, args.items, args.dim, args.rated, cache)
+    print(f"model: {model_dir}\ndata:  {data_dir} ({args.users:,} users, {args.items:,} items, "
+          f"dim {args.dim}, {args.rated} interactions per user; ready in "
+          f"{time.perf_counter() - t:.1f}s)")
+    q, items = embeddings(model_dir)
+
+    # Ray workers start from the node's environment: let them import app from any cwd
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x])
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # no per-dataset execution lines
+    default_pool = _device_and_pool(load_config())[1]
+    scratch = Path(tempfile.mkdtemp(prefix="inference-", dir=cache))
+    configs = [(a, b) for b in args.batch_sizes for a in args.actors]
+    ceilings: list[float] = []
+    stages: list[dict[str, float]] = []
+    runs: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
+    agree = None
+    exclude_run = None
+    t_all = time.perf_counter()
+    try:
+        for r in range(args.repeats):  # interleaved, so drift hits every path alike
+            c, top_i, st = ceiling(q, items, args.k)
+            ceilings.append(c)
+            stages.append(st)
+            print(f"run {r + 1}: ceiling {st['total']:.1f}s ({c:,.0f} users/s)", flush=True)
+            for a, b in configs:
+                out = scratch / "out"
+                seconds, summary = pipeline(model_dir, data_dir, out, k=args.k, actors=a,
+                                            batch_size=b, exclude="none")
+                if summary["users"] != args.users or summary["rows"] != args.users * args.k:
+                    raise RuntimeError(f"pipeline wrote {summary['rows']:,} rows for "
+                                       f"{summary['users']:,} users; expected "
+                                       f"{args.users * args.k:,} for {args.users:,}")
+                if agree is None:
+                    agree = agreement(out, top_i, args.users, args.k)
+                shutil.rmtree(out, ignore_errors=True)
+                runs[(a, b)].append(args.users / seconds)
+                print(f"run {r + 1}: pipeline, {a} actor(s), batch {b}: {seconds:.1f}s "
+                      f"({args.users / seconds:,.0f} users/s)", flush=True)
+            del top_i
+        if not args.no_exclude_run:
+            a, b = max(runs, key=lambda x: statistics.median(runs[x]))
+            out = scratch / "out"
+            seconds, summary = pipeline(model_dir, data_dir, out, k=args.k, actors=a,
+                                        batch_size=b, exclude="all")
+            shutil.rmtree(out, ignore_errors=True)
+            exclude_run = {"actors": a, "batch_size": b, "seconds": seconds,
+                           "users_per_s": args.users / seconds,
+                           "short_lists": summary["short_lists"]}
+            print(f"exclude_rated=all: pipeline, {a} actor(s), batch {b}: {seconds:.1f}s "
+                  f"({args.users / seconds:,.0f} users/s)", flush=True)
+        parts = None
+        if args.breakdown_batches > 0:
+            parts = breakdown(model_dir, args.k, args.batch_sizes[0], args.breakdown_batches,
+                              scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        ray.shutdown()
+    total = time.perf_counter() - t_all
+
+    c = statistics.median(ceilings)
+    med = {cfg: statistics.median(v) for cfg, v in runs.items()}
+    best = max(med, key=med.get)
+    pl = med[best]
+    st = {key: statistics.median(s[key] for s in stages) for key in stages[0]}
+    print(f"\nbatch top-{args.k}: {args.users:,} users x {args.items:,} items, dim {args.dim}; "
+          f"{os.cpu_count()} CPUs; ceiling with {torch.get_num_threads()} torch thread(s), "
+          f"actors with 1 each; {args.repeats} round(s), medians; {total:.0f}s in all")
+    print(f"{'':<34}{'actors':>7}{'batch':>7}{'seconds':>9}{'users/s':>10}{'vs ceiling':>12}")
+    print(f"{'ceiling (one process, in memory)':<34}{'-':>7}{'-':>7}{args.users / c:>9.1f}"
+          f"{c:>10,.0f}{1:>12.0%}")
+    for (a, b), v in sorted(med.items()):
+        print(f"{'pipeline (batch_inference)':<34}{a:>7}{b:>7}{args.users / v:>9.1f}"
+              f"{v:>10,.0f}{v / c:>12.0%}")
+    if exclude_run:
+        e = exclude_run
+        print(f"{'pipeline, exclude_rated=all':<34}{e['actors']:>7}{e['batch_size']:>7}"
+              f"{e['seconds']:>9.1f}{e['users_per_s']:>10,.0f}{e['users_per_s'] / c:>12.0%}")
+    print(f"ceiling seconds: matrix product {st['matmul']:.1f}, topk {st['topk']:.1f} "
+          f"(chunks of {chunk_rows(args.items + 1)} users)")
+    print(f"pipeline lists vs the ceiling's top-{args.k} on {SAMPLE_USERS} users: "
+          f"{agree:.2%} of items shared")
+    print(f"config default pool here (inference_actors=0): {default_pool} actor(s)")
+    if parts:
+        per_actor = 1e6 / (parts["topk_ms"] + parts["rest_of_recommend_ms"] + parts["arrow_ms"]
+                           + parts["parquet_ms"])
+        print(f"one actor, stage by stage (1 torch thread, {parts['users']:,} users, batch "
+              f"{args.batch_sizes[0]}), ms per 1,000 users: matrix product + topk "
+              f"{parts['topk_ms']:.0f}, rest of TopK._recommend {parts['rest_of_recommend_ms']:.0f}, "
+              f"to Arrow {parts['arrow_ms']:.0f}, Parquet write {parts['parquet_ms']:.0f} "
+              f"(-> {per_actor:,.0f} users/s per actor at most); TopK set-up "
+              f"{parts['setup_s']:.2f}s per actor")
+    print(f"pipeline / ceiling: {pl / c:.1%} with {best[0]} actor(s), batch {best[1]} "
+          f"(target: >= {TARGET:.0%})")
+    result: dict[str, Any] = {
+        "users": args.users, "items": args.items, "dim": args.dim, "k": args.k,
+        "ceiling_users_per_s": round(c), "pipeline_users_per_s": round(pl),
+        "pipeline_vs_ceiling": round(pl / c, 3),
+        "pipeline_actors": best[0], "pipeline_batch_size": best[1]}
+    for (a, b), v in sorted(med.items()):
+        tag = f"{a}_actors" if len(args.batch_sizes) == 1 else f"{a}_actors_batch_{b}"
+        result[f"pipeline_{tag}_users_per_s"] = round(v)
+        result[f"pipeline_{tag}_vs_ceiling"] = round(v / c, 3)
+    if exclude_run:
+        result["pipeline_exclude_all_users_per_s"] = round(exclude_run["users_per_s"])
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Hyperparameter sweep: ``python -m pipelines.tune --data DIR --output DIR [--num-samples N]
+[--max-concurrent M] [--search-alg optuna|random] [--scheduler asha|none] [--config FILE]
+[--resume] ...``
+
+Each trial is a distributed training run (the same trainer as ``pipelines.train``). The output
+folder gets ``results.txt`` / ``results.json`` (one row per trial, best first),
+``best_config.yaml`` (``pipelines.train --config`` takes it as is) and
+``metric_by_embedding_dim.png``. The search space lives in the config (``tune.search_space``
+in YAML, or ``--search-space '{"embedding_dim": {"choice": [16, 64]}}'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from app.config import ConfigError, add_arguments, config_from_args
+from app.dataset import DatasetError
+from app.placement import ResourceError
+from app.tune import sweep
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.tune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="prepared dataset folder")
+    parser.add_argument("--output", required=True, help="folder for the sweep's results")
+    add_arguments(parser, sections=["model", "train", "tune", "cluster"])
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        print(cfg.describe(), flush=True)
+        sweep(cfg, args.data, args.output)
+    except (ConfigError, DatasetError, ResourceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

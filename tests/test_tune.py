@@ -1,0 +1,119 @@
+"""Ray Tune sweeps over the distributed trainer on movielens-small."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import yaml
+
+from app.config import ConfigError, load_config
+from app.placement import ResourceError
+
+DIMS = [64, 32, 16, 4]
+
+
+@pytest.fixture(scope="module")
+def swept(ray_local, movielens_dir, tmp_path_factory):
+    from app.tune import sweep
+
+    out = tmp_path_factory.mktemp("sweep")
+    cfg = load_config(overrides={
+        "workdir": str(out / "work"), "epochs": 3, "num_workers": 2, "num_samples": 1,
+        "max_concurrent": 1, "search_alg": "random", "scheduler": "asha", "grace_period": 1,
+        "reduction_factor": 2, "search_space": json.dumps({"embedding_dim": {"grid": DIMS}})})
+    summary = sweep(cfg, str(movielens_dir), str(out / "sweep"), verbose=False)
+    return summary, out
+
+
+def test_sweep_runs_every_trial_and_stops_weak_ones(swept):
+    summary, out = swept
+    rows = summary["rows"]
+    assert sorted(r["params"]["embedding_dim"] for r in rows) == sorted(DIMS)
+    assert all(r["status"] in ("completed", "stopped early") for r in rows)
+    assert any(r["status"] == "stopped early" for r in rows), rows
+    assert any(r["status"] == "completed" for r in rows)
+    metrics = [r["metric"] for r in rows]
+    assert metrics == sorted(metrics, reverse=True)  # best first
+    table = (out / "sweep" / "results.txt").read_text()
+    assert "stopped early" in table and table.count("\n") == len(DIMS) + 2
+    png = (out / "sweep" / "metric_by_embedding_dim.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_is_tracked_as_a_parent_run_with_a_child_per_trial(swept):
+    import mlflow
+
+    from app import tracking
+
+    summary, out = swept
+    cfg = load_config(overrides={"workdir": str(out / "work")})
+    exp = tracking.configure(cfg.cluster)
+    client = mlflow.MlflowClient()
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert "best.embedding_dim" in parent.data.params
+    children = client.search_runs(
+        [exp], filter_string=f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
+    assert len(children) == len(DIMS)
+    assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
+    assert any(client.get_metric_history(c.info.run_id, "val_recall_at_20") for c in children)
+
+
+def test_best_config_retrains_to_the_same_metric(swept, movielens_dir, tmp_path):
+    from app.train import train
+
+    summary, out = swept
+    best_file = out / "sweep" / "best_config.yaml"
+    assert yaml.safe_load(best_file.read_text())["model"]["embedding_dim"] == \
+        summary["best"]["params"]["embedding_dim"]
+    cfg = load_config(str(best_file), {"workdir": str(tmp_path)})  # taken as is
+    result = train(cfg, str(movielens_dir), str(tmp_path / "model"), verbose=False)
+    assert result["history"][-1]["val_recall@20"] == pytest.approx(summary["best"]["metric"],
+                                                                    abs=0.01)
+
+
+def test_resume_restores_a_finished_sweep_without_rerunning(swept, movielens_dir):
+    from app.tune import sweep
+
+    summary, out = swept
+    cfg = load_config(overrides={
+        "workdir": str(out / "work"), "epochs": 3, "num_workers": 2, "resume": True,
+        "search_alg": "random", "search_space": json.dumps({"embedding_dim": {"grid": DIMS}})})
+    t0 = time.perf_counter()
+    again = sweep(cfg, str(movielens_dir), str(out / "sweep"), verbose=False)
+    assert time.perf_counter() - t0 < 60
+    assert [r["metric"] for r in again["rows"]] == [r["metric"] for r in summary["rows"]]
+    assert again["parent_run_id"] == summary["parent_run_id"]
+
+
+def test_a_sweep_that_cannot_fit_fails_at_once(ray_local, movielens_dir, tmp_path):
+    from app.tune import sweep
+
+    cfg = load_config(overrides={"workdir": str(tmp_path), "num_workers": 2,
+                                 "max_concurrent": 2})
+    t0 = time.perf_counter()
+    with pytest.raises(ResourceError, match="--max-concurrent 2 trials x 2 worker"):
+        sweep(cfg, str(movielens_dir), str(tmp_path / "sweep"), verbose=False)
+    assert time.perf_counter() - t0 < 30
+
+
+def test_search_space_errors_name_the_flag():
+    with pytest.raises(ConfigError, match="--search-space names 'workdir'"):
+        load_config(overrides={"search_space": '{"workdir": {"choice": ["a"]}}'})
+    with pytest.raises(ConfigError, match="--search-space entry embedding_dim"):
+        load_config(overrides={"search_space": '{"embedding_dim": {"normal": [1, 2]}}'})
+    with pytest.raises(ConfigError, match="--search-alg optuna does not take grid"):
+        load_config(overrides={"search_space": '{"embedding_dim": {"grid": [8, 16]}}'})
+
+
+def test_search_space_becomes_tune_domains():
+    from ray.tune.search.sample import Categorical, Float
+
+    from app.tune import tune_space
+
+    space = tune_space(load_config().tune.search_space)
+    assert isinstance(space["embedding_dim"], Categorical)
+    assert isinstance(space["dense_lr"], Float)
+    assert space["embedding_dim"].categories == [16, 32, 64, 128, 256]
