@@ -191,7 +191,9 @@ def sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
         state.write_text(json.dumps({"parent_run_id": parent_run_id}) + "\n")
     base = cfg.to_dict()
     base["train"]["resume"] = False  # trials start from scratch
-    trainable = tune.with_resources(run_trial, {"CPU": 0})  # the workers hold the resources
+    # the trial function only drives its trainer; the training workers hold the CPUs/GPUs.
+    # (A zero request is refused by Tune, hence a token byte of memory.)
+    trainable = tune.with_resources(run_trial, {"CPU": 0, "memory": 1})
     param_space = {"params": tune_space(cfg.tune.search_space), "base": base,
                    "data_dir": str(Path(data_dir).resolve()), "storage": str(out / "trials"),
                    "parent_run_id": parent_run_id}

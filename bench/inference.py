@@ -17,7 +17,7 @@ matches it, without training:
            checks (schema version, MDS columns) and ``write_model_json`` reads (created_unix,
            vocab, counts.splits). The vocab files are copies of the model's, so
            ``check_dataset_matches`` passes; the splits are only read when exclusion is on.
-Then, with Ray started before any clock:
+Then, with Ray started and one untimed pipeline run on 64 users done before any clock:
   ceiling  -- the same scoring in this process on in-memory tensors: query embeddings (U, D)
               @ item embeddings (N + 1, D).T in chunks of users (the pipeline's chunk rule),
               column 0 (unknown item) masked, ``torch.topk`` K per row; every torch thread;
@@ -46,6 +46,7 @@ import logging
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
@@ -66,7 +68,8 @@ from app.config import load_config  # noqa: E402
 from app.dataset import MANIFEST, SCHEMA_VERSION, SPLITS, read_manifest  # noqa: E402
 from app.export import (WEIGHTS, ExportedTwoTower, item_popularity, load_exported,  # noqa: E402
                         write_model_json)
-from app.inference import TopK, _device_and_pool, batch_inference  # noqa: E402
+from app.inference import (TopK, _device_and_pool, batch_inference,  # noqa: E402
+                           check_dataset_matches, rated_items)
 from app.mds import INTERACTION_COLUMNS, write_mds_columns  # noqa: E402
 from app.model import ModelSpec  # noqa: E402
 from app.prepare import merge_split_index  # noqa: E402
@@ -188,13 +191,15 @@ def ceiling(q: torch.Tensor, items: torch.Tensor, k: int
 
 
 def pipeline(model_dir: Path, data_dir: Path, out: Path, *, k: int, actors: int,
-             batch_size: int, exclude: str) -> tuple[float, dict[str, Any]]:
+             batch_size: int, exclude: str, users: str = "all"
+             ) -> tuple[float, dict[str, Any]]:
     """``batch_inference`` end to end: (wall seconds, its summary); output left in ``out``."""
     cfg = load_config(overrides={"recommend_k": k, "inference_actors": actors,
                                  "inference_batch_size": batch_size, "exclude_rated": exclude,
                                  "inference_device": "cpu"})
     t0 = time.perf_counter()
-    summary = batch_inference(cfg, str(model_dir), str(data_dir), str(out), verbose=False)
+    summary = batch_inference(cfg, str(model_dir), str(data_dir), str(out), users=users,
+                              verbose=False)
     return time.perf_counter() - t0, summary
 
 
@@ -213,8 +218,58 @@ def agreement(out: Path, top_i: torch.Tensor, users: int, k: int) -> float:
     return hits / float(len(sample) * k)
 
 
-def breakdown(model_dir: Path, k: int, batch_size: int, batches: int,
-              scratch: Path) -> dict[str, float]:
+IMPORTS = """
+import time
+t0 = time.perf_counter()
+import numpy, pandas, pyarrow, ray, torch
+t1 = time.perf_counter()
+import streaming
+t2 = time.perf_counter()
+import app.inference
+t3 = time.perf_counter()
+print(t1 - t0, t2 - t1, t3 - t2)
+"""
+
+
+def import_seconds() -> dict[str, float]:
+    """What a fresh actor process spends importing before its constructor runs: the
+    libraries, then ``streaming`` (which app.inference reaches through app.export ->
+    app.model -> app.reader), then the rest of app.inference."""
+    done = subprocess.run([sys.executable, "-c", IMPORTS], cwd=ROOT, capture_output=True,
+                          text=True, check=True)
+    libs, stream, app = (float(x) for x in done.stdout.split()[-3:])
+    return {"libraries_s": libs, "streaming_s": stream, "app_s": app}
+
+
+def driver_seconds(model_dir: Path, data_dir: Path) -> dict[str, float]:
+    """The driver's work in batch_inference before the pool starts, stage by stage:
+    dataset check, model load and every item through the candidate tower; the rated items
+    (only with exclusion on)."""
+    t0 = time.perf_counter()
+    read_manifest(data_dir)
+    check_dataset_matches(model_dir, str(data_dir))
+    model = load_exported(model_dir)
+    with torch.no_grad():
+        model.item_embeddings(torch.arange(model.spec.num_items)).numpy()
+    item_popularity(model_dir)
+    t1 = time.perf_counter()
+    rated_items(str(data_dir), SPLITS, model.spec.num_users)
+    return {"setup_s": t1 - t0, "rated_s": time.perf_counter() - t1}
+
+
+def readback_seconds(out: Path) -> float:
+    """batch_inference's check of the written output (read back, users counted)."""
+    t0 = time.perf_counter()
+    written = pq.read_table(out, columns=["userId", "rank", "fallback"])
+    pc.count_distinct(written["userId"]).as_py()
+    firsts = pc.equal(written["rank"], 1)
+    pc.sum(pc.and_(firsts, written["fallback"])).as_py()
+    pc.sum(firsts).as_py()
+    return time.perf_counter() - t0
+
+
+def actor_stages(model_dir: Path, k: int, batch_size: int, batches: int,
+                 scratch: Path) -> dict[str, float]:
     """Where one actor's time goes, each stage timed on its own in this process with one
     torch thread: ms per 1,000 users (``setup_s``: the TopK constructor, once per actor)."""
     vocab_u = pq.read_table(model_dir / "vocab" / "users.parquet")["id"]
@@ -242,14 +297,19 @@ def breakdown(model_dir: Path, k: int, batch_size: int, batches: int,
             for i, df in enumerate(frames):
                 users = df["userId"].to_numpy() - ID_BASE
                 a = time.perf_counter()
-                for s in range(0, len(users), topk.chunk):
-                    topk._exact(users[s:s + topk.chunk])
+                done = [topk._exact(users[s:s + topk.chunk])
+                        for s in range(0, len(users), topk.chunk)]
                 b = time.perf_counter()
-                out = topk(df)
+                # the rest of _recommend alone: its scoring calls answered from `done`
+                topk._exact = lambda part, it=iter(done): next(it)
+                try:
+                    out = topk(df)
+                finally:
+                    del topk._exact
                 c = time.perf_counter()
                 table = pa.Table.from_pandas(out, preserve_index=False)
                 d = time.perf_counter()
-                pq.write_table(table, scratch / f"breakdown-{i}.parquet")
+                pq.write_table(table, scratch / f"stages-{i}.parquet")
                 e = time.perf_counter()
                 exact += b - a
                 recommend += c - b
@@ -259,7 +319,7 @@ def breakdown(model_dir: Path, k: int, batch_size: int, batches: int,
         torch.set_num_threads(threads)
     per = 1e6 / n  # seconds over n users -> ms per 1,000 users
     return {"setup_s": setup, "topk_ms": exact * per,
-            "rest_of_recommend_ms": max(recommend - exact, 0.0) * per,
+            "rest_of_recommend_ms": recommend * per,
             "arrow_ms": arrow * per, "parquet_ms": write * per, "users": n}
 
 
@@ -287,8 +347,8 @@ def main() -> None:
                    help="synthetic interactions per user (what exclusion leaves out)")
     p.add_argument("--no-exclude-run", action="store_true",
                    help="skip the reference run with the default exclusion")
-    p.add_argument("--breakdown-batches", type=int, default=4,
-                   help="batches timed stage by stage in this process (0: skip)")
+    p.add_argument("--stage-batches", type=int, default=4,
+                   help="batches of one actor's work timed stage by stage in this process")
     p.add_argument("--cache", default=str(ROOT / ".bench"))
     args = p.parse_args()
 
@@ -313,10 +373,18 @@ def main() -> None:
     ceilings: list[float] = []
     stages: list[dict[str, float]] = []
     runs: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
-    agree = None
+    agree = readback = None
     exclude_run = None
+    seconds_of: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
     t_all = time.perf_counter()
     try:
+        # warm-up, untimed: the driver's first Ray Data execution and first actor process.
+        # One actor: a users file is read by Ray Data tasks, which need a CPU the pool leaves
+        few = scratch / "few-users.parquet"
+        pq.write_table(pa.table({"userId": np.arange(1, 65, dtype=np.int64) + ID_BASE}), few)
+        seconds, _ = pipeline(model_dir, data_dir, scratch / "warm-up", k=args.k, actors=1,
+                              batch_size=args.batch_sizes[0], exclude="none", users=str(few))
+        print(f"warm-up: pipeline on 64 users, 1 actor: {seconds:.1f}s", flush=True)
         for r in range(args.repeats):  # interleaved, so drift hits every path alike
             c, top_i, st = ceiling(q, items, args.k)
             ceilings.append(c)
@@ -332,8 +400,10 @@ def main() -> None:
                                        f"{args.users * args.k:,} for {args.users:,}")
                 if agree is None:
                     agree = agreement(out, top_i, args.users, args.k)
+                    readback = readback_seconds(out)
                 shutil.rmtree(out, ignore_errors=True)
                 runs[(a, b)].append(args.users / seconds)
+                seconds_of[(a, b)].append(seconds)
                 print(f"run {r + 1}: pipeline, {a} actor(s), batch {b}: {seconds:.1f}s "
                       f"({args.users / seconds:,.0f} users/s)", flush=True)
             del top_i
@@ -348,10 +418,10 @@ def main() -> None:
                            "short_lists": summary["short_lists"]}
             print(f"exclude_rated=all: pipeline, {a} actor(s), batch {b}: {seconds:.1f}s "
                   f"({args.users / seconds:,.0f} users/s)", flush=True)
-        parts = None
-        if args.breakdown_batches > 0:
-            parts = breakdown(model_dir, args.k, args.batch_sizes[0], args.breakdown_batches,
-                              scratch)
+        parts = actor_stages(model_dir, args.k, args.batch_sizes[0],
+                             max(1, args.stage_batches), scratch)
+        driver = driver_seconds(model_dir, data_dir)
+        imports = import_seconds()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         ray.shutdown()
@@ -380,15 +450,34 @@ def main() -> None:
     print(f"pipeline lists vs the ceiling's top-{args.k} on {SAMPLE_USERS} users: "
           f"{agree:.2%} of items shared")
     print(f"config default pool here (inference_actors=0): {default_pool} actor(s)")
-    if parts:
-        per_actor = 1e6 / (parts["topk_ms"] + parts["rest_of_recommend_ms"] + parts["arrow_ms"]
-                           + parts["parquet_ms"])
-        print(f"one actor, stage by stage (1 torch thread, {parts['users']:,} users, batch "
-              f"{args.batch_sizes[0]}), ms per 1,000 users: matrix product + topk "
-              f"{parts['topk_ms']:.0f}, rest of TopK._recommend {parts['rest_of_recommend_ms']:.0f}, "
-              f"to Arrow {parts['arrow_ms']:.0f}, Parquet write {parts['parquet_ms']:.0f} "
-              f"(-> {per_actor:,.0f} users/s per actor at most); TopK set-up "
-              f"{parts['setup_s']:.2f}s per actor")
+    per_k = parts["topk_ms"] + parts["rest_of_recommend_ms"]      # ms per 1,000 users
+    write_k = parts["arrow_ms"] + parts["parquet_ms"]
+    start_s = sum(imports.values()) + parts["setup_s"]
+    print(f"one actor, stage by stage (1 torch thread, {parts['users']:,} users in batches of "
+          f"{args.batch_sizes[0]}), ms per 1,000 users: matrix product + topk "
+          f"{parts['topk_ms']:.0f}, rest of TopK._recommend (id lookup, output DataFrame) "
+          f"{parts['rest_of_recommend_ms']:.0f}, to Arrow {parts['arrow_ms']:.0f}, Parquet "
+          f"write {parts['parquet_ms']:.0f} -> {1e6 / (per_k + write_k):,.0f} users/s per "
+          f"actor at most")
+    print(f"actor start: imports in a fresh process {sum(imports.values()):.1f}s (numpy, "
+          f"pandas, pyarrow, ray, torch {imports['libraries_s']:.1f}s; streaming, reached "
+          f"through app.export -> app.model -> app.reader, {imports['streaming_s']:.1f}s; "
+          f"the rest of app.inference {imports['app_s']:.1f}s), TopK constructor "
+          f"{parts['setup_s']:.2f}s")
+    print(f"driver: set-up before the pool (dataset check, model, item embeddings) "
+          f"{driver['setup_s']:.1f}s, rated items for exclusion {driver['rated_s']:.1f}s, "
+          f"read-back of the written output {readback:.1f}s")
+    print("where the pipeline's seconds go (stage estimates; scoring split over the actors, "
+          "output on the CPU they leave free):")
+    for (a, b), secs in sorted(seconds_of.items()):
+        wall = statistics.median(secs)
+        score = args.users * per_k / 1e6 / a
+        out_s = args.users * write_k / 1e6 / max(1, (os.cpu_count() or 1) - a)
+        known = driver["setup_s"] + start_s + score + readback
+        print(f"  {a} actor(s), batch {b}: {wall:.1f}s = driver set-up "
+              f"{driver['setup_s']:.1f} + actor start {start_s:.1f} + scoring {score:.1f} + "
+              f"read-back {readback:.1f} + the rest {wall - known:.1f} (Ray scheduling, "
+              f"transfers, output not overlapped: {out_s:.1f}s of Arrow + Parquet if alone)")
     print(f"pipeline / ceiling: {pl / c:.1%} with {best[0]} actor(s), batch {best[1]} "
           f"(target: >= {TARGET:.0%})")
     result: dict[str, Any] = {
@@ -402,6 +491,12 @@ def main() -> None:
         result[f"pipeline_{tag}_vs_ceiling"] = round(v / c, 3)
     if exclude_run:
         result["pipeline_exclude_all_users_per_s"] = round(exclude_run["users_per_s"])
+    result["stage_ms_per_1000_users"] = {
+        "topk": round(parts["topk_ms"], 1),
+        "recommend_rest": round(parts["rest_of_recommend_ms"], 1),
+        "arrow": round(parts["arrow_ms"], 1), "parquet": round(parts["parquet_ms"], 1)}
+    result["actor_start_s"] = round(start_s, 2)
+    result["seconds_total"] = round(total)
     print(json.dumps(result))
 
 
