@@ -247,6 +247,13 @@ class ClusterConfig:
     """Where Ray and MLflow run."""
 
     address: Optional[str] = _f(None, "Ray cluster address (default: RAY_ADDRESS or local)")
+    databricks: bool = _f(False, "start Ray on this Databricks cluster's Spark workers "
+                                 "(also when a Databricks runtime is detected)")
+    spark_worker_nodes: int = _f(2, "Ray worker nodes on Spark (Databricks)")
+    spark_cpus_per_node: Optional[int] = _f(None, "CPUs per Ray worker node on Spark "
+                                                  "(default: all of a Spark worker's)")
+    spark_gpus_per_node: Optional[int] = _f(None, "GPUs per Ray worker node on Spark "
+                                                  "(default: all of a Spark worker's)")
     num_cpus: Optional[int] = _f(None, "CPUs for an embedded local Ray (default: all)")
     workdir: str = _f("workdir", "folder for the outputs of a full run")
     storage_path: Optional[str] = _f(None, "Ray Train checkpoint storage, shared by all nodes "
@@ -261,6 +268,8 @@ class ClusterConfig:
     def validate(self) -> None:
         _check(self.num_cpus is None or self.num_cpus > 0, "num_cpus", "must be positive",
                self.num_cpus)
+        _check(self.spark_worker_nodes > 0, "spark_worker_nodes", "must be positive",
+               self.spark_worker_nodes)
 
 
 @dataclass

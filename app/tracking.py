@@ -22,8 +22,11 @@ APP_DIR = Path(__file__).resolve().parent
 
 
 def tracking_uri(cluster: ClusterConfig) -> str:
-    if cluster.mlflow_tracking_uri:
-        return cluster.mlflow_tracking_uri
+    from app.cluster import mlflow_defaults
+
+    uri, _ = mlflow_defaults(cluster)
+    if uri:
+        return uri
     workdir = Path(cluster.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{workdir / 'mlflow.db'}"
@@ -31,10 +34,13 @@ def tracking_uri(cluster: ClusterConfig) -> str:
 
 def configure(cluster: ClusterConfig) -> str:
     """Point this process's MLflow at the configured stores and experiment; returns its id."""
+    from app.cluster import mlflow_defaults
+
     uri = tracking_uri(cluster)
     mlflow.set_tracking_uri(uri)
-    if cluster.mlflow_registry_uri:
-        mlflow.set_registry_uri(cluster.mlflow_registry_uri)
+    registry = mlflow_defaults(cluster)[1]
+    if registry:
+        mlflow.set_registry_uri(registry)
     exp = mlflow.get_experiment_by_name(cluster.mlflow_experiment)
     if exp is not None:
         return exp.experiment_id

@@ -33,3 +33,45 @@ def test_schema_check_catches_a_typo():
     config["available_node_types"]["gpu_worker"]["max_wokers"] = 3
     with pytest.raises(jsonschema.ValidationError, match="max_wokers"):
         _validate(config)
+
+
+def _cluster(**overrides):
+    from app.config import load_config
+
+    return load_config(overrides=overrides).cluster
+
+
+def test_ray_comes_from_the_address_then_databricks_then_local():
+    from app.cluster import plan
+
+    assert plan(_cluster(), env={}).kind == "local"
+    assert plan(_cluster(), env={}).local_args["_node_ip_address"] == "127.0.0.1"
+    assert plan(_cluster(), env={}, connected=True).kind == "connected"
+    by_env = plan(_cluster(), env={"RAY_ADDRESS": "ray://head:10001"})
+    assert (by_env.kind, by_env.address) == ("address", "ray://head:10001")
+    flag = plan(_cluster(address="10.0.0.1:6379"), env={"RAY_ADDRESS": "other:6379"})
+    assert flag.address == "10.0.0.1:6379"  # the flag wins over the environment
+
+
+def test_databricks_is_detected_and_sized_from_config():
+    from app.cluster import mlflow_defaults, plan
+    from app.config import ConfigError
+
+    env = {"DATABRICKS_RUNTIME_VERSION": "16.4", "DATABRICKS_TOKEN": "dapi-secret"}
+    vol = "/Volumes/main/recsys/artifacts/twotower"
+    setup = plan(_cluster(workdir=vol, spark_worker_nodes=3, spark_gpus_per_node=4), env=env)
+    assert setup.kind == "databricks"
+    assert setup.spark_args == {"max_worker_nodes": 3, "min_worker_nodes": 3,
+                                "num_gpus_worker_node": 4,
+                                "collect_log_to_path": f"{vol}/ray_logs"}
+    assert "dapi-secret" not in repr(setup)
+    assert mlflow_defaults(_cluster(workdir=vol), env=env) == ("databricks", "databricks-uc")
+    assert mlflow_defaults(_cluster(mlflow_registry_uri="databricks"), env=env)[1] == \
+        "databricks"
+    assert mlflow_defaults(_cluster(), env={}) == (None, None)
+    # --databricks off a Databricks runtime too, and a workdir only the driver would see
+    assert plan(_cluster(databricks=True, workdir=vol), env={}).kind == "databricks"
+    with pytest.raises(ConfigError, match="--workdir workdir: on Databricks.*Volumes"):
+        plan(_cluster(), env=env)
+    with pytest.raises(ConfigError, match="--address and --databricks"):
+        plan(_cluster(databricks=True, address="h:6379", workdir=vol), env={})
