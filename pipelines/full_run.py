@@ -1,10 +1,11 @@
 """The main job: ``python -m pipelines.full_run [--config FILE] [--dataset ...] [--workdir DIR]``.
 
-Runs the stages of the pipeline in order (prepare -> train -> infer) on the resolved Ray
-cluster (an embedded local Ray by default) and writes everything under ``--workdir``:
-``data/`` (the prepared dataset), ``model/`` (the model folder), ``recommendations/`` (top-K
-per user, Parquet), ``config.yaml`` (the resolved configuration) and ``summary.json``; MLflow
-records the training run and the registered model.
+Runs the stages of the pipeline in order (prepare -> [tune] -> train -> infer) on the resolved
+Ray cluster (an embedded local Ray, a cluster through ``--address`` / ``ray job submit``, or
+Ray on Databricks) and writes everything under ``--workdir``: ``data/`` (the prepared
+dataset), ``sweep/`` (with ``--tune``), ``model/`` (the model folder), ``recommendations/``
+(top-K per user, Parquet), ``val_metrics.png``, ``config.yaml`` (the resolved configuration)
+and ``summary.json``; MLflow records the runs and the registered model. Ends with a report.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from app.cluster import init_ray
-from app.config import Config, ConfigError, add_arguments, config_from_args
+from app.config import Config, ConfigError, add_arguments, config_from_args, load_config
 from app.dataset import DatasetError, read_manifest
 from app.export import ModelError
 from app.placement import ResourceError
 from app.prepare import prepare_dataset
+from app.report import examples, plot_history, render
 from app.sources import DataError
+from app.tracking import tracking_uri
 from app.train import TrainError
 
 STAGES = ("prepare", "train", "infer")
@@ -41,8 +44,15 @@ def _prepared_with(data_dir: Path, cfg: Config) -> bool:
     return want == have
 
 
-def run(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
-    """Run the stages in order; returns the summary (also ``<workdir>/summary.json``)."""
+def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False
+        ) -> dict[str, Any]:
+    """Run the stages in order; returns the summary (also ``<workdir>/summary.json``).
+
+    Args:
+        cfg: the resolved configuration.
+        stages: which of prepare, train, infer to run.
+        tune: sweep first (``cfg.tune``) and train the model with the best trial's settings.
+    """
     workdir = Path(cfg.cluster.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     cfg.dump_yaml(workdir / "config.yaml")
@@ -64,55 +74,53 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
     summary["stages"]["prepare"] = {"seconds": round(seconds, 2),
                                     "rows": manifest["counts"]["read"],
                                     "counts": manifest["counts"], "output": str(data_dir)}
+    model_dir = workdir / "model"
+    if tune:
+        from app.tune import sweep
+
+        t0 = time.perf_counter()
+        swept = sweep(cfg, str(data_dir), str(workdir / "sweep"))
+        summary["stages"]["tune"] = {"seconds": round(time.perf_counter() - t0, 2),
+                                     "rows": len(swept["rows"]), "output": str(workdir / "sweep"),
+                                     "best": swept["best"]["params"],
+                                     "best_metric": swept["best"]["metric"]}
+        # the model is trained with the best trial's settings (the rest as configured)
+        cfg = load_config(swept["best_config"], {"workdir": cfg.cluster.workdir})
     if "train" in stages:
         from app.train import train
 
-        model_dir = workdir / "model"
         t0 = time.perf_counter()
         result = train(cfg, str(data_dir), str(model_dir))
         samples = manifest["counts"]["splits"]["train"] * cfg.train.epochs
         summary["stages"]["train"] = {"seconds": round(time.perf_counter() - t0, 2),
                                       "rows": samples, "output": str(model_dir),
                                       "metrics": result["metrics"], "mlflow": result["mlflow"]}
+        summary["tracking_uri"] = tracking_uri(cfg.cluster)
+        summary["plot"] = str(workdir / "val_metrics.png")
+        plot_history(result["history"], workdir / "val_metrics.png",
+                     [int(k) for k in cfg.train.top_k])
     if "infer" in stages:
         from app.inference import batch_inference
 
         recs = workdir / "recommendations"
         t0 = time.perf_counter()
-        result = batch_inference(cfg, str(workdir / "model"), str(data_dir), str(recs))
+        result = batch_inference(cfg, str(model_dir), str(data_dir), str(recs))
         summary["stages"]["infer"] = {"seconds": round(time.perf_counter() - t0, 2),
                                       "rows": result["users"], "output": str(recs),
                                       "summary": result}
+        summary["examples"] = examples(recs)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-    print("\n" + "=" * 72)
-    print(f"{'stage':<12}{'seconds':>10}{'rows':>14}{'rows/s':>14}")
-    for name, st in summary["stages"].items():
-        rate = st["rows"] / st["seconds"] if st["seconds"] else float("nan")
-        print(f"{name:<12}{st['seconds']:>10.1f}{st['rows']:>14,}{rate:>14,.0f}")
-    c = manifest["counts"]
-    print(f"dataset   : {data_dir}  (train {c['splits']['train']:,} / val {c['splits']['val']:,}"
-          f" / test {c['splits']['test']:,}; {c['rejected']:,} rejected)")
-    if "train" in summary["stages"]:
-        st = summary["stages"]["train"]
-        m = st["metrics"]
-        print(f"model     : {st['output']}")
-        for k in ("recall@20", "ndcg@20"):
-            print(f"  test {k:<10} model {m['model']['test'][k]:.4f}   popularity "
-                  f"{m['popularity']['test'][k]:.4f}")
-        print(f"mlflow    : run {st['mlflow']['run_id']}, {st['mlflow']['registered_uri']}")
-    if "infer" in summary["stages"]:
-        st = summary["stages"]["infer"]
-        print(f"recommend : {st['output']}  ({st['summary']['users']:,} users x top "
-              f"{st['summary']['k']})")
-    print(f"summary   : {workdir / 'summary.json'}")
-    print("=" * 72)
+    print()
+    print(render(summary))
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tune", action="store_true",
+                        help="run a hyperparameter sweep before training and train with the "
+                             "best trial's settings (see pipelines.tune)")
     parser.add_argument("--stages", default=",".join(STAGES),
                         help=f"comma-separated stages to run, in order (default: all of "
                              f"{','.join(STAGES)})")
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"(stages: {', '.join(STAGES)})")
         cfg = config_from_args(args)
         print(cfg.describe(), flush=True)
-        run(cfg, stages)
+        run(cfg, stages, tune=args.tune)
     except (ConfigError, DataError, DatasetError, ModelError, ResourceError, TrainError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

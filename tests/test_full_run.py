@@ -41,7 +41,9 @@ def test_full_run_prepares_trains_and_recommends(ray_local, tmp_path, capsys):
     recs = pd.read_parquet(wd / "recommendations")
     assert summary["stages"]["infer"]["summary"]["rows"] == len(recs) > 0
     out = capsys.readouterr().out
-    assert "test recall@20" in out and "models:/two-tower-full-run/" in out
+    assert "models:/two-tower-full-run/" in out and "example recommendations:" in out
+    assert "recall@20" in out and "vs" in out
+    assert (wd / "val_metrics.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_full_run_rejects_unknown_stages(capsys):
