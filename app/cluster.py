@@ -65,7 +65,10 @@ def plan(cfg: ClusterConfig, env: Mapping[str, str] = os.environ,
         if cfg.spark_gpus_per_node is not None:
             spark["num_gpus_worker_node"] = cfg.spark_gpus_per_node
         return RaySetup("databricks", spark_args=spark)
-    return RaySetup("local", local_args={"num_cpus": cfg.num_cpus, "include_dashboard": False,
+    # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner needs to
+    # release the workers of a run whose driver was stopped (a Tune trial stopped early).
+    return RaySetup("local", local_args={"num_cpus": cfg.num_cpus, "include_dashboard": True,
+                                         "dashboard_host": "127.0.0.1",
                                          "_node_ip_address": "127.0.0.1"})
 
 

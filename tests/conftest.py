@@ -17,11 +17,17 @@ from app.config import load_config  # noqa: E402
 from app.prepare import prepare_dataset  # noqa: E402
 
 
+def start_local_ray(**kwargs) -> None:
+    """A local Ray on 127.0.0.1 (2 CPUs unless given), with the dashboard: its state API lets
+    Ray Train release the placement group of a run whose driver was stopped."""
+    ray.init(**{"num_cpus": 2, **kwargs}, include_dashboard=True, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1", log_to_driver=False)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray cluster with 2 CPUs (the size of the CI machine)."""
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+    start_local_ray()
     yield
     ray.shutdown()
 

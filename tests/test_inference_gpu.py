@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from app.config import load_config
+from tests.conftest import start_local_ray
 from app.inference import batch_inference
 
 pytestmark = pytest.mark.gpu
@@ -16,7 +17,7 @@ def test_gpu_actors_give_the_cpu_recommendations(trained, movielens_dir, tmp_pat
     import ray
 
     ray.shutdown()  # the session's Ray was started without GPUs
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    start_local_ray(num_cpus=None)
     try:
         assert ray.cluster_resources().get("GPU", 0) >= 1
         out = {}
@@ -33,5 +34,4 @@ def test_gpu_actors_give_the_cpu_recommendations(trained, movielens_dir, tmp_pat
         assert same > 0.99  # ties may order differently on another device
     finally:
         ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False)
+        start_local_ray()

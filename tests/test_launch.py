@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,57 @@ def test_databricks_is_detected_and_sized_from_config():
         plan(_cluster(), env=env)
     with pytest.raises(ConfigError, match="--address and --databricks"):
         plan(_cluster(databricks=True, address="h:6379", workdir=vol), env={})
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_runs_the_full_pipeline(ray_local, tmp_path):
+    """A real head node (`ray start --head`), the main job through `ray job submit
+    --working-dir .`, as on a standalone cluster."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import ray
+
+    from tests.conftest import start_local_ray
+
+    bin_dir = Path(sys.executable).parent
+    ray_cli = str(bin_dir / "ray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # the job's `python`
+    ray.shutdown()  # `ray stop` below stops every Ray on this machine; ours comes back after
+    dash = _free_port()
+    subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1",
+                    f"--port={_free_port()}", "--num-cpus=2", "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                    "--disable-usage-stats"], check=True, env=env, capture_output=True,
+                   timeout=120)
+    workdir = tmp_path / "wd"
+    try:
+        job = subprocess.run(
+            [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+             "--working-dir", str(ROOT), "--", "python", "-m", "pipelines.full_run",
+             "--dataset", "synthetic", "--rows", "20000", "--epochs", "1",
+             "--workdir", str(workdir), "--registered-model-name", "two-tower-job"],
+            env=env, capture_output=True, text=True, timeout=900)
+        log = job.stdout + job.stderr
+        assert job.returncode == 0, log[-4000:]
+        assert "SUCCEEDED" in log
+        assert "registered model" in log and "example recommendations" in log
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True,
+                       timeout=120)
+        start_local_ray()
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert list(summary["stages"]) == ["prepare", "train", "infer"]
+    assert (workdir / "model" / "weights.pt").is_file()
+    assert (workdir / "recommendations" / "_summary.json").is_file()
+    shutil.rmtree(workdir / "checkpoints", ignore_errors=True)

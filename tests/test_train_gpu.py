@@ -8,6 +8,7 @@ import json
 import pytest
 
 from app.config import load_config
+from tests.conftest import start_local_ray
 
 pytestmark = pytest.mark.gpu
 
@@ -54,8 +55,7 @@ def ray_gpu(ray_local):
     import ray
 
     ray.shutdown()
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    start_local_ray(num_cpus=None)
     yield
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+    start_local_ray()

@@ -9,13 +9,15 @@ import ray
 from ray.cluster_utils import Cluster
 
 from app.config import load_config
+from tests.conftest import start_local_ray
 
 
 def test_mnmg_spreads_one_worker_per_node(ray_local, movielens_dir, tmp_path):
     from app.train import train
 
     ray.shutdown()  # this test needs its own cluster; the session's local Ray comes back after
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 1, "include_dashboard": True})
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
@@ -37,5 +39,4 @@ def test_mnmg_spreads_one_worker_per_node(ray_local, movielens_dir, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=False)
+        start_local_ray()
