@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -97,3 +98,38 @@ def read_split_arrays(split_dir: str | os.PathLike) -> dict[str, np.ndarray]:
              for s in index["shards"]]
     rows = np.concatenate(parts) if parts else np.empty(0, record)
     return {name: np.ascontiguousarray(rows[name]) for name in record.names}
+
+
+@dataclass
+class ItemFeatures:
+    """Multi-valued item features as CSR arrays: values of item i are
+    ``values[offsets[i]:offsets[i + 1]]`` (index 0 of every feature means unknown)."""
+
+    name: str
+    offsets: np.ndarray  # (num_items + 2,) int64: item index 0..num_items
+    values: np.ndarray   # (nnz,) int64
+    vocab: list[str]     # value index -> text; index 0 is unknown
+
+    @classmethod
+    def genres(cls, data_dir: str | os.PathLike) -> Optional["ItemFeatures"]:
+        """Genres of each item from the item metadata ("A|B|C"), or None when there is none."""
+        items = load_vocab(data_dir)["items"]
+        if "genres" not in items.column_names:
+            return None
+        lists = [(g or "").split("|") if g and g != "(no genres listed)" else []
+                 for g in items["genres"].to_pylist()]
+        vocab = ["<unknown>"] + sorted({g for gs in lists for g in gs})
+        pos = {g: i for i, g in enumerate(vocab)}
+        lengths = np.array([0] + [len(gs) for gs in lists], np.int64)  # item 0 has none
+        values = np.array([pos[g] for gs in lists for g in gs], np.int64)
+        return cls("item_genres", np.concatenate([[0], np.cumsum(lengths)]), values, vocab)
+
+    def lookup(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lengths (B,), values (sum of lengths,)) for a batch of item indices, vectorised."""
+        starts = self.offsets[items]
+        lengths = self.offsets[items + 1] - starts
+        total = int(lengths.sum())
+        # position j of the output reads values[starts[row] + (j - first output index of row)]
+        row_first = np.cumsum(lengths) - lengths
+        idx = np.repeat(starts - row_first, lengths) + np.arange(total)
+        return lengths, self.values[idx]

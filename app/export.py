@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from app.model import QUERY_FEATURES, TABLES, ModelSpec
-from app.reader import ItemFeatures
+from app.dataset import ItemFeatures
 
 MODEL_SCHEMA_VERSION = 1
 MODEL_JSON = "model.json"

@@ -329,7 +329,9 @@ def _read_table(path: str, columns: list[str]) -> Any:
     if missing:
         raise DatasetError(f"{path}: missing column(s) {', '.join(missing)} "
                            f"(has {', '.join(names)})")
-    return ds.select_columns(columns)
+    # read to the end before the actor pool starts: actors that hold every CPU would leave
+    # the read tasks none (a deadlock on a small cluster)
+    return ds.select_columns(columns).materialize()
 
 
 def exact_recall(shared: dict[str, Any], model_dir: Path, users: np.ndarray, k: int,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.reader import ItemFeatures
+from app.dataset import ItemFeatures
 
 # Feature (KeyedJaggedTensor key) -> embedding table name.
 TABLES = {"user_id": "t_user_id", "item_id": "t_item_id", "item_genres": "t_item_genres"}

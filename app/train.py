@@ -148,7 +148,7 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
     from app import tracking
     from app.cluster import init_ray
     from app.export import WEIGHTS, export_state_dict, write_model_json
-    from app.reader import ItemFeatures
+    from app.dataset import ItemFeatures
 
     say = print if verbose else (lambda *a, **k: None)
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ from app.metrics import UserItems, binary_auroc, finish, ranking_sums
 from app.model import (ModelSpec, TwoTower, TwoTowerTrainTask, bce_loss, candidate_kjt,
                        make_batch, query_kjt, sampled_softmax_loss)
 from app.placement import Placement, ResourceError, check_resources, placement
-from app.reader import ItemFeatures
+from app.dataset import ItemFeatures
 
 SPEC = ModelSpec(num_users=30, num_items=40, num_genres=5, embedding_dim=8,
                  tower_layers=(16, 6))
