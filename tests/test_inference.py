@@ -131,7 +131,7 @@ def test_mlflow_uri_and_user_file_with_unknown_users(trained, movielens_dir, tmp
     known = pd.read_parquet(trained["model_dir"] / "vocab" / "users.parquet")["id"][:3]
     users = pd.DataFrame({"userId": known.tolist() + [10 ** 9]})
     users.to_parquet(tmp_path / "users.parquet")
-    cfg = inference_config(trained["work"], recommend_k=5)
+    cfg = inference_config(trained["work"], recommend_k=5, inference_actors=2)  # every CPU
     summary = batch_inference(cfg, info["registered_uri"], str(movielens_dir),
                               str(tmp_path / "r"), users=str(tmp_path / "users.parquet"),
                               verbose=False)
