@@ -4,7 +4,7 @@ PY := .venv/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench-prepare
+.PHONY: setup run test bench-prepare bench-train bench-inference
 setup:
 	@bash scripts/setup_env.sh
 
@@ -16,3 +16,9 @@ test: setup
 
 bench-prepare: setup
 	$(PY) bench/prepare.py $(ARGS)
+
+bench-train: setup
+	$(PY) bench/train.py $(ARGS)
+
+bench-inference: setup
+	$(PY) bench/inference.py $(ARGS)
