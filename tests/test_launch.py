@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -119,8 +120,12 @@ def test_ray_job_submit_runs_the_full_pipeline(ray_local, tmp_path):
             env=env, capture_output=True, text=True, timeout=900)
         log = job.stdout + job.stderr
         assert job.returncode == 0, log[-4000:]
-        assert "SUCCEEDED" in log
         assert "registered model" in log and "example recommendations" in log
+        job_id = re.search(r"raysubmit_\w+", log).group(0)
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
+        assert client.get_job_status(job_id) == JobStatus.SUCCEEDED
     finally:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True,
                        timeout=120)
