@@ -239,7 +239,7 @@ def sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
     (out / "results.json").write_text(json.dumps(
         [{k: v for k, v in r.items() if k != "params_all"} for r in rows], indent=2,
         default=str) + "\n")
-    _close_child_runs(cfg, parent_run_id)
+    _close_child_runs(cfg, parent_run_id, rows)
     tracking.log_sweep(cfg, parent_run_id, best=best, metric=metric, folder=out)
     seconds = round(time.perf_counter() - t0, 1)
     say(table)
@@ -250,15 +250,20 @@ def sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
             "seconds": seconds}
 
 
-def _close_child_runs(cfg: Config, parent_run_id: str) -> None:
-    """Trials stopped by the scheduler are killed mid-run: mark their MLflow runs KILLED."""
+def _close_child_runs(cfg: Config, parent_run_id: str, rows: list[dict[str, Any]]) -> None:
+    """Give every trial's MLflow run the status of its trial: a trial stopped by the scheduler
+    is killed mid-run (its run may be left RUNNING, or marked FAILED by the interrupted fit),
+    so it is marked KILLED; completed trials FINISHED; errored ones FAILED."""
     import mlflow
 
     from app import tracking
 
+    status = {"completed": "FINISHED", "stopped early": "KILLED", "error": "FAILED"}
+    by_trial = {r["trial"]: status[r["status"]] for r in rows}
     exp_id = tracking.configure(cfg.cluster)
     client = mlflow.MlflowClient()
     for run in client.search_runs([exp_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"):
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status="KILLED")
+        want = by_trial.get(run.data.tags.get("trial_id"))
+        if want and run.info.status != want:
+            client.set_terminated(run.info.run_id, status=want)

@@ -57,7 +57,10 @@ def test_sweep_is_tracked_as_a_parent_run_with_a_child_per_trial(swept):
     children = client.search_runs(
         [exp], filter_string=f"tags.mlflow.parentRunId = '{summary['parent_run_id']}'")
     assert len(children) == len(DIMS)
-    assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
+    status = {r["trial"]: r["status"] for r in summary["rows"]}
+    want = {"completed": "FINISHED", "stopped early": "KILLED"}
+    assert {c.data.tags["trial_id"]: c.info.status for c in children} == \
+        {t: want[s] for t, s in status.items()}
     assert any(client.get_metric_history(c.info.run_id, "val_recall_at_20") for c in children)
 
 
