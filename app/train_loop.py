@@ -48,6 +48,22 @@ def model_spec(cfg: Config, manifest: dict[str, Any], genres: Optional[ItemFeatu
                      objective=cfg.model.objective, temperature=cfg.model.temperature)
 
 
+def training_inputs(cfg: Config, data_dir: str) -> tuple[ModelSpec, Optional[ItemFeatures],
+                                                           dict[str, np.ndarray], np.ndarray]:
+    """What every rank reads before building the model: the model's shape, the item genres it
+    uses (None when it uses none), the training split's rows (for exclusions in evaluation)
+    and each item's count among training positives (log-Q, the popularity baseline)."""
+    from app.dataset import read_manifest
+
+    manifest = read_manifest(data_dir)
+    genres = ItemFeatures.genres(data_dir) if cfg.model.use_genres else None
+    spec = model_spec(cfg, manifest, genres)
+    train_rows = read_split_arrays(Path(data_dir, "train"))
+    positive_counts = np.bincount(train_rows["item"][train_rows["label"] > 0].astype(np.int64),
+                                  minlength=spec.num_items)
+    return spec, (genres if spec.num_genres else None), train_rows, positive_counts
+
+
 def _equal_share(ids: np.ndarray, device: torch.device) -> np.ndarray:
     """Truncate this rank's sample ids to the shortest rank's count, so that every rank runs
     the same number of steps (sharded lookups are collective); at most a few rows per epoch."""
@@ -310,15 +326,7 @@ def train_loop(config: dict[str, Any]) -> None:
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(cfg.train.train_seed)
 
-    from app.dataset import read_manifest
-    manifest = read_manifest(data_dir)
-    genres = ItemFeatures.genres(data_dir) if cfg.model.use_genres else None
-    spec = model_spec(cfg, manifest, genres)
-    genres = genres if spec.num_genres else None
-    train_rows = read_split_arrays(Path(data_dir, "train"))
-    positive_counts = np.bincount(train_rows["item"][train_rows["label"] > 0].astype(np.int64),
-                                  minlength=spec.num_items)
-
+    spec, genres, train_rows, positive_counts = training_inputs(cfg, data_dir)
     dmp, optimizer, plan = build_sharded(cfg, spec, positive_counts, device=device,
                                          local_world_size=ctx.get_local_world_size())
     model = dmp.module.model

@@ -102,15 +102,13 @@ def bench_worker(config: dict[str, Any]) -> None:
 
     for name in ("", "torchrec", "fbgemm_gpu", "streaming"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    import numpy as np
     import ray.train
     import torch
 
-    from app.dataset import read_manifest, read_split_arrays
     from app.model import make_batch
-    from app.reader import InteractionStream, ItemFeatures
+    from app.reader import InteractionStream
     from app.train_loop import (BATCH_COLUMNS, _equal_share, _prefetch, build_sharded,
-                                model_spec, train_step)
+                                train_step, training_inputs)
 
     cfg = load_config(overrides=config["overrides"])
     data_dir = config["data_dir"]
@@ -118,13 +116,7 @@ def bench_worker(config: dict[str, Any]) -> None:
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.train_seed)
-    manifest = read_manifest(data_dir)
-    genres = ItemFeatures.genres(data_dir) if cfg.model.use_genres else None
-    spec = model_spec(cfg, manifest, genres)
-    genres = genres if spec.num_genres else None
-    train_rows = read_split_arrays(Path(data_dir, "train"))
-    positive_counts = np.bincount(train_rows["item"][train_rows["label"] > 0].astype(np.int64),
-                                  minlength=spec.num_items)
+    spec, genres, _, positive_counts = training_inputs(cfg, data_dir)
     dmp, optimizer, _ = build_sharded(cfg, spec, positive_counts, device=device,
                                       local_world_size=ctx.get_local_world_size())
     dmp.train()
