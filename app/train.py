@@ -198,7 +198,9 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
     ckpt = Path(result.checkpoint.path)
     state = json.loads((ckpt / STATE_FILE).read_text())
     if state["epoch"] != cfg.train.epochs:
-        raise TrainError(f"training stopped after {state['epoch']} of {cfg.train.epochs} epochs")
+        tracking.end_run(cfg, run_id, status="FAILED")
+        raise TrainError(f"training stopped after {state['epoch']} of {cfg.train.epochs} "
+                         f"epochs; --resume continues it from {ckpt}")
 
     # the model folder, written beside its final place and renamed into it
     tmp = out.parent / f".{out.name}.partial"
