@@ -28,7 +28,8 @@ import numpy as np
 from app.config import Config
 from app.dataset import SPLITS, DatasetError, read_manifest
 from app.placement import check_resources, cluster_nodes, placement
-from app.train_loop import PLAN_FILE, POPULARITY_FILE, STATE_FILE, model_spec, train_loop
+from app.train_loop import (PLAN_FILE, POPULARITY_FILE, STATE_FILE, latest_checkpoint,
+                             model_spec, train_loop)
 
 
 class TrainError(RuntimeError):
@@ -39,16 +40,6 @@ def run_name(output: Path) -> str:
     """A stable Ray Train run name per output folder (so ``--resume`` finds its checkpoints)."""
     digest = hashlib.sha1(str(output.resolve()).encode()).hexdigest()[:8]
     return f"train-{re.sub(r'[^A-Za-z0-9_.-]', '_', output.name)}-{digest}"
-
-
-def _latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The checkpoint with the most epochs under a Ray Train run folder, or None."""
-    best, best_epoch = None, -1
-    for state in run_dir.glob(f"checkpoint_*/{STATE_FILE}"):
-        epoch = json.loads(state.read_text())["epoch"]
-        if epoch > best_epoch:
-            best, best_epoch = state.parent, epoch
-    return best
 
 
 def consolidate(checkpoint_dir: Path) -> dict[str, Any]:
@@ -104,7 +95,7 @@ def _prepare_output(output: Path) -> None:
 
 def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Path,
                  mlflow_info: Optional[dict[str, str]] = None,
-                 resume_from: Optional[Path] = None, callbacks: Optional[list] = None) -> Any:
+                 callbacks: Optional[list] = None) -> Any:
     """The ``TorchTrainer`` of one training run (also what every tuning trial fits).
 
     Args:
@@ -112,7 +103,6 @@ def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Path,
         data_dir: the prepared dataset.
         name, storage: the Ray Train run name and storage path (checkpoints).
         mlflow_info: ``{"tracking_uri", "run_id"}`` of the run rank 0 logs epochs to.
-        resume_from: a checkpoint folder to start from.
         callbacks: Ray Train ``UserCallback``s (Tune's report callback in a sweep).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -123,7 +113,7 @@ def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Path,
         train_loop,
         train_loop_config={"config": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()),
                            "mlflow": mlflow_info,
-                           "resume_from": str(resume_from) if resume_from else None},
+                           "run_dir": str(Path(storage, name))},
         scaling_config=place.scaling_config(),
         torch_config=TorchConfig(backend=place.backend),
         run_config=RunConfig(name=name, storage_path=str(storage),
@@ -174,7 +164,7 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
     run_dir = storage / name
     resume_from = None
     if cfg.train.resume:
-        resume_from = _latest_checkpoint(run_dir)
+        resume_from = latest_checkpoint(run_dir)
         if resume_from is None:
             raise TrainError(f"--resume: no checkpoint of this output under {run_dir}")
         state = json.loads((resume_from / STATE_FILE).read_text())
@@ -185,8 +175,8 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
     run_id = tracking.start_run(cfg, run_name=out.name, tags={"stage": "train",
                                                                "dataset": str(data_dir)})
     mlflow_info = {"tracking_uri": tracking.tracking_uri(cfg.cluster), "run_id": run_id}
-    trainer = make_trainer(cfg, data_dir, name=name, storage=storage, mlflow_info=mlflow_info,
-                           resume_from=resume_from)
+    # the workers start from the latest checkpoint in the run folder: --resume keeps it
+    trainer = make_trainer(cfg, data_dir, name=name, storage=storage, mlflow_info=mlflow_info)
     try:
         result = trainer.fit()
     except Exception as e:

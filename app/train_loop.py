@@ -48,6 +48,16 @@ def model_spec(cfg: Config, manifest: dict[str, Any], genres: Optional[ItemFeatu
                      objective=cfg.model.objective, temperature=cfg.model.temperature)
 
 
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The complete checkpoint with the most epochs under a Ray Train run folder, or None."""
+    best, best_epoch = None, -1
+    for state in run_dir.glob(f"checkpoint_*/{STATE_FILE}"):
+        epoch = json.loads(state.read_text())["epoch"]
+        if epoch > best_epoch:
+            best, best_epoch = state.parent, epoch
+    return best
+
+
 def training_inputs(cfg: Config, data_dir: str) -> tuple[ModelSpec, Optional[ItemFeatures],
                                                            dict[str, np.ndarray], np.ndarray]:
     """What every rank reads before building the model: the model's shape, the item genres it
@@ -305,7 +315,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     Args:
         config: ``{"config": Config.to_dict(), "data_dir": str, "mlflow": {"tracking_uri",
-            "run_id"} or None, "resume_from": checkpoint folder or None}``.
+            "run_id"} or None, "run_dir": the Ray Train run folder (checkpoints)}``.
     """
     import logging
 
@@ -335,10 +345,14 @@ def train_loop(config: dict[str, Any]) -> None:
     dist.all_gather_object(rank_nodes, ray.get_runtime_context().get_node_id())
 
     state: dict[str, Any] = {"epoch": 0, "history": [], "resumed_at_epochs": []}
-    # after a failure Ray Train hands back the latest checkpoint; --resume names one
+    # After a failure Ray Train hands back the latest checkpoint it registered. A worker that
+    # dies right after an epoch's checkpoint is written can take the report with it, so the
+    # run folder is read too: a checkpoint with a state file is complete (rank 0 writes it
+    # after the collective save), and the folder holds only this run's (or --resume's).
     restored = ray.train.get_checkpoint()
-    if restored is None and config.get("resume_from"):
-        restored = Checkpoint.from_directory(config["resume_from"])
+    if restored is None and config.get("run_dir"):
+        found = latest_checkpoint(Path(config["run_dir"]))
+        restored = Checkpoint.from_directory(str(found)) if found else None
     if restored is not None:
         with restored.as_directory() as d:
             sd = {"model": dmp.state_dict(), "optim": optimizer.state_dict()}

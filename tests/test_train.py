@@ -140,13 +140,16 @@ def test_a_topology_the_cluster_cannot_place_fails_at_once(ray_local, movielens_
     assert time.perf_counter() - t0 < 30
 
 
-def _worker_pids() -> list[int]:
+def _worker_pids(started_after: float) -> list[int]:
+    """Training workers of this test's Ray (started by this process, not another Ray on the
+    host) that were started after the given time (not an exiting worker of an earlier run)."""
     import psutil
 
-    pids = []  # only this test run's Ray (started by this process), not another on the host
+    pids = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if " ".join(p.cmdline()).startswith("ray::RayTrainWorker"):
+            if (" ".join(p.cmdline()).startswith("ray::RayTrainWorker")
+                    and p.create_time() >= started_after and p.is_running()):
                 pids.append(p.pid)
         except psutil.Error:
             continue
@@ -163,12 +166,14 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(trained, movielens_dir
     run_dir = tmp_path / "checkpoints" / run_name(output)
     killed: list[int] = []
 
+    started = time.time()
+
     def kill_in_epoch_two() -> None:
         deadline = time.time() + 300
         while time.time() < deadline and not list(run_dir.glob("checkpoint_*/state.json")):
             time.sleep(0.1)
         time.sleep(1.0)  # into the second epoch's training steps
-        pids = _worker_pids()
+        pids = _worker_pids(started)
         if pids:
             os.kill(pids[-1], signal.SIGKILL)
             killed.append(pids[-1])
