@@ -186,6 +186,18 @@ def load_exported(model_dir: str | os.PathLike,
     return model.to(map_location).eval()
 
 
+def pair_probabilities(scores: np.ndarray, known: np.ndarray, calibration: dict[str, float]
+                       ) -> tuple[np.ndarray, Any]:
+    """(prediction_prob, predicted_class) of pair scores under the model's calibration
+    ``sigmoid(a * score + b)``; the class is missing (NA) where a pair has an unknown id."""
+    import pandas as pd
+
+    prob = 1.0 / (1.0 + np.exp(-(calibration["a"] * scores.astype(np.float64)
+                                 + calibration["b"])))
+    cls = pd.Series((prob >= 0.5).astype(np.int8), dtype="Int8").where(known)
+    return prob, cls
+
+
 def item_popularity(model_dir: str | os.PathLike) -> np.ndarray:
     """Positives per item index in the training split (index 0 = unknown, always 0)."""
     return np.load(Path(model_dir, "item_popularity.npy"))

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from app.config import Config
 from app.dataset import SPLITS, DatasetError, load_vocab, read_manifest, read_split_arrays
-from app.export import ModelError, item_popularity, read_model_json
+from app.export import ModelError, item_popularity, pair_probabilities, read_model_json
 from app.metrics import UserItems
 
 SUMMARY = "_summary.json"  # inside the output folder; Parquet readers skip "_" files
@@ -272,13 +272,10 @@ class PairScores:
             score[known] = self.model.score(torch.from_numpy(u[known]).to(self.device),
                                             torch.from_numpy(i[known]).to(self.device)
                                             ).cpu().numpy()
-        a, b = self.calibration["a"], self.calibration["b"]
-        prob = 1.0 / (1.0 + np.exp(-(a * score.astype(np.float64) + b)))
+        prob, cls = pair_probabilities(score, known, self.calibration)
         return pd.DataFrame({"userId": batch["userId"].to_numpy(),
                              "movieId": batch["movieId"].to_numpy(), "score": score,
-                             "prediction_prob": prob,
-                             "predicted_class": pd.Series(
-                                 (prob >= 0.5).astype(np.int8), dtype="Int8").where(known),
+                             "prediction_prob": prob, "predicted_class": cls,
                              "known_user": u > 0, "known_item": i > 0})
 
 

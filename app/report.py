@@ -46,9 +46,9 @@ def examples(recommendations: Path, users: int = 3, k: int = 5) -> str:
     lines = []
     for user in first:
         rows = df[(df["userId"] == user) & (df["rank"] <= k)].sort_values("rank")
-        names = [str(t) if "title" in rows and pd.notna(t) else str(m)
-                 for m, t in zip(rows["movieId"], rows["title"] if "title" in rows
-                                 else rows["movieId"])]
+        titles = rows["title"] if "title" in rows else pd.Series([None] * len(rows))
+        names = [str(t) if pd.notna(t) else str(m)
+                 for m, t in zip(rows["movieId"], titles.to_numpy())]
         lines.append(f"  user {user}: " + "; ".join(names))
     return "\n".join(lines)
 

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from app.dataset import load_vocab
-from app.export import item_popularity, load_exported, read_model_json
+from app.export import item_popularity, load_exported, pair_probabilities, read_model_json
 
 
 class Recommender:
@@ -108,10 +108,7 @@ class Recommender:
             s = self.model.score(torch.from_numpy(u[known]).to(self.device),
                                  torch.from_numpy(i[known]).to(self.device))
             score[known] = s.cpu().numpy()
-        prob = 1.0 / (1.0 + np.exp(-(self.calibration["a"] * score.astype(np.float64)
-                                     + self.calibration["b"])))
+        prob, cls = pair_probabilities(score, known, self.calibration)
         return pd.DataFrame({"userId": list(user_ids), "movieId": list(item_ids),
                              "score": score, "prediction_prob": prob,
-                             "predicted_class": np.where(known, (prob >= 0.5).astype(np.int8),
-                                                         -1),
-                             "known": known})
+                             "predicted_class": cls, "known": known})
