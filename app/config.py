@@ -106,9 +106,22 @@ class ModelConfig:
     embedding_dim: int = _f(64, "embedding table dimension")
     tower_layers: list = _f([128, 64], "MLP layer sizes per tower; the last is the output dim")
     objective: Literal["bce", "softmax"] = _f("softmax", "training objective")
-    temperature: float = _f(0.05, "softmax temperature")
+    negatives: Literal["auto", "catalog", "mixed", "in_batch"] = _f(
+        "auto", "softmax negatives: the whole catalog, a fixed mix of in-batch and uniformly "
+                "sampled items, or the batch's positives; auto: catalog up to "
+                "--catalog-max-items items, else mixed")
+    catalog_max_items: int = _f(20000, "largest catalog that auto trains with a full softmax")
+    in_batch_negatives: int = _f(512, "mixed negatives: in-batch positives used per batch")
+    sampled_negatives: int = _f(512, "mixed negatives: uniformly sampled items per batch")
+    temperature: float = _f(0.05, "softmax temperature (divides the dot products)")
+    normalize: bool = _f(False, "L2-normalise both towers' outputs (dot product = cosine)")
+    history_length: int = _f(0, "recent positive items of the user in the query tower's "
+                                "history bag (0: no history feature)")
+    use_user_id: bool = _f(True, "user id embedding in the query tower")
     use_genres: bool = _f(True, "add item genres to the candidate tower when the dataset has "
                                 "item metadata")
+    use_year: bool = _f(True, "add the release year to the candidate tower when the item "
+                              "metadata has one (a year column or a title ending in (YYYY))")
 
     def validate(self) -> None:
         _check(self.embedding_dim > 0, "embedding_dim", "must be positive", self.embedding_dim)
@@ -116,7 +129,26 @@ class ModelConfig:
                "tower_layers", "must be a non-empty list of positive sizes", self.tower_layers)
         _check(self.objective in ("bce", "softmax"), "objective", "must be bce or softmax",
                self.objective)
+        _check(self.negatives in ("auto", "catalog", "mixed", "in_batch"), "negatives",
+               "must be one of auto, catalog, mixed, in_batch", self.negatives)
+        _check(self.catalog_max_items >= 0, "catalog_max_items", "must be >= 0",
+               self.catalog_max_items)
+        _check(self.in_batch_negatives >= 0, "in_batch_negatives", "must be >= 0",
+               self.in_batch_negatives)
+        _check(self.sampled_negatives >= 0, "sampled_negatives", "must be >= 0",
+               self.sampled_negatives)
         _check(self.temperature > 0, "temperature", "must be positive", self.temperature)
+        _check(self.history_length >= 0, "history_length", "must be >= 0",
+               self.history_length)
+        _check(self.use_user_id or self.history_length > 0, "use_user_id",
+               "can be off only with --history-length above 0 (the query tower needs a "
+               "feature)", self.use_user_id)
+
+    def resolved_negatives(self, num_items: int) -> str:
+        """The negatives training uses for a catalog of ``num_items`` items."""
+        if self.negatives != "auto":
+            return self.negatives
+        return "catalog" if num_items <= self.catalog_max_items else "mixed"
 
 
 @dataclass
@@ -126,11 +158,21 @@ class TrainConfig:
     topology: Literal["cpu", "snsg", "snmg", "mnmg"] = _f("cpu", "worker placement")
     num_workers: int = _f(2, "training workers: CPU workers (cpu) or GPUs in all (snmg, mnmg); "
                                  "snsg is always 1")
-    epochs: int = _f(3, "passes over the training split")
+    epochs: int = _f(3, "most passes over the training split (early stopping may end sooner)")
+    patience: int = _f(0, "stop after this many epochs without a better validation metric "
+                          "and keep the best epoch's model (0: no early stopping)")
+    select_metric: str = _f("recall@20", "validation metric of early stopping and of the "
+                                         "best epoch (recall@K or ndcg@K, K in --top-k)")
     batch_size: int = _f(8192, "samples per batch per worker")
     embedding_lr: float = _f(0.05, "learning rate of the fused embedding optimizer")
     dense_lr: float = _f(1e-3, "learning rate of the dense (MLP) optimizer")
     top_k: list = _f([10, 20, 50], "K values of Recall@K and NDCG@K")
+    history_dropout: float = _f(0.0, "share of history items dropped at random from each "
+                                     "training batch (denoising)")
+    ease_lambdas: list = _f([50, 100, 200, 400, 800, 1600],
+                            "EASE baseline: L2 penalties tried, chosen on validation")
+    ease_max_dim: int = _f(10000, "EASE baseline: largest min(users, items) it is fitted for "
+                                  "(an eigendecomposition of that size); skipped above")
     accelerator: Literal["gpu", "cpu"] = _f(
         "gpu", "device of snsg/snmg/mnmg workers; cpu places the same topology on CPU workers")
     cpus_per_worker: int = _f(1, "CPUs reserved per training worker")
@@ -148,6 +190,17 @@ class TrainConfig:
                "must be one of cpu, snsg, snmg, mnmg", self.topology)
         _check(self.num_workers > 0, "num_workers", "must be positive", self.num_workers)
         _check(self.epochs > 0, "epochs", "must be positive", self.epochs)
+        _check(self.patience >= 0, "patience", "must be >= 0", self.patience)
+        _check(0 <= self.history_dropout < 1, "history_dropout", "must be in [0, 1)",
+               self.history_dropout)
+        m = self.select_metric.split("@")
+        _check(len(m) == 2 and m[0] in ("recall", "ndcg") and m[1].isdigit()
+               and int(m[1]) in [int(k) for k in self.top_k], "select_metric",
+               "must be recall@K or ndcg@K with K in --top-k", self.select_metric)
+        _check(len(self.ease_lambdas) > 0 and all(float(x) > 0 for x in self.ease_lambdas),
+               "ease_lambdas", "must be a non-empty list of positive numbers",
+               self.ease_lambdas)
+        _check(self.ease_max_dim >= 0, "ease_max_dim", "must be >= 0", self.ease_max_dim)
         _check(self.batch_size > 0, "batch_size", "must be positive", self.batch_size)
         _check(self.embedding_lr > 0, "embedding_lr", "must be positive", self.embedding_lr)
         _check(self.dense_lr > 0, "dense_lr", "must be positive", self.dense_lr)

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from app.mds import INTERACTION_COLUMNS, record_dtype
@@ -29,6 +31,7 @@ from app.mds import INTERACTION_COLUMNS, record_dtype
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
+_YEAR = re.compile(r"\((\d{4})\)\s*$")  # a title's release year: "Heat (1995)"
 
 
 class DatasetError(ValueError):
@@ -123,6 +126,26 @@ class ItemFeatures:
         lengths = np.array([0] + [len(gs) for gs in lists], np.int64)  # item 0 has none
         values = np.array([pos[g] for gs in lists for g in gs], np.int64)
         return cls("item_genres", np.concatenate([[0], np.cumsum(lengths)]), values, vocab)
+
+    @classmethod
+    def years(cls, data_dir: str | os.PathLike) -> Optional["ItemFeatures"]:
+        """Release year of each item as a one-value bag: the item metadata's ``year``, else
+        parsed from a title ending in "(YYYY)" (MovieLens' movies.csv); None without either."""
+        items = load_vocab(data_dir)["items"]
+        if "year" in items.column_names:
+            years = [y or None for y in items["year"].cast(pa.string()).to_pylist()]
+        elif "title" in items.column_names:
+            found = [_YEAR.search(t or "") for t in items["title"].to_pylist()]
+            years = [m.group(1) if m else None for m in found]
+        else:
+            return None
+        vocab = ["<unknown>"] + sorted({y for y in years if y})
+        if len(vocab) == 1:
+            return None
+        pos = {y: i for i, y in enumerate(vocab)}
+        lengths = np.array([0] + [1 if y else 0 for y in years], np.int64)
+        values = np.array([pos[y] for y in years if y], np.int64)
+        return cls("item_year", np.concatenate([[0], np.cumsum(lengths)]), values, vocab)
 
     def lookup(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(lengths (B,), values (sum of lengths,)) for a batch of item indices, vectorised."""

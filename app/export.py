@@ -24,16 +24,17 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from app.model import QUERY_FEATURES, TABLES, ModelSpec
 from app.dataset import ItemFeatures
+from app.history import HISTORY_FILE, UserHistory
+from app.model import MEAN_POOLED, TABLES, ModelSpec
 
-MODEL_SCHEMA_VERSION = 1
+MODEL_SCHEMA_VERSION = 2  # 2: history bag, item year, normalised towers
 MODEL_JSON = "model.json"
 WEIGHTS = "weights.pt"
 
@@ -43,12 +44,15 @@ class ModelError(ValueError):
 
 
 class ExportedTower(nn.Module):
-    """Sum-pooled ``nn.EmbeddingBag`` per feature -> Linear+ReLU layers -> Linear."""
+    """Pooled ``nn.EmbeddingBag`` per feature -> Linear+ReLU layers -> Linear [-> L2 norm]."""
 
-    def __init__(self, rows: dict[str, int], dim: int, layers: tuple[int, ...]) -> None:
+    def __init__(self, rows: dict[str, int], dim: int, layers: tuple[int, ...],
+                 normalize: bool = False) -> None:
         super().__init__()
-        self.tables = nn.ModuleDict({f: nn.EmbeddingBag(n, dim, mode="sum")
-                                     for f, n in rows.items()})
+        self.tables = nn.ModuleDict({
+            f: nn.EmbeddingBag(n, dim, mode="mean" if f in MEAN_POOLED else "sum")
+            for f, n in rows.items()})
+        self.normalize = normalize
         widths = [dim * len(rows)] + [int(x) for x in layers]
         hidden: list[nn.Module] = []
         for a, b in zip(widths[:-2], widths[1:-1]):
@@ -58,53 +62,110 @@ class ExportedTower(nn.Module):
 
     def forward(self, bags: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """bags: feature -> (values, offsets), in table order; returns (B, output_dim)."""
-        pooled = [self.tables[f](v, o) for f, (v, o) in bags.items()]
-        return self.proj(self.mlp(torch.cat(pooled, dim=1)))
+        pooled = [self.tables[f](*bags[f]) for f in self.tables]
+        out = self.proj(self.mlp(torch.cat(pooled, dim=1)))
+        return nn.functional.normalize(out, dim=-1) if self.normalize else out
+
+
+def _jagged(offsets: torch.Tensor, values: torch.Tensor, rows: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, bag offsets) of the given rows of a CSR feature, for ``nn.EmbeddingBag``."""
+    starts = offsets[rows]
+    lengths = offsets[rows + 1] - starts
+    row_first = torch.cumsum(lengths, 0) - lengths
+    idx = (torch.repeat_interleave(starts - row_first, lengths)
+           + torch.arange(int(lengths.sum()), device=rows.device))
+    return values[idx], row_first
 
 
 class ExportedTwoTower(nn.Module):
     """The trained towers for serving: user and item embeddings, pair scores.
 
-    Item genres (when the model uses them) are stored inside as CSR buffers, so the module
-    needs nothing but item indices.
+    Item features (genres, year) and each user's latest positives (the history bag) are
+    stored inside as CSR buffers, so the module needs nothing but indices; a caller may pass
+    another history for some users (a new user's recent items).
+
+    Args:
+        spec: the model.
+        features: the candidate tower's item features (see ``spec.candidate_features()``).
+        history: the users' positives in time order (when the model reads histories).
     """
 
-    def __init__(self, spec: ModelSpec, genres: Optional[ItemFeatures] = None) -> None:
+    def __init__(self, spec: ModelSpec, features: Sequence[ItemFeatures] = (),
+                 history: Optional[UserHistory] = None) -> None:
         super().__init__()
         self.spec = spec
         rows = spec.table_rows()
-        self.query = ExportedTower({f: rows[f] for f in QUERY_FEATURES},
-                                   spec.embedding_dim, spec.tower_layers)
+        self.query = ExportedTower({f: rows[f] for f in spec.query_features()},
+                                   spec.embedding_dim, spec.tower_layers, spec.normalize)
         self.candidate = ExportedTower({f: rows[f] for f in spec.candidate_features()},
-                                       spec.embedding_dim, spec.tower_layers)
-        if spec.num_genres:
-            if genres is None:
-                raise ModelError("this model uses item genres; pass the item features")
-            self.register_buffer("genre_offsets", torch.from_numpy(genres.offsets))
-            self.register_buffer("genre_values", torch.from_numpy(genres.values))
+                                       spec.embedding_dim, spec.tower_layers, spec.normalize)
+        given = {f.name: f for f in features}
+        for name in spec.candidate_features()[1:]:
+            if name not in given:
+                raise ModelError(f"this model uses the item feature {name}; pass it")
+            self.register_buffer(f"{name}_offsets", torch.from_numpy(given[name].offsets))
+            self.register_buffer(f"{name}_values", torch.from_numpy(given[name].values))
+        if spec.history_length:
+            if history is None:
+                raise ModelError("this model reads user histories; pass them")
+            lengths, values = history.latest(np.arange(spec.num_users), spec.history_length)
+            self.register_buffer("history_offsets", torch.from_numpy(
+                np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)))
+            self.register_buffer("history_values", torch.from_numpy(values.astype(np.int64)))
 
-    def user_embeddings(self, users: torch.Tensor) -> torch.Tensor:
-        """User indices (B,) -> (B, D)."""
+    def user_embeddings(self, users: torch.Tensor,
+                        history: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                        ) -> torch.Tensor:
+        """User indices (B,) -> (B, D).
+
+        Args:
+            users: user indices (0: unknown).
+            history: ``(values, bag offsets)`` of each row's history bag, replacing the stored
+                one (a new user's recent items); default: each user's latest positives.
+        """
         users = users.long()
-        offsets = torch.arange(len(users), device=users.device)
-        return self.query({"user_id": (users, offsets)})
+        bags = {"user_id": (users, torch.arange(len(users), device=users.device))}
+        if self.spec.history_length:
+            bags["user_history"] = history if history is not None else _jagged(
+                self.history_offsets, self.history_values, users)
+        return self.query(bags)
+
+    def user_embeddings_given(self, users: torch.Tensor,
+                              given: Sequence[Optional[np.ndarray]]) -> torch.Tensor:
+        """Like :meth:`user_embeddings`, but a row whose ``given`` entry is an array of item
+        indices (oldest first) reads its latest ``history_length`` items instead of the
+        stored history: a new user's (index 0) or a known user's recent items."""
+        if not self.spec.history_length or all(g is None for g in given):
+            return self.user_embeddings(users)
+        n = self.spec.history_length
+        stored_v, stored_o = _jagged(self.history_offsets, self.history_values, users.long())
+        ends = torch.cat([stored_o[1:], torch.tensor([len(stored_v)], device=users.device)])
+        bags = [np.asarray(g[-n:], np.int64) if g is not None
+                else stored_v[stored_o[r]:ends[r]].cpu().numpy()
+                for r, g in enumerate(given)]
+        lengths = np.array([len(b) for b in bags], np.int64)
+        values = torch.from_numpy(np.concatenate(bags) if len(bags) else np.empty(0, np.int64))
+        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)[:-1]]))
+        return self.user_embeddings(users, (values.to(users.device), offsets.to(users.device)))
 
     def item_embeddings(self, items: torch.Tensor) -> torch.Tensor:
         """Item indices (B,) -> (B, D)."""
         items = items.long()
         bags = {"item_id": (items, torch.arange(len(items), device=items.device))}
-        if self.spec.num_genres:
-            starts = self.genre_offsets[items]
-            lengths = self.genre_offsets[items + 1] - starts
-            row_first = torch.cumsum(lengths, 0) - lengths
-            idx = (torch.repeat_interleave(starts - row_first, lengths)
-                   + torch.arange(int(lengths.sum()), device=items.device))
-            bags["item_genres"] = (self.genre_values[idx], row_first)
+        for name in self.spec.candidate_features()[1:]:
+            bags[name] = _jagged(getattr(self, f"{name}_offsets"),
+                                 getattr(self, f"{name}_values"), items)
         return self.candidate(bags)
 
     def score(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Dot-product score of each (user, item) pair: (B,)."""
         return (self.user_embeddings(users) * self.item_embeddings(items)).sum(-1)
+
+    def buffers_for(self) -> dict[str, torch.Tensor]:
+        """The stored features (not part of the trained weights)."""
+        return {k: v for k, v in self.state_dict().items()
+                if k.endswith(("_offsets", "_values"))}
 
 
 _MLP_KEY = re.compile(r"^(query|candidate)\.mlp\._mlp\.(\d+)\._linear\.(weight|bias)$")
@@ -172,18 +233,34 @@ def load_exported(model_dir: str | os.PathLike,
     """
     info = read_model_json(model_dir)
     spec = ModelSpec.from_dict(info["spec"])
-    genres = ItemFeatures.genres(model_dir) if spec.num_genres else None
-    model = ExportedTwoTower(spec, genres)
+    model = ExportedTwoTower(spec, model_features(model_dir, spec), user_history(model_dir))
     weights = Path(model_dir, WEIGHTS)
     if not weights.is_file():
         raise ModelError(f"{model_dir}: no {WEIGHTS}")
     state = torch.load(weights, map_location=map_location, weights_only=True)
-    buffers = {k: v for k, v in model.state_dict().items() if k.startswith("genre_")}
     try:
-        model.load_state_dict({**state, **buffers})
+        model.load_state_dict({**state, **model.buffers_for()})
     except RuntimeError as e:
         raise ModelError(f"{weights} does not match {MODEL_JSON}: {e}") from None
     return model.to(map_location).eval()
+
+
+def model_features(model_dir: str | os.PathLike, spec: ModelSpec) -> list[ItemFeatures]:
+    """The item features a model uses, read from its folder's vocabulary."""
+    readers = {"item_genres": ItemFeatures.genres, "item_year": ItemFeatures.years}
+    out = []
+    for name in spec.candidate_features()[1:]:
+        feature = readers[name](model_dir)
+        if feature is None:
+            raise ModelError(f"{model_dir}: the model uses {name}, which its vocabulary lacks")
+        out.append(feature)
+    return out
+
+
+def user_history(model_dir: str | os.PathLike) -> Optional[UserHistory]:
+    """The users' positives the model was trained with (None for a folder without them)."""
+    path = Path(model_dir, HISTORY_FILE)
+    return UserHistory.from_bytes(path.read_bytes()) if path.is_file() else None
 
 
 def pair_probabilities(scores: np.ndarray, known: np.ndarray, calibration: dict[str, float]

@@ -154,6 +154,7 @@ class TopK:
         self.user_index = pd.Index(s["user_ids"].to_pandas())
         self.user_vocab = s["user_ids"]
         self.rated: Optional[UserItems] = s["rated"]
+        self.given: dict[Any, np.ndarray] = s.get("given") or {}  # user id -> recent items
         self.popular, self.popularity = s["popular"], s["popularity"]
         self.k = min(k, len(self.items) - 1)
         self.faiss = None
@@ -165,25 +166,46 @@ class TopK:
         # score this many users at once: (users, items) floats kept to ~64 MB
         self.chunk = max(1, min(4096, (1 << 24) // max(len(self.items), 1)))
 
-    def _exact(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _queries(self, users: np.ndarray, given: Optional[list] = None) -> Any:
+        """Query embeddings (U, D); rows with a given history read it instead of the stored."""
         import torch
 
-        q = self.model.user_embeddings(torch.from_numpy(users).to(self.device))
+        u = torch.from_numpy(users).to(self.device)
+        return (self.model.user_embeddings_given(u, given) if given is not None
+                else self.model.user_embeddings(u))
+
+    def _excluded(self, users: np.ndarray, given: Optional[list]) -> tuple[np.ndarray, ...]:
+        """(row, item) pairs left out: each known user's rated items and any given history."""
+        rows, items = (self.rated.rows_and_items(users) if self.rated is not None
+                       else (np.empty(0, np.int64), np.empty(0, np.int64)))
+        if given is not None:
+            extra = [(r, g) for r, g in enumerate(given) if g is not None and len(g)]
+            if extra:
+                rows = np.concatenate([rows] + [np.full(len(g), r) for r, g in extra])
+                items = np.concatenate([items] + [g for _, g in extra])
+        return rows, items
+
+    def _exact(self, users: np.ndarray, given: Optional[list] = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        q = self._queries(users, given)
         scores = q @ self.items.T                                            # (U, num_items)
         scores[:, 0] = float("-inf")
-        if self.rated is not None:
-            rows, items = self.rated.rows_and_items(users)
-            scores[torch.from_numpy(rows).to(self.device),
-                   torch.from_numpy(items).to(self.device)] = float("-inf")
+        rows, items = self._excluded(users, given)
+        scores[torch.from_numpy(rows).to(self.device),
+               torch.from_numpy(items).to(self.device)] = float("-inf")
         top = scores.topk(self.k, dim=1)
         return top.values.cpu().numpy(), top.indices.cpu().numpy()
 
-    def _approximate(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        q = self.model.user_embeddings(torch.from_numpy(users).to(self.device)).cpu().numpy()
-        counts = self.rated.counts()[users] if self.rated is not None else np.zeros(len(users))
-        extra = int(counts.max()) if len(counts) else 0
+    def _approximate(self, users: np.ndarray, given: Optional[list] = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        q = self._queries(users, given).cpu().numpy()
+        ex_rows, ex_items = self._excluded(users, given)
+        order = np.argsort(ex_rows, kind="stable")  # each row's excluded items
+        per_row = np.split(ex_items[order],
+                           np.searchsorted(ex_rows[order], np.arange(1, len(users))))
+        extra = max((len(r) for r in per_row), default=0)
         want = min(self.k + extra, len(self.items) - 1)
         padded = np.hstack([q, np.zeros((len(q), 1), q.dtype)]).astype(np.float32)
         _, found = self.faiss.search(padded, want)
@@ -191,10 +213,8 @@ class TopK:
         items = self.items.cpu().numpy() if self.device.type != "cpu" else self.items.numpy()
         out_s = np.full((len(users), self.k), -np.inf, np.float32)
         out_i = np.zeros((len(users), self.k), np.int64)
-        for row, u in enumerate(users):  # drop rated items, keep the first k
-            rated = (self.rated.items[self.rated.offsets[u]:self.rated.offsets[u + 1]]
-                     if self.rated is not None else ())
-            keep = (found[row] > 0) & ~np.isin(found[row], rated)
+        for row in range(len(users)):  # drop rated items, keep the first k
+            keep = (found[row] > 0) & ~np.isin(found[row], per_row[row])
             i = found[row][keep][: self.k]
             s = items[i] @ q[row]  # the model's own dot products, in descending order
             order = np.argsort(-s, kind="stable")
@@ -210,28 +230,35 @@ class TopK:
     def _recommend(self, batch: pd.DataFrame) -> pd.DataFrame:
         ids = to_vocab_type(batch["userId"], self.user_vocab)
         users = lookup(self.user_index, ids)
-        known = users > 0
+        given = [self.given.get(v) for v in ids.tolist()] if self.given else None
+        has_history = (np.array([g is not None for g in given]) if given is not None
+                       else np.zeros(len(users), bool))
+        modelled = (users > 0) | has_history
         n, k = len(users), self.k
         scores = np.zeros((n, k), np.float32)
         items = np.zeros((n, k), np.int64)
-        known_users = users[known]
+        rows = np.flatnonzero(modelled)
         parts_s, parts_i = [], []
-        for start in range(0, len(known_users), self.chunk):
-            part = known_users[start:start + self.chunk]
-            s, i = (self._approximate(part) if self.faiss is not None else self._exact(part))
+        for start in range(0, len(rows), self.chunk):
+            part = rows[start:start + self.chunk]
+            g = [given[r] for r in part] if given is not None else None
+            s, i = (self._approximate(users[part], g) if self.faiss is not None
+                    else self._exact(users[part], g))
             parts_s.append(s)
             parts_i.append(i)
         if parts_s:
-            scores[known], items[known] = np.concatenate(parts_s), np.concatenate(parts_i)
-        if (~known).any():  # unknown users: the most popular items (score: positives), flagged
-            items[~known] = self.popular[:k]
-            scores[~known] = self.popularity[self.popular[:k]]
+            scores[modelled], items[modelled] = np.concatenate(parts_s), np.concatenate(parts_i)
+        if (~modelled).any():  # neither known nor a history: the most popular items, flagged
+            items[~modelled] = self.popular[:k]
+            scores[~modelled] = self.popularity[self.popular[:k]]
+        source = np.where(has_history, "history", np.where(modelled, "model", "popularity"))
         out = pd.DataFrame({
             "userId": np.repeat(batch["userId"].to_numpy(), k),
             "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), n),
             "movieId": self.item_ids[np.maximum(items.ravel() - 1, 0)],
             "score": scores.ravel(),
-            "fallback": np.repeat(~known, k)})
+            "fallback": np.repeat(~modelled, k),
+            "source": np.repeat(source, k)})
         if self.titles is not None:
             out["title"] = self.titles[np.maximum(items.ravel() - 1, 0)]
         # a user who rated almost the whole catalog has fewer than k items left: a short list
@@ -331,6 +358,37 @@ def _read_table(path: str, columns: list[str]) -> Any:
     return ds.select_columns(columns).materialize()
 
 
+def read_histories(path: str, vocab: dict[str, Any], n: int) -> tuple[dict[Any, np.ndarray],
+                                                                      dict[str, int]]:
+    """Users' recent items from a CSV/Parquet file with ``userId, movieId`` rows (oldest first;
+    sorted by ``timestamp`` when the file has one): user id -> the latest ``n`` item indices.
+
+    Item ids the model does not know are ignored and counted; users may be in the model's
+    vocabulary (their given history replaces the stored one) or new.
+
+    Returns:
+        (histories keyed by the id as the vocabulary types it, counts: rows, users,
+        unknown_item_rows).
+    """
+    ds = _read_table(path, ["userId", "movieId"])
+    names = ds.schema().names
+    df = ds.to_pandas()
+    if "timestamp" in names:
+        df = df.sort_values("timestamp", kind="stable")
+    users = to_vocab_type(df["userId"], vocab["users"]["id"])
+    items = lookup(pd.Index(vocab["items"]["id"].to_pandas()),
+                   to_vocab_type(df["movieId"], vocab["items"]["id"]))
+    if users.isna().any():
+        raise DatasetError(f"{path}: {int(users.isna().sum())} row(s) with a missing or "
+                           f"unparsable userId")
+    known = items > 0
+    frame = pd.DataFrame({"user": users[known].to_numpy(), "item": items[known]})
+    out = {u: g["item"].to_numpy()[-n:] for u, g in frame.groupby("user", sort=False)}
+    for u in users[~known].unique():  # a user whose items are all unknown: an empty history
+        out.setdefault(u, np.empty(0, np.int64))
+    return out, {"rows": len(df), "users": len(out), "unknown_item_rows": int((~known).sum())}
+
+
 def exact_recall(shared: dict[str, Any], model_dir: Path, users: np.ndarray, k: int,
                  ef_search: int) -> float:
     """Recall@k of the FAISS index against exact top-k on the given users (same exclusions)."""
@@ -347,7 +405,7 @@ def exact_recall(shared: dict[str, Any], model_dir: Path, users: np.ndarray, k: 
 
 def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
                     users: str = "all", pairs: Optional[str] = None,
-                    verbose: bool = True) -> dict[str, Any]:
+                    history: Optional[str] = None, verbose: bool = True) -> dict[str, Any]:
     """Write recommendations (or pair scores) for a prepared dataset's users to ``output``.
 
     Args:
@@ -357,6 +415,9 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
         output: Parquet folder to write (replaced if it holds an older output of this stage).
         users: ``all`` (every user of the vocabulary) or a CSV/Parquet file with ``userId``.
         pairs: a CSV/Parquet file with ``userId, movieId``: score these pairs instead.
+        history: a CSV/Parquet file with ``userId, movieId`` rows: users' recent items. A user
+            with a history is recommended from it (``source`` "history"; a user the model
+            does not know gets personal recommendations), and its items are left out.
         verbose: print progress.
 
     Returns:
@@ -418,8 +479,18 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
         popularity = item_popularity(model_dir)
         titles = (np.asarray(vocab["items"]["title"].to_pylist(), dtype=object)
                   if "title" in vocab["items"].column_names else None)
+        given = None
+        if history is not None:
+            if not exported.spec.history_length:
+                raise ModelError(f"--history {history}: this model has no history feature "
+                                 f"(trained with --history-length 0)")
+            given, counts = read_histories(history, vocab, exported.spec.history_length)
+            summary["history"] = {"input": str(history), **counts}
+            say(f"histories: {counts['users']:,} users from {counts['rows']:,} rows; "
+                f"{counts['unknown_item_rows']:,} row(s) with items the model does not know "
+                f"(ignored)")
         shared.update(items=items, item_ids=item_ids.to_numpy(zero_copy_only=False),
-                      titles=titles, rated=rated,
+                      titles=titles, rated=rated, given=given,
                       popular=np.argsort(-popularity[1:], kind="stable") + 1,
                       popularity=popularity.astype(np.float32), faiss=None)
         k = min(inf.recommend_k, n_items - 1)
@@ -436,6 +507,9 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
                 f"against exact top-{k} on {len(sample):,} users: {recall:.4f}")
         if users == "all":
             ids = vocab["users"]["id"]
+            if given:  # and the users that only the history file names
+                new = [u for u in given if u not in set(ids.to_pylist())]
+                ids = pa.concat_arrays([ids, pa.array(new, ids.type)]) if new else ids
             step = max(inf.inference_batch_size, 1)
             ds = ray.data.from_arrow([pa.table({"userId": ids.slice(s, step)})
                                       for s in range(0, len(ids), step)])
@@ -450,13 +524,16 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
                                                        "ef_search": inf.faiss_ef_search},
                                 compute=ActorPoolStrategy(size=pool), **resources)
         result.write_parquet(str(tmp))
-        written = pq.read_table(tmp, columns=["userId", "rank", "fallback"])
+        written = pq.read_table(tmp, columns=["userId", "rank", "fallback", "source"])
         n = written.num_rows
         n_users = pc.count_distinct(written["userId"]).as_py()
         firsts = pc.equal(written["rank"], 1)
         n_fallback = int(pc.sum(pc.and_(firsts, written["fallback"])).as_py() or 0)
+        n_history = int(pc.sum(pc.and_(firsts, pc.equal(written["source"], "history")))
+                        .as_py() or 0)
         summary.update(mode="recommend", users=n_users, k=k, rows=n,
                        short_lists=n_users * k - n, fallback_users=n_fallback,
+                       history_users=n_history,
                        exclude_rated=inf.exclude_rated, index=inf.index)
         if n_users != int(pc.sum(firsts).as_py() or 0):
             raise ModelError(f"the written lists do not start at rank 1 once per user; "

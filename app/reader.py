@@ -26,8 +26,9 @@ class InteractionStream(StreamingDataset):
     ``shuffle`` is on, reproducibly from ``shuffle_seed``).
     """
 
-    def __init__(self, split_dir: str, *, batch_size: int, shuffle: bool = False,
-                 shuffle_seed: int = 9176, **kwargs: Any) -> None:
+    def __init__(self, split_dir: Optional[str] = None, *, batch_size: int,
+                 shuffle: bool = False, shuffle_seed: int = 9176, **kwargs: Any) -> None:
+        """One split folder (``split_dir``), or several through ``streams=[Stream(...)]``."""
         super().__init__(local=split_dir, batch_size=batch_size, shuffle=shuffle,
                          shuffle_seed=shuffle_seed, **kwargs)
         self._record = record_dtype(INTERACTION_COLUMNS)

@@ -1,5 +1,6 @@
-"""The closing report of a full run: a stage table, the model against the popularity baseline,
-example recommendations, where every output is, and a plot of validation metrics per epoch."""
+"""The closing report of a full run: a stage table, the model against the popularity and EASE
+baselines (with a verdict), example recommendations, where every output is, and a plot of
+validation metrics per epoch."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from typing import Any
 
 import pandas as pd
 
-UNITS = {"prepare": "rows", "tune": "trials", "train": "samples", "infer": "users"}
+UNITS = {"prepare": "rows", "tune": "trials", "train": "samples", "refit": "samples",
+         "infer": "users"}
+BASELINES = (("popularity", "popularity"), ("ease", "EASE"))
 
 
 def plot_history(history: list[dict[str, Any]], path: Path, ks: list[int]) -> None:
-    """Validation Recall@K and NDCG@K per epoch, the popularity baseline dashed."""
+    """Validation Recall@K and NDCG@K per epoch; the popularity baseline dashed, EASE dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -24,14 +27,16 @@ def plot_history(history: list[dict[str, Any]], path: Path, ks: list[int]) -> No
         for k in ks:
             line, = ax.plot(epochs, [h.get(f"val_{name}@{k}") for h in history], marker="o",
                             label=f"model {name}@{k}")
-            ax.axhline(history[-1].get(f"popularity_val_{name}@{k}", float("nan")),
-                       linestyle="--", color=line.get_color(), alpha=0.7,
-                       label=f"popularity {name}@{k}")
+            for (key, label), style in zip(BASELINES, ("--", ":")):
+                value = history[-1].get(f"{key}_val_{name}@{k}")
+                if value is not None:
+                    ax.axhline(value, linestyle=style, color=line.get_color(), alpha=0.7,
+                               label=f"{label} {name}@{k}")
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"validation {name}@K")
         ax.set_xticks(epochs)
         ax.legend(fontsize=7)
-    fig.suptitle("two-tower model vs popularity baseline (validation split)")
+    fig.suptitle("two-tower model vs popularity and EASE (validation split)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -53,6 +58,37 @@ def examples(recommendations: Path, users: int = 3, k: int = 5) -> str:
     return "\n".join(lines)
 
 
+def comparison(m: dict[str, Any], split: str = "test") -> list[str]:
+    """The model beside popularity and EASE on one split, with ratios, and a verdict line
+    against the best baseline on Recall@20 (or the first Recall@K)."""
+    bases = [(key, label) for key, label in BASELINES if m.get(key, {}).get(split)]
+    head = f"  {'metric':<10}{'model':>8}" + "".join(f"{label:>12}{'ratio':>8}"
+                                                   for _, label in bases)
+    out = [f"{split} split, full-catalog ranking (best epoch {m.get('best_epoch', '?')} of "
+           f"{m.get('epochs', '?')}): the model vs the baselines", head]
+    keys = sorted((k for k in m["model"][split] if "@" in k),
+                  key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
+    for key in keys:
+        model = m["model"][split][key]
+        row = f"  {key:<10}{model:>8.4f}"
+        for base, _ in bases:
+            b = m[base][split].get(key, float("nan"))
+            row += f"{b:>12.4f}{(f'{model / b:.2f}x' if b else '-'):>8}"
+        out.append(row)
+    if m.get("ease", {}).get("skipped"):
+        out.append(f"  EASE skipped: {m['ease']['skipped']}")
+    key = "recall@20" if "recall@20" in m["model"][split] else next(
+        (k for k in keys if k.startswith("recall@")), None)
+    if key and bases:
+        name, label = max(bases, key=lambda b: m[b[0]][split].get(key, float("-inf")))
+        model, best = m["model"][split][key], m[name][split][key]
+        verdict = "beats" if model > best else ("ties" if model == best else "is below")
+        out.append(f"verdict: the model {verdict} the best baseline ({label}) on {split} "
+                   f"{key}: {model:.4f} vs {best:.4f} ({model / best:.2f}x)" if best else
+                   f"verdict: the model scores {model:.4f} on {split} {key}")
+    return out
+
+
 def render(summary: dict[str, Any]) -> str:
     """The report as text (see :func:`pipelines.full_run.run` for the summary's shape)."""
     bar = "=" * 78
@@ -63,14 +99,12 @@ def render(summary: dict[str, Any]) -> str:
                    f"{UNITS.get(name, 'rows')}")
     stages = summary["stages"]
     if "train" in stages:
-        m = stages["train"]["metrics"]
         out.append("")
-        out.append("test split, full-catalog ranking: the model vs the popularity baseline")
-        keys = sorted(k for k in m["model"]["test"] if "@" in k)
-        for key in sorted(keys, key=lambda k: (k.split("@")[0], int(k.split("@")[1]))):
-            model, pop = m["model"]["test"][key], m["popularity"]["test"][key]
-            out.append(f"  {key:<10} {model:.4f}  vs {pop:.4f}  ({model / pop:.2f}x)"
-                       if pop else f"  {key:<10} {model:.4f}  vs {pop:.4f}")
+        out += comparison(stages["train"]["metrics"])
+    if "refit" in stages:
+        r = stages["refit"]
+        out.append(f"served model: refit on every split ({r['training_rows']:,} rows, "
+                   f"{r['epochs']} epoch(s)); the figures above are the held-out run's")
     if "infer" in stages and summary.get("examples"):
         out.append("")
         out.append("example recommendations:")

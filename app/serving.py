@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -59,27 +59,62 @@ class Recommender:
         return (pos + 1).astype(np.int64)
 
     @torch.no_grad()
-    def top_k_indices(self, users: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores (U, k), item indices (U, k)) over the whole catalog for known user indices."""
-        q = self.model.user_embeddings(torch.from_numpy(users).to(self.device))
+    def top_k_indices(self, users: np.ndarray, k: int,
+                      given: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores (U, k), item indices (U, k)) over the whole catalog for user indices; rows
+        with a ``given`` history (item indices) are queried with it, its items left out."""
+        q = self.model.user_embeddings_given(torch.from_numpy(users).to(self.device),
+                                             given or [None] * len(users))
         scores = q @ self.item_embeddings.T                                   # (U, num_items)
         scores[:, 0] = float("-inf")  # the unknown-item row is never recommended
+        for row, g in enumerate(given or []):
+            if g is not None and len(g):
+                scores[row, torch.from_numpy(np.asarray(g, np.int64))] = float("-inf")
         return scores.topk(min(k, scores.shape[1] - 1), dim=1)
 
-    def recommend(self, user_ids: Sequence[Any], k: int = 10) -> pd.DataFrame:
-        """Top-k items per user: columns userId, rank, movieId, score, fallback (+ title).
+    def histories(self, lists: Sequence[Any]) -> tuple[list, int]:
+        """Lists of raw item ids (or None) -> arrays of item indices (None where no list was
+        given), and the number of unknown item ids ignored."""
+        out, unknown = [], 0
+        for ids in lists:
+            if ids is None or (not isinstance(ids, (list, tuple, np.ndarray))
+                               and pd.isna(ids)):
+                out.append(None)
+                continue
+            idx = self.item_indices(list(ids))
+            unknown += int((idx == 0).sum())
+            out.append(idx[idx > 0])
+        return out, unknown
 
-        Users not in the vocabulary get the k most popular items (``fallback`` True, score =
-        the item's training positives).
+    def recommend(self, user_ids: Sequence[Any], k: int = 10,
+                  histories: Optional[Sequence[Any]] = None) -> pd.DataFrame:
+        """Top-k items per user: columns userId, rank, movieId, score, fallback, source
+        (+ title).
+
+        Args:
+            user_ids: raw user ids.
+            k: items per user.
+            histories: per user, a list of raw item ids it interacted with recently (oldest
+                first) or None. A user with one is recommended from it (``source``
+                "history"), its items left out; unknown item ids are ignored (counted in
+                ``self.unknown_history_items``). Users neither known nor with a history get
+                the k most popular items (``fallback`` True, ``source`` "popularity", score =
+                the item's training positives).
         """
         user_ids = list(user_ids)
         idx = self.user_indices(user_ids)
-        known = idx > 0
+        given, self.unknown_history_items = (self.histories(histories) if histories is not None
+                                             else ([None] * len(idx), 0))
+        if not self.model.spec.history_length:
+            given = [None] * len(idx)  # a model without the feature: histories do not apply
+        has_history = np.array([g is not None for g in given], bool)
+        known = (idx > 0) | has_history
         k = min(k, self.model.spec.num_items - 1)
         scores = np.zeros((len(idx), k), np.float32)
         items = np.zeros((len(idx), k), np.int64)
         if known.any():
-            s, i = self.top_k_indices(idx[known], k)
+            rows = np.flatnonzero(known)
+            s, i = self.top_k_indices(idx[rows], k, [given[r] for r in rows])
             scores[known], items[known] = s.cpu().numpy(), i.cpu().numpy()
         if (~known).any():
             pop = np.argsort(-self.popularity[1:], kind="stable")[:k] + 1
@@ -90,7 +125,9 @@ class Recommender:
             "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(user_ids)),
             "movieId": self.item_ids.to_numpy()[items.ravel() - 1],
             "score": scores.ravel(),
-            "fallback": np.repeat(~known, k)})
+            "fallback": np.repeat(~known, k),
+            "source": np.repeat(np.where(has_history, "history",
+                                         np.where(known, "model", "popularity")), k)})
         out["userId"] = out["userId"].astype(self.user_ids.dtype)
         if self.titles is not None:
             out["title"] = [self.titles[i - 1] for i in items.ravel()]

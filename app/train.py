@@ -28,8 +28,9 @@ import numpy as np
 from app.config import Config
 from app.dataset import SPLITS, DatasetError, read_manifest
 from app.placement import check_resources, cluster_nodes, placement
-from app.train_loop import (PLAN_FILE, POPULARITY_FILE, STATE_FILE, latest_checkpoint,
-                             model_spec, train_loop)
+from app.history import HISTORY_FILE
+from app.train_loop import (PLAN_FILE, POPULARITY_FILE, STATE_FILE, checkpoint_of_epoch,
+                             item_features, latest_checkpoint, model_spec, train_loop)
 
 
 class TrainError(RuntimeError):
@@ -75,17 +76,51 @@ def calibrate(model_dir: Path, data_dir: str, objective: str,
     return {"a": a, "b": b, "fitted_on": "val", "pairs": int(len(pick))}
 
 
-def final_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """The ``metrics.json`` shape: model and popularity, val and test, from the last epoch."""
-    last = history[-1]
+def final_metrics(history: list[dict[str, Any]], best_epoch: int,
+                  baselines: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The ``metrics.json`` shape: the model (its exported epoch), popularity and EASE, each
+    on val and test; ``epochs`` trained and the ``best_epoch`` exported."""
+    best = next(h for h in history if h["epoch"] == best_epoch)
 
     def pick(prefix: str) -> dict[str, float]:
-        return {k[len(prefix):]: v for k, v in last.items() if k.startswith(prefix)}
+        return {k[len(prefix):]: v for k, v in best.items() if k.startswith(prefix)}
 
-    model_val = pick("val_")
-    return {"model": {"val": model_val, "test": pick("test_")},
-            "popularity": {"val": pick("popularity_val_"), "test": pick("popularity_test_")},
-            "epochs": last["epoch"]}
+    out: dict[str, Any] = {"model": {"val": pick("val_"), "test": pick("test_")},
+                           "popularity": {"val": pick("popularity_val_"),
+                                          "test": pick("popularity_test_")}}
+    ease = (baselines or {}).get("ease")
+    if ease is not None:
+        out["ease"] = ({"val": pick("ease_val_"), "test": pick("ease_test_"),
+                        "lambda": ease["lambda"], "seconds": ease["seconds"]}
+                       if "skipped" not in ease else {"skipped": ease["skipped"]})
+    out.update({"epochs": history[-1]["epoch"], "best_epoch": best_epoch})
+    return out
+
+
+def driver_baselines(cfg: Config, data_dir: str, num_users: int, num_items: int
+                     ) -> dict[str, Any]:
+    """Baselines that need the whole training matrix at once (EASE), fitted here once per run
+    and handed to the workers, which report them beside the model every epoch."""
+    from app.baselines import ease_baseline
+    from app.dataset import read_split_arrays
+    from app.metrics import UserItems
+
+    tr = read_split_arrays(Path(data_dir, "train"))
+    pos = tr["label"] > 0
+    positives = {}
+    for split in ("val", "test"):
+        rows = read_split_arrays(Path(data_dir, split))
+        keep = rows["label"] > 0
+        positives[split] = UserItems.build(rows["user"][keep].astype(np.int64),
+                                           rows["item"][keep].astype(np.int64), num_users)
+    ease = ease_baseline(tr["user"][pos].astype(np.int64), tr["item"][pos].astype(np.int64),
+                         exclude=UserItems.build(tr["user"].astype(np.int64),
+                                                 tr["item"].astype(np.int64), num_users),
+                         positives=positives, num_users=num_users, num_items=num_items,
+                         ks=[int(k) for k in cfg.train.top_k],
+                         lambdas=[float(x) for x in cfg.train.ease_lambdas],
+                         max_dim=cfg.train.ease_max_dim)
+    return {"ease": ease}
 
 
 def _prepare_output(output: Path) -> None:
@@ -95,7 +130,8 @@ def _prepare_output(output: Path) -> None:
 
 def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Path,
                  mlflow_info: Optional[dict[str, str]] = None,
-                 callbacks: Optional[list] = None) -> Any:
+                 callbacks: Optional[list] = None, refit: bool = False,
+                 baselines: Optional[dict[str, Any]] = None) -> Any:
     """The ``TorchTrainer`` of one training run (also what every tuning trial fits).
 
     Args:
@@ -104,6 +140,8 @@ def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Path,
         name, storage: the Ray Train run name and storage path (checkpoints).
         mlflow_info: ``{"tracking_uri", "run_id"}`` of the run rank 0 logs epochs to.
         callbacks: Ray Train ``UserCallback``s (Tune's report callback in a sweep).
+        refit: train on every split, without evaluation.
+        baselines: driver-side baseline metrics the workers report beside the model's.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -113,17 +151,21 @@ def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Path,
         train_loop,
         train_loop_config={"config": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()),
                            "mlflow": mlflow_info,
-                           "run_dir": str(Path(storage, name))},
+                           "run_dir": str(Path(storage, name)),
+                           "splits": list(SPLITS) if refit else ["train"],
+                           "evaluate": not refit, "baselines": baselines or {}},
         scaling_config=place.scaling_config(),
         torch_config=TorchConfig(backend=place.backend),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(
-                                 num_to_keep=cfg.train.keep_checkpoints),
+                             # the best epoch is at most `patience` epochs back
+                             checkpoint_config=CheckpointConfig(num_to_keep=max(
+                                 cfg.train.keep_checkpoints, cfg.train.patience + 1)),
                              callbacks=callbacks or []))
 
 
-def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> dict[str, Any]:
+def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True,
+          refit: bool = False, tags: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """Train on a prepared dataset and write the model folder ``output``.
 
     Args:
@@ -131,6 +173,10 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
         data_dir: a prepared dataset folder.
         output: the model folder to write (replaced if it holds an older model).
         verbose: print progress.
+        refit: train on every split (train + val + test) for exactly ``cfg.train.epochs``
+            epochs, without evaluation: the model to serve after an evaluated run chose the
+            settings and the number of epochs.
+        tags: extra MLflow run tags.
 
     Returns:
         A summary: metrics, paths, MLflow run and model version, seconds.
@@ -138,7 +184,6 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
     from app import tracking
     from app.cluster import init_ray
     from app.export import WEIGHTS, export_state_dict, write_model_json
-    from app.dataset import ItemFeatures
 
     say = print if verbose else (lambda *a, **k: None)
     t0 = time.perf_counter()
@@ -149,18 +194,27 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
                                f"in train, val and test")
     out = Path(output).resolve()
     _prepare_output(out)
-    genres = ItemFeatures.genres(data_dir) if cfg.model.use_genres else None
-    spec = model_spec(cfg, manifest, genres)
+    spec = model_spec(cfg, manifest, item_features(cfg.model, data_dir))
 
     init_ray(cfg.cluster)
     place = placement(cfg.train)
     check_resources(place, cluster_nodes())
     say(f"placement {place.describe()}; model: {spec.num_users - 1:,} users, "
         f"{spec.num_items - 1:,} items, dim {spec.embedding_dim}, towers "
-        f"{list(spec.tower_layers)}, objective {spec.objective}")
+        f"{list(spec.tower_layers)}, objective {spec.objective}"
+        + (f" ({spec.negatives} negatives)" if spec.objective == "softmax" else "")
+        + f", history {spec.history_length}, user id {'on' if spec.use_user_id else 'off'}"
+        + (", refit on every split" if refit else ""))
+    baselines: dict[str, Any] = {}
+    if not refit:
+        baselines = driver_baselines(cfg, data_dir, spec.num_users, spec.num_items)
+        ease = baselines["ease"]
+        say(f"EASE: {ease['skipped']}" if "skipped" in ease else
+            f"EASE: lambda {ease['lambda']:g} (chosen on val), val recall@20 "
+            f"{ease['val'].get('recall@20', float('nan')):.4f}, {ease['seconds']}s")
 
     storage = Path(cfg.cluster.storage_path or Path(cfg.cluster.workdir, "checkpoints")).resolve()
-    name = run_name(out)
+    name = run_name(out) + ("-refit" if refit else "")
     run_dir = storage / name
     resume_from = None
     if cfg.train.resume:
@@ -172,11 +226,13 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
     elif run_dir.exists():
         shutil.rmtree(run_dir)
 
-    run_id = tracking.start_run(cfg, run_name=out.name, tags={"stage": "train",
-                                                               "dataset": str(data_dir)})
+    run_id = tracking.start_run(cfg, run_name=out.name + (" (refit)" if refit else ""),
+                                tags={"stage": "train", "dataset": str(data_dir),
+                                      "refit": str(refit).lower(), **(tags or {})})
     mlflow_info = {"tracking_uri": tracking.tracking_uri(cfg.cluster), "run_id": run_id}
     # the workers start from the latest checkpoint in the run folder: --resume keeps it
-    trainer = make_trainer(cfg, data_dir, name=name, storage=storage, mlflow_info=mlflow_info)
+    trainer = make_trainer(cfg, data_dir, name=name, storage=storage, mlflow_info=mlflow_info,
+                           refit=refit, baselines=baselines)
     try:
         result = trainer.fit()
     except Exception as e:
@@ -187,25 +243,37 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
         raise TrainError("training finished without a checkpoint")
     ckpt = Path(result.checkpoint.path)
     state = json.loads((ckpt / STATE_FILE).read_text())
-    if state["epoch"] != cfg.train.epochs:
+    if state["epoch"] != cfg.train.epochs and not state.get("stopped_early"):
         tracking.end_run(cfg, run_id, status="FAILED")
         raise TrainError(f"training stopped after {state['epoch']} of {cfg.train.epochs} "
                          f"epochs; --resume continues it from {ckpt}")
+    best_epoch = state["best_epoch"]
+    best_ckpt = checkpoint_of_epoch(run_dir, best_epoch) if best_epoch != state["epoch"] \
+        else ckpt
+    if best_ckpt is None:
+        tracking.end_run(cfg, run_id, status="FAILED")
+        raise TrainError(f"the checkpoint of the best epoch ({best_epoch}) is not under "
+                         f"{run_dir}")
+    if best_epoch != state["epoch"]:
+        say(f"exporting epoch {best_epoch}, the best on validation, of {state['epoch']}")
 
     # the model folder, written beside its final place and renamed into it
     tmp = out.parent / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     import torch
-    torch.save(export_state_dict(consolidate(ckpt)), tmp / WEIGHTS)
+    torch.save(export_state_dict(consolidate(best_ckpt)), tmp / WEIGHTS)
     write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest)
     shutil.copytree(Path(data_dir, "vocab"), tmp / "vocab")
+    shutil.copy(ckpt / HISTORY_FILE, tmp / HISTORY_FILE)
     write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest,
                      calibration=calibrate(tmp, data_dir, spec.objective))
     cfg.dump_yaml(tmp / "config.yaml")
     shutil.copy(ckpt / PLAN_FILE, tmp / PLAN_FILE)
     shutil.copy(ckpt / POPULARITY_FILE, tmp / POPULARITY_FILE)
-    metrics = final_metrics(state["history"])
+    metrics = (final_metrics(state["history"], best_epoch, baselines) if not refit
+               else {"epochs": state["epoch"], "best_epoch": best_epoch, "refit": True,
+                     "train_loss": state["history"][-1]["train_loss"]})
     metrics["resumed_at_epochs"] = state["resumed_at_epochs"]
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (tmp / "history.json").write_text(json.dumps(state["history"], indent=1) + "\n")
@@ -221,4 +289,6 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
     say(f"MLflow run {run_id}; registered {registered['registered_uri']}; {seconds}s")
     return {"model_dir": str(out), "metrics": metrics, "history": state["history"],
             "mlflow": registered, "checkpoint": str(ckpt), "seconds": seconds,
-            "placement": place.describe()}
+            "placement": place.describe(), "refit": refit,
+            "training_rows": sum(manifest["counts"]["splits"][s] for s in
+                                 (SPLITS if refit else ("train",)))}

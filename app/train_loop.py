@@ -17,6 +17,7 @@ import queue
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -27,25 +28,48 @@ import torch.distributed as dist
 from app.config import Config, load_config
 from app.dataset import read_split_arrays
 from app.metrics import UserItems, binary_auroc, finish, popularity_scores, ranking_sums
-from app.model import (TABLES, ModelSpec, TwoTower, TwoTowerTrainTask, candidate_kjt,
-                       log_sampling_probability, make_batch, query_kjt)
+from app.history import HISTORY_FILE, UserHistory
+from app.model import (TABLES, BatchMaker, ModelSpec, TwoTower, TwoTowerTrainTask,
+                       log_sampling_probability)
 from app.reader import InteractionStream, ItemFeatures
 
 STATE_FILE = "state.json"
 PLAN_FILE = "sharding_plan.json"
 POPULARITY_FILE = "item_popularity.npy"
-BATCH_COLUMNS = ("user", "item", "label")  # what a training batch reads
+BATCH_COLUMNS = ("user", "item", "label", "timestamp")  # what a training batch reads
 
 
-def model_spec(cfg: Config, manifest: dict[str, Any], genres: Optional[ItemFeatures]) -> ModelSpec:
-    """The model's shape from the config and the dataset's vocabularies."""
-    use_genres = cfg.model.use_genres and genres is not None
-    return ModelSpec(num_users=manifest["vocab"]["users"] + 1,
-                     num_items=manifest["vocab"]["items"] + 1,
-                     num_genres=len(genres.vocab) if use_genres else 0,
-                     embedding_dim=cfg.model.embedding_dim,
-                     tower_layers=tuple(int(x) for x in cfg.model.tower_layers),
-                     objective=cfg.model.objective, temperature=cfg.model.temperature)
+def item_features(model_cfg: Any, data_dir: str | os.PathLike) -> list[ItemFeatures]:
+    """The candidate tower's item features (genres, year) that the config asks for and the
+    dataset (or model folder) has, in the model's feature order."""
+    found = [ItemFeatures.genres(data_dir) if model_cfg.use_genres else None,
+             ItemFeatures.years(data_dir) if model_cfg.use_year else None]
+    return [f for f in found if f is not None]
+
+
+def model_spec(cfg: Config, manifest: dict[str, Any], features: list[ItemFeatures]
+               ) -> ModelSpec:
+    """The model's shape from the config, the dataset's vocabularies and its item features."""
+    rows = {f.name: len(f.vocab) for f in features}
+    m = cfg.model
+    num_items = manifest["vocab"]["items"] + 1
+    return ModelSpec(num_users=manifest["vocab"]["users"] + 1, num_items=num_items,
+                     num_genres=rows.get("item_genres", 0), num_years=rows.get("item_year", 0),
+                     embedding_dim=m.embedding_dim,
+                     tower_layers=tuple(int(x) for x in m.tower_layers),
+                     objective=m.objective, temperature=m.temperature,
+                     history_length=m.history_length, use_user_id=m.use_user_id,
+                     normalize=m.normalize, negatives=m.resolved_negatives(num_items),
+                     in_batch_negatives=m.in_batch_negatives,
+                     sampled_negatives=m.sampled_negatives)
+
+
+def checkpoint_of_epoch(run_dir: Path, epoch: int) -> Optional[Path]:
+    """The complete checkpoint written after ``epoch`` under a Ray Train run folder, or None."""
+    for state in run_dir.glob(f"checkpoint_*/{STATE_FILE}"):
+        if json.loads(state.read_text())["epoch"] == epoch:
+            return state.parent
+    return None
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -58,20 +82,41 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return best
 
 
-def training_inputs(cfg: Config, data_dir: str) -> tuple[ModelSpec, Optional[ItemFeatures],
-                                                           dict[str, np.ndarray], np.ndarray]:
-    """What every rank reads before building the model: the model's shape, the item genres it
-    uses (None when it uses none), the training split's rows (for exclusions in evaluation)
-    and each item's count among training positives (log-Q, the popularity baseline)."""
+@dataclass
+class TrainingInputs:
+    """What every rank reads before building the model."""
+
+    spec: ModelSpec
+    features: list[ItemFeatures]     # the candidate tower's item features
+    rows: dict[str, np.ndarray]      # the training rows (exclusions in evaluation)
+    positive_counts: np.ndarray      # (num_items,) positives per item: log-Q, popularity
+    history: UserHistory             # training positives per user in time order
+
+    def batch_maker(self, seed: int = 0, history_dropout: float = 0.0) -> BatchMaker:
+        return BatchMaker(self.spec, self.features, self.history, seed, history_dropout)
+
+
+def training_rows(data_dir: str, splits: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The rows of the given splits, concatenated (split order)."""
+    parts = [read_split_arrays(Path(data_dir, s)) for s in splits]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def training_inputs(cfg: Config, data_dir: str, splits: tuple[str, ...] = ("train",)
+                    ) -> TrainingInputs:
+    """The model's shape, its item features, the training rows (of ``splits``: the train
+    split, or every split for a refit), positives per item and the users' histories."""
     from app.dataset import read_manifest
 
     manifest = read_manifest(data_dir)
-    genres = ItemFeatures.genres(data_dir) if cfg.model.use_genres else None
-    spec = model_spec(cfg, manifest, genres)
-    train_rows = read_split_arrays(Path(data_dir, "train"))
-    positive_counts = np.bincount(train_rows["item"][train_rows["label"] > 0].astype(np.int64),
-                                  minlength=spec.num_items)
-    return spec, (genres if spec.num_genres else None), train_rows, positive_counts
+    features = item_features(cfg.model, data_dir)
+    spec = model_spec(cfg, manifest, features)
+    rows = training_rows(data_dir, splits)
+    pos = rows["label"] > 0
+    counts = np.bincount(rows["item"][pos].astype(np.int64), minlength=spec.num_items)
+    history = UserHistory.build(rows["user"][pos], rows["item"][pos], rows["timestamp"][pos],
+                                spec.num_users)
+    return TrainingInputs(spec, features, rows, counts, history)
 
 
 def _equal_share(ids: np.ndarray, device: torch.device) -> np.ndarray:
@@ -113,12 +158,10 @@ def sharding_constraints(cfg: Config, spec: ModelSpec, on_gpu: bool) -> dict[str
         return {TABLES[f]: ParameterConstraints(sharding_types=types) for f in spec.table_rows()}
     model_parallel = ["table_wise", "column_wise"] + (["row_wise", "table_row_wise"]
                                                       if on_gpu else [])
-    out = {TABLES[f]: ParameterConstraints(sharding_types=model_parallel)
-           for f in ("user_id", "item_id")}
-    if spec.num_genres:
-        out[TABLES["item_genres"]] = ParameterConstraints(
-            sharding_types=model_parallel + ["data_parallel"])
-    return out
+    small = ("item_genres", "item_year")  # a few hundred rows: may be replicated
+    return {TABLES[f]: ParameterConstraints(
+        sharding_types=model_parallel + (["data_parallel"] if f in small else []))
+        for f in spec.table_rows()}
 
 
 def plan_rows(plan: Any) -> list[dict[str, Any]]:
@@ -192,9 +235,9 @@ class Evaluator:
     metric sums are all-reduced. Every rank runs the same number of sharded forward calls.
     """
 
-    def __init__(self, data_dir: str, spec: ModelSpec, genres: Optional[ItemFeatures],
+    def __init__(self, data_dir: str, spec: ModelSpec, maker: BatchMaker,
                  train_rows: dict[str, np.ndarray], ks: list[int], device: torch.device) -> None:
-        self.spec, self.genres, self.ks, self.device = spec, genres, [int(k) for k in ks], device
+        self.spec, self.maker, self.ks, self.device = spec, maker, [int(k) for k in ks], device
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.exclude = UserItems.build(train_rows["user"].astype(np.int64),
                                        train_rows["item"].astype(np.int64), spec.num_users)
@@ -234,7 +277,7 @@ class Evaluator:
         for c in range(self._n_chunks(len(mine), chunk)):
             part = mine[c * chunk:(c + 1) * chunk]
             items = part if len(part) else np.zeros(1, np.int64)  # keep collectives in step
-            emb = model.candidate(candidate_kjt(items, self.genres).to(self.device))
+            emb = model.candidate(self.maker.candidate(items).to(self.device))
             out.append(emb[: len(part)])
         local = torch.cat(out) if out else torch.empty(0, self.spec.output_dim,
                                                        device=self.device)
@@ -251,7 +294,8 @@ class Evaluator:
         sums: dict[str, float] = {}
         for c in range(self._n_chunks(len(users), self.chunk)):
             part = users[c * self.chunk:(c + 1) * self.chunk]
-            q = model.query(query_kjt(part if len(part) else np.zeros(1, np.int64))
+            # the query tower reads each user's latest training positives
+            q = model.query(self.maker.query(part if len(part) else np.zeros(1, np.int64))
                             .to(self.device))
             if not len(part):
                 continue
@@ -276,7 +320,7 @@ class Evaluator:
         return self._reduce(sums)
 
 
-def _validation_loss(dmp: Any, stream: InteractionStream, genres: Optional[ItemFeatures],
+def _validation_loss(dmp: Any, stream: InteractionStream, maker: BatchMaker,
                      batch_size: int, device: torch.device, objective: str
                      ) -> dict[str, float]:
     """Mean validation loss (weighted by rows, or positives for softmax); AUROC for bce."""
@@ -285,8 +329,8 @@ def _validation_loss(dmp: Any, stream: InteractionStream, genres: Optional[ItemF
     scores, labels = [], []
     with torch.no_grad():
         for start in range(0, len(ids), batch_size):
-            batch = make_batch(stream.gather(ids[start:start + batch_size], BATCH_COLUMNS),
-                               genres).to(device)
+            batch = maker(stream.gather(ids[start:start + batch_size], BATCH_COLUMNS)
+                          ).to(device)
             loss, (_, s, y) = dmp(batch)
             w = float(len(y)) if objective == "bce" else float((y > 0).sum())
             total += float(loss) * w
@@ -310,12 +354,29 @@ def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}_{k}": v for k, v in metrics.items() if k != "users"}
 
 
+def _baseline_metrics(baselines: dict[str, Any]) -> dict[str, float]:
+    """Flat ``<baseline>_<split>_<metric>`` entries of baselines computed by the driver."""
+    out: dict[str, float] = {}
+    for name, result in baselines.items():
+        for split in ("val", "test"):
+            out.update(_prefixed(f"{name}_{split}", result.get(split, {})))
+    return out
+
+
+def _improved(state: dict[str, Any], value: float) -> bool:
+    """True when ``value`` beats the best validation value so far."""
+    return state.get("best_value") is None or value > state["best_value"]
+
+
 def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker function.
+    """Ray Train worker function: restore -> per epoch: train -> evaluate -> save -> report.
 
     Args:
         config: ``{"config": Config.to_dict(), "data_dir": str, "mlflow": {"tracking_uri",
-            "run_id"} or None, "run_dir": the Ray Train run folder (checkpoints)}``.
+            "run_id"} or None, "run_dir": the Ray Train run folder (checkpoints),
+            "splits": the splits trained on (default train), "evaluate": whether to evaluate
+            each epoch on val/test (off for a refit on every split), "baselines": metrics
+            of baselines computed by the driver ({"ease": {"val": ..., "test": ...}})}``.
     """
     import logging
 
@@ -329,6 +390,8 @@ def train_loop(config: dict[str, Any]) -> None:
     cfg: Config = load_config(overrides={k: v for section in config["config"].values()
                                          for k, v in section.items()})
     data_dir: str = config["data_dir"]
+    splits = tuple(config.get("splits") or ("train",))
+    evaluate = bool(config.get("evaluate", True))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -336,15 +399,17 @@ def train_loop(config: dict[str, Any]) -> None:
     say = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(cfg.train.train_seed)
 
-    spec, genres, train_rows, positive_counts = training_inputs(cfg, data_dir)
-    dmp, optimizer, plan = build_sharded(cfg, spec, positive_counts, device=device,
+    inputs = training_inputs(cfg, data_dir, splits)
+    spec = inputs.spec
+    dmp, optimizer, plan = build_sharded(cfg, spec, inputs.positive_counts, device=device,
                                          local_world_size=ctx.get_local_world_size())
     model = dmp.module.model
     import ray
     rank_nodes: list[Any] = [None] * world  # which node each rank runs on, saved with the plan
     dist.all_gather_object(rank_nodes, ray.get_runtime_context().get_node_id())
 
-    state: dict[str, Any] = {"epoch": 0, "history": [], "resumed_at_epochs": []}
+    state: dict[str, Any] = {"epoch": 0, "history": [], "resumed_at_epochs": [],
+                             "best_epoch": 0, "best_value": None}
     # After a failure Ray Train hands back the latest checkpoint it registered. A worker that
     # dies right after an epoch's checkpoint is written can take the report with it, so the
     # run folder is read too: a checkpoint with a state file is complete (rank 0 writes it
@@ -370,11 +435,21 @@ def train_loop(config: dict[str, Any]) -> None:
         from mlflow.tracking import MlflowClient
         mlflow_client = MlflowClient(config["mlflow"]["tracking_uri"])
 
-    train_stream = InteractionStream(str(Path(data_dir, "train")), batch_size=cfg.train.batch_size,
-                                     shuffle=True, shuffle_seed=cfg.train.train_seed + 1)
-    val_stream = InteractionStream(str(Path(data_dir, "val")), batch_size=cfg.train.batch_size)
-    evaluator = Evaluator(data_dir, spec, genres, train_rows, cfg.train.top_k, device)
-    popularity = {s: evaluator.popularity(s, positive_counts) for s in ("val", "test")}
+    from streaming import Stream
+    train_stream = InteractionStream(
+        streams=[Stream(local=str(Path(data_dir, s))) for s in splits],
+        batch_size=cfg.train.batch_size, shuffle=True, shuffle_seed=cfg.train.train_seed + 1)
+    maker = inputs.batch_maker(seed=cfg.train.train_seed + 2,
+                               history_dropout=cfg.train.history_dropout)
+    baselines: dict[str, float] = {}
+    if evaluate:
+        val_stream = InteractionStream(str(Path(data_dir, "val")),
+                                       batch_size=cfg.train.batch_size)
+        evaluator = Evaluator(data_dir, spec, maker, inputs.rows, cfg.train.top_k, device)
+        baselines = _prefixed_popularity(evaluator, inputs.positive_counts)
+        baselines.update(_baseline_metrics(config.get("baselines") or {}))
+    select = f"val_{cfg.train.select_metric}"
+    patience = cfg.train.patience if evaluate else 0
     pipeline = None
     if on_gpu:
         from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
@@ -382,11 +457,15 @@ def train_loop(config: dict[str, Any]) -> None:
 
     bs = cfg.train.batch_size
     for epoch in range(state["epoch"], cfg.train.epochs):
+        if patience and state["epoch"] - state["best_epoch"] >= patience:
+            break  # a resumed run that had already stopped early
+        # -- train one epoch
         dmp.train()
         ids = _equal_share(train_stream.epoch_sample_ids(epoch=epoch), device)
         steps = (len(ids) + bs - 1) // bs
-        batches = _prefetch(lambda i: make_batch(train_stream.gather(
-            ids[i * bs:(i + 1) * bs], BATCH_COLUMNS), genres), steps)
+        maker.reseed(cfg.train.train_seed + 2 + epoch)  # sampled negatives: a function of the epoch
+        batches = _prefetch(lambda i: maker(train_stream.gather(
+            ids[i * bs:(i + 1) * bs], BATCH_COLUMNS), train=True), steps)
         if pipeline is not None:
             pipeline.reset()  # a fresh iterator each epoch
         t0 = t_last = time.perf_counter()
@@ -408,25 +487,37 @@ def train_loop(config: dict[str, Any]) -> None:
         if pipeline is not None:
             pipeline.detach()  # restore the sharded modules' own forward for evaluation
 
+        # -- evaluate: val every epoch; test only for a new best epoch (the one exported)
         dmp.eval()
         metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
                                    "train_samples_per_s_per_worker":
                                        len(ids) / max(train_seconds, 1e-9)}
-        metrics.update(_validation_loss(dmp, val_stream, genres, bs, device,
-                                        spec.objective))
-        items = evaluator.item_embeddings(model)
-        metrics.update(_prefixed("val", evaluator.ranking(model, "val", items)))
-        final = epoch + 1 == cfg.train.epochs
-        if final:
-            metrics.update(_prefixed("test", evaluator.ranking(model, "test", items)))
-        for split, m in popularity.items():
-            metrics.update(_prefixed(f"popularity_{split}", m))
-        state["history"].append(metrics)
         state["epoch"] = epoch + 1
-        say(f"epoch {epoch + 1}: train_loss {metrics['train_loss']:.4f} val_loss "
-            f"{metrics['val_loss']:.4f} val recall@20 {metrics.get('val_recall@20', 0):.4f} "
-            f"(popularity {metrics.get('popularity_val_recall@20', 0):.4f})", flush=True)
+        if evaluate:
+            metrics.update(_validation_loss(dmp, val_stream, maker, bs, device,
+                                            spec.objective))
+            items = evaluator.item_embeddings(model)
+            metrics.update(_prefixed("val", evaluator.ranking(model, "val", items)))
+            # the exported epoch: the best so far with early stopping, else the last
+            chosen = (_improved(state, metrics[select]) if patience
+                      else epoch + 1 == cfg.train.epochs)
+            if chosen:
+                metrics.update(_prefixed("test", evaluator.ranking(model, "test", items)))
+                state["best_epoch"], state["best_value"] = epoch + 1, metrics[select]
+            metrics.update(baselines)
+            say(_epoch_line(metrics, state["best_epoch"]), flush=True)
+        else:
+            state["best_epoch"] = epoch + 1
+            say(f"epoch {epoch + 1}: train_loss {metrics['train_loss']:.4f}", flush=True)
+        metrics["best_epoch"] = state["best_epoch"]
+        state["history"].append(metrics)
+        stop = bool(patience) and state["epoch"] - state["best_epoch"] >= patience
+        if stop:
+            say(f"early stop: no better {select} for {patience} epoch(s); best epoch "
+                f"{state['best_epoch']} ({select} {state['best_value']:.4f})", flush=True)
+        state["stopped_early"] = stop
 
+        # -- save (every rank its shards) and report
         with tempfile.TemporaryDirectory() as tmp:
             dcp.save({"model": dmp.state_dict(), "optim": optimizer.state_dict()},
                      checkpoint_id=tmp)
@@ -436,7 +527,8 @@ def train_loop(config: dict[str, Any]) -> None:
                     {"world_size": world, "device": device.type, "rank_nodes": rank_nodes,
                      "tables": plan_rows(plan)},
                     indent=1))
-                np.save(os.path.join(tmp, POPULARITY_FILE), positive_counts)
+                np.save(os.path.join(tmp, POPULARITY_FILE), inputs.positive_counts)
+                Path(tmp, HISTORY_FILE).write_bytes(inputs.history.to_bytes())
             if mlflow_client is not None:
                 from mlflow.entities import Metric
                 stamp = int(time.time() * 1000)
@@ -445,3 +537,25 @@ def train_loop(config: dict[str, Any]) -> None:
                     for k, v in metrics.items() if isinstance(v, (int, float))
                     and np.isfinite(v)])
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        if stop:
+            break
+
+
+def _prefixed_popularity(evaluator: Evaluator, positive_counts: np.ndarray
+                         ) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for split in ("val", "test"):
+        out.update(_prefixed(f"popularity_{split}", evaluator.popularity(split, positive_counts)))
+    return out
+
+
+def _epoch_line(m: dict[str, Any], best_epoch: int) -> str:
+    """One line per epoch: losses, validation Recall@20 of the model and the baselines."""
+    key = "recall@20" if "val_recall@20" in m else next(
+        k[4:] for k in m if k.startswith("val_recall@"))
+    base = ", ".join(f"{name} {m[f'{prefix}_val_{key}']:.4f}"
+                     for name, prefix in (("popularity", "popularity"), ("EASE", "ease"))
+                     if f"{prefix}_val_{key}" in m)
+    return (f"epoch {m['epoch']}: train_loss {m['train_loss']:.4f} val_loss "
+            f"{m['val_loss']:.4f} val {key} {m[f'val_{key}']:.4f} ({base}); best epoch "
+            f"{best_epoch}")

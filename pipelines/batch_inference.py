@@ -1,9 +1,10 @@
 """Batch inference: ``python -m pipelines.batch_inference --model MODEL --data DIR --output OUT
-[--users all|PATH] [--top-k K] [--pairs PATH] [--index exact|faiss] ...``
+[--users all|PATH] [--history PATH] [--top-k K] [--pairs PATH] [--index exact|faiss] ...``
 
 MODEL is a model folder or an MLflow model URI (``models:/name/version``, ``models:/name@alias``,
 ``runs:/<run id>/model``). OUT becomes a Parquet folder: ``userId, rank, movieId, score,
-fallback`` (+ ``title``) per recommendation, or ``userId, movieId, score, prediction_prob,
+fallback, source`` (+ ``title``) per recommendation (source: ``model`` for a known user,
+``history`` for a user recommended from ``--history``, ``popularity`` otherwise), or ``userId, movieId, score, prediction_prob,
 predicted_class, known_user, known_item`` per pair with ``--pairs``.
 """
 
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", default="all",
                         help="all (default) or a CSV/Parquet file with a userId column")
     parser.add_argument("--pairs", help="CSV/Parquet file with userId, movieId: score pairs")
+    parser.add_argument("--history",
+                        help="CSV/Parquet file with userId, movieId (and timestamp) rows: users' "
+                             "recent items; new users get recommendations from them, a known "
+                             "user's replace the stored ones")
     parser.add_argument("--top-k", dest="recommend_k", default=None,
                         help="items per user (same as --recommend-k)")
     add_arguments(parser, sections=["inference", "cluster"])
@@ -36,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         print(cfg.describe(), flush=True)
         batch_inference(cfg, args.model, args.data, args.output, users=args.users,
-                        pairs=args.pairs)
+                        pairs=args.pairs, history=args.history)
     except (ConfigError, DatasetError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ and ``summary.json``; MLflow records the runs and the registered model. Ends wit
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -44,14 +45,26 @@ def _prepared_with(data_dir: Path, cfg: Config) -> bool:
     return want == have
 
 
-def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False
-        ) -> dict[str, Any]:
+def refit_config(cfg: Config, epochs: int) -> Config:
+    """The evaluated run's configuration for a refit: exactly ``epochs`` epochs, no early
+    stopping (there is no held-out split left to stop on)."""
+    out = copy.deepcopy(cfg)
+    out.train.epochs, out.train.patience, out.train.resume = max(1, int(epochs)), 0, False
+    return out
+
+
+def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False,
+        refit: bool = True) -> dict[str, Any]:
     """Run the stages in order; returns the summary (also ``<workdir>/summary.json``).
 
     Args:
         cfg: the resolved configuration.
         stages: which of prepare, train, infer to run.
         tune: sweep first (``cfg.tune``) and train the model with the best trial's settings.
+        refit: after the evaluated training run, train again on every accepted rating
+            (train + val + test) for the evaluated run's best number of epochs; ``model/``,
+            the registered model and the recommendations come from the refit, the held-out
+            metrics from the evaluated run (its folder: ``model-heldout/``).
     """
     workdir = Path(cfg.cluster.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -90,11 +103,25 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False
         from app.train import train
 
         t0 = time.perf_counter()
-        result = train(cfg, str(data_dir), str(model_dir))
-        samples = manifest["counts"]["splits"]["train"] * cfg.train.epochs
+        evaluated_dir = workdir / "model-heldout" if refit else model_dir
+        result = train(cfg, str(data_dir), str(evaluated_dir))
+        epochs = result["metrics"]["epochs"]
         summary["stages"]["train"] = {"seconds": round(time.perf_counter() - t0, 2),
-                                      "rows": samples, "output": str(model_dir),
+                                      "rows": result["training_rows"] * epochs,
+                                      "output": str(evaluated_dir),
                                       "metrics": result["metrics"], "mlflow": result["mlflow"]}
+        if refit:
+            best = result["metrics"]["best_epoch"]
+            print(f"[refit] training on every split (train + val + test) for {best} "
+                  f"epoch(s), the evaluated run's best", flush=True)
+            t0 = time.perf_counter()
+            again = train(refit_config(cfg, best), str(data_dir), str(model_dir), refit=True,
+                          tags={"evaluated_run_id": result["mlflow"]["run_id"]})
+            summary["stages"]["refit"] = {"seconds": round(time.perf_counter() - t0, 2),
+                                          "rows": again["training_rows"] * best,
+                                          "training_rows": again["training_rows"],
+                                          "epochs": best, "output": str(model_dir),
+                                          "mlflow": again["mlflow"]}
         summary["tracking_uri"] = tracking_uri(cfg.cluster)
         summary["plot"] = str(workdir / "val_metrics.png")
         plot_history(result["history"], workdir / "val_metrics.png",
@@ -121,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", action="store_true",
                         help="run a hyperparameter sweep before training and train with the "
                              "best trial's settings (see pipelines.tune)")
+    parser.add_argument("--no-refit", dest="refit", action="store_false",
+                        help="serve the evaluated model (trained on the train split) instead "
+                             "of refitting on every split for its best number of epochs")
     parser.add_argument("--stages", default=",".join(STAGES),
                         help=f"comma-separated stages to run, in order (default: all of "
                              f"{','.join(STAGES)})")
@@ -134,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"(stages: {', '.join(STAGES)})")
         cfg = config_from_args(args)
         print(cfg.describe(), flush=True)
-        run(cfg, stages, tune=args.tune)
+        run(cfg, stages, tune=args.tune, refit=args.refit)
     except (ConfigError, DataError, DatasetError, ModelError, ResourceError, TrainError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ import sys
 from app.config import ConfigError, add_arguments, config_from_args
 from app.dataset import DatasetError
 from app.placement import ResourceError
+from app.report import comparison
 from app.train import TrainError, train
 
 
@@ -27,12 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, ResourceError, TrainError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    m = summary["metrics"]
-    for split in ("val", "test"):
-        row = ", ".join(f"{k} {m['model'][split][k]:.4f} (popularity "
-                        f"{m['popularity'][split][k]:.4f})"
-                        for k in sorted(m["model"][split]) if k.startswith(("recall", "ndcg")))
-        print(f"{split}: {row}")
+    print("\n".join(comparison(summary["metrics"])))
     return 0
 
 

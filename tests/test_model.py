@@ -9,8 +9,10 @@ import torch
 from app.config import load_config
 from app.export import ExportedTwoTower, ModelError, export_state_dict
 from app.metrics import UserItems, binary_auroc, finish, ranking_sums
-from app.model import (ModelSpec, TwoTower, TwoTowerTrainTask, bce_loss, candidate_kjt,
-                       make_batch, query_kjt, sampled_softmax_loss)
+from app.history import UserHistory
+from app.model import (BatchMaker, ModelSpec, TwoTower, TwoTowerTrainTask, bce_loss,
+                       candidate_kjt, catalog_softmax_loss, mixed_softmax_loss, query_kjt,
+                       sampled_softmax_loss)
 from app.placement import Placement, ResourceError, check_resources, placement
 from app.dataset import ItemFeatures
 
@@ -26,27 +28,137 @@ def _genres() -> ItemFeatures:
                         [f"g{i}" for i in range(SPEC.num_genres)])
 
 
-def test_export_computes_what_the_towers_compute():
+def _years() -> ItemFeatures:
+    lengths = np.array([0] + [1] * (SPEC.num_items - 2) + [0])  # item 0 and the last: unknown
+    values = np.arange(SPEC.num_items - 2) % 6 + 1
+    return ItemFeatures("item_year", np.concatenate([[0], np.cumsum(lengths)]), values,
+                        [str(y) for y in range(1990, 1997)])
+
+
+def _history(spec: ModelSpec) -> UserHistory:
+    rng = np.random.default_rng(3)
+    users = rng.integers(1, spec.num_users, 200)
+    return UserHistory.build(users, rng.integers(1, spec.num_items, 200),
+                             rng.integers(0, 1000, 200), spec.num_users)
+
+
+@pytest.mark.parametrize("variant", [
+    {},
+    {"num_years": 7, "history_length": 5, "normalize": True},
+    {"num_years": 7, "history_length": 3, "use_user_id": False},
+])
+def test_export_computes_what_the_towers_compute(variant):
     torch.manual_seed(0)
-    genres = _genres()
-    towers = TwoTower(SPEC, table_device=torch.device("cpu"))
+    spec = ModelSpec(**{**SPEC.to_dict(), "tower_layers": SPEC.tower_layers, **variant})
+    features = [_genres()] + ([_years()] if spec.num_years else [])
+    history = _history(spec)
+    towers = TwoTower(spec, table_device=torch.device("cpu"))
     for p in towers.parameters():  # tables start at zero-ish; make every weight matter
         torch.nn.init.normal_(p)
-    exported = ExportedTwoTower(SPEC, genres)
+    exported = ExportedTwoTower(spec, features, history if spec.history_length else None)
     state = export_state_dict(TwoTowerTrainTask(towers).state_dict())
-    exported.load_state_dict({**state, "genre_offsets": exported.genre_offsets,
-                              "genre_values": exported.genre_values})
+    exported.load_state_dict({**state, **exported.buffers_for()})
+    maker = BatchMaker(spec, features, history)
     users = np.array([1, 5, 29, 0])
     items = np.array([0, 1, 7, 39, 12])
     with torch.no_grad():
-        assert torch.allclose(towers.query(query_kjt(users)),
+        assert torch.allclose(towers.query(maker.query(users)),
                               exported.user_embeddings(torch.from_numpy(users)), atol=1e-5)
-        assert torch.allclose(towers.candidate(candidate_kjt(items, genres)),
+        assert torch.allclose(towers.candidate(maker.candidate(items)),
                               exported.item_embeddings(torch.from_numpy(items)), atol=1e-5)
         pair_users, pair_items = np.array([3, 4]), np.array([7, 9])
-        assert torch.allclose(towers(query_kjt(pair_users), candidate_kjt(pair_items, genres)),
+        assert torch.allclose(towers(maker.query(pair_users), maker.candidate(pair_items)),
                               exported.score(torch.from_numpy(pair_users),
                                              torch.from_numpy(pair_items)), atol=1e-5)
+        if spec.history_length:  # a given history replaces the stored one
+            given = (torch.tensor([3, 4, 4, 9]), torch.tensor([0, 2, 2, 4]))  # 2 rows + empty
+            lengths = np.array([2, 0, 2, 0])
+            want = towers.query(query_kjt(users, (lengths, given[0].numpy()),
+                                          use_user_id=spec.use_user_id))
+            assert torch.allclose(want, exported.user_embeddings(
+                torch.from_numpy(users), (given[0], torch.tensor([0, 2, 2, 4]))), atol=1e-5)
+
+
+def test_history_of_a_training_row_holds_only_earlier_positives():
+    # user 1's positives in time order: 12 @50, 10 @100, 11 @200, 12 @300, 13 @400
+    h = UserHistory.build(np.array([1, 1, 1, 1, 1, 2]), np.array([10, 11, 12, 13, 12, 20]),
+                          np.array([100, 200, 300, 400, 50, 100]), num_users=3)
+    users = np.array([1, 1, 2, 1, 1])
+    stamps = np.array([300, 100, 100, 350, 401])
+    targets = np.array([99, 10, 20, 12, 13])
+    lengths, values = h.before(users, stamps, targets, n=2)
+    rows = [r.tolist() for r in np.split(values, np.cumsum(lengths)[:-1])]
+    assert rows == [
+        [10, 11],  # before 300: the latest two; the planted future item 13 @400 is not used
+        [12],      # before 100: only 12 @50 (the row's own item 10 @100 is not before it)
+        [],        # user 2 has nothing before 100
+        [11],      # before 350 the latest two are 11, 12: 12 is the target, left out
+        [12],      # before 401 the latest two are 12, 13: 13 is the target, left out
+    ]
+    assert h.latest(np.array([1, 2, 0]), 3)[0].tolist() == [3, 1, 0]
+    assert h.latest(np.array([1]), 3)[1].tolist() == [11, 12, 13]
+    again = UserHistory.from_bytes(h.to_bytes())
+    assert np.array_equal(again.items, h.items) and np.array_equal(again.offsets, h.offsets)
+
+
+def test_catalog_softmax_is_a_full_softmax_over_known_items():
+    torch.manual_seed(2)
+    q, catalog = torch.randn(5, 4), torch.randn(9, 4)
+    y = torch.tensor([1.0, 0, 1, 1, 0])
+    items = torch.tensor([3, 1, 8, 3, 2])
+    loss, scores = catalog_softmax_loss(q, catalog, y, items, 0.5)
+    want = 0.0
+    for i in (0, 2, 3):
+        logits = q[i] @ catalog[1:].T / 0.5  # item 0 (unknown) is never a class
+        want += float(torch.logsumexp(logits, 0) - logits[items[i] - 1])
+    assert loss.item() == pytest.approx(want / 3, rel=1e-5)
+    assert torch.allclose(scores, (q * catalog[items]).sum(1))
+
+
+def test_mixed_negatives_correct_each_logit_by_its_expected_count():
+    torch.manual_seed(3)
+    q, c = torch.randn(6, 4), torch.randn(6, 4)
+    y = torch.tensor([1.0, 1, 0, 1, 1, 1])
+    items = torch.tensor([2, 4, 5, 2, 6, 7])
+    sampled_items = torch.tensor([4, 9, 1])
+    sampled = torch.randn(3, 4)
+    prob = torch.rand(10) + 0.05
+    prob = prob / prob.sum()
+    loss, _ = mixed_softmax_loss(q, c, y, items, sampled, sampled_items, prob, 2, 0.5)
+    pos = [0, 1, 3, 4, 5]
+    neg_rows = [c[0], c[1], *sampled]            # in-batch: the first 2 positives
+    neg_items = [2, 4, *sampled_items.tolist()]
+
+    def corrected(v, i):
+        return float(q[r] @ v) / 0.5 - np.log(2 * float(prob[i]) + 3 / 9)
+
+    want = 0.0
+    for r in pos:
+        logits = [corrected(c[r], int(items[r]))]
+        logits += [corrected(v, i) for v, i in zip(neg_rows, neg_items) if i != int(items[r])]
+        want += -logits[0] + float(torch.logsumexp(torch.tensor(logits), 0))
+    assert loss.item() == pytest.approx(want / len(pos), rel=1e-5)
+
+
+def test_batches_carry_the_negatives_of_their_objective():
+    features = [_genres()]
+    history = _history(SPEC)
+    rows = {"user": np.array([1, 2, 3]), "item": np.array([4, 5, 6]),
+            "label": np.array([1, 0, 1], np.uint8), "timestamp": np.array([500, 10, 999])}
+    spec = ModelSpec(**{**SPEC.to_dict(), "tower_layers": SPEC.tower_layers,
+                        "negatives": "mixed", "sampled_negatives": 7, "history_length": 4})
+    batch = BatchMaker(spec, features, history)(rows)
+    assert len(batch.extra_items) == 7 and batch.candidate.stride() == 3 + 7
+    assert batch.query.keys() == ["user_id", "user_history"]
+    catalog = ModelSpec(**{**spec.to_dict(), "tower_layers": SPEC.tower_layers,
+                           "negatives": "catalog"})
+    batch = BatchMaker(catalog, features, history)(rows)
+    assert batch.candidate.stride() == SPEC.num_items and len(batch.extra_items) == 0
+    for s in (spec, catalog):
+        towers = TwoTower(s, table_device=torch.device("cpu"))
+        loss, (_, scores, _) = TwoTowerTrainTask(towers)(BatchMaker(s, features, history)(rows))
+        loss.backward()
+        assert scores.shape == (3,) and torch.isfinite(loss)
 
 
 def test_export_rejects_foreign_keys():
@@ -106,7 +218,8 @@ def test_train_task_uses_the_configured_objective():
     towers = TwoTower(SPEC, table_device=torch.device("cpu"))
     rows = {"user": np.array([1, 2, 3]), "item": np.array([4, 5, 6]),
             "label": np.array([1, 0, 1], np.uint8)}
-    batch = make_batch(rows, _genres())
+    rows["timestamp"] = np.array([5, 6, 7])
+    batch = BatchMaker(SPEC, [_genres()])(rows)
     loss, (_, scores, labels) = TwoTowerTrainTask(towers)(batch)
     assert loss.ndim == 0 and scores.shape == (3,) and torch.equal(labels, batch.labels)
     bce = ModelSpec(**{**SPEC.to_dict(), "tower_layers": (16, 6), "objective": "bce"})

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from app.dataset import read_split_arrays
-from app.model import make_batch
+from app.model import candidate_kjt, query_kjt
 from app.reader import InteractionStream, ItemFeatures
 
 
@@ -35,12 +35,11 @@ def test_kjt_from_a_batch(movielens_dir):
     genres = ItemFeatures.genres(movielens_dir)
     assert genres is not None and "Drama" in genres.vocab
     batch = next(InteractionStream(str(movielens_dir / "train"), batch_size=512).iter_batches())
-    tb = make_batch(batch, genres)
-    assert tb.query.keys() == ["user_id"] and tb.query.stride() == 512
-    assert torch.equal(tb.query.to_dict()["user_id"].values(),
+    query = query_kjt(batch["user"])
+    assert query.keys() == ["user_id"] and query.stride() == 512
+    assert torch.equal(query.to_dict()["user_id"].values(),
                        torch.from_numpy(batch["user"].astype(np.int64)))
-    assert torch.equal(tb.labels, torch.from_numpy(batch["label"].astype(np.float32)))
-    kjt = tb.candidate
+    kjt = candidate_kjt(batch["item"], [genres])
     assert kjt.keys() == ["item_id", "item_genres"]
     assert kjt.stride() == 512
     d = kjt.to_dict()
@@ -63,9 +62,9 @@ def _read_partition(config: dict) -> None:
 
     ctx = ray.train.get_context()
     ds = InteractionStream(config["split"], batch_size=256)
-    batches = [make_batch(b) for b in ds.iter_batches()]
-    users = torch.cat([b.query["user_id"].values() for b in batches]).tolist()
-    items = torch.cat([b.candidate["item_id"].values() for b in batches]).tolist()
+    batches = list(ds.iter_batches())
+    users = np.concatenate([b["user"] for b in batches]).tolist()
+    items = np.concatenate([b["item"] for b in batches]).tolist()
     Path(config["out"], f"rank{ctx.get_world_rank()}.json").write_text(
         json.dumps({"pairs": list(zip(users, items)), "world": ctx.get_world_size()}))
 
