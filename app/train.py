@@ -117,7 +117,7 @@ def driver_baselines(cfg: Config, data_dir: str, num_users: int, num_items: int
                          exclude=UserItems.build(tr["user"].astype(np.int64),
                                                  tr["item"].astype(np.int64), num_users),
                          positives=positives, num_users=num_users, num_items=num_items,
-                         ks=[int(k) for k in cfg.train.top_k],
+                         ks=cfg.train.eval_ks(),
                          lambdas=[float(x) for x in cfg.train.ease_lambdas],
                          max_dim=cfg.train.ease_max_dim)
     return {"ease": ease}

@@ -180,6 +180,16 @@ def plan_rows(plan: Any) -> list[dict[str, Any]]:
 
 
 
+def _table_optimizer_args(lr: float, weight_decay: float) -> dict[str, Any]:
+    """Arguments of the fused row-wise Adagrad (FBGEMM ignores weight_decay unless a mode
+    is set)."""
+    if not weight_decay:
+        return {"lr": lr}
+    from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
+
+    return {"lr": lr, "weight_decay": weight_decay, "weight_decay_mode": WeightDecayMode.L2}
+
+
 def build_sharded(cfg: Config, spec: ModelSpec, positive_counts: np.ndarray, *,
                   device: torch.device, local_world_size: int) -> tuple[Any, Any, Any]:
     """The sharded train task on this rank (call on every rank of an initialised process
@@ -204,7 +214,8 @@ def build_sharded(cfg: Config, spec: ModelSpec, positive_counts: np.ndarray, *,
     apply_optimizer_in_backward(RowWiseAdagrad,
                                 list(model.query.ebc.parameters())
                                 + list(model.candidate.ebc.parameters()),
-                                {"lr": cfg.train.embedding_lr})
+                                _table_optimizer_args(cfg.train.embedding_lr,
+                                                      cfg.train.embedding_weight_decay))
     topology = TopologyFactory.create_topology(
         TrainerConfig(world_size=dist.get_world_size(), local_world_size=local_world_size),
         kernel_config=KernelConfig(compute_device=device.type))
@@ -445,7 +456,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if evaluate:
         val_stream = InteractionStream(str(Path(data_dir, "val")),
                                        batch_size=cfg.train.batch_size)
-        evaluator = Evaluator(data_dir, spec, maker, inputs.rows, cfg.train.top_k, device)
+        evaluator = Evaluator(data_dir, spec, maker, inputs.rows, cfg.train.eval_ks(), device)
         baselines = _prefixed_popularity(evaluator, inputs.positive_counts)
         baselines.update(_baseline_metrics(config.get("baselines") or {}))
     select = f"val_{cfg.train.select_metric}"
@@ -490,6 +501,7 @@ def train_loop(config: dict[str, Any]) -> None:
         # -- evaluate: val every epoch; test only for a new best epoch (the one exported)
         dmp.eval()
         metrics: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+                                   "train_rows": len(ids) * world,  # equal shares
                                    "train_samples_per_s_per_worker":
                                        len(ids) / max(train_seconds, 1e-9)}
         state["epoch"] = epoch + 1

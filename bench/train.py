@@ -49,13 +49,15 @@ BATCH_SIZE = 8192
 WARMUP = 2
 
 
-def prepared(rows: int, cache: Path) -> Path:
-    """The synthetic dataset of ``rows`` rows, prepared once under ``cache``."""
-    out = cache / f"train-synthetic-{rows}"
+def prepared(rows: int, cache: Path, items: int = 0) -> Path:
+    """The synthetic dataset of ``rows`` rows (``items`` items; 0: the generator's default),
+    prepared once under ``cache``."""
+    out = cache / (f"train-synthetic-{rows}" + (f"-{items}-items" if items else ""))
     if (out / "manifest.json").exists():
         return out
     cache.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(overrides={"dataset": "synthetic", "rows": rows, "overwrite": True}).data
+    cfg = load_config(overrides={"dataset": "synthetic", "rows": rows, "overwrite": True,
+                                 "synthetic_items": items}).data
     prepare_dataset(cfg, str(out), verbose=False)
     return out
 
@@ -92,7 +94,8 @@ def _seed_batch(batch: dict[str, Any], genre_lists: Any) -> Any:
         lengths=torch.tensor(item_lengths + genre_lengths, dtype=torch.int64))
     return TwoTowerBatch(query=query, candidate=candidate,
                          labels=torch.tensor(labels, dtype=torch.float32),
-                         items=torch.tensor(item_values, dtype=torch.int64))
+                         items=torch.tensor(item_values, dtype=torch.int64),
+                         extra_items=torch.empty(0, dtype=torch.int64))
 
 
 def bench_worker(config: dict[str, Any]) -> None:
@@ -105,7 +108,6 @@ def bench_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from app.model import make_batch
     from app.reader import InteractionStream
     from app.train_loop import (BATCH_COLUMNS, _equal_share, _prefetch, build_sharded,
                                 train_step, training_inputs)
@@ -116,8 +118,14 @@ def bench_worker(config: dict[str, Any]) -> None:
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.train_seed)
-    spec, genres, _, positive_counts = training_inputs(cfg, data_dir)
-    dmp, optimizer, _ = build_sharded(cfg, spec, positive_counts, device=device,
+    inputs = training_inputs(cfg, data_dir)
+    genres = next((f for f in inputs.features if f.name == "item_genres"), None)
+    maker = inputs.batch_maker(seed=1, history_dropout=cfg.train.history_dropout)
+
+    def make_batch(rows: dict[str, Any]) -> Any:  # a training batch, as the epoch loop builds it
+        return maker(rows, train=True)
+
+    dmp, optimizer, _ = build_sharded(cfg, inputs.spec, inputs.positive_counts, device=device,
                                       local_world_size=ctx.get_local_world_size())
     dmp.train()
     bs = cfg.train.batch_size
@@ -170,7 +178,7 @@ def bench_worker(config: dict[str, Any]) -> None:
             ids = _equal_share(stream.epoch_sample_ids(epoch=epoch), device)
             n = min(steps, (len(ids) + bs - 1) // bs)
             batches = _prefetch(lambda i: make_batch(
-                stream.gather(ids[i * bs:(i + 1) * bs], BATCH_COLUMNS), genres), n)
+                stream.gather(ids[i * bs:(i + 1) * bs], BATCH_COLUMNS)), n)
             wait = 0.0
             t0 = time.perf_counter()
             for _ in range(n):
@@ -188,7 +196,7 @@ def bench_worker(config: dict[str, Any]) -> None:
         n_mem = max(1, min(int(config["memory_batches"]), len(ids0) // bs))
         gathered = [stream.gather(ids0[i * bs:(i + 1) * bs], BATCH_COLUMNS)
                     for i in range(n_mem)]
-        in_memory = [make_batch(g, genres) for g in gathered]
+        in_memory = [make_batch(g) for g in gathered]
         for i in range(WARMUP):
             step(in_memory[i % n_mem])
 
@@ -215,7 +223,7 @@ def bench_worker(config: dict[str, Any]) -> None:
                 stream.gather(ids0[i * bs:(i + 1) * bs], BATCH_COLUMNS)
             t1 = time.perf_counter()
             for g in gathered[:k]:
-                make_batch(g, genres)
+                make_batch(g)
             t2 = time.perf_counter()
             for b in in_memory[:k]:
                 step(b)
@@ -255,6 +263,10 @@ def main() -> None:
     p.add_argument("--seed-batches", type=int, default=10, help="timed batches of the seed path")
     p.add_argument("--seed-loader-workers", type=int, default=1,
                    help="DataLoader worker processes of the seed path")
+    p.add_argument("--objective-items", type=int, default=50_000,
+                   help="catalog size of the default-objective vs bce comparison")
+    p.add_argument("--objective-steps", type=int, default=30,
+                   help="timed steps per window of that comparison")
     p.add_argument("--cache", default=str(ROOT / ".bench"))
     args = p.parse_args()
 
@@ -271,7 +283,9 @@ def main() -> None:
     print(f"data: {data_dir} ({train_rows:,} train rows, {manifest['vocab']['users']:,} users, "
           f"{manifest['vocab']['items']:,} items; ready in {time.perf_counter() - t:.1f}s)")
 
-    base = {"overrides": {"objective": "bce", "batch_size": BATCH_SIZE},
+    # the first release's model shape (user id only), so the data paths compare as before
+    base = {"overrides": {"objective": "bce", "batch_size": BATCH_SIZE, "history_length": 0,
+                          "use_user_id": True, "use_year": False, "use_genres": True},
             "data_dir": str(data_dir), "repeats": args.repeats, "steps": args.steps,
             "memory_batches": args.memory_batches, "seed_batches": args.seed_batches,
             "loader_workers": args.seed_loader_workers}
@@ -290,6 +304,17 @@ def main() -> None:
         t = time.perf_counter()
         seed = run_group(1, {**base, "mode": "seed"}, scratch, "seed")
         print(f"seed, 1 worker: {time.perf_counter() - t:.0f}s")
+        # the default objective (and model) against bce, same batch and workers, 50k items
+        t = time.perf_counter()
+        big = prepared(args.rows, Path(args.cache), items=args.objective_items)
+        objective = {}
+        for name, over in (("bce", {"objective": "bce"}), ("default", {})):
+            objective[name] = run_group(2, {
+                **base, "overrides": {"batch_size": BATCH_SIZE, **over},
+                "data_dir": str(big), "mode": "train", "modes": ["pipeline"],
+                "repeats": 2, "steps": args.objective_steps}, scratch, f"objective-{name}")
+        print(f"default objective vs bce, 2 workers, {args.objective_items:,} items: "
+              f"{time.perf_counter() - t:.0f}s")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         ray.shutdown()
@@ -317,13 +342,24 @@ def main() -> None:
               f"{wait:.1f}, step {st:.1f}")
     print(f"ms per batch (seed path): loader {sms['load']:.0f}, per-row KJT loop "
           f"{sms['kjt']:.0f}, step {sms['step']:.0f}")
+    d_bce = statistics.median(objective["bce"]["pipeline"])
+    d_def = statistics.median(objective["default"]["pipeline"])
+    defaults = load_config()
+    print(f"default objective ({defaults.model.objective}, "
+          f"{defaults.model.resolved_negatives(args.objective_items + 1)} negatives, history "
+          f"{defaults.model.history_length}) vs bce, batch {BATCH_SIZE}, 2 workers, "
+          f"{args.objective_items:,} items: {d_def:,.0f} vs {d_bce:,.0f} samples/s per worker "
+          f"= {d_def / d_bce:.2f} (target: >= 0.5)")
     print(f"pipeline / ceiling: {pl / c:.1%} (target: >= 80%)")
     print(f"pipeline / seed: {pl / s:.1f}x (target: >= 20x)")
     print(json.dumps({"rows": args.rows, "ceiling_samples_per_s": round(c),
                       "pipeline_samples_per_s": round(pl), "seed_samples_per_s": round(s),
                       "pipeline_vs_ceiling": round(pl / c, 3),
                       "pipeline_vs_seed": round(pl / s, 1),
-                      "pipeline_2_workers_samples_per_s": round(pl2)}))
+                      "pipeline_2_workers_samples_per_s": round(pl2),
+                      "default_objective_samples_per_s": round(d_def),
+                      "bce_same_model_samples_per_s": round(d_bce),
+                      "default_vs_bce": round(d_def / d_bce, 3)}))
 
 
 if __name__ == "__main__":

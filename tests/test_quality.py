@@ -1,0 +1,131 @@
+"""What makes the recommendations good, end to end on movielens-small: EASE beside the model,
+early stopping that exports the best epoch, the refit on every split, and recommendations for
+a new user from a given history."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from app.config import load_config
+
+
+def _config(workdir: Path, **overrides):
+    return load_config(overrides={"num_workers": 2, "workdir": str(workdir),
+                                  "registered_model_name": "two-tower-quality", **overrides})
+
+
+def _val_recall(model_dir: Path, data_dir: Path) -> float:
+    """Validation Recall@20 of an exported model folder, computed in this process."""
+    from app.dataset import read_split_arrays
+    from app.metrics import UserItems, finish, ranking_sums
+    from app.serving import Recommender
+
+    rec = Recommender(model_dir)
+    n = rec.model.spec.num_users
+    tr, va = read_split_arrays(data_dir / "train"), read_split_arrays(data_dir / "val")
+    pos = va["label"] > 0
+    positives = UserItems.build(va["user"][pos].astype(np.int64),
+                                va["item"][pos].astype(np.int64), n)
+    users = np.flatnonzero(positives.counts() > 0)
+    with torch.no_grad():
+        scores = rec.model.user_embeddings(torch.from_numpy(users)) @ rec.item_embeddings.T
+    exclude = UserItems.build(tr["user"].astype(np.int64), tr["item"].astype(np.int64), n)
+    return finish(ranking_sums(scores, users, exclude=exclude, positives=positives,
+                               ks=[20]))["recall@20"]
+
+
+def test_ease_is_reported_beside_the_model(trained):
+    m = json.loads((trained["model_dir"] / "metrics.json").read_text())
+    assert m["ease"]["lambda"] in [50, 100, 200, 400, 800, 1600]
+    for split in ("val", "test"):
+        assert m["ease"][split]["recall@20"] > 1.3 * m["popularity"][split]["recall@20"]
+    history = json.loads((trained["model_dir"] / "history.json").read_text())
+    assert all(h["ease_val_recall@20"] == m["ease"]["val"]["recall@20"] for h in history)
+
+
+def test_early_stopping_exports_the_best_epoch(ray_local, movielens_dir, tmp_path):
+    from app.train import train
+
+    # a learning rate far too high and no dropout: validation recall peaks early
+    cfg = _config(tmp_path, epochs=8, patience=1, embedding_lr=0.5, history_dropout=0.0,
+                  temperature=0.02)
+    result = train(cfg, str(movielens_dir), str(tmp_path / "model"), verbose=False)
+    m, history = result["metrics"], result["history"]
+    assert m["epochs"] < 8, "early stopping never triggered"
+    best = m["best_epoch"]
+    assert m["epochs"] == best + 1  # patience 1: one epoch without improvement
+    vals = [h["val_recall@20"] for h in history]
+    assert vals[best - 1] == max(vals) and vals[-1] < vals[best - 1]
+    # the exported weights are the best epoch's, not the last epoch's
+    got = _val_recall(tmp_path / "model", movielens_dir)
+    assert got == pytest.approx(vals[best - 1], abs=2e-3)
+    assert m["model"]["val"]["recall@20"] == vals[best - 1]
+    assert "test_recall@20" in history[best - 1] and "test_recall@20" not in history[-1]
+
+
+def test_refit_trains_on_every_accepted_row(ray_local, movielens_dir, tmp_path):
+    import mlflow
+
+    from app.dataset import read_manifest
+    from app.history import UserHistory
+    from app.train import train
+
+    manifest = read_manifest(movielens_dir)
+    result = train(_config(tmp_path, epochs=1), str(movielens_dir), str(tmp_path / "model"),
+                   verbose=False, refit=True)
+    total = manifest["counts"]["accepted"]
+    assert result["training_rows"] == total == sum(manifest["counts"]["splits"].values())
+    assert abs(result["history"][0]["train_rows"] - total) < 2  # equal shares of 2 workers
+    assert "val_recall@20" not in result["history"][0]
+    # the served model's histories hold every split's positives
+    h = UserHistory.from_bytes((tmp_path / "model" / "user_history.npz").read_bytes())
+    assert len(h.items) == sum(manifest["counts"]["positives"].values())
+    info = json.loads((tmp_path / "model" / "mlflow.json").read_text())
+    run = mlflow.MlflowClient(info["tracking_uri"]).get_run(info["run_id"])
+    assert run.data.tags["refit"] == "true"
+
+
+def test_a_new_users_recommendations_follow_the_given_history(trained, movielens_dir,
+                                                              tmp_path):
+    from app.config import load_config
+    from app.dataset import load_vocab
+    from app.inference import batch_inference
+    from app.serving import Recommender
+
+    items = load_vocab(movielens_dir)["items"].to_pandas()
+    genre = "Horror"
+    horror = items[items["genres"].fillna("").str.contains(genre)]["id"].head(30).tolist()
+    rec = Recommender(trained["model_dir"])
+    out = rec.recommend([900001, 900002], k=20,
+                        histories=[horror + [999_999_999], None])
+    assert rec.unknown_history_items == 1  # the unknown item id is ignored and counted
+    mine = out[out["userId"] == 900001]
+    popular = out[out["userId"] == 900002]
+    assert set(mine["source"]) == {"history"} and set(popular["source"]) == {"popularity"}
+    assert not set(mine["movieId"]) & set(horror)  # the given items are not recommended
+
+    def share(ids):
+        g = items.set_index("id").loc[list(ids), "genres"].fillna("")
+        return float(g.str.contains(genre).mean())
+
+    assert share(mine["movieId"]) > share(popular["movieId"]) + 0.3
+
+    # batch inference takes the same history from a file
+    pd.DataFrame({"userId": [900001] * len(horror), "movieId": horror}).to_csv(
+        tmp_path / "history.csv", index=False)
+    pd.DataFrame({"userId": [900001, 900003]}).to_csv(tmp_path / "users.csv",
+                                                             index=False)
+    cfg = load_config(overrides={"workdir": str(trained["work"]), "recommend_k": 20})
+    summary = batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir),
+                              str(tmp_path / "recs"), users=str(tmp_path / "users.csv"),
+                              history=str(tmp_path / "history.csv"), verbose=False)
+    assert summary["history_users"] == 1 and summary["fallback_users"] == 1
+    recs = pd.read_parquet(tmp_path / "recs")
+    batch = recs[recs["userId"] == 900001].sort_values("rank")
+    assert list(batch["movieId"]) == list(mine["movieId"])
