@@ -166,11 +166,11 @@ class TrainConfig:
     batch_size: int = _f(8192, "samples per batch per worker")
     embedding_lr: float = _f(0.05, "learning rate of the fused embedding optimizer")
     dense_lr: float = _f(1e-3, "learning rate of the dense (MLP) optimizer")
-    embedding_weight_decay: float = _f(0.0, "L2 penalty on the embedding rows a batch "
-                                            "touches (fused in the table optimizer)")
     top_k: list = _f([10, 20, 50], "K values of Recall@K and NDCG@K")
     history_dropout: float = _f(0.0, "share of history items dropped at random from each "
                                      "training batch (denoising)")
+    user_id_dropout: float = _f(0.0, "share of training rows whose user id is hidden (the "
+                                     "query tower learns to serve new users from history)")
     ease_lambdas: list = _f([50, 100, 200, 400, 800, 1600],
                             "EASE baseline: L2 penalties tried, chosen on validation")
     ease_max_dim: int = _f(10000, "EASE baseline: largest min(users, items) it is fitted for "
@@ -199,6 +199,8 @@ class TrainConfig:
         _check(self.patience >= 0, "patience", "must be >= 0", self.patience)
         _check(0 <= self.history_dropout < 1, "history_dropout", "must be in [0, 1)",
                self.history_dropout)
+        _check(0 <= self.user_id_dropout < 1, "user_id_dropout", "must be in [0, 1)",
+               self.user_id_dropout)
         m = self.select_metric.split("@")
         _check(len(m) == 2 and m[0] in ("recall", "ndcg") and m[1].isdigit() and int(m[1]) > 0,
                "select_metric", "must be recall@K or ndcg@K", self.select_metric)
@@ -209,8 +211,6 @@ class TrainConfig:
         _check(self.batch_size > 0, "batch_size", "must be positive", self.batch_size)
         _check(self.embedding_lr > 0, "embedding_lr", "must be positive", self.embedding_lr)
         _check(self.dense_lr > 0, "dense_lr", "must be positive", self.dense_lr)
-        _check(self.embedding_weight_decay >= 0, "embedding_weight_decay", "must be >= 0",
-               self.embedding_weight_decay)
         _check(len(self.top_k) > 0 and all(int(k) > 0 for k in self.top_k), "top_k",
                "must be a non-empty list of positive integers", self.top_k)
         _check(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive",

@@ -233,6 +233,8 @@ class BatchMaker:
         seed: seed of the sampled negatives and of history dropout.
         history_dropout: share of history items dropped at random from training batches
             (denoising, as in Mult-DAE: the towers cannot memorise a user's exact bag).
+        user_id_dropout: share of training rows whose user id is replaced by 0 (unknown), so
+            the query tower also learns to recommend from the history alone (new users).
     """
 
     spec: ModelSpec
@@ -240,6 +242,7 @@ class BatchMaker:
     history: Any = None
     seed: int = 0
     history_dropout: float = 0.0
+    user_id_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         self._rng = np.random.default_rng(self.seed)
@@ -282,8 +285,10 @@ class BatchMaker:
             if spec.objective == "softmax" and spec.negatives == "mixed":
                 extra = self._rng.integers(1, spec.num_items, spec.sampled_negatives)
             candidate = self.candidate(np.concatenate([rows["item"].astype(np.int64), extra]))
-        return TwoTowerBatch(query=query_kjt(rows["user"], history,
-                                             use_user_id=spec.use_user_id),
+        users = rows["user"]
+        if train and self.user_id_dropout > 0 and spec.use_user_id:
+            users = np.where(self._rng.random(len(users)) < self.user_id_dropout, 0, users)
+        return TwoTowerBatch(query=query_kjt(users, history, use_user_id=spec.use_user_id),
                              candidate=candidate,
                              labels=torch.from_numpy(rows["label"].astype(np.float32)),
                              items=torch.from_numpy(rows["item"].astype(np.int64)),

@@ -111,13 +111,19 @@ def render(summary: dict[str, Any]) -> str:
         out.append(summary["examples"])
     out.append("")
     out.append("outputs:")
-    for label, key in (("dataset", "prepare"), ("sweep", "tune"), ("model", "train"),
+    for label, key in (("dataset", "prepare"), ("sweep", "tune"),
+                       ("model", "refit" if "refit" in stages else "train"),
                        ("recommendations", "infer")):
         if key in stages:
             out.append(f"  {label:<18}{stages[key]['output']}")
     if "train" in stages:
         ml = stages["train"]["mlflow"]
         out.append(f"  {'mlflow run':<18}{ml['run_id']} ({summary.get('tracking_uri', '')})")
+        if "refit" in stages:
+            out.append(f"  {'held-out model':<18}{stages['train']['output']} "
+                       f"({ml['registered_uri']})")
+            ml = stages["refit"]["mlflow"]
+            out.append(f"  {'refit mlflow run':<18}{ml['run_id']}")
         out.append(f"  {'registered model':<18}{ml['registered_uri']}")
     if summary.get("plot"):
         out.append(f"  {'plot':<18}{summary['plot']}")

@@ -92,8 +92,10 @@ class TrainingInputs:
     positive_counts: np.ndarray      # (num_items,) positives per item: log-Q, popularity
     history: UserHistory             # training positives per user in time order
 
-    def batch_maker(self, seed: int = 0, history_dropout: float = 0.0) -> BatchMaker:
-        return BatchMaker(self.spec, self.features, self.history, seed, history_dropout)
+    def batch_maker(self, seed: int = 0, history_dropout: float = 0.0,
+                    user_id_dropout: float = 0.0) -> BatchMaker:
+        return BatchMaker(self.spec, self.features, self.history, seed, history_dropout,
+                          user_id_dropout)
 
 
 def training_rows(data_dir: str, splits: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -180,16 +182,6 @@ def plan_rows(plan: Any) -> list[dict[str, Any]]:
 
 
 
-def _table_optimizer_args(lr: float, weight_decay: float) -> dict[str, Any]:
-    """Arguments of the fused row-wise Adagrad (FBGEMM ignores weight_decay unless a mode
-    is set)."""
-    if not weight_decay:
-        return {"lr": lr}
-    from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
-
-    return {"lr": lr, "weight_decay": weight_decay, "weight_decay_mode": WeightDecayMode.L2}
-
-
 def build_sharded(cfg: Config, spec: ModelSpec, positive_counts: np.ndarray, *,
                   device: torch.device, local_world_size: int) -> tuple[Any, Any, Any]:
     """The sharded train task on this rank (call on every rank of an initialised process
@@ -214,8 +206,7 @@ def build_sharded(cfg: Config, spec: ModelSpec, positive_counts: np.ndarray, *,
     apply_optimizer_in_backward(RowWiseAdagrad,
                                 list(model.query.ebc.parameters())
                                 + list(model.candidate.ebc.parameters()),
-                                _table_optimizer_args(cfg.train.embedding_lr,
-                                                      cfg.train.embedding_weight_decay))
+                                {"lr": cfg.train.embedding_lr})
     topology = TopologyFactory.create_topology(
         TrainerConfig(world_size=dist.get_world_size(), local_world_size=local_world_size),
         kernel_config=KernelConfig(compute_device=device.type))
@@ -451,7 +442,8 @@ def train_loop(config: dict[str, Any]) -> None:
         streams=[Stream(local=str(Path(data_dir, s))) for s in splits],
         batch_size=cfg.train.batch_size, shuffle=True, shuffle_seed=cfg.train.train_seed + 1)
     maker = inputs.batch_maker(seed=cfg.train.train_seed + 2,
-                               history_dropout=cfg.train.history_dropout)
+                               history_dropout=cfg.train.history_dropout,
+                               user_id_dropout=cfg.train.user_id_dropout)
     baselines: dict[str, float] = {}
     if evaluate:
         val_stream = InteractionStream(str(Path(data_dir, "val")),

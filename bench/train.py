@@ -120,7 +120,8 @@ def bench_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.train_seed)
     inputs = training_inputs(cfg, data_dir)
     genres = next((f for f in inputs.features if f.name == "item_genres"), None)
-    maker = inputs.batch_maker(seed=1, history_dropout=cfg.train.history_dropout)
+    maker = inputs.batch_maker(seed=1, history_dropout=cfg.train.history_dropout,
+                               user_id_dropout=cfg.train.user_id_dropout)
 
     def make_batch(rows: dict[str, Any]) -> Any:  # a training batch, as the epoch loop builds it
         return maker(rows, train=True)

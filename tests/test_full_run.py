@@ -32,17 +32,23 @@ def test_full_run_prepares_trains_and_recommends(ray_local, tmp_path, capsys):
             "--registered-model-name", "two-tower-full-run"]
     assert full_run.main(argv) == 0
     summary = json.loads((wd / "summary.json").read_text())
-    assert list(summary["stages"]) == ["prepare", "train", "infer"]
-    train = summary["stages"]["train"]
+    assert list(summary["stages"]) == ["prepare", "train", "refit", "infer"]
+    train, refit = summary["stages"]["train"], summary["stages"]["refit"]
     assert (wd / "model" / "weights.pt").is_file()
     assert train["metrics"]["epochs"] == 1 and train["mlflow"]["version"] >= 1
+    # the served model is the refit on every split; the held-out run keeps its metrics
+    counts = summary["stages"]["prepare"]["counts"]
+    assert refit["training_rows"] == counts["accepted"] and refit["epochs"] == 1
+    assert json.loads((wd / "model" / "metrics.json").read_text())["refit"] is True
+    assert "ease" in json.loads((wd / "model-heldout" / "metrics.json").read_text())
+    assert refit["mlflow"]["version"] == train["mlflow"]["version"] + 1
     import pandas as pd
 
     recs = pd.read_parquet(wd / "recommendations")
     assert summary["stages"]["infer"]["summary"]["rows"] == len(recs) > 0
     out = capsys.readouterr().out
     assert "models:/two-tower-full-run/" in out and "example recommendations:" in out
-    assert "recall@20" in out and "vs" in out
+    assert "recall@20" in out and "verdict: the model" in out and "EASE" in out
     assert (wd / "val_metrics.png").read_bytes()[:4] == b"\x89PNG"
 
 
