@@ -104,7 +104,8 @@ class ModelConfig:
     """The two-tower model."""
 
     embedding_dim: int = _f(64, "embedding table dimension")
-    tower_layers: list = _f([128, 64], "MLP layer sizes per tower; the last is the output dim")
+    tower_layers: list = _f([64], "MLP layer sizes per tower; the last is the output dim (one "
+                                  "size: a linear projection, no hidden layer)")
     objective: Literal["bce", "softmax"] = _f("softmax", "training objective")
     negatives: Literal["auto", "catalog", "mixed", "in_batch"] = _f(
         "auto", "softmax negatives: the whole catalog, a fixed mix of in-batch and uniformly "
@@ -113,10 +114,10 @@ class ModelConfig:
     catalog_max_items: int = _f(20000, "largest catalog that auto trains with a full softmax")
     in_batch_negatives: int = _f(512, "mixed negatives: in-batch positives used per batch")
     sampled_negatives: int = _f(512, "mixed negatives: uniformly sampled items per batch")
-    temperature: float = _f(0.05, "softmax temperature (divides the dot products)")
-    normalize: bool = _f(False, "L2-normalise both towers' outputs (dot product = cosine)")
-    history_length: int = _f(0, "recent positive items of the user in the query tower's "
-                                "history bag (0: no history feature)")
+    temperature: float = _f(0.2, "softmax temperature (divides the dot products)")
+    normalize: bool = _f(True, "L2-normalise both towers' outputs (dot product = cosine)")
+    history_length: int = _f(50, "recent positive items of the user in the query tower's "
+                                 "history bag (0: no history feature)")
     use_user_id: bool = _f(True, "user id embedding in the query tower")
     use_genres: bool = _f(True, "add item genres to the candidate tower when the dataset has "
                                 "item metadata")
@@ -158,18 +159,18 @@ class TrainConfig:
     topology: Literal["cpu", "snsg", "snmg", "mnmg"] = _f("cpu", "worker placement")
     num_workers: int = _f(2, "training workers: CPU workers (cpu) or GPUs in all (snmg, mnmg); "
                                  "snsg is always 1")
-    epochs: int = _f(3, "most passes over the training split (early stopping may end sooner)")
-    patience: int = _f(0, "stop after this many epochs without a better validation metric "
+    epochs: int = _f(30, "most passes over the training split (early stopping may end sooner)")
+    patience: int = _f(3, "stop after this many epochs without a better validation metric "
                           "and keep the best epoch's model (0: no early stopping)")
     select_metric: str = _f("recall@20", "validation metric of early stopping and of the "
                                          "best epoch (recall@K or ndcg@K)")
-    batch_size: int = _f(8192, "samples per batch per worker")
+    batch_size: int = _f(1024, "samples per batch per worker")
     embedding_lr: float = _f(0.05, "learning rate of the fused embedding optimizer")
     dense_lr: float = _f(1e-3, "learning rate of the dense (MLP) optimizer")
     top_k: list = _f([10, 20, 50], "K values of Recall@K and NDCG@K")
-    history_dropout: float = _f(0.0, "share of history items dropped at random from each "
+    history_dropout: float = _f(0.9, "share of history items dropped at random from each "
                                      "training batch (denoising)")
-    user_id_dropout: float = _f(0.0, "share of training rows whose user id is hidden (the "
+    user_id_dropout: float = _f(0.1, "share of training rows whose user id is hidden (the "
                                      "query tower learns to serve new users from history)")
     ease_lambdas: list = _f([50, 100, 200, 400, 800, 1600],
                             "EASE baseline: L2 penalties tried, chosen on validation")
@@ -222,13 +223,13 @@ class TrainConfig:
         _check(self.log_every > 0, "log_every", "must be positive", self.log_every)
 
 
-DEFAULT_SEARCH_SPACE = {
-    "embedding_dim": {"choice": [16, 32, 64, 128, 256]},
-    "tower_layers": {"choice": [[64], [128, 64], [256, 128]]},
-    "embedding_lr": {"loguniform": [0.01, 0.2]},
-    "dense_lr": {"loguniform": [1e-4, 1e-2]},
-    "temperature": {"loguniform": [0.02, 0.2]},
-    "batch_size": {"choice": [2048, 4096, 8192]},
+DEFAULT_SEARCH_SPACE = {  # around the defaults that bench/quality.py measured best
+    "embedding_dim": {"choice": [32, 64, 128]},
+    "embedding_lr": {"loguniform": [0.01, 0.1]},
+    "dense_lr": {"loguniform": [3e-4, 3e-3]},
+    "temperature": {"loguniform": [0.1, 0.4]},
+    "history_dropout": {"uniform": [0.5, 0.95]},
+    "user_id_dropout": {"uniform": [0.0, 0.3]},
 }
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
 

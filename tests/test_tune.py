@@ -119,4 +119,5 @@ def test_search_space_becomes_tune_domains():
     space = tune_space(load_config().tune.search_space)
     assert isinstance(space["embedding_dim"], Categorical)
     assert isinstance(space["dense_lr"], Float)
-    assert space["embedding_dim"].categories == [16, 32, 64, 128, 256]
+    assert space["embedding_dim"].categories == [32, 64, 128]
+    assert isinstance(space["history_dropout"], Float)
