@@ -4,7 +4,7 @@ PY := .venv/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench-prepare bench-train bench-inference
+.PHONY: setup run test bench-prepare bench-train bench-inference bench-quality
 setup:
 	@bash scripts/setup_env.sh
 
@@ -22,3 +22,6 @@ bench-train: setup
 
 bench-inference: setup
 	$(PY) bench/inference.py $(ARGS)
+
+bench-quality: setup
+	$(PY) bench/quality.py $(ARGS)

@@ -112,6 +112,7 @@ class Tower(nn.Module):
         from torchrec.modules.mlp import MLP
 
         self.ebc = EmbeddingBagCollection(tables=tables, device=table_device)
+        self.features = [t.feature_names[0] for t in tables]
         width = sum(t.embedding_dim for t in tables)
         hidden = [int(x) for x in layers[:-1]]
         self.mlp: nn.Module = MLP(width, hidden, device=device) if hidden else nn.Identity()
@@ -120,7 +121,9 @@ class Tower(nn.Module):
 
     def forward(self, kjt: Any) -> torch.Tensor:
         """KeyedJaggedTensor of B rows -> (B, output_dim)."""
-        out = self.proj(self.mlp(self.ebc(kjt).values()))
+        pooled = self.ebc(kjt).to_dict()
+        # by name: a sharded collection orders its output by sharding type, not table order
+        out = self.proj(self.mlp(torch.cat([pooled[f] for f in self.features], dim=1)))
         return F.normalize(out, dim=-1) if self.normalize else out
 
 

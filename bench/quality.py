@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/quality.py [--datasets movielens-small,synthetic] [--rows 300000]
 
-Prepares movielens-small and a synthetic dataset (``--rows``, 50k-item-free default size so a
-rung takes a minute or two on 2 CPU cores), then trains each rung of the ladder with the
+Prepares movielens-small and a synthetic dataset (``--rows``, sized so that a rung takes a
+minute or two on 2 CPU cores), then trains each rung of the ladder with the
 real pipeline (``app.train.train``: 2 CPU workers, TorchRec sharding, evaluation each epoch)
 on the same split. Each rung adds one lever to the one before:
 
@@ -15,6 +15,7 @@ on the same split. Each rung adds one lever to the one before:
   + normalisation and temp  L2-normalised towers, softmax temperature
   + catalog/mixed negatives a full softmax over the catalog (mixed in-batch + sampled
                             negatives above --catalog-max-items)
+  + linear towers           one linear projection per tower instead of an MLP: the defaults
   + refit                   the last rung retrained on every split for its best epoch count
                             (no held-out data left: reports its training rows)
 
@@ -44,8 +45,8 @@ from app.config import load_config  # noqa: E402
 # The first release's settings, spelled out (the defaults have moved on since).
 TODAY = {"epochs": 3, "patience": 0, "history_length": 0, "use_user_id": True,
          "use_year": False, "normalize": False, "temperature": 0.05, "negatives": "in_batch",
-         "history_dropout": 0.0, "embedding_dim": 64, "tower_layers": [128, 64],
-         "batch_size": 8192}
+         "history_dropout": 0.0, "user_id_dropout": 0.0, "embedding_dim": 64,
+         "tower_layers": [128, 64], "batch_size": 8192}
 
 
 def ladder(max_epochs: int) -> list[tuple[str, dict[str, Any]]]:
@@ -56,13 +57,14 @@ def ladder(max_epochs: int) -> list[tuple[str, dict[str, Any]]]:
         ("today's defaults", dict(TODAY)),
         ("+ early stopping", {"epochs": max_epochs, "patience": t.patience or 3}),
         ("+ history", {"history_length": m.history_length or 50,
-                       "history_dropout": t.history_dropout, "use_user_id": m.use_user_id,
-                       "use_year": True, "batch_size": t.batch_size}),
-        ("+ normalisation and temperature", {"normalize": True,
+                       "history_dropout": t.history_dropout,
+                       "user_id_dropout": t.user_id_dropout, "use_user_id": m.use_user_id,
+                       "use_year": m.use_year, "batch_size": t.batch_size}),
+        ("+ normalisation and temperature", {"normalize": m.normalize,
                                              "temperature": m.temperature}),
-        ("+ catalog/mixed negatives", {"negatives": "auto",
-                                       "embedding_dim": m.embedding_dim,
-                                       "tower_layers": list(m.tower_layers)}),
+        ("+ catalog/mixed negatives", {"negatives": m.negatives}),
+        ("+ linear towers (defaults)", {"embedding_dim": m.embedding_dim,
+                                        "tower_layers": list(m.tower_layers)}),
     ]
 
 
