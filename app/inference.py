@@ -508,7 +508,8 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
         if users == "all":
             ids = vocab["users"]["id"]
             if given:  # and the users that only the history file names
-                new = [u for u in given if u not in set(ids.to_pylist())]
+                have = set(ids.to_pylist())
+                new = [u for u in given if u not in have]
                 ids = pa.concat_arrays([ids, pa.array(new, ids.type)]) if new else ids
             step = max(inf.inference_batch_size, 1)
             ds = ray.data.from_arrow([pa.table({"userId": ids.slice(s, step)})

@@ -236,8 +236,9 @@ class BatchMaker:
         seed: seed of the sampled negatives and of history dropout.
         history_dropout: share of history items dropped at random from training batches
             (denoising, as in Mult-DAE: the towers cannot memorise a user's exact bag).
-        user_id_dropout: share of training rows whose user id is replaced by 0 (unknown), so
-            the query tower also learns to recommend from the history alone (new users).
+        user_id_dropout: share of training rows whose user id is replaced by 0 (unknown) and
+            whose history is kept whole, so the query tower also learns to recommend from a
+            history alone (new users).
     """
 
     spec: ModelSpec
@@ -270,14 +271,20 @@ class BatchMaker:
         """Decoded rows (``user``, ``item``, ``label``[, ``timestamp``]) -> a batch; ``train``
         applies history dropout."""
         spec = self.spec
+        users = rows["user"]
+        hidden = np.zeros(len(users), bool)  # rows that play a new user: id hidden
+        if train and self.user_id_dropout > 0 and spec.use_user_id:
+            hidden = self._rng.random(len(users)) < self.user_id_dropout
+            users = np.where(hidden, 0, users)
         history = None
         if spec.history_length:
             history = self.history.before(rows["user"], rows["timestamp"], rows["item"],
                                           spec.history_length)
             if train and self.history_dropout > 0:
+                # a row whose id is hidden keeps its whole history, as a new user brings it
                 lengths, values = history
-                keep = self._rng.random(len(values)) >= self.history_dropout
                 rows_of = np.repeat(np.arange(len(lengths)), lengths)
+                keep = (self._rng.random(len(values)) >= self.history_dropout) | hidden[rows_of]
                 history = (np.bincount(rows_of[keep], minlength=len(lengths)), values[keep])
         extra = np.empty(0, np.int64)
         if spec.objective == "softmax" and spec.negatives == "catalog":
@@ -288,9 +295,6 @@ class BatchMaker:
             if spec.objective == "softmax" and spec.negatives == "mixed":
                 extra = self._rng.integers(1, spec.num_items, spec.sampled_negatives)
             candidate = self.candidate(np.concatenate([rows["item"].astype(np.int64), extra]))
-        users = rows["user"]
-        if train and self.user_id_dropout > 0 and spec.use_user_id:
-            users = np.where(self._rng.random(len(users)) < self.user_id_dropout, 0, users)
         return TwoTowerBatch(query=query_kjt(users, history, use_user_id=spec.use_user_id),
                              candidate=candidate,
                              labels=torch.from_numpy(rows["label"].astype(np.float32)),

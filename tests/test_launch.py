@@ -131,7 +131,7 @@ def test_ray_job_submit_runs_the_full_pipeline(ray_local, tmp_path):
                        timeout=120)
         start_local_ray()
     summary = json.loads((workdir / "summary.json").read_text())
-    assert list(summary["stages"]) == ["prepare", "train", "infer"]
+    assert list(summary["stages"]) == ["prepare", "train", "refit", "infer"]
     assert (workdir / "model" / "weights.pt").is_file()
     assert (workdir / "recommendations" / "_summary.json").is_file()
     shutil.rmtree(workdir / "checkpoints", ignore_errors=True)

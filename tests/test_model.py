@@ -155,14 +155,20 @@ def test_batches_carry_the_negatives_of_their_objective():
     batch = BatchMaker(catalog, features, history)(rows)
     assert batch.candidate.stride() == SPEC.num_items and len(batch.extra_items) == 0
     # dropout (history items, user ids) applies to training batches only
-    noisy = BatchMaker(spec, features, history, history_dropout=0.6, user_id_dropout=0.5)
     rows = {k: np.tile(v, 100) for k, v in rows.items()}  # 300 rows
+    noisy = BatchMaker(spec, features, history, history_dropout=0.6)
     clean = noisy(rows).query.to_dict()
     dropped = noisy(rows, train=True).query.to_dict()
     assert dropped["user_history"].lengths().sum() < 0.6 * clean["user_history"].lengths().sum()
-    assert (dropped["user_id"].values() == 0).float().mean().item() == pytest.approx(0.5,
-                                                                                    abs=0.1)
     assert (clean["user_id"].values() > 0).all()
+    # a row playing a new user (id hidden) keeps its whole history
+    cold = BatchMaker(spec, features, history, history_dropout=0.99, user_id_dropout=0.5)
+    got = cold(rows, train=True).query.to_dict()
+    hidden = (got["user_id"].values() == 0).numpy()
+    assert hidden.mean() == pytest.approx(0.5, abs=0.1)
+    full = clean["user_history"].lengths().numpy()
+    assert np.array_equal(got["user_history"].lengths().numpy()[hidden], full[hidden])
+    assert got["user_history"].lengths().numpy()[~hidden].sum() < 0.1 * full[~hidden].sum()
     for s in (spec, catalog):
         towers = TwoTower(s, table_device=torch.device("cpu"))
         loss, (_, scores, _) = TwoTowerTrainTask(towers)(BatchMaker(s, features, history)(rows))

@@ -91,41 +91,51 @@ def test_refit_trains_on_every_accepted_row(ray_local, movielens_dir, tmp_path):
     assert run.data.tags["refit"] == "true"
 
 
-def test_a_new_users_recommendations_follow_the_given_history(trained, movielens_dir,
-                                                              tmp_path):
+def test_new_users_are_recommended_from_their_history(trained, movielens_dir, tmp_path):
+    """Users replayed as new ones (an id the model never saw, their training positives as the
+    given history) get recommendations that find their validation positives far better than
+    the popularity list they would get without a history."""
     from app.config import load_config
-    from app.dataset import load_vocab
+    from app.dataset import load_vocab, read_split_arrays
     from app.inference import batch_inference
     from app.serving import Recommender
 
-    items = load_vocab(movielens_dir)["items"].to_pandas()
-    genre = "Horror"
-    horror = items[items["genres"].fillna("").str.contains(genre)]["id"].head(30).tolist()
     rec = Recommender(trained["model_dir"])
-    out = rec.recommend([900001, 900002], k=20,
-                        histories=[horror + [999_999_999], None])
-    assert rec.unknown_history_items == 1  # the unknown item id is ignored and counted
-    mine = out[out["userId"] == 900001]
-    popular = out[out["userId"] == 900002]
-    assert set(mine["source"]) == {"history"} and set(popular["source"]) == {"popularity"}
-    assert not set(mine["movieId"]) & set(horror)  # the given items are not recommended
+    vocab = load_vocab(movielens_dir)
+    user_ids, item_ids = vocab["users"]["id"].to_numpy(), vocab["items"]["id"].to_numpy()
+    tr, va = read_split_arrays(movielens_dir / "train"), read_split_arrays(movielens_dir / "val")
+    users = np.unique(va["user"][va["label"] > 0])[::4][:120]
+    histories, wanted = [], []
+    for u in users:
+        mine = (tr["user"] == u) & (tr["label"] > 0)
+        order = np.argsort(tr["timestamp"][mine], kind="stable")
+        histories.append(list(item_ids[tr["item"][mine][order] - 1]) + [987_654_321])
+        wanted.append(set(item_ids[va["item"][(va["user"] == u) & (va["label"] > 0)] - 1]))
+    new_ids = [10_000_000 + i for i in range(len(users))]  # ids the model never saw
+    out = rec.recommend(new_ids, k=20, histories=histories)
+    assert rec.unknown_history_items == len(users)  # the unknown item id: ignored, counted
+    assert set(out["source"]) == {"history"}
+    popular = rec.recommend([-1], k=20 + max(len(h) for h in histories))
+    recall_history, recall_popular = [], []
+    for new, hist, want in zip(new_ids, histories, wanted):
+        got = set(out[out["userId"] == new]["movieId"])
+        assert not got & set(hist)  # the given items are not recommended again
+        pop = [i for i in popular["movieId"] if i not in set(hist)][:20]
+        recall_history.append(len(got & want) / len(want))
+        recall_popular.append(len(set(pop) & want) / len(want))
+    assert np.mean(recall_history) > 1.3 * np.mean(recall_popular)
+    assert not rec.recommend([-2], k=5)["source"].eq("history").any()
 
-    def share(ids):
-        g = items.set_index("id").loc[list(ids), "genres"].fillna("")
-        return float(g.str.contains(genre).mean())
-
-    assert share(mine["movieId"]) > share(popular["movieId"]) + 0.3
-
-    # batch inference takes the same history from a file
-    pd.DataFrame({"userId": [900001] * len(horror), "movieId": horror}).to_csv(
+    # batch inference takes the same histories from a file
+    pd.DataFrame({"userId": [new_ids[0]] * len(histories[0]), "movieId": histories[0]}).to_csv(
         tmp_path / "history.csv", index=False)
-    pd.DataFrame({"userId": [900001, 900003]}).to_csv(tmp_path / "users.csv",
-                                                             index=False)
+    pd.DataFrame({"userId": [new_ids[0], -3]}).to_csv(tmp_path / "users.csv", index=False)
     cfg = load_config(overrides={"workdir": str(trained["work"]), "recommend_k": 20})
     summary = batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir),
                               str(tmp_path / "recs"), users=str(tmp_path / "users.csv"),
                               history=str(tmp_path / "history.csv"), verbose=False)
     assert summary["history_users"] == 1 and summary["fallback_users"] == 1
+    assert summary["history"]["unknown_item_rows"] == 1
     recs = pd.read_parquet(tmp_path / "recs")
-    batch = recs[recs["userId"] == 900001].sort_values("rank")
-    assert list(batch["movieId"]) == list(mine["movieId"])
+    batch = recs[recs["userId"] == new_ids[0]].sort_values("rank")
+    assert list(batch["movieId"]) == list(out[out["userId"] == new_ids[0]]["movieId"])

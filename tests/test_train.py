@@ -31,7 +31,8 @@ def test_two_workers_shard_the_tables_and_learn(trained):
     model_dir = trained["model_dir"]
     plan = json.loads((model_dir / "sharding_plan.json").read_text())
     assert plan["world_size"] == 2
-    id_tables = [t for t in plan["tables"] if t["table"] in ("t_user_id", "t_item_id")]
+    id_tables = [t for t in plan["tables"]
+                 if t["table"] in ("t_user_id", "t_item_id", "t_user_history")]
     assert {t["sharding_type"] for t in id_tables} <= {"table_wise", "column_wise"}
     ranks = {r for t in id_tables for r in t["ranks"]}
     assert ranks == {0, 1}, f"tables not placed on both ranks: {plan['tables']}"
