@@ -164,7 +164,7 @@ class TrainConfig:
                           "and keep the best epoch's model (0: no early stopping)")
     select_metric: str = _f("recall@20", "validation metric of early stopping and of the "
                                          "best epoch (recall@K or ndcg@K)")
-    batch_size: int = _f(1024, "samples per batch per worker")
+    batch_size: int = _f(2048, "samples per batch per worker")
     embedding_lr: float = _f(0.05, "learning rate of the fused embedding optimizer")
     dense_lr: float = _f(1e-3, "learning rate of the dense (MLP) optimizer")
     top_k: list = _f([10, 20, 50], "K values of Recall@K and NDCG@K")

@@ -147,10 +147,11 @@ def table(res: dict[str, Any]) -> str:
              f"{'samples/s':>11}"]
     ease = res["ease_test_recall@20"]
     for r in res["rungs"]:
-        rec = r["test_recall@20"]
-        lines.append(f"  {r['name']:<34}{(f'{rec:.4f}' if rec is not None else '-'):>10}"
-                     f"{(f'{r['test_ndcg@20']:.4f}' if rec is not None else '-'):>9}"
-                     f"{(f'{rec / ease:.2f}x' if rec is not None and ease else '-'):>9}"
+        rec, ndcg = r["test_recall@20"], r["test_ndcg@20"]
+        held_out = rec is not None
+        cells = (f"{rec:.4f}" if held_out else "-", f"{ndcg:.4f}" if held_out else "-",
+                 f"{rec / ease:.2f}x" if held_out and ease else "-")
+        lines.append(f"  {r['name']:<34}{cells[0]:>10}{cells[1]:>9}{cells[2]:>9}"
                      f"{r['seconds']:>9.0f}{r['samples_per_s']:>11,}")
     lines.append(f"  {'popularity':<34}{res['popularity_test_recall@20']:>10.4f}"
                  f"{res['popularity_test_ndcg@20']:>9.4f}")
