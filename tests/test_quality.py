@@ -10,34 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from app.config import load_config
+from tests.conftest import exported_recall
 
 
 def _config(workdir: Path, **overrides):
     return load_config(overrides={"num_workers": 2, "workdir": str(workdir),
                                   "registered_model_name": "two-tower-quality", **overrides})
-
-
-def _val_recall(model_dir: Path, data_dir: Path) -> float:
-    """Validation Recall@20 of an exported model folder, computed in this process."""
-    from app.dataset import read_split_arrays
-    from app.metrics import UserItems, finish, ranking_sums
-    from app.serving import Recommender
-
-    rec = Recommender(model_dir)
-    n = rec.model.spec.num_users
-    tr, va = read_split_arrays(data_dir / "train"), read_split_arrays(data_dir / "val")
-    pos = va["label"] > 0
-    positives = UserItems.build(va["user"][pos].astype(np.int64),
-                                va["item"][pos].astype(np.int64), n)
-    users = np.flatnonzero(positives.counts() > 0)
-    with torch.no_grad():
-        scores = rec.model.user_embeddings(torch.from_numpy(users)) @ rec.item_embeddings.T
-    exclude = UserItems.build(tr["user"].astype(np.int64), tr["item"].astype(np.int64), n)
-    return finish(ranking_sums(scores, users, exclude=exclude, positives=positives,
-                               ks=[20]))["recall@20"]
 
 
 def test_ease_is_reported_beside_the_model(trained):
@@ -63,7 +43,7 @@ def test_early_stopping_exports_the_best_epoch(ray_local, movielens_dir, tmp_pat
     vals = [h["val_recall@20"] for h in history]
     assert vals[best - 1] == max(vals) and vals[-1] < vals[best - 1]
     # the exported weights are the best epoch's, not the last epoch's
-    got = _val_recall(tmp_path / "model", movielens_dir)
+    got = exported_recall(tmp_path / "model", movielens_dir, "val")
     assert got == pytest.approx(vals[best - 1], abs=2e-3)
     assert m["model"]["val"]["recall@20"] == vals[best - 1]
     assert "test_recall@20" in history[best - 1] and "test_recall@20" not in history[-1]

@@ -17,6 +17,7 @@ import pytest
 
 from app.config import load_config
 from app.placement import ResourceError
+from tests.conftest import exported_recall
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3  # as in conftest.trained
@@ -62,27 +63,9 @@ def test_model_folder_is_complete(trained):
 
 def test_consolidated_weights_reproduce_the_training_metric(trained, movielens_dir):
     """The single-process export ranks the test split exactly as the sharded model did."""
-    import torch
-
-    from app.dataset import read_split_arrays
-    from app.metrics import UserItems, finish, ranking_sums
-    from app.serving import Recommender
-
-    rec = Recommender(trained["model_dir"])
-    n_users = rec.model.spec.num_users
-    train_rows = read_split_arrays(movielens_dir / "train")
-    test_rows = read_split_arrays(movielens_dir / "test")
-    exclude = UserItems.build(train_rows["user"].astype(np.int64),
-                              train_rows["item"].astype(np.int64), n_users)
-    pos = test_rows["label"] > 0
-    positives = UserItems.build(test_rows["user"][pos].astype(np.int64),
-                                test_rows["item"][pos].astype(np.int64), n_users)
-    users = np.flatnonzero(positives.counts() > 0)
-    with torch.no_grad():
-        scores = rec.model.user_embeddings(torch.from_numpy(users)) @ rec.item_embeddings.T
-    got = finish(ranking_sums(scores, users, exclude=exclude, positives=positives, ks=[20]))
+    got = exported_recall(trained["model_dir"], movielens_dir, "test")
     want = json.loads((trained["model_dir"] / "metrics.json").read_text())["model"]["test"]
-    assert got["recall@20"] == pytest.approx(want["recall@20"], abs=2e-3)
+    assert got == pytest.approx(want["recall@20"], abs=2e-3)
 
 
 def test_mlflow_run_has_params_epoch_metrics_and_a_registered_model(trained):
