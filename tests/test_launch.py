@@ -87,6 +87,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for_dashboard(port: int, head, timeout: float = 120.0) -> None:
+    """Until the head node's dashboard answers (its job API is then up)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if head.poll() is not None:
+            raise AssertionError(f"ray start --head exited with {head.returncode}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # it answers (with token auth on, an unauthenticated call is refused)
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"the head node's dashboard did not answer on port {port} "
+                         f"within {timeout:.0f}s")
+
+
+def _stop_group(proc, timeout: float = 60.0) -> None:
+    """SIGTERM the process group of a `ray start --block` (it stops the node it started),
+    SIGKILL what is left after ``timeout``."""
+    import os
+    import signal
+    import subprocess
+
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM:
+            try:  # children of the node that outlive the head process
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return
+
+
 def test_ray_job_submit_runs_the_full_pipeline(ray_local, tmp_path):
     """A real head node (`ray start --head`), the main job through `ray job submit
     --working-dir .`, as on a standalone cluster."""
@@ -94,6 +139,7 @@ def test_ray_job_submit_runs_the_full_pipeline(ray_local, tmp_path):
     import shutil
     import subprocess
     import sys
+    import tempfile
 
     import ray
 
@@ -103,15 +149,20 @@ def test_ray_job_submit_runs_the_full_pipeline(ray_local, tmp_path):
     ray_cli = str(bin_dir / "ray")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # the job's `python`
-    ray.shutdown()  # `ray stop` below stops every Ray on this machine; ours comes back after
+    ray.shutdown()  # the 2 CPUs go to the head node below; ours comes back after
+    # a head node of our own: its own temp dir (short: Unix socket paths are limited), in the
+    # foreground of a process group that the test stops, and nothing else on the machine
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
     dash = _free_port()
-    subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1",
-                    f"--port={_free_port()}", "--num-cpus=2", "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                    "--disable-usage-stats"], check=True, env=env, capture_output=True,
-                   timeout=120)
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={_free_port()}", "--num-cpus=2",
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     workdir = tmp_path / "wd"
     try:
+        _wait_for_dashboard(dash, head)
         job = subprocess.run(
             [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
              "--working-dir", str(ROOT), "--", "python", "-m", "pipelines.full_run",
@@ -127,8 +178,8 @@ def test_ray_job_submit_runs_the_full_pipeline(ray_local, tmp_path):
         client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
         assert client.get_job_status(job_id) == JobStatus.SUCCEEDED
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True,
-                       timeout=120)
+        _stop_group(head)
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
         start_local_ray()
     summary = json.loads((workdir / "summary.json").read_text())
     assert list(summary["stages"]) == ["prepare", "train", "refit", "infer"]
