@@ -10,16 +10,28 @@ Catalog (registry URI ``databricks-uc``), and outputs belong on a Unity Catalog 
 (``--workdir /Volumes/<catalog>/<schema>/<volume>/...``), which every node sees. Credentials
 (``DATABRICKS_HOST``, ``DATABRICKS_TOKEN``) come from the environment only; nothing here
 prints or stores them.
+
+Nothing attaches by accident: without ``--address`` / ``RAY_ADDRESS`` the embedded Ray is
+always a new one (``address="local"``), whatever address file an earlier ``ray start`` left
+behind; ``--address auto`` means "the cluster started on this machine". Every connection is
+checked within ``--ray-connect-timeout`` seconds and fails with one line naming the address.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional
 
+from app import logs
 from app.config import ClusterConfig, ConfigError
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster could not be reached or joined; the message names the address."""
 
 
 def on_databricks(env: Mapping[str, str] = os.environ) -> bool:
@@ -82,22 +94,97 @@ def mlflow_defaults(cfg: ClusterConfig, env: Mapping[str, str] = os.environ
     return cfg.mlflow_tracking_uri, cfg.mlflow_registry_uri
 
 
+def _host_port(address: str) -> tuple[str, int]:
+    """host and port of a GCS (``host:port``) or Ray Client (``ray://host:port``) address."""
+    bare = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = bare.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ClusterError(f"--address {address}: expected host:port (the head node's GCS, "
+                           f"e.g. 10.0.0.1:6379), ray://host:10001, or auto")
+    return host.strip("[]"), int(port)
+
+
+def resolve_address(address: str, timeout: float) -> str:
+    """The address to join, checked: ``auto`` becomes the cluster started on this machine,
+    and the head node must answer on its port within ``timeout`` seconds.
+
+    Raises:
+        ClusterError: one line naming the address and what to check.
+    """
+    if address.startswith(("http://", "https://")):
+        raise ClusterError(f"--address {address}: that is a dashboard (job API) address; "
+                           f"give the head node's GCS address (host:6379) or ray://host:10001, "
+                           f"or submit the job with `ray job submit --address {address}`")
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        try:
+            address = canonicalize_bootstrap_address_or_die("auto")
+        except (ConnectionError, ValueError) as e:
+            raise ClusterError(f"--address auto: no Ray cluster is running on this machine "
+                               f"({e}); start one with `ray start --head`, or leave --address "
+                               f"and RAY_ADDRESS unset for an embedded Ray") from None
+    host, port = _host_port(address)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=max(
+                0.5, min(5.0, deadline - time.monotonic()))).close()
+            return address
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ClusterError(
+                    f"could not reach the Ray cluster at {address} within {timeout:g}s ({e}): "
+                    f"check that its head node is running (`ray status --address "
+                    f"{host}:{port}`), that this machine can reach port {port}, and "
+                    f"--address / RAY_ADDRESS (unset both for an embedded local Ray)") from None
+            time.sleep(0.5)
+
+
+def _join(address: str, timeout: float, **kwargs: Any) -> None:
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    address = resolve_address(address, timeout)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, **kwargs)
+    except AuthenticationError as e:
+        raise ClusterError(
+            f"the Ray cluster at {address} refused this process ({str(e).splitlines()[0]}): "
+            f"it runs with token authentication; export RAY_AUTH_MODE=token and give its "
+            f"token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head "
+            f"node prints it)") from None
+    except ConnectionError as e:
+        raise ClusterError(f"could not join the Ray cluster at {address}: "
+                           f"{str(e).splitlines()[0]}") from None
+
+
 def init_ray(cfg: ClusterConfig) -> RaySetup:
     """Connect this process to its Ray cluster (starting one when needed); returns the plan.
 
     Does nothing when already connected (a second stage of the same job, or inside
     ``ray job submit``, where ``RAY_ADDRESS`` is set for the entrypoint).
+
+    Raises:
+        ClusterError: the cluster could not be reached within ``cfg.ray_connect_timeout``.
     """
     import ray
 
     setup = plan(cfg, connected=ray.is_initialized())
+    options = {"runtime_env": logs.runtime_env(logs.level())}
     if setup.kind == "address":
-        ray.init(address=setup.address, logging_level=logging.WARNING)
+        _join(setup.address, cfg.ray_connect_timeout, **options)
     elif setup.kind == "databricks":
         from ray.util.spark import setup_ray_cluster
 
         address, _ = setup_ray_cluster(**setup.spark_args)
-        ray.init(address=address, logging_level=logging.WARNING)
+        _join(address, cfg.ray_connect_timeout, **options)
     elif setup.kind == "local":
-        ray.init(logging_level=logging.WARNING, **setup.local_args)
+        # Ray's default for a new local cluster is token authentication (its notice about
+        # that is filtered by app.logs); an exported RAY_AUTH_MODE wins
+        ray.init(address="local", logging_level=logging.WARNING, **options,
+                 **setup.local_args)
+    if setup.kind != "connected":
+        logs.after_ray_init()
+        logs.install_signal_handlers()  # ray.init replaced the driver's SIGTERM handler
     return setup

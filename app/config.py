@@ -167,7 +167,7 @@ class TrainConfig:
     batch_size: int = _f(2048, "samples per batch per worker")
     embedding_lr: float = _f(0.05, "learning rate of the fused embedding optimizer")
     dense_lr: float = _f(1e-3, "learning rate of the dense (MLP) optimizer")
-    top_k: list = _f([10, 20, 50], "K values of Recall@K and NDCG@K")
+    eval_k: list = _f([10, 20, 50], "cut-offs K of the Recall@K and NDCG@K evaluated")
     history_dropout: float = _f(0.9, "share of history items dropped at random from each "
                                      "training batch (denoising)")
     user_id_dropout: float = _f(0.1, "share of training rows whose user id is hidden (the "
@@ -189,8 +189,8 @@ class TrainConfig:
     resume: bool = _f(False, "continue the run of this output folder from its latest checkpoint")
 
     def eval_ks(self) -> list[int]:
-        """Cut-offs evaluated: --top-k and the K of --select-metric."""
-        return sorted({int(k) for k in self.top_k} | {int(self.select_metric.split("@")[1])})
+        """Cut-offs evaluated: --eval-k and the K of --select-metric."""
+        return sorted({int(k) for k in self.eval_k} | {int(self.select_metric.split("@")[1])})
 
     def validate(self) -> None:
         _check(self.topology in ("cpu", "snsg", "snmg", "mnmg"), "topology",
@@ -212,8 +212,8 @@ class TrainConfig:
         _check(self.batch_size > 0, "batch_size", "must be positive", self.batch_size)
         _check(self.embedding_lr > 0, "embedding_lr", "must be positive", self.embedding_lr)
         _check(self.dense_lr > 0, "dense_lr", "must be positive", self.dense_lr)
-        _check(len(self.top_k) > 0 and all(int(k) > 0 for k in self.top_k), "top_k",
-               "must be a non-empty list of positive integers", self.top_k)
+        _check(len(self.eval_k) > 0 and all(int(k) > 0 for k in self.eval_k), "eval_k",
+               "must be a non-empty list of positive integers", self.eval_k)
         _check(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive",
                self.cpus_per_worker)
         _check(self.max_failures >= -1, "max_failures", "must be >= -1 (-1: no limit)",
@@ -280,7 +280,7 @@ class TuneConfig:
 class InferenceConfig:
     """Batch inference."""
 
-    recommend_k: int = _f(100, "items recommended per user")
+    top_k: int = _f(100, "length of each user's recommendation list")
     inference_batch_size: int = _f(1024, "users (or pairs) per map_batches call")
     inference_actors: int = _f(0, "actors in the pool (0: one per GPU, else one per 2 CPUs)")
     inference_device: Literal["auto", "cpu", "gpu"] = _f(
@@ -293,7 +293,7 @@ class InferenceConfig:
     faiss_ef_search: int = _f(128, "FAISS HNSW search breadth (higher: better recall, slower)")
 
     def validate(self) -> None:
-        _check(self.recommend_k > 0, "recommend_k", "must be positive", self.recommend_k)
+        _check(self.top_k > 0, "top_k", "must be positive", self.top_k)
         _check(self.inference_batch_size > 0, "inference_batch_size", "must be positive",
                self.inference_batch_size)
         _check(self.inference_actors >= 0, "inference_actors", "must be >= 0",
@@ -307,7 +307,11 @@ class InferenceConfig:
 class ClusterConfig:
     """Where Ray and MLflow run."""
 
-    address: Optional[str] = _f(None, "Ray cluster address (default: RAY_ADDRESS or local)")
+    address: Optional[str] = _f(None, "Ray cluster to join: host:6379, ray://host:10001, or "
+                                      "auto (the cluster started on this machine); default: "
+                                      "RAY_ADDRESS, else a new embedded local Ray")
+    ray_connect_timeout: float = _f(30.0, "seconds to wait for the Ray cluster of --address "
+                                          "before failing")
     databricks: bool = _f(False, "start Ray on this Databricks cluster's Spark workers "
                                  "(also when a Databricks runtime is detected)")
     spark_worker_nodes: int = _f(2, "Ray worker nodes on Spark (Databricks)")
@@ -331,6 +335,8 @@ class ClusterConfig:
                self.num_cpus)
         _check(self.spark_worker_nodes > 0, "spark_worker_nodes", "must be positive",
                self.spark_worker_nodes)
+        _check(self.ray_connect_timeout > 0, "ray_connect_timeout", "must be positive",
+               self.ray_connect_timeout)
 
 
 @dataclass
@@ -355,13 +361,17 @@ class Config:
     def dump_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
-    def describe(self) -> str:
-        """The resolved configuration, one ``section.field = value`` per line."""
-        lines = ["resolved config:"]
+    def describe(self, everything: bool = False) -> str:
+        """The settings that differ from the defaults, one ``section.field = value`` per line
+        (``everything``: every setting)."""
+        defaults = Config().to_dict()
+        lines = []
         for section, values in self.to_dict().items():
             for name, value in values.items():
-                lines.append(f"  {section}.{name} = {json.dumps(value)}")
-        return "\n".join(lines)
+                if everything or value != defaults[section][name]:
+                    lines.append(f"  {section}.{name} = {json.dumps(value)}")
+        head = "config:" if everything else "config (settings that differ from the defaults):"
+        return "\n".join([head] + (lines or ["  (none)"]))
 
 
 def _check(ok: bool, name: str, message: str, value: Any) -> None:
@@ -444,20 +454,41 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
                           f"got {value!r}") from None
 
 
+SECTION_TITLES = {"data": "data preparation", "model": "model", "train": "training",
+                  "tune": "hyperparameter sweeps", "inference": "batch inference",
+                  "cluster": "Ray and MLflow"}
+# settings that were renamed: (section, old name) -> new name
+RENAMED = {("train", "top_k"): "eval_k", ("inference", "recommend_k"): "top_k"}
+
+
 def add_arguments(parser: argparse.ArgumentParser, sections: Optional[list[str]] = None) -> None:
-    """Add ``--config`` and one flag per config field (of the given sections, default all)."""
+    """Add ``--config`` and one flag per config field (of the given sections, default all),
+    grouped by section; enumerated settings list their choices and are checked at parse time.
+    :func:`config_from_args` applies only the flags added here."""
     parser.add_argument("--config", help="YAML file whose values override the defaults")
     hints = {s: typing.get_type_hints(type(getattr(Config(), s))) for s in _sections(Config())}
+    groups: dict[str, Any] = {}
+    added = []
     for name, (section, f) in FIELDS.items():
         if sections is not None and section not in sections:
             continue
+        if section not in groups:
+            doc = (type(getattr(Config(), section)).__doc__ or "").strip().splitlines()[0]
+            groups[section] = parser.add_argument_group(
+                f"{SECTION_TITLES.get(section, section)} [{section}]", doc)
+        group = groups[section]
         base = _base_type(hints[section][name])
-        help_text = f"{f.metadata.get('help', '')} [{section}; default: {_default(f)!r}]"
+        help_text = f"{f.metadata.get('help', '')} (default: {_default(f)!r})"
+        added.append(name)
         if base is bool:
-            parser.add_argument(flag(name), dest=name, default=None,
-                                action=argparse.BooleanOptionalAction, help=help_text)
+            group.add_argument(flag(name), dest=name, default=None,
+                               action=argparse.BooleanOptionalAction, help=help_text)
+        elif typing.get_origin(base) is Literal:
+            group.add_argument(flag(name), dest=name, default=None,
+                               choices=typing.get_args(base), help=help_text)
         else:
-            parser.add_argument(flag(name), dest=name, default=None, help=help_text)
+            group.add_argument(flag(name), dest=name, default=None, help=help_text)
+    parser.set_defaults(_config_fields=tuple(added))
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -499,8 +530,10 @@ def load_config(config_file: Optional[str] = None,
                                   f"(sections: {', '.join(hints)})")
             for name, value in (values or {}).items():
                 if name not in hints[section]:
+                    renamed = RENAMED.get((section, name))
                     raise ConfigError(f"--config {config_file}: unknown setting "
-                                      f"{section}.{name}")
+                                      f"{section}.{name}" + (f" (renamed {section}.{renamed})"
+                                                             if renamed else ""))
                 apply(name, value, f"--config {config_file}")
     for name, value in (overrides or {}).items():
         if value is not None and name in FIELDS:
@@ -509,5 +542,9 @@ def load_config(config_file: Optional[str] = None,
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Build the config from parsed arguments (see :func:`add_arguments`)."""
-    return load_config(getattr(args, "config", None), vars(args))
+    """Build the config from parsed arguments: the flags :func:`add_arguments` added (an entry
+    point's own flags, e.g. ``train --output``, are not settings)."""
+    fields = getattr(args, "_config_fields", None)
+    given = vars(args)
+    overrides = {k: v for k, v in given.items() if fields is None or k in fields}
+    return load_config(getattr(args, "config", None), overrides)

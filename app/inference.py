@@ -25,10 +25,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from app import logs
 from app.config import Config
 from app.dataset import SPLITS, DatasetError, load_vocab, read_manifest, read_split_arrays
 from app.export import ModelError, item_popularity, pair_probabilities, read_model_json
 from app.metrics import UserItems
+from app.publish import staged
 
 SUMMARY = "_summary.json"  # inside the output folder; Parquet readers skip "_" files
 
@@ -327,13 +329,6 @@ def _check_output(out: Path) -> None:
                          f"--output")
 
 
-def _publish(tmp: Path, out: Path, summary: dict[str, Any]) -> None:
-    (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-
 def _parquet_rows(folder: Path) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in folder.glob("*.parquet"))
 
@@ -347,7 +342,15 @@ def _read_table(path: str, columns: list[str]) -> Any:
         raise DatasetError(f"{path}: no such file or folder")
     files = sorted(p.rglob("*")) if p.is_dir() else [p]
     parquet = any(f.suffix == ".parquet" for f in files)
-    ds = ray.data.read_parquet(path) if parquet else ray.data.read_csv(path)
+    if parquet:
+        ds = ray.data.read_parquet(path)
+    else:
+        import pyarrow.csv as pacsv
+
+        from app.sources import delimiter_of
+
+        ds = ray.data.read_csv(path, parse_options=pacsv.ParseOptions(
+            delimiter=delimiter_of([str(f) for f in files if f.is_file()])))
     names = ds.schema().names
     missing = [c for c in columns if c not in names]
     if missing:
@@ -423,12 +426,20 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
     Returns:
         The summary (also written to ``output/_summary.json``).
     """
+    with logs.stage("infer"):
+        return _batch_inference(cfg, model, data_dir, output, users=users, pairs=pairs,
+                                history=history, verbose=verbose)
+
+
+def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, users: str,
+                     pairs: Optional[str], history: Optional[str],
+                     verbose: bool) -> dict[str, Any]:
     import ray
     from ray.data import ActorPoolStrategy
 
     from app.cluster import init_ray
 
-    say = print if verbose else (lambda *a, **k: None)
+    say = (lambda msg: logs.say("infer", msg)) if verbose else (lambda msg: None)
     t0 = time.perf_counter()
     out = Path(output).resolve()
     _check_output(out)
@@ -441,108 +452,109 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
     vocab = load_vocab(model_dir)
     item_ids = vocab["items"]["id"]
     shared: dict[str, Any] = {"user_ids": vocab["users"]["id"], "item_id_array": item_ids}
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    summary: dict[str, Any] = {"model": str(model_dir), "dataset": str(Path(data_dir).resolve()),
-                               "device": device, "actors": pool}
+    with staged(out) as tmp:
+        summary: dict[str, Any] = {"model": str(model_dir), "dataset": str(Path(data_dir).resolve()),
+                                   "device": device, "actors": pool}
 
-    if pairs is not None:
-        ds = _read_table(pairs, ["userId", "movieId"])
-        ref = ray.put(shared)
-        result = ds.map_batches(PairScores, batch_format="pandas",
-                                batch_size=inf.inference_batch_size,
-                                fn_constructor_kwargs={"model_dir": str(model_dir),
-                                                       "shared": [ref], "device": device},
-                                compute=ActorPoolStrategy(size=pool), **resources)
-        result.write_parquet(str(tmp))
-        written = pq.read_table(tmp, columns=["known_user", "known_item"])
-        n = written.num_rows
-        unknown_users = n - int(pc.sum(written["known_user"]).as_py() or 0)
-        unknown_items = n - int(pc.sum(written["known_item"]).as_py() or 0)
-        summary.update(mode="pairs", input=str(pairs), rows=n, unknown_user_rows=unknown_users,
-                       unknown_item_rows=unknown_items)
-        if unknown_items or unknown_users:
-            say(f"pairs with unknown ids (kept, score NaN, known_* False): {unknown_users:,} "
-                f"unknown users, {unknown_items:,} unknown items")
-    else:
-        import torch
-
-        from app.export import load_exported
-
-        exported = load_exported(model_dir)
-        with torch.no_grad():  # every item through the candidate tower, once
-            n_items = exported.spec.num_items
-            items = torch.cat([exported.item_embeddings(torch.arange(s, min(n_items, s + 65536)))
-                               for s in range(0, n_items, 65536)]).numpy()
-        exclude = {"all": SPLITS, "train": ("train",), "none": ()}[inf.exclude_rated]
-        rated = rated_items(data_dir, exclude, exported.spec.num_users) if exclude else None
-        popularity = item_popularity(model_dir)
-        titles = (np.asarray(vocab["items"]["title"].to_pylist(), dtype=object)
-                  if "title" in vocab["items"].column_names else None)
-        given = None
-        if history is not None:
-            if not exported.spec.history_length:
-                raise ModelError(f"--history {history}: this model has no history feature "
-                                 f"(trained with --history-length 0)")
-            given, counts = read_histories(history, vocab, exported.spec.history_length)
-            summary["history"] = {"input": str(history), **counts}
-            say(f"histories: {counts['users']:,} users from {counts['rows']:,} rows; "
-                f"{counts['unknown_item_rows']:,} row(s) with items the model does not know "
-                f"(ignored)")
-        shared.update(items=items, item_ids=item_ids.to_numpy(zero_copy_only=False),
-                      titles=titles, rated=rated, given=given,
-                      popular=np.argsort(-popularity[1:], kind="stable") + 1,
-                      popularity=popularity.astype(np.float32), faiss=None)
-        k = min(inf.recommend_k, n_items - 1)
-        if inf.index == "faiss":
-            import faiss
-
-            index = build_faiss(items, inf.faiss_m, inf.faiss_ef_search)
-            shared["faiss"] = faiss.serialize_index(index)
-            sample = np.arange(1, exported.spec.num_users)
-            sample = np.random.default_rng(0).permutation(sample)[:1000]
-            recall = exact_recall(shared, model_dir, sample, k, inf.faiss_ef_search)
-            summary["faiss_recall_vs_exact"] = recall
-            say(f"FAISS HNSW (M={inf.faiss_m}, efSearch={inf.faiss_ef_search}): recall@{k} "
-                f"against exact top-{k} on {len(sample):,} users: {recall:.4f}")
-        if users == "all":
-            ids = vocab["users"]["id"]
-            if given:  # and the users that only the history file names
-                have = set(ids.to_pylist())
-                new = [u for u in given if u not in have]
-                ids = pa.concat_arrays([ids, pa.array(new, ids.type)]) if new else ids
-            step = max(inf.inference_batch_size, 1)
-            ds = ray.data.from_arrow([pa.table({"userId": ids.slice(s, step)})
-                                      for s in range(0, len(ids), step)])
+        if pairs is not None:
+            ds = _read_table(pairs, ["userId", "movieId"])
+            ref = ray.put(shared)
+            result = ds.map_batches(PairScores, batch_format="pandas",
+                                    batch_size=inf.inference_batch_size,
+                                    fn_constructor_kwargs={"model_dir": str(model_dir),
+                                                           "shared": [ref], "device": device},
+                                    compute=ActorPoolStrategy(size=pool), **resources)
+            with logs.native_notices_filtered():
+                result.write_parquet(str(tmp))
+            written = pq.read_table(tmp, columns=["known_user", "known_item"])
+            n = written.num_rows
+            unknown_users = n - int(pc.sum(written["known_user"]).as_py() or 0)
+            unknown_items = n - int(pc.sum(written["known_item"]).as_py() or 0)
+            summary.update(mode="pairs", input=str(pairs), rows=n, unknown_user_rows=unknown_users,
+                           unknown_item_rows=unknown_items)
+            if unknown_items or unknown_users:
+                say(f"pairs with unknown ids (kept, score NaN, known_* False): {unknown_users:,} "
+                    f"unknown users, {unknown_items:,} unknown items")
         else:
-            ds = _read_table(users, ["userId"])
-        ref = ray.put(shared)
-        result = ds.map_batches(TopK, batch_format="pandas",
-                                batch_size=inf.inference_batch_size,
-                                fn_constructor_kwargs={"model_dir": str(model_dir),
-                                                       "shared": [ref], "k": k,
-                                                       "device": device,
-                                                       "ef_search": inf.faiss_ef_search},
-                                compute=ActorPoolStrategy(size=pool), **resources)
-        result.write_parquet(str(tmp))
-        written = pq.read_table(tmp, columns=["userId", "rank", "fallback", "source"])
-        n = written.num_rows
-        n_users = pc.count_distinct(written["userId"]).as_py()
-        firsts = pc.equal(written["rank"], 1)
-        n_fallback = int(pc.sum(pc.and_(firsts, written["fallback"])).as_py() or 0)
-        n_history = int(pc.sum(pc.and_(firsts, pc.equal(written["source"], "history")))
-                        .as_py() or 0)
-        summary.update(mode="recommend", users=n_users, k=k, rows=n,
-                       short_lists=n_users * k - n, fallback_users=n_fallback,
-                       history_users=n_history,
-                       exclude_rated=inf.exclude_rated, index=inf.index)
-        if n_users != int(pc.sum(firsts).as_py() or 0):
-            raise ModelError(f"the written lists do not start at rank 1 once per user; "
-                             f"output left in {tmp}")
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
-    _publish(tmp, out, summary)
+            import torch
+
+            from app.export import load_exported
+
+            exported = load_exported(model_dir)
+            with torch.no_grad():  # every item through the candidate tower, once
+                n_items = exported.spec.num_items
+                items = torch.cat([exported.item_embeddings(torch.arange(s, min(n_items, s + 65536)))
+                                   for s in range(0, n_items, 65536)]).numpy()
+            exclude = {"all": SPLITS, "train": ("train",), "none": ()}[inf.exclude_rated]
+            rated = rated_items(data_dir, exclude, exported.spec.num_users) if exclude else None
+            popularity = item_popularity(model_dir)
+            titles = (np.asarray(vocab["items"]["title"].to_pylist(), dtype=object)
+                      if "title" in vocab["items"].column_names else None)
+            given = None
+            if history is not None:
+                if not exported.spec.history_length:
+                    raise ModelError(f"--history {history}: this model has no history feature "
+                                     f"(trained with --history-length 0)")
+                given, counts = read_histories(history, vocab, exported.spec.history_length)
+                summary["history"] = {"input": str(history), **counts}
+                say(f"histories: {counts['users']:,} users from {counts['rows']:,} rows; "
+                    f"{counts['unknown_item_rows']:,} row(s) with items the model does not know "
+                    f"(ignored)")
+            shared.update(items=items, item_ids=item_ids.to_numpy(zero_copy_only=False),
+                          titles=titles, rated=rated, given=given,
+                          popular=np.argsort(-popularity[1:], kind="stable") + 1,
+                          popularity=popularity.astype(np.float32), faiss=None)
+            k = min(inf.top_k, n_items - 1)
+            if inf.index == "faiss":
+                import faiss
+
+                index = build_faiss(items, inf.faiss_m, inf.faiss_ef_search)
+                shared["faiss"] = faiss.serialize_index(index)
+                sample = np.arange(1, exported.spec.num_users)
+                sample = np.random.default_rng(0).permutation(sample)[:1000]
+                recall = exact_recall(shared, model_dir, sample, k, inf.faiss_ef_search)
+                summary["faiss_recall_vs_exact"] = recall
+                say(f"FAISS HNSW (M={inf.faiss_m}, efSearch={inf.faiss_ef_search}): recall@{k} "
+                    f"against exact top-{k} on {len(sample):,} users: {recall:.4f}")
+            if users == "all":
+                ids = vocab["users"]["id"]
+                if given:  # and the users that only the history file names
+                    have = set(ids.to_pylist())
+                    new = [u for u in given if u not in have]
+                    ids = pa.concat_arrays([ids, pa.array(new, ids.type)]) if new else ids
+                step = max(inf.inference_batch_size, 1)
+                ds = ray.data.from_arrow([pa.table({"userId": ids.slice(s, step)})
+                                          for s in range(0, len(ids), step)])
+            else:
+                ds = _read_table(users, ["userId"])
+            ref = ray.put(shared)
+            result = ds.map_batches(TopK, batch_format="pandas",
+                                    batch_size=inf.inference_batch_size,
+                                    fn_constructor_kwargs={"model_dir": str(model_dir),
+                                                           "shared": [ref], "k": k,
+                                                           "device": device,
+                                                           "ef_search": inf.faiss_ef_search},
+                                    compute=ActorPoolStrategy(size=pool), **resources)
+            with logs.native_notices_filtered():
+                result.write_parquet(str(tmp))
+            written = pq.read_table(tmp, columns=["userId", "rank", "fallback", "source"])
+            n = written.num_rows
+            n_users = pc.count_distinct(written["userId"]).as_py()
+            firsts = pc.equal(written["rank"], 1)
+            n_fallback = int(pc.sum(pc.and_(firsts, written["fallback"])).as_py() or 0)
+            n_history = int(pc.sum(pc.and_(firsts, pc.equal(written["source"], "history")))
+                            .as_py() or 0)
+            summary.update(mode="recommend", users=n_users, k=k, rows=n,
+                           short_lists=n_users * k - n, fallback_users=n_fallback,
+                           history_users=n_history,
+                           exclude_rated=inf.exclude_rated, index=inf.index)
+            if n_users != int(pc.sum(firsts).as_py() or 0):
+                raise ModelError("the written lists do not start at rank 1 once per user")
+        summary["seconds"] = round(time.perf_counter() - t0, 2)
+        summary["seconds"] = round(time.perf_counter() - t0, 2)
+        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     what = (f"{summary['users']:,} users x {summary['k']} = {summary['rows']:,} rows"
             if summary["mode"] == "recommend" else f"{summary['rows']:,} pairs")
-    say(f"batch inference: {what} in {summary['seconds']:.1f}s ({pool} {device} actor(s)) "
+    say(f"{what} in {summary['seconds']:.1f}s ({pool} {device} actor(s)) "
         f"-> {out}")
     return summary

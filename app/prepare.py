@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -27,9 +26,11 @@ import ray
 from ray.data import Datasink
 from ray.data.block import Block
 
+from app import logs
 from app.config import DataConfig
 from app.dataset import MANIFEST, SCHEMA_VERSION, SPLITS, read_manifest
 from app.mds import INTERACTION_COLUMNS, write_mds_columns
+from app.publish import staged
 from app.sources import DataError, Source, open_source
 from app.validate import VALIDATED_SCHEMA, Columns, validate_table
 
@@ -250,17 +251,6 @@ def _malformed_rejects(source: Source, rejects_dir: Path) -> Counter:
     return counts
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move a finished dataset into place; an existing one is replaced only after success."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def _check_output(out: Path, overwrite: bool) -> None:
     if not out.exists():
         return
@@ -290,15 +280,9 @@ def prepare_dataset(cfg: DataConfig, output: str, *, verbose: bool = True) -> di
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by an interrupted run
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with logs.stage("prepare"), staged(out) as tmp:
         manifest = _build(cfg, tmp, verbose=verbose)
         shutil.rmtree(tmp / "_scratch", ignore_errors=True)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -307,7 +291,7 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
 
     def say(msg: str) -> None:
         if verbose:
-            print(f"[prepare {time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
+            logs.say("prepare", f"{time.perf_counter() - t0:5.1f}s {msg}")
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     source = open_source(cfg, scratch_dir=str(tmp / "_scratch"))

@@ -121,13 +121,24 @@ def _num_blocks(files: list[str], fs: pafs.FileSystem, block_size: int) -> int:
     return max(len(files), min(200, -(-total // block_size)))
 
 
-def _csv_header(path: str, fs: pafs.FileSystem) -> list[str]:
+def delimiter_of(files: list[str]) -> str:
+    """The field separator of delimited text files: a tab for ``.tsv`` (``.tsv.gz``), else a
+    comma; one read takes one kind."""
+    tabs = [f.lower().endswith((".tsv", ".tsv.gz")) for f in files]
+    if any(tabs) and not all(tabs):
+        raise DataError(f"{files[tabs.index(True)]} and {files[tabs.index(False)]}: one input "
+                        f"mixes tab-separated (.tsv) and comma-separated files; read them "
+                        f"separately")
+    return "\t" if tabs and tabs[0] else ","
+
+
+def _csv_header(path: str, fs: pafs.FileSystem, delimiter: str = ",") -> list[str]:
     with fs.open_input_stream(path) as f:
         head = f.read(1 << 16)
     if not head.strip():
         raise DataError(f"{path}: file is empty")
     first = head.decode("utf-8", errors="replace").lstrip("\ufeff").splitlines()[0]
-    return next(csv.reader(io.StringIO(first)))
+    return next(csv.reader(io.StringIO(first), delimiter=delimiter))
 
 
 def _require(found: list[str], columns: Columns, path: str) -> None:
@@ -139,13 +150,15 @@ def _require(found: list[str], columns: Columns, path: str) -> None:
 
 def read_csv_files(files: list[str], fs: pafs.FileSystem, columns: Columns, *,
                    malformed_dir: str, block_size: int) -> ray.data.Dataset:
-    """Read CSV files with Ray Data: required columns as text, unreadable lines recorded."""
+    """Read CSV (or, named ``.tsv``, tab-separated) files with Ray Data: required columns as
+    text, unreadable lines recorded."""
+    delimiter = delimiter_of(files)
     for path in files:
-        _require(_csv_header(path, fs), columns, path)
+        _require(_csv_header(path, fs, delimiter), columns, path)
     return ray.data.read_csv(
         files, filesystem=fs, override_num_blocks=_num_blocks(files, fs, block_size),
         read_options=pacsv.ReadOptions(use_threads=True, block_size=block_size),
-        parse_options=pacsv.ParseOptions(ignore_empty_lines=False,
+        parse_options=pacsv.ParseOptions(delimiter=delimiter, ignore_empty_lines=False,
                                           invalid_row_handler=MalformedLines(malformed_dir)),
         convert_options=pacsv.ConvertOptions(
             column_types={c: pa.string() for c in columns.required()},
@@ -261,7 +274,7 @@ def open_source(cfg: DataConfig, *, scratch_dir: str) -> Source:
                       meta, malformed_dir)
     assert cfg.input is not None  # checked by DataConfig.validate
     if cfg.dataset == "csv":
-        files, fs = resolve_files(cfg.input, (".csv", ".csv.gz", ".tsv"))
+        files, fs = resolve_files(cfg.input, (".csv", ".csv.gz", ".tsv", ".tsv.gz"))
         ds = read_csv_files(files, fs, columns, malformed_dir=malformed_dir,
                             block_size=cfg.read_block_size)
         return Source(ds, columns, {"dataset": "csv", "input": cfg.input, "files": len(files)},

@@ -7,6 +7,8 @@ the default; any tracking URI (``databricks``, ``http://...``) and registry URI
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import time
 from pathlib import Path
@@ -54,6 +56,14 @@ def flat_params(cfg: Config) -> dict[str, str]:
     """The config as MLflow params: ``section.field -> value``."""
     return {f"{s}.{k}": str(v)[:500] for s, fields in cfg.to_dict().items()
             for k, v in fields.items()}
+
+
+def run_label(stage: str, cfg: Config, manifest: Optional[dict[str, Any]] = None) -> str:
+    """An MLflow run name that says what ran: stage, dataset, objective and start time, e.g.
+    ``train movielens-small softmax 2026-11-30 01:54``."""
+    dataset = ((manifest or {}).get("source") or {}).get("dataset") or cfg.data.dataset
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
+    return f"{stage} {dataset} {cfg.model.objective} {when}"
 
 
 def start_run(cfg: Config, *, run_name: str, tags: Optional[dict[str, str]] = None,
@@ -127,8 +137,13 @@ def log_trained_model(cfg: Config, run_id: str, model_dir: str | os.PathLike,
     Returns:
         ``{"run_id", "model_uri", "registered_model", "version"}``.
     """
+    from app import logs
+
     configure(cfg.cluster)
-    with mlflow.start_run(run_id=run_id):
+    # MLflow prints its registration notices to stderr itself; the caller reports the version
+    chatter = (contextlib.nullcontext() if logs.level() == "verbose"
+               else contextlib.redirect_stderr(io.StringIO()))
+    with mlflow.start_run(run_id=run_id), chatter:
         mlflow.log_artifacts(str(model_dir), artifact_path="model_folder")
         info = mlflow.pyfunc.log_model(
             name="model", python_model=TwoTowerPyfunc(),

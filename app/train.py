@@ -18,6 +18,7 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +26,11 @@ from typing import Any, Optional
 
 import numpy as np
 
+from app import logs
 from app.config import Config
 from app.dataset import SPLITS, DatasetError, read_manifest
 from app.placement import check_resources, cluster_nodes, placement
+from app.publish import staged
 from app.history import HISTORY_FILE
 from app.train_loop import (PLAN_FILE, POPULARITY_FILE, STATE_FILE, checkpoint_of_epoch,
                              item_features, latest_checkpoint, model_spec, train_loop)
@@ -128,6 +131,31 @@ def _prepare_output(output: Path) -> None:
         raise TrainError(f"{output} exists and is not a model folder; choose another --output")
 
 
+def _trainer_class() -> type:
+    """``TorchTrainer`` whose interrupts are the caller's: Ray Train's own SIGINT handler
+    (it aborts the run, then exits the whole process with status 0) is not installed; the
+    driver's handler raises instead and :meth:`abort` stops the run's workers."""
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        _controller = None
+
+        def _register_sigint_handler(self, controller: Any) -> None:
+            self._controller = controller
+
+        def abort(self, timeout: float = 60.0) -> None:
+            """Stop the workers of a run in progress (nothing when none is)."""
+            import ray
+
+            if self._controller is not None:
+                try:
+                    ray.get(self._controller.abort.remote(), timeout=timeout)
+                except Exception:  # noqa: BLE001 (the run ended, or its controller did)
+                    pass
+
+    return Trainer
+
+
 def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Path,
                  mlflow_info: Optional[dict[str, str]] = None,
                  callbacks: Optional[list] = None, refit: bool = False,
@@ -144,10 +172,10 @@ def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Path,
         baselines: driver-side baseline metrics the workers report beside the model's.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     place = placement(cfg.train)
-    return TorchTrainer(
+    return _trainer_class()(
         train_loop,
         train_loop_config={"config": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()),
                            "mlflow": mlflow_info,
@@ -162,6 +190,53 @@ def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Path,
                              checkpoint_config=CheckpointConfig(num_to_keep=max(
                                  cfg.train.keep_checkpoints, cfg.train.patience + 1)),
                              callbacks=callbacks or []))
+
+
+def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, out: Path, *, spec: Any,
+                    manifest: dict[str, Any], run_dir: Path, refit: bool,
+                    baselines: dict[str, Any], say: Any) -> tuple[dict, Path, dict]:
+    """Fit, then publish the best epoch's model folder; returns (state, checkpoint, metrics).
+    The folder appears only when complete (see :func:`app.publish.staged`)."""
+    import torch
+
+    from app.export import WEIGHTS, export_state_dict, write_model_json
+
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        raise TrainError(f"training failed: {e}") from e
+    if result.checkpoint is None:
+        raise TrainError("training finished without a checkpoint")
+    ckpt = Path(result.checkpoint.path)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    if state["epoch"] != cfg.train.epochs and not state.get("stopped_early"):
+        raise TrainError(f"training stopped after {state['epoch']} of {cfg.train.epochs} "
+                         f"epochs; --resume continues it from {ckpt}")
+    best_epoch = state["best_epoch"]
+    best_ckpt = checkpoint_of_epoch(run_dir, best_epoch) if best_epoch != state["epoch"] \
+        else ckpt
+    if best_ckpt is None:
+        raise TrainError(f"the checkpoint of the best epoch ({best_epoch}) is not under "
+                         f"{run_dir}")
+    if best_epoch != state["epoch"]:
+        say(f"exporting epoch {best_epoch}, the best on validation, of {state['epoch']}")
+    with staged(out) as tmp:
+        torch.save(export_state_dict(consolidate(best_ckpt)), tmp / WEIGHTS)
+        write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest)
+        shutil.copytree(Path(data_dir, "vocab"), tmp / "vocab")
+        shutil.copy(ckpt / HISTORY_FILE, tmp / HISTORY_FILE)
+        write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest,
+                         calibration=calibrate(tmp, data_dir, spec.objective))
+        cfg.dump_yaml(tmp / "config.yaml")
+        shutil.copy(ckpt / PLAN_FILE, tmp / PLAN_FILE)
+        shutil.copy(ckpt / POPULARITY_FILE, tmp / POPULARITY_FILE)
+        metrics = (final_metrics(state["history"], best_epoch, baselines) if not refit
+                   else {"epochs": state["epoch"], "best_epoch": best_epoch, "refit": True,
+                         "train_loss": state["history"][-1]["train_loss"]})
+        metrics["resumed_at_epochs"] = state["resumed_at_epochs"]
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (tmp / "history.json").write_text(json.dumps(state["history"], indent=1) + "\n")
+    return state, ckpt, metrics
 
 
 def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True,
@@ -181,11 +256,17 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True,
     Returns:
         A summary: metrics, paths, MLflow run and model version, seconds.
     """
+    with logs.stage("refit" if refit else "train"):
+        return _train(cfg, data_dir, output, verbose=verbose, refit=refit, tags=tags)
+
+
+def _train(cfg: Config, data_dir: str, output: str, *, verbose: bool, refit: bool,
+           tags: Optional[dict[str, str]]) -> dict[str, Any]:
     from app import tracking
     from app.cluster import init_ray
-    from app.export import WEIGHTS, export_state_dict, write_model_json
 
-    say = print if verbose else (lambda *a, **k: None)
+    tag = "refit" if refit else "train"
+    say = (lambda msg: logs.say(tag, msg)) if verbose else (lambda msg: None)
     t0 = time.perf_counter()
     manifest = read_manifest(data_dir)
     for split in SPLITS:
@@ -226,67 +307,30 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True,
     elif run_dir.exists():
         shutil.rmtree(run_dir)
 
-    run_id = tracking.start_run(cfg, run_name=out.name + (" (refit)" if refit else ""),
-                                tags={"stage": "train", "dataset": str(data_dir),
-                                      "refit": str(refit).lower(), **(tags or {})})
+    run_id = tracking.start_run(cfg, run_name=tracking.run_label(tag, cfg, manifest),
+                                tags={"stage": tag, "dataset": str(data_dir),
+                                      "output": str(out), "refit": str(refit).lower(),
+                                      **(tags or {})})
     mlflow_info = {"tracking_uri": tracking.tracking_uri(cfg.cluster), "run_id": run_id}
     # the workers start from the latest checkpoint in the run folder: --resume keeps it
     trainer = make_trainer(cfg, data_dir, name=name, storage=storage, mlflow_info=mlflow_info,
                            refit=refit, baselines=baselines)
     try:
-        result = trainer.fit()
-    except Exception as e:
-        tracking.end_run(cfg, run_id, status="FAILED")
-        raise TrainError(f"training failed: {e}") from e
-    if result.checkpoint is None:
-        tracking.end_run(cfg, run_id, status="FAILED")
-        raise TrainError("training finished without a checkpoint")
-    ckpt = Path(result.checkpoint.path)
-    state = json.loads((ckpt / STATE_FILE).read_text())
-    if state["epoch"] != cfg.train.epochs and not state.get("stopped_early"):
-        tracking.end_run(cfg, run_id, status="FAILED")
-        raise TrainError(f"training stopped after {state['epoch']} of {cfg.train.epochs} "
-                         f"epochs; --resume continues it from {ckpt}")
-    best_epoch = state["best_epoch"]
-    best_ckpt = checkpoint_of_epoch(run_dir, best_epoch) if best_epoch != state["epoch"] \
-        else ckpt
-    if best_ckpt is None:
-        tracking.end_run(cfg, run_id, status="FAILED")
-        raise TrainError(f"the checkpoint of the best epoch ({best_epoch}) is not under "
-                         f"{run_dir}")
-    if best_epoch != state["epoch"]:
-        say(f"exporting epoch {best_epoch}, the best on validation, of {state['epoch']}")
-
-    # the model folder, written beside its final place and renamed into it
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    import torch
-    torch.save(export_state_dict(consolidate(best_ckpt)), tmp / WEIGHTS)
-    write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest)
-    shutil.copytree(Path(data_dir, "vocab"), tmp / "vocab")
-    shutil.copy(ckpt / HISTORY_FILE, tmp / HISTORY_FILE)
-    write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest,
-                     calibration=calibrate(tmp, data_dir, spec.objective))
-    cfg.dump_yaml(tmp / "config.yaml")
-    shutil.copy(ckpt / PLAN_FILE, tmp / PLAN_FILE)
-    shutil.copy(ckpt / POPULARITY_FILE, tmp / POPULARITY_FILE)
-    metrics = (final_metrics(state["history"], best_epoch, baselines) if not refit
-               else {"epochs": state["epoch"], "best_epoch": best_epoch, "refit": True,
-                     "train_loss": state["history"][-1]["train_loss"]})
-    metrics["resumed_at_epochs"] = state["resumed_at_epochs"]
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (tmp / "history.json").write_text(json.dumps(state["history"], indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-    say(f"model folder: {out}")
-    registered = tracking.log_trained_model(cfg, run_id, out, manifest["vocab"])
+        state, ckpt, metrics = _fit_and_export(cfg, trainer, data_dir, out, spec=spec,
+                                               manifest=manifest, run_dir=run_dir,
+                                               refit=refit, baselines=baselines, say=say)
+        registered = tracking.log_trained_model(cfg, run_id, out, manifest["vocab"])
+    except BaseException as e:
+        killed = isinstance(e, KeyboardInterrupt)  # SIGINT or SIGTERM (app.logs)
+        if killed:
+            trainer.abort()
+        tracking.end_run(cfg, run_id, status="KILLED" if killed else "FAILED")
+        raise
     tracking.end_run(cfg, run_id)
     (out / "mlflow.json").write_text(json.dumps({**registered, **mlflow_info}, indent=2) + "\n")
     seconds = round(time.perf_counter() - t0, 1)
-    say(f"MLflow run {run_id}; registered {registered['registered_uri']}; {seconds}s")
+    say(f"model folder {out}; MLflow run {run_id}, registered "
+        f"{registered['registered_uri']}; {seconds}s")
     return {"model_dir": str(out), "metrics": metrics, "history": state["history"],
             "mlflow": registered, "checkpoint": str(ckpt), "seconds": seconds,
             "placement": place.describe(), "refit": refit,

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from app import logs
 from app.config import Config, load_config
 from app.dataset import read_split_arrays
 from app.metrics import UserItems, binary_auroc, finish, popularity_scores, ranking_sums
@@ -194,6 +195,8 @@ def build_sharded(cfg: Config, spec: ModelSpec, positive_counts: np.ndarray, *,
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.storage_reservations import (
+        FixedPercentageStorageReservation)
     from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
     from torchrec.optim import RowWiseAdagrad
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -210,14 +213,26 @@ def build_sharded(cfg: Config, spec: ModelSpec, positive_counts: np.ndarray, *,
     topology = TopologyFactory.create_topology(
         TrainerConfig(world_size=dist.get_world_size(), local_world_size=local_world_size),
         kernel_config=KernelConfig(compute_device=device.type))
+    # an explicit reservation (TorchRec's default heuristic is deprecated, with a warning)
     planner = EmbeddingShardingPlanner(
-        topology=topology, constraints=sharding_constraints(cfg, spec, device.type == "cuda"))
+        topology=topology, constraints=sharding_constraints(cfg, spec, device.type == "cuda"),
+        storage_reservation=FixedPercentageStorageReservation(0.15))
     plan = planner.collective_plan(task, [EmbeddingBagCollectionSharder()],
                                    dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(task, device=device, plan=plan)
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
                                   lambda ps: torch.optim.Adam(ps, lr=cfg.train.dense_lr))
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), plan
+
+
+def plan_summary(plan: Any) -> str:
+    """One line for a sharding plan: each table's sharding type and ranks."""
+    parts = []
+    for module in plan.plan.values():
+        for name, ps in module.items():
+            parts.append(f"{name.removeprefix('t_')} {ps.sharding_type} "
+                         f"{sorted(set(ps.ranks or []))}")
+    return "; ".join(parts)
 
 
 def train_step(dmp: Any, optimizer: Any, batch: Any) -> torch.Tensor:
@@ -398,7 +413,9 @@ def train_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
-    say = print if rank == 0 else (lambda *a, **k: None)
+    tag = "train" if evaluate else "refit"
+    say = (lambda msg: logs.say(tag, msg)) if rank == 0 else (lambda msg: None)
+    verbose = logs.level() == "verbose"
     torch.manual_seed(cfg.train.train_seed)
 
     inputs = training_inputs(cfg, data_dir, splits)
@@ -430,7 +447,8 @@ def train_loop(config: dict[str, Any]) -> None:
         state["resumed_at_epochs"].append(state["epoch"])
         say(f"resumed from the checkpoint after epoch {state['epoch']}")
     else:
-        say(f"sharding plan ({world} rank(s), {device.type}):\n{plan}")
+        say(f"sharding plan ({world} rank(s), {device.type}):\n{plan}" if verbose else
+            f"sharding ({world} rank(s), {device.type}): {plan_summary(plan)}")
 
     mlflow_client = None
     if rank == 0 and config.get("mlflow"):
@@ -459,6 +477,7 @@ def train_loop(config: dict[str, Any]) -> None:
         pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=True)
 
     bs = cfg.train.batch_size
+    t_line = time.perf_counter()  # when rank 0 last printed a line
     for epoch in range(state["epoch"], cfg.train.epochs):
         if patience and state["epoch"] - state["best_epoch"] >= patience:
             break  # a resumed run that had already stopped early
@@ -479,13 +498,17 @@ def train_loop(config: dict[str, Any]) -> None:
             else:
                 loss = train_step(dmp, optimizer, next(batches).to(device))
             losses.append(float(loss.detach()))
-            if rank == 0 and ((step + 1) % cfg.train.log_every == 0 or step + 1 == steps):
-                now = time.perf_counter()
+            now = time.perf_counter()
+            # a progress line every --log-every steps with --verbose, else when an epoch is
+            # long enough to need one (30 s without a line)
+            if rank == 0 and ((step + 1) % cfg.train.log_every == 0 or step + 1 == steps) \
+                    and (verbose or now - t_line >= 30.0):
                 rows = min((step + 1) * bs, len(ids)) - seen_last
                 say(f"epoch {epoch + 1}/{cfg.train.epochs} step {step + 1}/{steps} "
                     f"loss {np.mean(losses[-cfg.train.log_every:]):.4f} "
-                    f"{rows / max(now - t_last, 1e-9):,.0f} samples/s/worker", flush=True)
-                t_last, seen_last = now, seen_last + rows
+                    f"{rows / max(now - t_last, 1e-9):,.0f} samples/s/worker")
+                t_last = t_line = now
+                seen_last += rows
         train_seconds = time.perf_counter() - t0
         if pipeline is not None:
             pipeline.detach()  # restore the sharded modules' own forward for evaluation
@@ -509,16 +532,22 @@ def train_loop(config: dict[str, Any]) -> None:
                 metrics.update(_prefixed("test", evaluator.ranking(model, "test", items)))
                 state["best_epoch"], state["best_value"] = epoch + 1, metrics[select]
             metrics.update(baselines)
-            say(_epoch_line(metrics, state["best_epoch"]), flush=True)
+            say(_epoch_line(metrics, state["best_epoch"]))
+            t_line = time.perf_counter()
         else:
             state["best_epoch"] = epoch + 1
-            say(f"epoch {epoch + 1}: train_loss {metrics['train_loss']:.4f}", flush=True)
+            # refit epochs have no validation to show: a line every 30 s and the last one
+            if verbose or epoch + 1 == cfg.train.epochs or time.perf_counter() - t_line >= 30.0:
+                say(f"epoch {epoch + 1}/{cfg.train.epochs}: train_loss "
+                    f"{metrics['train_loss']:.4f} "
+                    f"{metrics['train_samples_per_s_per_worker']:,.0f} samples/s/worker")
+                t_line = time.perf_counter()
         metrics["best_epoch"] = state["best_epoch"]
         state["history"].append(metrics)
         stop = bool(patience) and state["epoch"] - state["best_epoch"] >= patience
         if stop:
             say(f"early stop: no better {select} for {patience} epoch(s); best epoch "
-                f"{state['best_epoch']} ({select} {state['best_value']:.4f})", flush=True)
+                f"{state['best_epoch']} ({select} {state['best_value']:.4f})")
         state["stopped_early"] = stop
 
         # -- save (every rank its shards) and report
@@ -561,5 +590,5 @@ def _epoch_line(m: dict[str, Any], best_epoch: int) -> str:
                      for name, prefix in (("popularity", "popularity"), ("EASE", "ease"))
                      if f"{prefix}_val_{key}" in m)
     return (f"epoch {m['epoch']}: train_loss {m['train_loss']:.4f} val_loss "
-            f"{m['val_loss']:.4f} val {key} {m[f'val_{key}']:.4f} ({base}); best epoch "
-            f"{best_epoch}")
+            f"{m['val_loss']:.4f} val {key} {m[f'val_{key}']:.4f} ({base})"
+            + (f"; best epoch {best_epoch}" if best_epoch else ""))

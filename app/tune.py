@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from app import logs
 from app.config import Config, ConfigError, load_config
 from app.placement import Placement, ResourceError, check_resources, cluster_nodes, placement
 
@@ -73,7 +74,8 @@ def run_trial(config: dict[str, Any]) -> None:
 
     cfg = trial_config(config["base"], config["params"])
     ctx = ray.tune.get_context()
-    run_id = tracking.start_run(cfg, run_name=ctx.get_trial_name(),
+    run_id = tracking.start_run(cfg, run_name=f"{tracking.run_label('trial', cfg)} "
+                                               f"{ctx.get_trial_name()}",
                                 tags={"stage": "tune-trial", "trial_id": ctx.get_trial_id()},
                                 parent_run_id=config["parent_run_id"])
     trainer = make_trainer(cfg, config["data_dir"], name=f"trial-{ctx.get_trial_id()}",
@@ -160,13 +162,18 @@ def sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
     Returns:
         ``{"rows": [...], "best": {...}, "best_config": path, "plot": path, ...}``.
     """
+    with logs.stage("tune"):
+        return _sweep(cfg, data_dir, output, verbose=verbose)
+
+
+def _sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool) -> dict[str, Any]:
     from ray import tune
 
     from app import tracking
     from app.cluster import init_ray
     from app.dataset import read_manifest
 
-    say = print if verbose else (lambda *a, **k: None)
+    say = (lambda msg: logs.say("tune", msg)) if verbose else (lambda msg: None)
     t0 = time.perf_counter()
     read_manifest(data_dir)
     out = Path(output).resolve()
@@ -186,7 +193,7 @@ def sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
         parent_run_id = json.loads(state.read_text())["parent_run_id"]
         say(f"continuing the sweep in {out / EXPERIMENT}")
     else:
-        parent_run_id = tracking.start_run(cfg, run_name=f"sweep-{out.name}",
+        parent_run_id = tracking.start_run(cfg, run_name=tracking.run_label("sweep", cfg),
                                            tags={"stage": "tune"})
         state.write_text(json.dumps({"parent_run_id": parent_run_id}) + "\n")
     base = cfg.to_dict()

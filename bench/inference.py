@@ -199,7 +199,7 @@ def pipeline(model_dir: Path, data_dir: Path, out: Path, *, k: int, actors: int,
              batch_size: int, exclude: str, users: str = "all"
              ) -> tuple[float, dict[str, Any]]:
     """``batch_inference`` end to end: (wall seconds, its summary); output left in ``out``."""
-    cfg = load_config(overrides={"recommend_k": k, "inference_actors": actors,
+    cfg = load_config(overrides={"top_k": k, "inference_actors": actors,
                                  "inference_batch_size": batch_size, "exclude_rated": exclude,
                                  "inference_device": "cpu"})
     t0 = time.perf_counter()

@@ -13,39 +13,33 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app.config import ConfigError, add_arguments, config_from_args
-from app.dataset import DatasetError
-from app.export import ModelError
-from app.inference import batch_inference
+from app import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.batch_inference",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("python -m pipelines.batch_inference", __doc__,
+                        ["inference", "cluster"])
     parser.add_argument("--model", required=True, help="model folder or MLflow model URI")
     parser.add_argument("--data", required=True, help="the prepared dataset of the model")
     parser.add_argument("--output", required=True, help="Parquet folder to write")
     parser.add_argument("--users", default="all",
-                        help="all (default) or a CSV/Parquet file with a userId column")
-    parser.add_argument("--pairs", help="CSV/Parquet file with userId, movieId: score pairs")
+                        help="all (default) or a CSV/TSV/Parquet file with a userId column")
+    parser.add_argument("--pairs", help="CSV/TSV/Parquet file with userId, movieId: score pairs")
     parser.add_argument("--history",
-                        help="CSV/Parquet file with userId, movieId (and timestamp) rows: users' "
-                             "recent items; new users get recommendations from them, a known "
-                             "user's replace the stored ones")
-    parser.add_argument("--top-k", dest="recommend_k", default=None,
-                        help="items per user (same as --recommend-k)")
-    add_arguments(parser, sections=["inference", "cluster"])
-    args = parser.parse_args(argv)
-    try:
+                        help="CSV/TSV/Parquet file with userId, movieId (and timestamp) rows: "
+                             "users' recent items; new users get recommendations from them, a "
+                             "known user's replace the stored ones")
+
+    def body(args: argparse.Namespace) -> None:
+        from app.config import config_from_args
+        from app.inference import batch_inference
+
         cfg = config_from_args(args)
         print(cfg.describe(), flush=True)
         batch_inference(cfg, args.model, args.data, args.output, users=args.users,
                         pairs=args.pairs, history=args.history)
-    except (ConfigError, DatasetError, ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.main(parser, body, argv)
 
 
 if __name__ == "__main__":

@@ -18,16 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app import cli, logs
 from app.cluster import init_ray
-from app.config import Config, ConfigError, add_arguments, config_from_args, load_config
+from app.config import Config, config_from_args, load_config
 from app.dataset import DatasetError, read_manifest
-from app.export import ModelError
-from app.placement import ResourceError
 from app.prepare import prepare_dataset
 from app.report import examples, plot_history, render
-from app.sources import DataError
 from app.tracking import tracking_uri
-from app.train import TrainError
 
 STAGES = ("prepare", "train", "infer")
 
@@ -73,16 +70,17 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False,
     summary: dict[str, Any] = {"workdir": str(workdir), "stages": {}}
 
     data_dir = Path(cfg.data.output) if cfg.data.output else workdir / "data"
-    t0 = time.perf_counter()
-    if not cfg.data.overwrite and _prepared_with(data_dir, cfg):
-        manifest = read_manifest(data_dir)
-        print(f"[prepare] reusing {data_dir} (prepared with the same data settings; "
-              f"--overwrite prepares it again)")
-    else:
-        # The workdir is this job's own: its dataset is replaced when the settings changed.
-        # A dataset elsewhere (--output) is replaced only with --overwrite.
-        cfg.data.overwrite = cfg.data.overwrite or workdir in data_dir.absolute().parents
-        manifest = prepare_dataset(cfg.data, str(data_dir))
+    with logs.stage("prepare"):
+        t0 = time.perf_counter()
+        if not cfg.data.overwrite and _prepared_with(data_dir, cfg):
+            manifest = read_manifest(data_dir)
+            logs.say("prepare", f"reusing {data_dir} (prepared with the same data settings; "
+                                f"--overwrite prepares it again)")
+        else:
+            # The workdir is this job's own: its dataset is replaced when the settings changed.
+            # A dataset elsewhere (--output) is replaced only with --overwrite.
+            cfg.data.overwrite = cfg.data.overwrite or workdir in data_dir.absolute().parents
+            manifest = prepare_dataset(cfg.data, str(data_dir))
     seconds = time.perf_counter() - t0
     summary["stages"]["prepare"] = {"seconds": round(seconds, 2),
                                     "rows": manifest["counts"]["read"],
@@ -112,8 +110,8 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False,
                                       "metrics": result["metrics"], "mlflow": result["mlflow"]}
         if refit:
             best = result["metrics"]["best_epoch"]
-            print(f"[refit] training on every split (train + val + test) for {best} "
-                  f"epoch(s), the evaluated run's best", flush=True)
+            logs.say("refit", f"training on every split (train + val + test) for {best} "
+                              f"epoch(s), the evaluated run's best")
             t0 = time.perf_counter()
             again = train(refit_config(cfg, best), str(data_dir), str(model_dir), refit=True,
                           tags={"evaluated_run_id": result["mlflow"]["run_id"]})
@@ -125,7 +123,7 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False,
         summary["tracking_uri"] = tracking_uri(cfg.cluster)
         summary["plot"] = str(workdir / "val_metrics.png")
         plot_history(result["history"], workdir / "val_metrics.png",
-                     [int(k) for k in cfg.train.top_k])
+                     [int(k) for k in cfg.train.eval_k])
     if "infer" in stages:
         from app.inference import batch_inference
 
@@ -143,32 +141,33 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tune", action="store_true",
+    parser = cli.parser("python -m pipelines.full_run", __doc__)
+    stages = parser.add_argument_group("stages")
+    stages.add_argument("--tune", action="store_true",
                         help="run a hyperparameter sweep before training and train with the "
                              "best trial's settings (see pipelines.tune)")
-    parser.add_argument("--no-refit", dest="refit", action="store_false",
+    stages.add_argument("--no-refit", dest="refit", action="store_false",
                         help="serve the evaluated model (trained on the train split) instead "
                              "of refitting on every split for its best number of epochs")
-    parser.add_argument("--stages", default=",".join(STAGES),
-                        help=f"comma-separated stages to run, in order (default: all of "
-                             f"{','.join(STAGES)})")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-        unknown = [s for s in stages if s not in STAGES]
-        if unknown:
-            raise ConfigError(f"--stages: unknown stage(s) {', '.join(unknown)} "
-                              f"(stages: {', '.join(STAGES)})")
+    stages.add_argument("--stages", default=",".join(STAGES), type=_stages,
+                        help=f"comma-separated stages to run, in order, among "
+                             f"{', '.join(STAGES)} (default: all)")
+
+    def body(args: argparse.Namespace) -> None:
         cfg = config_from_args(args)
         print(cfg.describe(), flush=True)
-        run(cfg, stages, tune=args.tune, refit=args.refit)
-    except (ConfigError, DataError, DatasetError, ModelError, ResourceError, TrainError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        run(cfg, args.stages, tune=args.tune, refit=args.refit)
+
+    return cli.main(parser, body, argv)
+
+
+def _stages(text: str) -> tuple[str, ...]:
+    stages = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise argparse.ArgumentTypeError(f"unknown stage(s) {', '.join(unknown) or '(none)'}; "
+                                         f"stages: {', '.join(STAGES)}")
+    return stages
 
 
 if __name__ == "__main__":

@@ -1,7 +1,5 @@
-"""Prepare raw ratings into MDS splits.
-
-    python -m pipelines.prepare_data --dataset ... --output DIR
-"""
+"""Prepare raw ratings into MDS splits: ``python -m pipelines.prepare_data --dataset
+movielens-small|lfs|csv|parquet|synthetic [--input PATH] --output DIR [--overwrite] ...``"""
 
 from __future__ import annotations
 
@@ -9,31 +7,28 @@ import argparse
 import sys
 from pathlib import Path
 
-from app.cluster import init_ray
-from app.config import ConfigError, add_arguments, config_from_args
-from app.dataset import DatasetError
-from app.prepare import prepare_dataset
-from app.sources import DataError
+from app import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser, sections=["data", "cluster"])
-    args = parser.parse_args(argv)
-    try:
+    parser = cli.parser("python -m pipelines.prepare_data", __doc__, ["data", "cluster"])
+
+    def body(args: argparse.Namespace) -> None:
+        from app.cluster import init_ray
+        from app.config import config_from_args
+        from app.prepare import prepare_dataset
+
         cfg = config_from_args(args)
         output = cfg.data.output or str(Path(cfg.cluster.workdir) / "data")
         print(cfg.describe(), flush=True)
         init_ray(cfg.cluster)
         manifest = prepare_dataset(cfg.data, output)
-    except (ConfigError, DataError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    counts = manifest["counts"]
-    print(f"prepared dataset: {Path(output).absolute()} ({counts['accepted']:,} rows: "
-          + ", ".join(f"{k} {v:,}" for k, v in counts["splits"].items())
-          + f"; {counts['rejected']:,} rejected)")
-    return 0
+        counts = manifest["counts"]
+        print(f"prepared dataset: {Path(output).absolute()} ({counts['accepted']:,} rows: "
+              + ", ".join(f"{k} {v:,}" for k, v in counts["splits"].items())
+              + f"; {counts['rejected']:,} rejected)")
+
+    return cli.main(parser, body, argv)
 
 
 if __name__ == "__main__":

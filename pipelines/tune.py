@@ -14,27 +14,24 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app.config import ConfigError, add_arguments, config_from_args
-from app.dataset import DatasetError
-from app.placement import ResourceError
-from app.tune import sweep
+from app import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.tune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("python -m pipelines.tune", __doc__,
+                        ["model", "train", "tune", "cluster"])
     parser.add_argument("--data", required=True, help="prepared dataset folder")
     parser.add_argument("--output", required=True, help="folder for the sweep's results")
-    add_arguments(parser, sections=["model", "train", "tune", "cluster"])
-    args = parser.parse_args(argv)
-    try:
+
+    def body(args: argparse.Namespace) -> None:
+        from app.config import config_from_args
+        from app.tune import sweep
+
         cfg = config_from_args(args)
         print(cfg.describe(), flush=True)
         sweep(cfg, args.data, args.output)
-    except (ConfigError, DatasetError, ResourceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return cli.main(parser, body, argv)
 
 
 if __name__ == "__main__":

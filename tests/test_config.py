@@ -15,17 +15,17 @@ def test_defaults_are_valid_and_printed():
     cfg = load_config()
     assert cfg.data.dataset == "movielens-small"
     assert abs(cfg.data.train_fraction - 0.7) < 1e-9
-    assert "data.label_threshold = 4.0" in cfg.describe()
+    assert "data.label_threshold = 4.0" in cfg.describe(everything=True)
 
 
 def test_yaml_then_flags_override(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("data:\n  split: temporal\n  label_threshold: 3.5\ntrain:\n  epochs: 7\n")
-    cfg = parse(["--config", str(f), "--label-threshold", "4.5", "--top-k", "5,10"])
+    cfg = parse(["--config", str(f), "--label-threshold", "4.5", "--eval-k", "5,10"])
     assert cfg.data.split == "temporal"
     assert cfg.data.label_threshold == 4.5  # the flag wins over the file
     assert cfg.train.epochs == 7
-    assert cfg.train.top_k == [5, 10]
+    assert cfg.train.eval_k == [5, 10]
 
 
 def test_saved_yaml_round_trips(tmp_path):

@@ -26,7 +26,7 @@ def inference_config(work: Path, **overrides):
 @pytest.fixture(scope="module")
 def recommendations(trained, movielens_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("recs") / "recs"
-    cfg = inference_config(trained["work"], recommend_k=20, inference_actors=2,
+    cfg = inference_config(trained["work"], top_k=20, inference_actors=2,
                            inference_batch_size=128)
     summary = batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir), str(out),
                               verbose=False)
@@ -59,7 +59,7 @@ def test_every_user_gets_k_ranked_unrated_items(recommendations, movielens_dir):
         rated |= set(zip(rows["user"].tolist(), rows["item"].tolist()))
     pairs = zip(df["userId"].map(user_index), df["movieId"].map(item_index))
     assert not any(p in rated for p in pairs)
-    assert not (out.parent / ".recs.partial").exists()
+    assert not list(out.parent.glob(".recs.partial*"))
 
 
 def test_recommendations_reproduce_the_training_test_recall(trained, movielens_dir, tmp_path):
@@ -67,7 +67,7 @@ def test_recommendations_reproduce_the_training_test_recall(trained, movielens_d
     test split recomputed from the written table matches the metric in metrics.json."""
     from app.dataset import load_vocab
 
-    cfg = inference_config(trained["work"], recommend_k=20, exclude_rated="train")
+    cfg = inference_config(trained["work"], top_k=20, exclude_rated="train")
     batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir), str(tmp_path / "r"),
                     verbose=False)
     df = pd.read_parquet(tmp_path / "r")
@@ -116,7 +116,7 @@ def test_pair_scores_are_the_models_forward_pass(trained, movielens_dir, tmp_pat
 
 
 def test_faiss_index_recall_against_exact(trained, movielens_dir, tmp_path, capsys):
-    cfg = inference_config(trained["work"], index="faiss", recommend_k=100)
+    cfg = inference_config(trained["work"], index="faiss", top_k=100)
     summary = batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir),
                               str(tmp_path / "r"))
     assert summary["faiss_recall_vs_exact"] >= 0.95
@@ -131,7 +131,7 @@ def test_mlflow_uri_and_user_file_with_unknown_users(trained, movielens_dir, tmp
     known = pd.read_parquet(trained["model_dir"] / "vocab" / "users.parquet")["id"][:3]
     users = pd.DataFrame({"userId": known.tolist() + [10 ** 9]})
     users.to_parquet(tmp_path / "users.parquet")
-    cfg = inference_config(trained["work"], recommend_k=5, inference_actors=2)  # every CPU
+    cfg = inference_config(trained["work"], top_k=5, inference_actors=2)  # every CPU
     summary = batch_inference(cfg, info["registered_uri"], str(movielens_dir),
                               str(tmp_path / "r"), users=str(tmp_path / "users.parquet"),
                               verbose=False)
@@ -187,7 +187,7 @@ def _actor_pids() -> list[int]:
 def test_a_killed_actor_still_yields_complete_output(trained, movielens_dir, tmp_path):
     """SIGKILL one actor while batches are in flight: Ray Data restarts it and retries its
     batches; the output holds every user's list exactly once."""
-    cfg = inference_config(trained["work"], recommend_k=10, inference_actors=2,
+    cfg = inference_config(trained["work"], top_k=10, inference_actors=2,
                            inference_batch_size=4)
     killed: list[int] = []
 

@@ -22,7 +22,7 @@ def test_gpu_actors_give_the_cpu_recommendations(trained, movielens_dir, tmp_pat
         assert ray.cluster_resources().get("GPU", 0) >= 1
         out = {}
         for device in ("gpu", "cpu"):
-            cfg = load_config(overrides={"workdir": str(trained["work"]), "recommend_k": 20,
+            cfg = load_config(overrides={"workdir": str(trained["work"]), "top_k": 20,
                                          "inference_device": device})
             summary = batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir),
                                       str(tmp_path / device), verbose=False)

@@ -111,7 +111,7 @@ def test_new_users_are_recommended_from_their_history(trained, movielens_dir, tm
     pd.DataFrame({"userId": [new_ids[0]] * len(histories[0]), "movieId": histories[0]}).to_csv(
         tmp_path / "history.csv", index=False)
     pd.DataFrame({"userId": [new_ids[0], -3]}).to_csv(tmp_path / "users.csv", index=False)
-    cfg = load_config(overrides={"workdir": str(trained["work"]), "recommend_k": 20})
+    cfg = load_config(overrides={"workdir": str(trained["work"]), "top_k": 20})
     summary = batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir),
                               str(tmp_path / "recs"), users=str(tmp_path / "users.csv"),
                               history=str(tmp_path / "history.csv"), verbose=False)

@@ -1,0 +1,88 @@
+"""What every entry point shares: the parser with its output flags, one error line and exit
+code 2 for a known error, and interrupts.
+
+SIGINT (Ctrl-C) or SIGTERM during any stage unwinds it: training workers are stopped, partial
+outputs removed, the MLflow run marked ``KILLED``; then one line names the stage and how to
+continue, and the process exits 130 (SIGINT) or 143 (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Callable, Optional
+
+from app import logs
+from app.cluster import ClusterError
+from app.config import ConfigError, add_arguments
+from app.dataset import DatasetError
+from app.export import ModelError
+from app.placement import ResourceError
+from app.sources import DataError
+
+EXIT_ERROR = 2
+
+# how to go on after an interrupt, per stage
+CONTINUE = {
+    "prepare": "nothing was published (a prepared dataset appears only when complete); run "
+               "the same command again",
+    "train": "the workers were stopped and no model folder was published; run the same "
+             "command with --resume to continue from the last epoch checkpoint",
+    "refit": "the workers were stopped and the refit model was not published (the evaluated "
+             "model is complete); run the same command with --resume to reuse the evaluated "
+             "run and refit again",
+    "tune": "the trials were stopped; run the same command with --resume to continue the sweep",
+    "infer": "no recommendations were published; run the same command again",
+}
+
+
+def errors() -> tuple[type[BaseException], ...]:
+    """The project's errors: each prints as one line (exit 2), never as a traceback."""
+    from app.train import TrainError
+
+    return (ConfigError, DataError, DatasetError, ModelError, ResourceError, TrainError,
+            ClusterError)
+
+
+def parser(prog: str, doc: Optional[str],
+           sections: Optional[list[str]] = None) -> argparse.ArgumentParser:
+    """An entry point's parser: its description, ``--quiet`` / ``--verbose``, and the config
+    flags of ``sections`` (grouped by section; add the entry point's own flags before
+    calling :func:`main`)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    out = p.add_argument_group("output")
+    level = out.add_mutually_exclusive_group()
+    level.add_argument("--quiet", action="store_true",
+                       help="print only errors and the final report")
+    level.add_argument("--verbose", action="store_true",
+                       help="also print what Ray, Ray Data, Ray Train, TorchRec and MLflow "
+                            "say (by default it goes to Ray's log files only)")
+    p.set_defaults(_add_config=sections)
+    return p
+
+
+def main(p: argparse.ArgumentParser, body: Callable[[argparse.Namespace], None],
+         argv: Optional[list[str]] = None) -> int:
+    """Parse ``argv``, set up the output and the signal handlers, run ``body``; returns the
+    exit code (0, 2 for a known error, 128 + the signal number when interrupted)."""
+    add_arguments(p, p.get_default("_add_config"))
+    args = p.parse_args(argv)
+    logs.setup("quiet" if args.quiet else "verbose" if args.verbose else "normal")
+    logs.install_signal_handlers()
+    try:
+        body(args)
+    except errors() as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal ends it at once
+            signal.signal(sig, signal.SIG_DFL)
+        signum = logs.received_signal()
+        stage = logs.current_stage()
+        print(f"interrupted by {signal.Signals(signum).name} during {stage}: "
+              f"{CONTINUE.get(stage, 'nothing was published; run the same command again')}",
+              file=sys.stderr, flush=True)
+        return 128 + signum
+    return 0
