@@ -45,12 +45,13 @@ def errors() -> tuple[type[BaseException], ...]:
             ClusterError)
 
 
-def parser(prog: str, doc: Optional[str],
-           sections: Optional[list[str]] = None) -> argparse.ArgumentParser:
+def parser(prog: str, doc: Optional[str], sections: Optional[list[str]] = None, *,
+           required: str = "") -> argparse.ArgumentParser:
     """An entry point's parser: its description, ``--quiet`` / ``--verbose``, and the config
-    flags of ``sections`` (grouped by section; add the entry point's own flags before
-    calling :func:`main`)."""
+    flags of ``sections`` (default: all), grouped by section. The entry point's own flags,
+    added after, are listed first."""
     p = argparse.ArgumentParser(prog=prog, description=doc,
+                                usage=f"{prog} {required + ' ' if required else ''}[options]",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     out = p.add_argument_group("output")
     level = out.add_mutually_exclusive_group()
@@ -59,7 +60,7 @@ def parser(prog: str, doc: Optional[str],
     level.add_argument("--verbose", action="store_true",
                        help="also print what Ray, Ray Data, Ray Train, TorchRec and MLflow "
                             "say (by default it goes to Ray's log files only)")
-    p.set_defaults(_add_config=sections)
+    add_arguments(p, sections)
     return p
 
 
@@ -67,7 +68,6 @@ def main(p: argparse.ArgumentParser, body: Callable[[argparse.Namespace], None],
          argv: Optional[list[str]] = None) -> int:
     """Parse ``argv``, set up the output and the signal handlers, run ``body``; returns the
     exit code (0, 2 for a known error, 128 + the signal number when interrupted)."""
-    add_arguments(p, p.get_default("_add_config"))
     args = p.parse_args(argv)
     logs.setup("quiet" if args.quiet else "verbose" if args.verbose else "normal")
     logs.install_signal_handlers()

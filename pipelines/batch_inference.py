@@ -16,9 +16,10 @@ import sys
 from app import cli
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser("python -m pipelines.batch_inference", __doc__,
-                        ["inference", "cluster"])
+                        ["inference", "cluster"],
+                        required="--model MODEL --data DIR --output DIR")
     parser.add_argument("--model", required=True, help="model folder or MLflow model URI")
     parser.add_argument("--data", required=True, help="the prepared dataset of the model")
     parser.add_argument("--output", required=True, help="Parquet folder to write")
@@ -29,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="CSV/TSV/Parquet file with userId, movieId (and timestamp) rows: "
                              "users' recent items; new users get recommendations from them, a "
                              "known user's replace the stored ones")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
 
     def body(args: argparse.Namespace) -> None:
         from app.config import config_from_args

@@ -140,7 +140,7 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False,
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser("python -m pipelines.full_run", __doc__)
     stages = parser.add_argument_group("stages")
     stages.add_argument("--tune", action="store_true",
@@ -152,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     stages.add_argument("--stages", default=",".join(STAGES), type=_stages,
                         help=f"comma-separated stages to run, in order, among "
                              f"{', '.join(STAGES)} (default: all)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
 
     def body(args: argparse.Namespace) -> None:
         cfg = config_from_args(args)

@@ -10,8 +10,13 @@ from pathlib import Path
 from app import cli
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser("python -m pipelines.prepare_data", __doc__, ["data", "cluster"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
 
     def body(args: argparse.Namespace) -> None:
         from app.cluster import init_ray

@@ -10,10 +10,16 @@ import sys
 from app import cli
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = cli.parser("python -m pipelines.train", __doc__, ["model", "train", "cluster"])
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser("python -m pipelines.train", __doc__, ["model", "train", "cluster"],
+                        required="--data DIR --output MODEL_DIR")
     parser.add_argument("--data", required=True, help="prepared dataset folder")
     parser.add_argument("--output", required=True, help="model folder to write")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
 
     def body(args: argparse.Namespace) -> None:
         from app.config import config_from_args

@@ -17,11 +17,17 @@ import sys
 from app import cli
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser("python -m pipelines.tune", __doc__,
-                        ["model", "train", "tune", "cluster"])
+                        ["model", "train", "tune", "cluster"],
+                        required="--data DIR --output DIR")
     parser.add_argument("--data", required=True, help="prepared dataset folder")
     parser.add_argument("--output", required=True, help="folder for the sweep's results")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
 
     def body(args: argparse.Namespace) -> None:
         from app.config import config_from_args

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,10 @@ import pytest
 import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+# the environment of the shell that started the tests, before any Ray in this process changed
+# it (a local ray.init exports RAY_AUTH_MODE=token, Ray Train its own variables ...)
+SHELL_ENV = dict(os.environ)
 
 from app.config import load_config  # noqa: E402
 from app.prepare import prepare_dataset  # noqa: E402
@@ -104,3 +109,22 @@ def write_lfs_csv(path: Path, rows: int = 20_000) -> pa.Table:
     path.parent.mkdir(parents=True, exist_ok=True)
     pacsv.write_csv(out, path)
     return out
+
+
+def user_shell_env(**extra: str) -> dict[str, str]:
+    """What a user's shell has after activating the project's venv: the environment the tests
+    started with (nothing this process's Ray exported), the venv's bin first on PATH."""
+    env = dict(SHELL_ENV)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    env["VIRTUAL_ENV"] = str(Path(sys.executable).parent.parent)
+    env.update(extra)
+    return env
+
+
+def short_tmp(prefix: str = "rt-") -> str:
+    """A private Ray temp dir (RAY_TMPDIR): short, as Unix socket paths are limited to ~107
+    characters; the caller removes it."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")

@@ -38,7 +38,6 @@ def test_saved_yaml_round_trips(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
     (["--val-fraction", "0.6", "--test-fraction", "0.5"], "--test-fraction plus --val-fraction"),
-    (["--dataset", "excel"], "--dataset must be one of"),
     (["--rows", "many"], "--rows expects int"),
     (["--dataset", "csv"], "--input is required with --dataset csv"),
     (["--rating-min", "5", "--rating-max", "1"], "--rating-min must be below --rating-max"),
@@ -63,3 +62,21 @@ def test_field_names_are_unique_flags():
     # every field is reachable as a flag; a duplicate name would make one unreachable
     names = [f for s in vars(Config()).values() for f in vars(s)]
     assert len(names) == len(set(names))
+
+
+def test_describe_prints_only_what_differs_from_the_defaults():
+    assert load_config().describe().splitlines()[1:] == ["  (none)"]
+    lines = parse(["--epochs", "7", "--split", "temporal"]).describe().splitlines()[1:]
+    assert lines == ['  data.split = "temporal"', "  train.epochs = 7"]
+
+
+def test_a_renamed_setting_names_its_new_name(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  top_k: [5]\n")
+    with pytest.raises(ConfigError, match=r"unknown setting train.top_k \(renamed train.eval_k\)"):
+        load_config(str(f))
+
+
+def test_an_enumerated_value_from_a_file_is_checked_too():
+    with pytest.raises(ConfigError, match="--dataset must be one of movielens-small"):
+        load_config(overrides={"dataset": "excel"})

@@ -53,5 +53,9 @@ def test_full_run_prepares_trains_and_recommends(ray_local, tmp_path, capsys):
 
 
 def test_full_run_rejects_unknown_stages(capsys):
-    assert full_run.main(["--stages", "prepare,serve"]) == 2
-    assert "unknown stage(s) serve" in capsys.readouterr().err
+    import pytest
+
+    with pytest.raises(SystemExit) as e:  # at parse time, before anything starts
+        full_run.main(["--stages", "prepare,serve"])
+    assert e.value.code == 2
+    assert "argument --stages: unknown stage(s) serve" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import filecmp
 import functools
 import http.server
 import json
+import shutil
 import threading
 import zipfile
 from pathlib import Path
@@ -259,3 +260,22 @@ def test_csv_folder_with_a_header_only_file(ray_local, tmp_path):
     prepare_dataset(data_config(dataset="csv", input=str(tmp_path / "in"), split="temporal"),
                     str(out), verbose=False)
     assert check_counts_add_up(out)["counts"]["accepted"] == 2
+
+
+def test_tab_separated_input_is_parsed_as_such(ray_local, tmp_path):
+    rows = "".join(f"u{i % 7}\t{i % 11}\t{1 + i % 5}.0\t{1260759144 + i}\n" for i in range(60))
+    (tmp_path / "r.tsv").write_text("userId\tmovieId\trating\ttimestamp\n" + rows)
+    out = tmp_path / "out"
+    prepare_dataset(data_config(dataset="csv", input=str(tmp_path / "r.tsv")), str(out),
+                    verbose=False)
+    manifest = check_counts_add_up(out)
+    assert manifest["counts"]["accepted"] == 60 and manifest["counts"]["rejected"] == 0
+    assert pq.read_table(out / "vocab" / "users.parquet")["id"].to_pylist() == \
+        [f"u{i}" for i in range(7)]
+    # one read takes one kind of separator
+    (tmp_path / "mixed").mkdir()
+    shutil.copy(tmp_path / "r.tsv", tmp_path / "mixed" / "a.tsv")
+    (tmp_path / "mixed" / "b.csv").write_text("userId,movieId,rating,timestamp\n1,2,4.0,1\n")
+    with pytest.raises(DataError, match="mixes tab-separated"):
+        prepare_dataset(data_config(dataset="csv", input=str(tmp_path / "mixed")),
+                        str(tmp_path / "out2"), verbose=False)

@@ -1,0 +1,231 @@
+"""The entry points as a newcomer meets them: run from a plain shell (a subprocess with the
+environment the tests started with, nothing this process's Ray exported), each with a private
+Ray temp dir. They never attach to a cluster by accident, fail fast on an unreachable one,
+stop cleanly on Ctrl-C, print only the project's lines, and list and check their choices."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, short_tmp, user_shell_env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_tmpdir():
+    """A private RAY_TMPDIR holding a stale address file, as a head node stopped with a
+    signal leaves behind; yields (dir, the dead address)."""
+    rt = Path(short_tmp())
+    dead = f"127.0.0.1:{_free_port()}"
+    (rt / "ray").mkdir()
+    (rt / "ray" / "ray_current_cluster").write_text(dead)
+    yield rt, dead
+    shutil.rmtree(rt, ignore_errors=True)
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+def test_a_stale_address_file_is_not_attached_to(ray_tmpdir, tmp_path):
+    rt, dead = ray_tmpdir
+    env = user_shell_env(RAY_TMPDIR=str(rt))
+    env.pop("RAY_ADDRESS", None)
+    # the file is where Ray's own address lookup (a bare ray.init()) goes for its cluster
+    probe = subprocess.run([sys.executable, "-c", "from ray._private.utils import "
+                            "read_ray_address; print(read_ray_address())"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == dead
+    out = _run(["pipelines.prepare_data", "--dataset", "synthetic", "--rows", "5000",
+                "--output", str(tmp_path / "data")], env, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert manifest["counts"]["accepted"] == 5000
+
+
+@pytest.mark.parametrize("how", ["flag", "auto"])
+def test_an_unreachable_cluster_fails_within_the_timeout_in_one_line(ray_tmpdir, tmp_path,
+                                                                     how):
+    rt, dead = ray_tmpdir
+    env = user_shell_env(RAY_TMPDIR=str(rt))
+    env.pop("RAY_ADDRESS", None)
+    address = dead if how == "flag" else "auto"  # auto: the (stale) cluster of this machine
+    t0 = time.monotonic()
+    out = _run(["pipelines.prepare_data", "--dataset", "synthetic", "--rows", "1000",
+                "--output", str(tmp_path / "data"), "--address", address,
+                "--ray-connect-timeout", "3"], env, timeout=120)
+    assert time.monotonic() - t0 < 60
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1, out.stderr
+    port = dead.rsplit(":", 1)[1]  # auto resolves 127.0.0.1 to this machine's address
+    assert re.search(rf"could not reach the Ray cluster at [\d.]+:{port} within 3s", err[0])
+    assert "ray status --address" in err[0]
+    assert not (tmp_path / "data").exists()
+
+
+def test_addresses_that_cannot_be_a_cluster_are_named():
+    from app.cluster import ClusterError, resolve_address
+
+    with pytest.raises(ClusterError, match=r"dashboard \(job API\) address.*ray job submit --address"):
+        resolve_address("http://127.0.0.1:8265", timeout=1)
+    with pytest.raises(ClusterError, match="--address headnode: expected host:port"):
+        resolve_address("headnode", timeout=1)
+
+
+class _Lines:
+    """A child's merged stdout/stderr, read line by line on a thread."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.lines: list[str] = []
+        self._q: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, args=(proc,), daemon=True).start()
+
+    def _pump(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            self._q.put(line.rstrip("\n"))
+        self._q.put(None)
+
+    def wait_for(self, pattern: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._q.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self.lines.append(line)
+            if re.search(pattern, line):
+                return
+        raise AssertionError(f"no line matching {pattern!r}; got:\n" + "\n".join(self.lines))
+
+    def rest(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._q.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self.lines.append(line)
+        return "\n".join(self.lines)
+
+
+def test_ctrl_c_during_training_stops_cleanly_and_says_how_to_continue(ray_tmpdir, tmp_path):
+    rt, _ = ray_tmpdir
+    wd = tmp_path / "wd"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.full_run", "--dataset", "synthetic", "--rows",
+         "20000", "--epochs", "50", "--patience", "0", "--workdir", str(wd)],
+        cwd=ROOT, env=user_shell_env(RAY_TMPDIR=str(rt)), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        lines = _Lines(proc)
+        lines.wait_for(r"^\[train\] epoch 1:", timeout=400)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+        text = lines.rest(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    said = [line for line in text.splitlines() if line.startswith("interrupted")]
+    assert said == ["interrupted by SIGINT during train: the workers were stopped and no model "
+                    "folder was published; run the same command with --resume to continue "
+                    "from the last epoch checkpoint"], text[-3000:]
+    assert "Traceback" not in text
+    # nothing that looks complete; the prepared dataset (a finished stage) stays
+    assert not (wd / "model-heldout").exists() and not (wd / "model").exists()
+    assert not (wd / "summary.json").exists() and not list(wd.glob(".*partial*"))
+    assert (wd / "data" / "manifest.json").is_file()
+    with sqlite3.connect(wd / "mlflow.db") as db:
+        runs = db.execute("select name, status from runs").fetchall()
+    assert len(runs) == 1 and runs[0][1] == "KILLED"
+    assert runs[0][0].startswith("train synthetic softmax ")
+
+
+FOREIGN = re.compile(r"^\(\w+ pid=|^\d{4}[-/]\d\d[-/]\d\d[ T]|^\[\d{4}-\d\d-\d\d |\x1b\[|"
+                     r"(Future|User|Deprecation|Runtime)Warning|^Traceback")
+
+
+def test_default_full_run_prints_only_the_projects_lines(ray_tmpdir, tmp_path):
+    rt, _ = ray_tmpdir
+    wd = tmp_path / "wd"
+    out = _run(["pipelines.full_run", "--dataset", "synthetic", "--rows", "20000", "--epochs",
+                "3", "--workdir", str(wd)], user_shell_env(RAY_TMPDIR=str(rt)), timeout=900)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    lines = text.splitlines()
+    assert len(lines) <= 60, text
+    assert [line for line in lines if FOREIGN.search(line)] == [], text
+    assert "[train] epoch 3:" in text and "verdict:" in text and "example recommendations" in text
+    # --quiet: errors and the report only
+    quiet = _run(["pipelines.full_run", "--dataset", "synthetic", "--rows", "20000",
+                  "--workdir", str(wd), "--stages", "prepare", "--quiet"],
+                 user_shell_env(RAY_TMPDIR=str(rt)), timeout=300)
+    assert quiet.returncode == 0 and "[prepare]" not in quiet.stdout + quiet.stderr
+    assert "stage" in quiet.stdout  # the report's table
+
+
+ENTRY_POINTS = ["prepare_data", "train", "tune", "batch_inference", "full_run"]
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_every_entry_point_lists_its_choices_and_checks_them_at_parse_time(name, capsys):
+    import importlib
+
+    module = importlib.import_module(f"pipelines.{name}")
+    text = module.build_parser().format_help()
+    flags = {"prepare_data": ("--dataset", "{movielens-small,lfs,csv,parquet,synthetic}"),
+             "train": ("--topology", "{cpu,snsg,snmg,mnmg}"),
+             "tune": ("--search-alg", "{random,optuna}"),
+             "batch_inference": ("--index", "{exact,faiss}"),
+             "full_run": ("--objective", "{bce,softmax}")}
+    flag, choices = flags[name]
+    assert f"{flag} {choices}" in text
+    assert "--quiet" in text and "--verbose" in text
+    required = {"train": ["--data", "d", "--output", "o"], "tune": ["--data", "d", "--output", "o"],
+                "batch_inference": ["--model", "m", "--data", "d", "--output", "o"]}
+    with pytest.raises(SystemExit) as e:
+        module.main(required.get(name, []) + [flag, "nonsense"])
+    assert e.value.code == 2
+    assert f"argument {flag}: invalid choice: 'nonsense'" in capsys.readouterr().err
+
+
+def test_flags_keep_one_meaning_and_stay_in_their_section():
+    from app.config import config_from_args
+    from pipelines import batch_inference, full_run, train
+
+    cfg = config_from_args(train.build_parser().parse_args(
+        ["--data", "d", "--output", "model-out", "--eval-k", "5,10"]))
+    assert cfg.data.output is None  # train's --output is its model folder, not a setting
+    assert cfg.train.eval_k == [5, 10]
+    cfg = config_from_args(batch_inference.build_parser().parse_args(
+        ["--model", "m", "--data", "d", "--output", "o", "--top-k", "7"]))
+    assert cfg.inference.top_k == 7
+    cfg = config_from_args(full_run.build_parser().parse_args(["--top-k", "7"]))
+    assert cfg.inference.top_k == 7 and cfg.train.eval_k == [10, 20, 50]
+    help_text = full_run.build_parser().format_help()
+    for title in ("data preparation [data]", "training [train]", "batch inference [inference]",
+                  "Ray and MLflow [cluster]", "output:", "stages:"):
+        assert title in help_text
