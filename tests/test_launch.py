@@ -133,53 +133,66 @@ def _stop_group(proc, timeout: float = 60.0) -> None:
 
 
 def test_ray_job_submit_runs_the_full_pipeline(ray_local, tmp_path):
-    """A real head node (`ray start --head`), the main job through `ray job submit
-    --working-dir .`, as on a standalone cluster."""
+    """The README's local head-node recipe from a user's shell (the environment the tests
+    started with, the venv activated, a token in ~/.ray/auth_token): `export
+    RAY_AUTH_MODE=token`, `ray get-auth-token --generate`, `ray start --head`, then the main
+    job through `ray job submit --working-dir .`, as on a standalone cluster. Only the head
+    node started here is stopped (its process group), never every Ray on the machine."""
     import os
     import shutil
     import subprocess
-    import sys
-    import tempfile
 
     import ray
 
-    from tests.conftest import start_local_ray
+    from tests.conftest import short_tmp, start_local_ray, user_shell_env
 
-    bin_dir = Path(sys.executable).parent
-    ray_cli = str(bin_dir / "ray")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # the job's `python`
+    ray_tmp = short_tmp()
+    home = tmp_path / "home"  # ~/.ray/auth_token of this shell, in the test's own folder
+    home.mkdir()
+    env = user_shell_env(HOME=str(home), RAY_TMPDIR=ray_tmp)
+    env.pop("RAY_ADDRESS", None)
     ray.shutdown()  # the 2 CPUs go to the head node below; ours comes back after
-    # a head node of our own: its own temp dir (short: Unix socket paths are limited), in the
-    # foreground of a process group that the test stops, and nothing else on the machine
-    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
     dash = _free_port()
-    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-                             f"--port={_free_port()}", "--num-cpus=2",
-                             "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    dashboard = f"http://127.0.0.1:{dash}"
     workdir = tmp_path / "wd"
+    head = None
     try:
+        # ray get-auth-token --generate: the token exists before the head node starts (as
+        # after any embedded run), so `ray start --head` turns token authentication on
+        gen = subprocess.run(["ray", "get-auth-token", "--generate"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert gen.returncode == 0 and (home / ".ray" / "auth_token").is_file(), gen.stderr
+        # `ray start --head` as the README has it, in the foreground of our process group
+        head = subprocess.Popen(["ray", "start", "--head", "--block",
+                                 "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+                                 "--num-cpus=2", "--dashboard-host=127.0.0.1",
+                                 f"--dashboard-port={dash}", "--disable-usage-stats"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
         _wait_for_dashboard(dash, head)
+        # without the export, the client sends no token: why the README says to export it
+        plain = subprocess.run(["ray", "job", "list", "--address", dashboard], env=env,
+                               capture_output=True, text=True, timeout=120)
+        assert plain.returncode != 0 and "authentication token" in plain.stdout + plain.stderr
+        env["RAY_AUTH_MODE"] = "token"  # export RAY_AUTH_MODE=token
         job = subprocess.run(
-            [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
-             "--working-dir", str(ROOT), "--", "python", "-m", "pipelines.full_run",
-             "--dataset", "synthetic", "--rows", "20000", "--epochs", "1",
-             "--workdir", str(workdir), "--registered-model-name", "two-tower-job"],
-            env=env, capture_output=True, text=True, timeout=900)
+            ["ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
+             "python", "-m", "pipelines.full_run", "--dataset", "synthetic", "--rows", "20000",
+             "--epochs", "1", "--workdir", str(workdir),
+             "--registered-model-name", "two-tower-job"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         log = job.stdout + job.stderr
         assert job.returncode == 0, log[-4000:]
         assert "registered model" in log and "example recommendations" in log
         job_id = re.search(r"raysubmit_\w+", log).group(0)
-        from ray.job_submission import JobStatus, JobSubmissionClient
-
-        client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
-        assert client.get_job_status(job_id) == JobStatus.SUCCEEDED
+        status = subprocess.run(["ray", "job", "status", "--address", dashboard, job_id],
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert re.search(rf"Job '{job_id}' succeeded", re.sub(r"\x1b\[[0-9;]*m", "",
+                                                              status.stdout + status.stderr))
     finally:
-        _stop_group(head)
-        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+        if head is not None:
+            _stop_group(head)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
         start_local_ray()
     summary = json.loads((workdir / "summary.json").read_text())
     assert list(summary["stages"]) == ["prepare", "train", "refit", "infer"]

@@ -58,7 +58,7 @@ def test_model_folder_is_complete(trained):
         assert (model_dir / name).is_file(), name
     info = read_model_json(model_dir)
     assert info["spec"]["num_items"] == info["dataset"]["vocab"]["items"] + 1
-    assert not list(model_dir.parent.glob(".*partial"))
+    assert not list(model_dir.parent.glob(".*partial*"))
 
 
 def test_consolidated_weights_reproduce_the_training_metric(trained, movielens_dir):
