@@ -120,6 +120,7 @@ def after_ray_init() -> None:
     if lvl == "verbose":
         return
     ctx.print_on_execution_start = False
+    ctx.enable_operator_progress_bars = False  # one bar per dataset
     data_logger = logging.getLogger("ray.data")
     for handler in data_logger.handlers:
         if not hasattr(handler, "_get_log_directory"):  # the console, not the session file
