@@ -362,16 +362,23 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def describe(self, everything: bool = False) -> str:
-        """The settings that differ from the defaults, one ``section.field = value`` per line
-        (``everything``: every setting)."""
+        """The settings that differ from the defaults, ``section.field = value`` several to a
+        line (``everything``: every setting, one per line)."""
         defaults = Config().to_dict()
-        lines = []
-        for section, values in self.to_dict().items():
-            for name, value in values.items():
-                if everything or value != defaults[section][name]:
-                    lines.append(f"  {section}.{name} = {json.dumps(value)}")
-        head = "config:" if everything else "config (settings that differ from the defaults):"
-        return "\n".join([head] + (lines or ["  (none)"]))
+        items = [f"{section}.{name} = {json.dumps(value)}"
+                 for section, values in self.to_dict().items() for name, value in values.items()
+                 if everything or value != defaults[section][name]]
+        if everything:
+            return "\n".join(["config:"] + [f"  {item}" for item in items])
+        if not items:
+            return "config: the defaults"
+        lines, line = [], "config (differences from the defaults):"
+        for item in items:
+            if len(line) + len(item) > 100:
+                lines.append(line.rstrip(","))
+                line = " "
+            line += f" {item},"
+        return "\n".join(lines + [line.rstrip(",")])
 
 
 def _check(ok: bool, name: str, message: str, value: Any) -> None:

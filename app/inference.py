@@ -13,7 +13,6 @@ place and renamed into it when complete.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path

@@ -293,6 +293,10 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
         if verbose:
             logs.say("prepare", f"{time.perf_counter() - t0:5.1f}s {msg}")
 
+    def detail(msg: str) -> None:  # a step worth a line only with --verbose
+        if logs.level() == "verbose":
+            say(msg)
+
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     source = open_source(cfg, scratch_dir=str(tmp / "_scratch"))
     cols = source.columns
@@ -300,7 +304,7 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
         validate_table, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
         fn_kwargs=dict(columns=cols, rating_min=cfg.rating_min, rating_max=cfg.rating_max),
     ).materialize()
-    say(f"validated {validated.num_blocks()} blocks")
+    detail(f"validated {validated.num_blocks()} blocks")
     block_stats = [_remote_block_stats.remote(ref) for ref in validated.to_arrow_refs()]
     # the empty summary first keeps the table typed when there are no blocks at all
     stats = pa.concat_tables([_block_stats(VALIDATED_SCHEMA.empty_table())]
@@ -343,7 +347,7 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
     sink = InteractionSink(str(tmp), columns=cols, size_limit=cfg.shard_size_limit)
     encoded.write_datasink(sink)
     validated = None  # release the materialised blocks
-    say("wrote MDS shards")
+    detail("wrote MDS shards")
 
     # What the indexes and reject files on disk hold must match what the tasks wrote.
     split_rows = {name: _index_rows(tmp / name) for name in SPLITS}

@@ -111,22 +111,21 @@ def render(summary: dict[str, Any]) -> str:
         out.append(summary["examples"])
     out.append("")
     out.append("outputs:")
+    served = stages.get("refit", stages.get("train", {})).get("mlflow")
     for label, key in (("dataset", "prepare"), ("sweep", "tune"),
                        ("model", "refit" if "refit" in stages else "train"),
                        ("recommendations", "infer")):
         if key in stages:
-            out.append(f"  {label:<18}{stages[key]['output']}")
+            run = f" (MLflow run {served['run_id']})" if label == "model" and served else ""
+            out.append(f"  {label:<18}{stages[key]['output']}{run}")
     if "train" in stages:
-        ml = stages["train"]["mlflow"]
-        out.append(f"  {'mlflow run':<18}{ml['run_id']} ({summary.get('tracking_uri', '')})")
         if "refit" in stages:
+            ml = stages["train"]["mlflow"]
             out.append(f"  {'held-out model':<18}{stages['train']['output']} "
-                       f"({ml['registered_uri']})")
-            ml = stages["refit"]["mlflow"]
-            out.append(f"  {'refit mlflow run':<18}{ml['run_id']}")
-        out.append(f"  {'registered model':<18}{ml['registered_uri']}")
-    if summary.get("plot"):
-        out.append(f"  {'plot':<18}{summary['plot']}")
-    out.append(f"  {'summary':<18}{summary['workdir']}/summary.json")
+                       f"({ml['registered_uri']}, MLflow run {ml['run_id']})")
+        out.append(f"  {'registered model':<18}{served['registered_uri']}")
+        out.append(f"  {'mlflow store':<18}{summary.get('tracking_uri', '')}")
+    plot = f" (plot: {summary['plot']})" if summary.get("plot") else ""
+    out.append(f"  {'summary':<18}{summary['workdir']}/summary.json{plot}")
     out.append(bar)
     return "\n".join(out)

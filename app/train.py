@@ -18,7 +18,6 @@ import hashlib
 import json
 import re
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -218,7 +217,8 @@ def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, out: Path, *, spec
     if best_ckpt is None:
         raise TrainError(f"the checkpoint of the best epoch ({best_epoch}) is not under "
                          f"{run_dir}")
-    if best_epoch != state["epoch"]:
+    if best_epoch != state["epoch"] and not state.get("stopped_early"):
+        # (after an early stop the workers' last line named the best epoch already)
         say(f"exporting epoch {best_epoch}, the best on validation, of {state['epoch']}")
     with staged(out) as tmp:
         torch.save(export_state_dict(consolidate(best_ckpt)), tmp / WEIGHTS)
@@ -280,12 +280,15 @@ def _train(cfg: Config, data_dir: str, output: str, *, verbose: bool, refit: boo
     init_ray(cfg.cluster)
     place = placement(cfg.train)
     check_resources(place, cluster_nodes())
-    say(f"placement {place.describe()}; model: {spec.num_users - 1:,} users, "
-        f"{spec.num_items - 1:,} items, dim {spec.embedding_dim}, towers "
-        f"{list(spec.tower_layers)}, objective {spec.objective}"
-        + (f" ({spec.negatives} negatives)" if spec.objective == "softmax" else "")
-        + f", history {spec.history_length}, user id {'on' if spec.use_user_id else 'off'}"
-        + (", refit on every split" if refit else ""))
+    if refit:  # the same model as the evaluated run's: one line of what differs
+        say(f"placement {place.describe()}; every split, {cfg.train.epochs} epoch(s)")
+    else:
+        say(f"placement {place.describe()}; model: {spec.num_users - 1:,} users, "
+            f"{spec.num_items - 1:,} items, dim {spec.embedding_dim}, towers "
+            f"{list(spec.tower_layers)}, objective {spec.objective}"
+            + (f" ({spec.negatives} negatives)" if spec.objective == "softmax" else "")
+            + f", history {spec.history_length}, user id "
+            + ("on" if spec.use_user_id else "off"))
     baselines: dict[str, Any] = {}
     if not refit:
         baselines = driver_baselines(cfg, data_dir, spec.num_users, spec.num_items)

@@ -447,8 +447,10 @@ def train_loop(config: dict[str, Any]) -> None:
         state["resumed_at_epochs"].append(state["epoch"])
         say(f"resumed from the checkpoint after epoch {state['epoch']}")
     else:
-        say(f"sharding plan ({world} rank(s), {device.type}):\n{plan}" if verbose else
-            f"sharding ({world} rank(s), {device.type}): {plan_summary(plan)}")
+        if verbose:
+            say(f"sharding plan ({world} rank(s), {device.type}):\n{plan}")
+        elif evaluate:  # (a refit's plan is the evaluated run's)
+            say(f"sharding ({world} rank(s), {device.type}): {plan_summary(plan)}")
 
     mlflow_client = None
     if rank == 0 and config.get("mlflow"):
@@ -500,9 +502,9 @@ def train_loop(config: dict[str, Any]) -> None:
             losses.append(float(loss.detach()))
             now = time.perf_counter()
             # a progress line every --log-every steps with --verbose, else when an epoch is
-            # long enough to need one (30 s without a line)
+            # long enough to need one (60 s without a line)
             if rank == 0 and ((step + 1) % cfg.train.log_every == 0 or step + 1 == steps) \
-                    and (verbose or now - t_line >= 30.0):
+                    and (verbose or now - t_line >= 60.0):
                 rows = min((step + 1) * bs, len(ids)) - seen_last
                 say(f"epoch {epoch + 1}/{cfg.train.epochs} step {step + 1}/{steps} "
                     f"loss {np.mean(losses[-cfg.train.log_every:]):.4f} "
@@ -532,22 +534,25 @@ def train_loop(config: dict[str, Any]) -> None:
                 metrics.update(_prefixed("test", evaluator.ranking(model, "test", items)))
                 state["best_epoch"], state["best_value"] = epoch + 1, metrics[select]
             metrics.update(baselines)
-            say(_epoch_line(metrics, state["best_epoch"]))
-            t_line = time.perf_counter()
+            line = _epoch_line(metrics, state["best_epoch"])
         else:
             state["best_epoch"] = epoch + 1
-            # refit epochs have no validation to show: a line every 30 s and the last one
-            if verbose or epoch + 1 == cfg.train.epochs or time.perf_counter() - t_line >= 30.0:
-                say(f"epoch {epoch + 1}/{cfg.train.epochs}: train_loss "
+            line = (f"epoch {epoch + 1}/{cfg.train.epochs}: train_loss "
                     f"{metrics['train_loss']:.4f} "
                     f"{metrics['train_samples_per_s_per_worker']:,.0f} samples/s/worker")
-                t_line = time.perf_counter()
         metrics["best_epoch"] = state["best_epoch"]
         state["history"].append(metrics)
         stop = bool(patience) and state["epoch"] - state["best_epoch"] >= patience
         if stop:
-            say(f"early stop: no better {select} for {patience} epoch(s); best epoch "
-                f"{state['best_epoch']} ({select} {state['best_value']:.4f})")
+            line += (f"; early stop: no better {select} for {patience} epoch(s), the best "
+                     f"epoch is {state['best_epoch']} ({select} {state['best_value']:.4f})")
+        # Every epoch with --verbose; else a new best, every 5th, the last, and any epoch
+        # after 60 s without a line (refit epochs have no validation: the 5th and the last)
+        now = time.perf_counter()
+        if verbose or stop or epoch + 1 == cfg.train.epochs or (epoch + 1) % 5 == 0 \
+                or now - t_line >= 60.0 or (evaluate and state["best_epoch"] == epoch + 1):
+            say(line)
+            t_line = now
         state["stopped_early"] = stop
 
         # -- save (every rank its shards) and report

@@ -111,7 +111,7 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False,
         if refit:
             best = result["metrics"]["best_epoch"]
             logs.say("refit", f"training on every split (train + val + test) for {best} "
-                              f"epoch(s), the evaluated run's best")
+                              f"epoch(s), the evaluated run's best; it is the model served")
             t0 = time.perf_counter()
             again = train(refit_config(cfg, best), str(data_dir), str(model_dir), refit=True,
                           tags={"evaluated_run_id": result["mlflow"]["run_id"]})
@@ -135,7 +135,6 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False,
                                       "summary": result}
         summary["examples"] = examples(recs)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print()
     print(render(summary))
     return summary
 
