@@ -39,10 +39,11 @@ CONTINUE = {
 
 def errors() -> tuple[type[BaseException], ...]:
     """The project's errors: each prints as one line (exit 2), never as a traceback."""
+    from app.checkpoint import CheckpointError
     from app.train import TrainError
 
     return (ConfigError, DataError, DatasetError, ModelError, ResourceError, TrainError,
-            ClusterError)
+            ClusterError, CheckpointError)
 
 
 def parser(prog: str, doc: Optional[str], sections: Optional[list[str]] = None, *,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -237,7 +238,12 @@ def load_exported(model_dir: str | os.PathLike,
     weights = Path(model_dir, WEIGHTS)
     if not weights.is_file():
         raise ModelError(f"{model_dir}: no {WEIGHTS}")
-    state = torch.load(weights, map_location=map_location, weights_only=True)
+    try:  # tensors only: a file that would run code (a pickled payload) is refused
+        state = torch.load(weights, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{weights}: refused to load: not a file of tensors that loads "
+                         f"without running code, or damaged ({first[:200]})") from None
     try:
         model.load_state_dict({**state, **model.buffers_for()})
     except RuntimeError as e:

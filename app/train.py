@@ -18,7 +18,6 @@ import hashlib
 import json
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -46,14 +45,11 @@ def run_name(output: Path) -> str:
 
 
 def consolidate(checkpoint_dir: Path) -> dict[str, Any]:
-    """The model part of a sharded checkpoint as full tensors, in this process."""
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    """The model part of a sharded checkpoint as full tensors, in this process (read without
+    unpickling anything but checkpoint data: :mod:`app.checkpoint`)."""
+    from app.checkpoint import load_full
 
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(str(checkpoint_dir), f"{tmp}/full.pt")
-        full = torch.load(f"{tmp}/full.pt", weights_only=False, map_location="cpu")
-    return full["model"]
+    return load_full(checkpoint_dir)["model"]
 
 
 def calibrate(model_dir: Path, data_dir: str, objective: str,

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from app import logs
+from app.checkpoint import load_sharded
 from app.config import Config, load_config
 from app.dataset import read_split_arrays
 from app.metrics import UserItems, binary_auroc, finish, popularity_scores, ranking_sums
@@ -440,7 +441,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if restored is not None:
         with restored.as_directory() as d:
             sd = {"model": dmp.state_dict(), "optim": optimizer.state_dict()}
-            dcp.load(sd, checkpoint_id=d)
+            load_sharded(sd, d)  # nothing but checkpoint data is unpickled
             dmp.load_state_dict(sd["model"])
             optimizer.load_state_dict(sd["optim"])
             state = json.loads(Path(d, STATE_FILE).read_text())

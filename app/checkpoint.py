@@ -1,0 +1,142 @@
+"""Reading training checkpoints without running code from storage.
+
+A ``torch.distributed.checkpoint`` (DCP) folder holds ``.metadata`` (a pickle) and ``*.distcp``
+shards (tensors, plus ``torch.save`` blobs for non-tensor values). PyTorch's reader unpickles
+``.metadata`` with plain ``pickle`` and its planner loads the blobs with
+``torch.load(weights_only=False)``: whoever can write to the checkpoint storage (a shared
+folder, a bucket) could run code on the driver and every worker. Here ``.metadata`` goes
+through an unpickler that resolves only the globals DCP's metadata uses, and the blobs through
+``torch.load(weights_only=True)``; a file holding anything else is refused with
+:class:`CheckpointError` naming it, before any of its objects is built.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import (DefaultLoadPlanner,
+                                                          _EmptyStateDictLoadPlanner)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file holds something other than checkpoint data; the message names it."""
+
+
+# the globals a DCP .metadata pickle refers to; nothing else is resolved
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+        "TensorStorageMetadata", "ChunkStorageMetadata", "BytesStorageMetadata",
+        "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    """Python's "restricting globals" unpickler: a global outside the allow-list (and torch's
+    dtype / layout / memory-format constants) is refused before anything is called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None),
+                                            (torch.dtype, torch.layout, torch.memory_format)):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}, which checkpoint "
+                                     f"metadata never does")
+
+
+def safe_load(stream: Any, name: str) -> Any:
+    """Unpickle checkpoint metadata from ``stream``, resolving only the globals DCP's metadata
+    uses.
+
+    Raises:
+        CheckpointError: the stream refers to any other global (a ``__reduce__`` payload, a
+            class, a function) or is not a pickle; nothing of it ran.
+    """
+    try:
+        return _AllowListUnpickler(stream).load()
+    except (pickle.UnpicklingError, AttributeError, TypeError, ValueError, EOFError,
+            IndexError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{name}: refused to load: not checkpoint metadata that loads "
+                              f"without running code ({reason[:200]})") from None
+
+
+class SafeReader(FileSystemReader):
+    """``FileSystemReader`` whose ``.metadata`` goes through :func:`safe_load`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = safe_load(f, str(path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _load_blob(value: io.BytesIO, fqn: str) -> Any:
+    try:
+        return torch.load(value, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"checkpoint entry {fqn}: refused to load: not plain data "
+                              f"({str(e).strip().splitlines()[0][:200]})") from None
+
+
+def _safe_load_bytes(planner: Any, read_item: Any, value: io.BytesIO) -> None:
+    """``DefaultLoadPlanner.load_bytes`` with ``weights_only=True``."""
+    from torch.distributed.checkpoint._traverse import set_element
+
+    fqn = read_item.dest_index.fqn
+    obj = _load_blob(value, fqn)
+    if planner.flatten_state_dict:
+        set_element(planner.original_state_dict, planner.mappings[fqn], obj)
+    else:
+        planner.state_dict[fqn] = obj
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """``DefaultLoadPlanner`` whose non-tensor values load with ``weights_only=True``."""
+
+    load_bytes = _safe_load_bytes
+
+
+class _SafeEmptyPlanner(_EmptyStateDictLoadPlanner):
+    """The planner of a whole-checkpoint load (no target state dict), made safe likewise."""
+
+    load_bytes = _safe_load_bytes
+
+
+def check_metadata(checkpoint_dir: str | Path) -> None:
+    """Read a checkpoint's metadata safely first, so that a refusal surfaces as one
+    :class:`CheckpointError` (DCP would wrap it in a multi-rank traceback)."""
+    SafeReader(str(checkpoint_dir)).read_metadata()
+
+
+def load_sharded(state_dict: dict[str, Any], checkpoint_dir: str | Path) -> None:
+    """``dcp.load`` into ``state_dict`` (in place, collectively), safely."""
+    import torch.distributed.checkpoint as dcp
+
+    check_metadata(checkpoint_dir)
+    dcp.load(state_dict, storage_reader=SafeReader(str(checkpoint_dir)),
+             planner=SafeLoadPlanner())
+
+
+def load_full(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """Every tensor and value of a sharded checkpoint, whole, in this one process."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    check_metadata(checkpoint_dir)
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=SafeReader(str(checkpoint_dir)),
+                     planner=_SafeEmptyPlanner(), no_dist=True)
+    return state
