@@ -137,7 +137,7 @@ def test_ctrl_c_during_training_stops_cleanly_and_says_how_to_continue(ray_tmpdi
     wd = tmp_path / "wd"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipelines.full_run", "--dataset", "synthetic", "--rows",
-         "20000", "--epochs", "50", "--patience", "0", "--workdir", str(wd)],
+         "20000", "--epochs", "50", "--patience", "50", "--workdir", str(wd)],
         cwd=ROOT, env=user_shell_env(RAY_TMPDIR=str(rt)), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
