@@ -20,6 +20,7 @@ TorchRec runtime; :func:`export_state_dict` maps a training state dict onto it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -35,7 +36,7 @@ from app.dataset import ItemFeatures
 from app.history import HISTORY_FILE, UserHistory
 from app.model import MEAN_POOLED, TABLES, ModelSpec
 
-MODEL_SCHEMA_VERSION = 2  # 2: history bag, item year, normalised towers
+MODEL_SCHEMA_VERSION = 3  # 2: history bag, item year, normalised towers; 3: sha256 of files
 MODEL_JSON = "model.json"
 WEIGHTS = "weights.pt"
 
@@ -196,17 +197,56 @@ def export_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sealed_files(model_dir: str | os.PathLike) -> list[str]:
+    """The files a loader reads besides model.json: the weights, the users' histories, the
+    item popularity and the vocabularies (paths relative to the folder)."""
+    root = Path(model_dir)
+    names = [WEIGHTS, HISTORY_FILE, "item_popularity.npy"]
+    names += sorted(str(p.relative_to(root)) for p in (root / "vocab").rglob("*") if p.is_file())
+    return [n for n in names if (root / n).is_file()]
+
+
 def write_model_json(model_dir: str | os.PathLike, spec: ModelSpec, *,
                      data_dir: str, manifest: dict[str, Any],
                      calibration: Optional[dict[str, float]] = None) -> None:
-    """The folder's contract file: schema version, spec, the dataset it was trained on, and
-    the calibration of pair probabilities (``sigmoid(a * score + b)``)."""
+    """The folder's contract file: schema version, spec, the dataset it was trained on, the
+    calibration of pair probabilities (``sigmoid(a * score + b)``) and the sha256 of every
+    file a loader reads (write those first)."""
     info = {"schema_version": MODEL_SCHEMA_VERSION, "spec": spec.to_dict(),
             "dataset": {"path": str(Path(data_dir).resolve()),
                         "created_unix": manifest["created_unix"],
                         "vocab": manifest["vocab"], "splits": manifest["counts"]["splits"]},
-            "calibration": calibration or {"a": 1.0, "b": 0.0}}
+            "calibration": calibration or {"a": 1.0, "b": 0.0},
+            "sha256": {name: _sha256(Path(model_dir, name))
+                       for name in sealed_files(model_dir)}}
     Path(model_dir, MODEL_JSON).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def verify_files(model_dir: str | os.PathLike, info: dict[str, Any]) -> None:
+    """Check every file model.json seals against its sha256.
+
+    Raises:
+        ModelError: one line naming the first file that is missing or differs (changed,
+            truncated or damaged after export).
+    """
+    for name, want in sorted(info.get("sha256", {}).items(),
+                             key=lambda kv: (kv[0] != WEIGHTS, kv[0])):
+        path = Path(model_dir, name)
+        if not path.is_file():
+            raise ModelError(f"{path}: missing (model.json records its sha256)")
+        have = _sha256(path)
+        if have != want:
+            raise ModelError(f"{path}: sha256 {have[:12]}... differs from the {want[:12]}... "
+                             f"that model.json records: the file changed or was damaged "
+                             f"after export")
 
 
 def read_model_json(model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -233,6 +273,7 @@ def load_exported(model_dir: str | os.PathLike,
         ModelError: missing files, or weights that do not match the folder's spec.
     """
     info = read_model_json(model_dir)
+    verify_files(model_dir, info)
     spec = ModelSpec.from_dict(info["spec"])
     model = ExportedTwoTower(spec, model_features(model_dir, spec), user_history(model_dir))
     weights = Path(model_dir, WEIGHTS)

@@ -218,14 +218,15 @@ def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, out: Path, *, spec
         say(f"exporting epoch {best_epoch}, the best on validation, of {state['epoch']}")
     with staged(out) as tmp:
         torch.save(export_state_dict(consolidate(best_ckpt)), tmp / WEIGHTS)
-        write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest)
         shutil.copytree(Path(data_dir, "vocab"), tmp / "vocab")
         shutil.copy(ckpt / HISTORY_FILE, tmp / HISTORY_FILE)
+        shutil.copy(ckpt / PLAN_FILE, tmp / PLAN_FILE)
+        shutil.copy(ckpt / POPULARITY_FILE, tmp / POPULARITY_FILE)
+        # model.json records every loaded file's sha256 (load_exported checks them)
+        write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest)
         write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest,
                          calibration=calibrate(tmp, data_dir, spec.objective))
         cfg.dump_yaml(tmp / "config.yaml")
-        shutil.copy(ckpt / PLAN_FILE, tmp / PLAN_FILE)
-        shutil.copy(ckpt / POPULARITY_FILE, tmp / POPULARITY_FILE)
         metrics = (final_metrics(state["history"], best_epoch, baselines) if not refit
                    else {"epochs": state["epoch"], "best_epoch": best_epoch, "refit": True,
                          "train_loss": state["history"][-1]["train_loss"]})
