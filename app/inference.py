@@ -339,25 +339,55 @@ def _read_table(path: str, columns: list[str]) -> Any:
     p = Path(path)
     if not p.exists():
         raise DatasetError(f"{path}: no such file or folder")
-    files = sorted(p.rglob("*")) if p.is_dir() else [p]
+    files = [f for f in (sorted(p.rglob("*")) if p.is_dir() else [p]) if f.is_file()]
+    if not files or all(f.stat().st_size == 0 for f in files):
+        raise DatasetError(f"{path}: empty (no header, no rows); expected the columns "
+                           f"{', '.join(columns)}")
     parquet = any(f.suffix == ".parquet" for f in files)
-    if parquet:
-        ds = ray.data.read_parquet(path)
-    else:
-        import pyarrow.csv as pacsv
+    try:
+        if parquet:
+            ds = ray.data.read_parquet(path)
+        else:
+            import pyarrow.csv as pacsv
 
-        from app.sources import delimiter_of
+            from app.sources import delimiter_of
 
-        ds = ray.data.read_csv(path, parse_options=pacsv.ParseOptions(
-            delimiter=delimiter_of([str(f) for f in files if f.is_file()])))
-    names = ds.schema().names
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise DatasetError(f"{path}: missing column(s) {', '.join(missing)} "
-                           f"(has {', '.join(names)})")
-    # read to the end before the actor pool starts: actors that hold every CPU would leave
-    # the read tasks none (a deadlock on a small cluster)
-    return ds.select_columns(columns).materialize()
+            ds = ray.data.read_csv(path, parse_options=pacsv.ParseOptions(
+                delimiter=delimiter_of([str(f) for f in files])))
+        names = ds.schema().names
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise DatasetError(f"{path}: missing column(s) {', '.join(missing)} "
+                               f"(has {', '.join(names)})")
+        # read to the end before the actor pool starts: actors that hold every CPU would
+        # leave the read tasks none (a deadlock on a small cluster)
+        ds = ds.select_columns(columns).materialize()
+        rows = ds.count()
+    except DatasetError:
+        raise
+    except Exception as e:  # noqa: BLE001 (what the reader says, in one line)
+        cause = getattr(e, "cause", None) or e
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise DatasetError(f"{path}: could not be read as {'Parquet' if parquet else 'CSV'} "
+                           f"({first[:300]})") from None
+    if rows == 0:
+        raise DatasetError(f"{path}: holds no rows (a header only?)")
+    return ds
+
+
+def _unique_users(ds: Any, step: int) -> tuple[Any, int]:
+    """The users of a users file, each once (first occurrence order); and how many repeats
+    were dropped."""
+    import ray
+
+    ids = pa.concat_tables(ray.get(ds.to_arrow_refs()))["userId"].combine_chunks()
+    first = pc.index_in(ids, value_set=pc.unique(ids))  # position of each id among uniques
+    keep = np.unique(first.to_numpy(zero_copy_only=False), return_index=True)[1]
+    unique = ids.take(pa.array(np.sort(keep)))
+    step = max(step, 1)
+    return (ray.data.from_arrow([pa.table({"userId": unique.slice(s, step)})
+                                 for s in range(0, len(unique), step)]),
+            len(ids) - len(unique))
 
 
 def read_histories(path: str, vocab: dict[str, Any], n: int) -> tuple[dict[Any, np.ndarray],
@@ -525,7 +555,12 @@ def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, use
                 ds = ray.data.from_arrow([pa.table({"userId": ids.slice(s, step)})
                                           for s in range(0, len(ids), step)])
             else:
-                ds = _read_table(users, ["userId"])
+                ds, duplicates = _unique_users(_read_table(users, ["userId"]),
+                                               inf.inference_batch_size)
+                summary["duplicate_users_dropped"] = duplicates
+                if duplicates:
+                    say(f"{users}: {duplicates:,} repeated user id(s) dropped (each user gets "
+                        f"one list)")
             ref = ray.put(shared)
             result = ds.map_batches(TopK, batch_format="pandas",
                                     batch_size=inf.inference_batch_size,

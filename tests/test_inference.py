@@ -171,6 +171,39 @@ def test_bad_inputs_name_what_is_wrong(trained, movielens_dir, tmp_path):
                         str(tmp_path / "mine"), verbose=False)
 
 
+def test_empty_header_only_and_unreadable_inputs_fail_in_one_line(trained, movielens_dir,
+                                                                  tmp_path):
+    cfg = inference_config(trained["work"])
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "header.csv").write_text("userId\n")
+    long_line = tmp_path / "long.csv"
+    with open(long_line, "w") as f:  # one 40 MB line, no newline: larger than a read block
+        f.write("userId\n1")
+        f.write("7" * (40 << 20))
+    for name, pattern in (("empty.csv", r"empty.csv: empty \(no header, no rows\)"),
+                          ("header.csv", r"header.csv: holds no rows"),
+                          ("long.csv", r"long.csv: could not be read as CSV")):
+        with pytest.raises(DatasetError, match=pattern) as e:
+            batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir),
+                            str(tmp_path / "r"), users=str(tmp_path / name), verbose=False)
+        assert "\n" not in str(e.value)
+        assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r.partial*"))
+
+
+def test_repeated_users_are_recommended_once(trained, movielens_dir, tmp_path):
+    known = pd.read_parquet(trained["model_dir"] / "vocab" / "users.parquet")["id"][:3]
+    users = known.tolist() + known.tolist()[:2] + [known.tolist()[0]]
+    pd.DataFrame({"userId": users}).to_csv(tmp_path / "users.csv", index=False)
+    summary = batch_inference(inference_config(trained["work"], top_k=5),
+                              str(trained["model_dir"]), str(movielens_dir),
+                              str(tmp_path / "r"), users=str(tmp_path / "users.csv"),
+                              verbose=False)
+    assert summary["users"] == 3 and summary["duplicate_users_dropped"] == 3
+    df = pd.read_parquet(tmp_path / "r")
+    assert len(df) == 15 and df.groupby("userId")["rank"].apply(list).map(
+        lambda r: sorted(r) == [1, 2, 3, 4, 5]).all()
+
+
 def _actor_pids() -> list[int]:
     import psutil
 
