@@ -354,7 +354,10 @@ def _read_table(path: str, columns: list[str]) -> Any:
 
             ds = ray.data.read_csv(path, parse_options=pacsv.ParseOptions(
                 delimiter=delimiter_of([str(f) for f in files])))
-        names = ds.schema().names
+        schema = ds.schema()
+        if schema is None:  # Ray Data has no block, hence no schema, for a header only
+            raise DatasetError(f"{path}: holds no rows (a header only?)")
+        names = schema.names
         missing = [c for c in columns if c not in names]
         if missing:
             raise DatasetError(f"{path}: missing column(s) {', '.join(missing)} "
