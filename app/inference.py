@@ -384,9 +384,7 @@ def _unique_users(ds: Any, step: int) -> tuple[Any, int]:
     import ray
 
     ids = pa.concat_tables(ray.get(ds.to_arrow_refs()))["userId"].combine_chunks()
-    first = pc.index_in(ids, value_set=pc.unique(ids))  # position of each id among uniques
-    keep = np.unique(first.to_numpy(zero_copy_only=False), return_index=True)[1]
-    unique = ids.take(pa.array(np.sort(keep)))
+    unique = pc.unique(ids)  # in the order of first occurrence
     step = max(step, 1)
     return (ray.data.from_arrow([pa.table({"userId": unique.slice(s, step)})
                                  for s in range(0, len(unique), step)]),

@@ -105,7 +105,8 @@ class _Lines:
             self._q.put(line.rstrip("\n"))
         self._q.put(None)
 
-    def wait_for(self, pattern: str, timeout: float) -> None:
+    def _until(self, timeout: float, stop=lambda line: False) -> bool:
+        """Collect lines until ``stop(line)`` (True), the end of output or the timeout."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -113,22 +114,19 @@ class _Lines:
             except queue.Empty:
                 continue
             if line is None:
-                break
+                return False
             self.lines.append(line)
-            if re.search(pattern, line):
-                return
-        raise AssertionError(f"no line matching {pattern!r}; got:\n" + "\n".join(self.lines))
+            if stop(line):
+                return True
+        return False
+
+    def wait_for(self, pattern: str, timeout: float) -> None:
+        if not self._until(timeout, lambda line: bool(re.search(pattern, line))):
+            raise AssertionError(f"no line matching {pattern!r}; got:\n"
+                                 + "\n".join(self.lines))
 
     def rest(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._q.get(timeout=1)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            self.lines.append(line)
+        self._until(timeout)
         return "\n".join(self.lines)
 
 
