@@ -216,18 +216,21 @@ def sealed_files(model_dir: str | os.PathLike) -> list[str]:
 
 def write_model_json(model_dir: str | os.PathLike, spec: ModelSpec, *,
                      data_dir: str, manifest: dict[str, Any],
-                     calibration: Optional[dict[str, float]] = None) -> None:
+                     calibration: Optional[dict[str, float]] = None,
+                     sha256: Optional[dict[str, str]] = None) -> dict[str, str]:
     """The folder's contract file: schema version, spec, the dataset it was trained on, the
     calibration of pair probabilities (``sigmoid(a * score + b)``) and the sha256 of every
-    file a loader reads (write those first)."""
+    file a loader reads (write those first; ``sha256``: checksums already computed for the
+    same files). Returns the checksums."""
+    if sha256 is None:
+        sha256 = {name: _sha256(Path(model_dir, name)) for name in sealed_files(model_dir)}
     info = {"schema_version": MODEL_SCHEMA_VERSION, "spec": spec.to_dict(),
             "dataset": {"path": str(Path(data_dir).resolve()),
                         "created_unix": manifest["created_unix"],
                         "vocab": manifest["vocab"], "splits": manifest["counts"]["splits"]},
-            "calibration": calibration or {"a": 1.0, "b": 0.0},
-            "sha256": {name: _sha256(Path(model_dir, name))
-                       for name in sealed_files(model_dir)}}
+            "calibration": calibration or {"a": 1.0, "b": 0.0}, "sha256": sha256}
     Path(model_dir, MODEL_JSON).write_text(json.dumps(info, indent=2) + "\n")
+    return sha256
 
 
 def verify_files(model_dir: str | os.PathLike, info: dict[str, Any]) -> None:

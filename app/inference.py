@@ -378,17 +378,14 @@ def _read_table(path: str, columns: list[str]) -> Any:
     return ds
 
 
-def _unique_users(ds: Any, step: int) -> tuple[Any, int]:
-    """The users of a users file, each once (first occurrence order); and how many repeats
-    were dropped."""
+def _unique_users(ds: Any) -> tuple[pa.Array, int]:
+    """The user ids of a users file, each once (in the order of first occurrence), and how
+    many repeats were dropped."""
     import ray
 
     ids = pa.concat_tables(ray.get(ds.to_arrow_refs()))["userId"].combine_chunks()
-    unique = pc.unique(ids)  # in the order of first occurrence
-    step = max(step, 1)
-    return (ray.data.from_arrow([pa.table({"userId": unique.slice(s, step)})
-                                 for s in range(0, len(unique), step)]),
-            len(ids) - len(unique))
+    unique = pc.unique(ids)
+    return unique, len(ids) - len(unique)
 
 
 def read_histories(path: str, vocab: dict[str, Any], n: int) -> tuple[dict[Any, np.ndarray],
@@ -483,8 +480,8 @@ def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, use
     item_ids = vocab["items"]["id"]
     shared: dict[str, Any] = {"user_ids": vocab["users"]["id"], "item_id_array": item_ids}
     with staged(out) as tmp:
-        summary: dict[str, Any] = {"model": str(model_dir), "dataset": str(Path(data_dir).resolve()),
-                                   "device": device, "actors": pool}
+        summary: dict[str, Any] = {"model": str(model_dir), "device": device,
+                                   "dataset": str(Path(data_dir).resolve()), "actors": pool}
 
         if pairs is not None:
             ds = _read_table(pairs, ["userId", "movieId"])
@@ -513,8 +510,9 @@ def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, use
             exported = load_exported(model_dir)
             with torch.no_grad():  # every item through the candidate tower, once
                 n_items = exported.spec.num_items
-                items = torch.cat([exported.item_embeddings(torch.arange(s, min(n_items, s + 65536)))
-                                   for s in range(0, n_items, 65536)]).numpy()
+                items = torch.cat([exported.item_embeddings(
+                    torch.arange(s, min(n_items, s + 65536)))
+                    for s in range(0, n_items, 65536)]).numpy()
             exclude = {"all": SPLITS, "train": ("train",), "none": ()}[inf.exclude_rated]
             rated = rated_items(data_dir, exclude, exported.spec.num_users) if exclude else None
             popularity = item_popularity(model_dir)
@@ -552,16 +550,15 @@ def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, use
                     have = set(ids.to_pylist())
                     new = [u for u in given if u not in have]
                     ids = pa.concat_arrays([ids, pa.array(new, ids.type)]) if new else ids
-                step = max(inf.inference_batch_size, 1)
-                ds = ray.data.from_arrow([pa.table({"userId": ids.slice(s, step)})
-                                          for s in range(0, len(ids), step)])
             else:
-                ds, duplicates = _unique_users(_read_table(users, ["userId"]),
-                                               inf.inference_batch_size)
+                ids, duplicates = _unique_users(_read_table(users, ["userId"]))
                 summary["duplicate_users_dropped"] = duplicates
                 if duplicates:
                     say(f"{users}: {duplicates:,} repeated user id(s) dropped (each user gets "
                         f"one list)")
+            step = max(inf.inference_batch_size, 1)
+            ds = ray.data.from_arrow([pa.table({"userId": ids.slice(s, step)})
+                                      for s in range(0, len(ids), step)])
             ref = ray.put(shared)
             result = ds.map_batches(TopK, batch_format="pandas",
                                     batch_size=inf.inference_batch_size,

@@ -199,7 +199,9 @@ def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, out: Path, *, spec
     try:
         result = trainer.fit()
     except Exception as e:
-        raise TrainError(f"training failed: {e}") from e
+        where = ("" if logs.level() == "verbose"
+                 else f" (the workers' full output: {logs.log_dir()})")
+        raise TrainError(f"training failed: {e}{where}") from e
     if result.checkpoint is None:
         raise TrainError("training finished without a checkpoint")
     ckpt = Path(result.checkpoint.path)
@@ -223,8 +225,8 @@ def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, out: Path, *, spec
         shutil.copy(ckpt / PLAN_FILE, tmp / PLAN_FILE)
         shutil.copy(ckpt / POPULARITY_FILE, tmp / POPULARITY_FILE)
         # model.json records every loaded file's sha256 (load_exported checks them)
-        write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest)
-        write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest,
+        sealed = write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest)
+        write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest, sha256=sealed,
                          calibration=calibrate(tmp, data_dir, spec.objective))
         cfg.dump_yaml(tmp / "config.yaml")
         metrics = (final_metrics(state["history"], best_epoch, baselines) if not refit
