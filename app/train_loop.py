@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from app import logs
-from app.checkpoint import load_sharded
+from app.checkpoint import is_complete, load_sharded
 from app.config import Config, load_config
 from app.dataset import read_split_arrays
 from app.metrics import UserItems, binary_auroc, finish, popularity_scores, ranking_sums
@@ -66,22 +66,33 @@ def model_spec(cfg: Config, manifest: dict[str, Any], features: list[ItemFeature
                      sampled_negatives=m.sampled_negatives)
 
 
+def _epoch_of(checkpoint: Any) -> int:
+    """The epoch a checkpoint (a folder or a Ray Train ``Checkpoint``) was written after."""
+    if isinstance(checkpoint, Path):
+        return json.loads((checkpoint / STATE_FILE).read_text())["epoch"]
+    with checkpoint.as_directory() as d:
+        return json.loads(Path(d, STATE_FILE).read_text())["epoch"]
+
+
+def _complete_checkpoints(run_dir: Path) -> dict[int, Path]:
+    """Epoch -> checkpoint folder, for the complete ones under a Ray Train run folder: rank
+    0's state file and every shard file the metadata names."""
+    found = {}
+    for state in run_dir.glob(f"checkpoint_*/{STATE_FILE}"):
+        if is_complete(state.parent):
+            found[json.loads(state.read_text())["epoch"]] = state.parent
+    return found
+
+
 def checkpoint_of_epoch(run_dir: Path, epoch: int) -> Optional[Path]:
     """The complete checkpoint written after ``epoch`` under a Ray Train run folder, or None."""
-    for state in run_dir.glob(f"checkpoint_*/{STATE_FILE}"):
-        if json.loads(state.read_text())["epoch"] == epoch:
-            return state.parent
-    return None
+    return _complete_checkpoints(run_dir).get(epoch)
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     """The complete checkpoint with the most epochs under a Ray Train run folder, or None."""
-    best, best_epoch = None, -1
-    for state in run_dir.glob(f"checkpoint_*/{STATE_FILE}"):
-        epoch = json.loads(state.read_text())["epoch"]
-        if epoch > best_epoch:
-            best, best_epoch = state.parent, epoch
-    return best
+    found = _complete_checkpoints(run_dir)
+    return found[max(found)] if found else None
 
 
 @dataclass
@@ -431,13 +442,13 @@ def train_loop(config: dict[str, Any]) -> None:
     state: dict[str, Any] = {"epoch": 0, "history": [], "resumed_at_epochs": [],
                              "best_epoch": 0, "best_value": None}
     # After a failure Ray Train hands back the latest checkpoint it registered. A worker that
-    # dies right after an epoch's checkpoint is written can take the report with it, so the
-    # run folder is read too: a checkpoint with a state file is complete (rank 0 writes it
-    # after the collective save), and the folder holds only this run's (or --resume's).
+    # dies right after an epoch's checkpoint is written, or an interrupt, can take the report
+    # with it, so the run folder is read too (it holds only this run's, or --resume's) and
+    # the later complete checkpoint of the two wins.
     restored = ray.train.get_checkpoint()
-    if restored is None and config.get("run_dir"):
-        found = latest_checkpoint(Path(config["run_dir"]))
-        restored = Checkpoint.from_directory(str(found)) if found else None
+    found = latest_checkpoint(Path(config["run_dir"])) if config.get("run_dir") else None
+    if found is not None and (restored is None or _epoch_of(restored) < _epoch_of(found)):
+        restored = Checkpoint.from_directory(str(found))
     if restored is not None:
         with restored.as_directory() as d:
             sd = {"model": dmp.state_dict(), "optim": optimizer.state_dict()}

@@ -209,3 +209,23 @@ def test_output_that_is_not_a_model_folder_is_refused(ray_local, movielens_dir, 
         train(train_config(tmp_path), str(movielens_dir), str(tmp_path / "model"),
               verbose=False)
     assert (tmp_path / "model" / "notes.txt").read_text() == "mine"
+
+
+def test_a_checkpoint_missing_a_ranks_shards_is_not_resumed_from(trained, tmp_path):
+    """A run stopped while the ranks were uploading an epoch's checkpoint leaves a folder
+    with rank 0's state file but not every rank's shards: resume skips it."""
+    import shutil
+
+    from app.checkpoint import is_complete
+    from app.train_loop import checkpoint_of_epoch, latest_checkpoint
+
+    src = Path(trained["summary"]["checkpoint"])
+    run = tmp_path / "run"
+    shutil.copytree(src, run / "checkpoint_a")
+    epoch = json.loads((src / "state.json").read_text())["epoch"]
+    assert latest_checkpoint(run) == run / "checkpoint_a" and is_complete(run / "checkpoint_a")
+    shards = sorted((run / "checkpoint_a").glob("*.distcp"))
+    assert len(shards) == 2  # one per rank
+    shards[-1].unlink()
+    assert not is_complete(run / "checkpoint_a")
+    assert latest_checkpoint(run) is None and checkpoint_of_epoch(run, epoch) is None
