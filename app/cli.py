@@ -19,6 +19,7 @@ from app.config import ConfigError, add_arguments
 from app.dataset import DatasetError
 from app.export import ModelError
 from app.placement import ResourceError
+from app.redact import redact
 from app.sources import DataError
 
 EXIT_ERROR = 2
@@ -40,10 +41,11 @@ CONTINUE = {
 def errors() -> tuple[type[BaseException], ...]:
     """The project's errors: each prints as one line (exit 2), never as a traceback."""
     from app.checkpoint import CheckpointError
+    from app.publish import OutputError
     from app.train import TrainError
 
     return (ConfigError, DataError, DatasetError, ModelError, ResourceError, TrainError,
-            ClusterError, CheckpointError)
+            ClusterError, CheckpointError, OutputError)
 
 
 def parser(prog: str, doc: Optional[str], sections: Optional[list[str]] = None, *,
@@ -75,7 +77,7 @@ def main(p: argparse.ArgumentParser, body: Callable[[argparse.Namespace], None],
     try:
         body(args)
     except errors() as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {redact(str(e))}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     except KeyboardInterrupt:
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal ends it at once

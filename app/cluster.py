@@ -3,7 +3,8 @@
 In order: an existing cluster (``--address`` or ``RAY_ADDRESS``: a standalone cluster, or the
 cluster a ``ray job submit`` runs in); Databricks (``--databricks``, or a Databricks runtime
 detected from ``DATABRICKS_RUNTIME_VERSION``): Ray started on the Spark cluster's workers with
-``ray.util.spark.setup_ray_cluster``; else an embedded local Ray bound to 127.0.0.1.
+``ray.util.spark.setup_ray_cluster``; else an embedded local Ray whose every listener (GCS,
+raylet, workers, agents, dashboard, metrics) is on 127.0.0.1 (see :func:`loopback_only`).
 
 On Databricks, MLflow defaults to the workspace (tracking URI ``databricks``) and Unity
 Catalog (registry URI ``databricks-uc``), and outputs belong on a Unity Catalog volume
@@ -19,12 +20,13 @@ checked within ``--ray-connect-timeout`` seconds and fails with one line naming 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Iterator, Literal, Mapping, Optional
 
 from app import logs
 from app.config import ClusterConfig, ConfigError
@@ -159,6 +161,72 @@ def _join(address: str, timeout: float, **kwargs: Any) -> None:
                            f"{str(e).splitlines()[0]}") from None
 
 
+# Ray's own switch for a local-only instance (its default on macOS and Windows)
+_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# where a Ray process finds the state API when given no address (a dashboard URL)
+_API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """Around the start of an embedded Ray: every process of it listens on loopback only.
+
+    The node address decides every bind: the gRPC servers (GCS, raylet, workers, dashboard
+    agent), the agents' HTTP servers and the metrics exporters listen on loopback when it is
+    loopback, else on all interfaces or the machine's address. ``ray.init`` turns
+    ``_node_ip_address="127.0.0.1"`` into the machine's address unless Ray runs local-only
+    (``ray._private.services.resolve_ip_for_localhost``), which this switches on. The variable
+    is inherited by every Ray process started meanwhile (raylet, agents, workers, a job's
+    driver: they resolve 127.0.0.1 the same way); this process's flag, read when Ray was
+    imported, is restored afterwards, so a later join of a real cluster resolves as usual.
+    """
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(_LOCAL_ONLY_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_LOCAL_ONLY_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(_LOCAL_ONLY_ENV, None)
+        else:
+            os.environ[_LOCAL_ONLY_ENV] = saved_env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_embedded(**kwargs: Any) -> None:
+    """``ray.init`` of a new local Ray, on loopback only (:func:`loopback_only`), whose
+    processes find its state API by address.
+
+    Ray Train's placement-group cleaner (an actor) looks the state API up without an address,
+    from the Ray instances running on the machine; with two of them (two runs, a head node
+    beside a job) it fails ("Found multiple active Ray instances") and the placement group of
+    a stopped run is never released. ``RAY_API_SERVER_ADDRESS``, set while Ray starts, is
+    inherited by every process of this instance and names its own dashboard.
+    """
+    import ray
+
+    port = kwargs.pop("dashboard_port", None) or _free_port()
+    saved = os.environ.get(_API_SERVER_ENV)
+    os.environ[_API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    try:
+        with loopback_only():
+            ray.init(address="local", dashboard_port=port, **kwargs)
+    finally:
+        if saved is None:
+            os.environ.pop(_API_SERVER_ENV, None)
+        else:
+            os.environ[_API_SERVER_ENV] = saved
+
+
+
 def init_ray(cfg: ClusterConfig) -> RaySetup:
     """Connect this process to its Ray cluster (starting one when needed); returns the plan.
 
@@ -182,8 +250,7 @@ def init_ray(cfg: ClusterConfig) -> RaySetup:
     elif setup.kind == "local":
         # Ray's default for a new local cluster is token authentication (its notice about
         # that is filtered by app.logs); an exported RAY_AUTH_MODE wins
-        ray.init(address="local", logging_level=logging.WARNING, **options,
-                 **setup.local_args)
+        start_embedded(logging_level=logging.WARNING, **options, **setup.local_args)
     if setup.kind != "connected":
         logs.after_ray_init()
         logs.install_signal_handlers()  # ray.init replaced the driver's SIGTERM handler

@@ -14,6 +14,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -52,7 +53,20 @@ class DataConfig:
     user_col: str = _f("userId", "user id column in the raw ratings")
     item_col: str = _f("movieId", "item id column in the raw ratings")
     rating_col: str = _f("rating", "rating column in the raw ratings")
-    timestamp_col: str = _f("timestamp", "timestamp column (epoch seconds or ISO-8601)")
+    timestamp_col: str = _f("timestamp", "timestamp column: epoch numbers (see --timestamp-unit) "
+                                         "or ISO-8601 date-times (UTC unless they carry Z or an "
+                                         "offset)")
+    timestamp_unit: Literal["auto", "s", "ms", "us", "ns"] = _f(
+        "auto", "unit of numeric timestamps; auto reads it per value from the digits: up to 12 "
+                "seconds, 13-15 milliseconds, 16-18 microseconds, more nanoseconds")
+    timestamp_min: str = _f("1970-01-01", "earliest plausible timestamp (ISO-8601 date or "
+                                          "date-time, UTC); rows before it are quarantined")
+    timestamp_max: str = _f("2100-01-01", "latest plausible timestamp (ISO-8601 date or "
+                                          "date-time, UTC); rows after it are quarantined")
+    duplicates: Literal["latest", "max", "mean", "keep"] = _f(
+        "latest", "rows repeating a (user, item) pair: keep the latest (ties: the higher "
+                  "rating), the highest rating (ties: the latest), one row with the mean rating "
+                  "and the latest time, or keep every row")
     rating_min: float = _f(0.5, "smallest valid rating (inclusive)")
     rating_max: float = _f(5.0, "largest valid rating (inclusive)")
     label_rule: Literal["threshold", "mean"] = _f(
@@ -93,6 +107,19 @@ class DataConfig:
                self.read_block_size)
         for name in ("user_col", "item_col", "rating_col", "timestamp_col"):
             _check(bool(getattr(self, name)), name, "must not be empty", getattr(self, name))
+        _check(self.timestamp_unit in ("auto", "s", "ms", "us", "ns"), "timestamp_unit",
+               "must be one of auto, s, ms, us, ns", self.timestamp_unit)
+        _check(self.duplicates in ("latest", "max", "mean", "keep"), "duplicates",
+               "must be one of latest, max, mean, keep", self.duplicates)
+        low, high = (_epoch_seconds(self.timestamp_min, "timestamp_min"),
+                     _epoch_seconds(self.timestamp_max, "timestamp_max"))
+        _check(low < high, "timestamp_min", f"must be before --timestamp-max "
+                                            f"({self.timestamp_max})", self.timestamp_min)
+
+    def timestamp_bounds(self) -> tuple[int, int]:
+        """The plausible timestamp range, inclusive, as epoch seconds."""
+        return (_epoch_seconds(self.timestamp_min, "timestamp_min"),
+                _epoch_seconds(self.timestamp_max, "timestamp_max"))
 
     @property
     def train_fraction(self) -> float:
@@ -321,6 +348,8 @@ class ClusterConfig:
                                                   "(default: all of a Spark worker's)")
     num_cpus: Optional[int] = _f(None, "CPUs for an embedded local Ray (default: all)")
     workdir: str = _f("workdir", "folder for the outputs of a full run")
+    lease_timeout: float = _f(60.0, "seconds without a heartbeat after which another run may "
+                                    "take over an output's writer lease")
     storage_path: Optional[str] = _f(None, "Ray Train checkpoint storage, shared by all nodes "
                                            "(default: <workdir>/checkpoints)")
     mlflow_tracking_uri: Optional[str] = _f(
@@ -337,6 +366,7 @@ class ClusterConfig:
                self.spark_worker_nodes)
         _check(self.ray_connect_timeout > 0, "ray_connect_timeout", "must be positive",
                self.ray_connect_timeout)
+        _check(self.lease_timeout > 0, "lease_timeout", "must be positive", self.lease_timeout)
 
 
 @dataclass
@@ -358,15 +388,33 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def shown(self) -> dict[str, Any]:
+        """:meth:`to_dict` with URI credentials masked (see :mod:`app.redact`): what is printed
+        or saved, never what the process uses."""
+        from app.redact import redact_values
+
+        return redact_values(self.to_dict())
+
+    def credentials(self) -> dict[str, str]:
+        """Field name -> value of the settings that hold a URI credential (masked by
+        :meth:`shown`): what a config loaded back from a saved file must be given again."""
+        from app.redact import redact
+
+        return {name: value for values in self.to_dict().values()
+                for name, value in values.items()
+                if isinstance(value, str) and redact(value) != value}
+
     def dump_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Save the config (credentials masked: they come from the environment, see
+        :meth:`shown`); :func:`load_config` reads it back."""
+        Path(path).write_text(yaml.safe_dump(self.shown(), sort_keys=False))
 
     def describe(self, everything: bool = False) -> str:
         """The settings that differ from the defaults, ``section.field = value`` several to a
-        line (``everything``: every setting, one per line)."""
-        defaults = Config().to_dict()
+        line (``everything``: every setting, one per line); credentials masked."""
+        defaults = Config().shown()
         items = [f"{section}.{name} = {json.dumps(value)}"
-                 for section, values in self.to_dict().items() for name, value in values.items()
+                 for section, values in self.shown().items() for name, value in values.items()
                  if everything or value != defaults[section][name]]
         if everything:
             return "\n".join(["config:"] + [f"  {item}" for item in items])
@@ -384,6 +432,22 @@ class Config:
 def _check(ok: bool, name: str, message: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{flag(name)} {message}, got {value!r}")
+
+
+def _epoch_seconds(text: str, name: str) -> int:
+    """An ISO-8601 date or date-time (UTC unless it carries Z or an offset) as epoch seconds.
+
+    Raises:
+        ConfigError: naming the flag ``name`` when ``text`` is not one.
+    """
+    try:
+        when = datetime.fromisoformat(str(text).strip())
+    except ValueError:
+        raise ConfigError(f"{flag(name)} must be an ISO-8601 date or date-time such as "
+                          f"2100-01-01, got {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return int(when.timestamp())
 
 
 def _sections(cfg: Config) -> list[str]:

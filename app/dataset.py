@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from app.mds import INTERACTION_COLUMNS, record_dtype
+from app.publish import current
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -44,6 +45,7 @@ def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
     Raises:
         DatasetError: the folder is not a complete prepared dataset of this schema version.
     """
+    data_dir = current(data_dir)  # a versioned folder: its published version
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise DatasetError(f"{data_dir}: not a prepared dataset (no {MANIFEST}); run "
@@ -62,10 +64,23 @@ def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_vocab(data_dir: str | os.PathLike) -> dict[str, Any]:
-    """User and item vocabularies as pyarrow tables (columns: index, id, [metadata])."""
-    root = Path(data_dir) / "vocab"
-    return {"users": pq.read_table(root / "users.parquet"),
-            "items": pq.read_table(root / "items.parquet")}
+    """User and item vocabularies as pyarrow tables (columns: index, id, [metadata]), each
+    checked to hold every id once.
+
+    Raises:
+        DatasetError: an id occurs twice (its rows would be split over two indices), naming
+            the file.
+    """
+    from app.validate import first_repeated
+
+    root = current(data_dir) / "vocab"
+    vocab = {kind: pq.read_table(root / f"{kind}.parquet") for kind in ("users", "items")}
+    for kind, table in vocab.items():
+        repeated = first_repeated(table["id"])
+        if repeated is not None:
+            raise DatasetError(f"{root / (kind + '.parquet')}: id {repeated!r} occurs more "
+                               f"than once; prepare the dataset again")
+    return vocab
 
 
 def shard_records(path: str, columns: list[str], encodings: list[str]) -> np.ndarray:

@@ -29,7 +29,8 @@ from app.config import Config
 from app.dataset import SPLITS, DatasetError, load_vocab, read_manifest, read_split_arrays
 from app.export import ModelError, item_popularity, pair_probabilities, read_model_json
 from app.metrics import UserItems
-from app.publish import staged
+from app.validate import id_text
+from app.publish import check_writable, current, writer
 
 SUMMARY = "_summary.json"  # inside the output folder; Parquet readers skip "_" files
 
@@ -43,6 +44,7 @@ def resolve_model(model: str, cfg: Config, cache_dir: Optional[str] = None) -> P
     """
     path = Path(model)
     if path.exists():
+        path = current(path)  # a versioned folder: its published version
         read_model_json(path)
         return path
     if ":/" not in model:
@@ -89,11 +91,19 @@ def rated_items(data_dir: str, splits: tuple[str, ...], num_users: int) -> UserI
                            num_users)
 
 
-def to_vocab_type(values: pd.Series, vocab_ids: pa.Array) -> pd.Series:
-    """Raw ids read from a file, converted to the vocabulary's type (unparsable -> missing)."""
-    if pa.types.is_integer(vocab_ids.type):
-        return pd.to_numeric(values, errors="coerce").astype("Int64")
-    return values.astype("string")
+def id_keys(values: pd.Series | pa.Array) -> pd.Series:
+    """Raw ids -> their exact text (the rule of :func:`app.validate.id_text`: ``007`` stays
+    ``007``, ``1.0`` is ``1``); missing and non-integral float ids -> missing."""
+    col = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else \
+        pa.array(values, from_pandas=True)
+    text, bad = id_text(col)
+    return pc.if_else(bad, None, text).to_pandas().astype("string")
+
+
+def vocab_index(vocab_ids: pa.Array) -> pd.Index:
+    """A vocabulary's ids as the text :func:`lookup` matches (an int64 vocabulary holds only
+    integers written as int64 writes them, so its decimal text is exactly its ids)."""
+    return pd.Index(pc.cast(vocab_ids, pa.string()).to_pandas().astype("string"))
 
 
 def lookup(index: pd.Index, values: pd.Series) -> np.ndarray:
@@ -152,10 +162,9 @@ class TopK:
         # the object store's arrays are read-only: one copy per actor, on its device
         self.items = torch.tensor(s["items"], device=self.device)          # (num_items, D)
         self.item_ids, self.titles = s["item_ids"], s["titles"]
-        self.user_index = pd.Index(s["user_ids"].to_pandas())
-        self.user_vocab = s["user_ids"]
+        self.user_index = vocab_index(s["user_ids"])
         self.rated: Optional[UserItems] = s["rated"]
-        self.given: dict[Any, np.ndarray] = s.get("given") or {}  # user id -> recent items
+        self.given: dict[str, np.ndarray] = s.get("given") or {}  # user id -> recent items
         self.popular, self.popularity = s["popular"], s["popularity"]
         self.k = min(k, len(self.items) - 1)
         self.faiss = None
@@ -229,9 +238,10 @@ class TopK:
             return self._recommend(batch)
 
     def _recommend(self, batch: pd.DataFrame) -> pd.DataFrame:
-        ids = to_vocab_type(batch["userId"], self.user_vocab)
+        ids = id_keys(batch["userId"])
         users = lookup(self.user_index, ids)
-        given = [self.given.get(v) for v in ids.tolist()] if self.given else None
+        given = [self.given.get(v) if v is not pd.NA else None
+                 for v in ids.tolist()] if self.given else None
         has_history = (np.array([g is not None for g in given]) if given is not None
                        else np.zeros(len(users), bool))
         modelled = (users > 0) | has_history
@@ -279,9 +289,8 @@ class PairScores:
         self.device = torch.device(device)
         self.model = load_exported(model_dir, map_location=self.device)
         self.calibration = read_model_json(model_dir)["calibration"]
-        self.user_vocab, self.item_vocab = s["user_ids"], s["item_id_array"]
-        self.user_index = pd.Index(s["user_ids"].to_pandas())
-        self.item_index = pd.Index(s["item_id_array"].to_pandas())
+        self.user_index = vocab_index(s["user_ids"])
+        self.item_index = vocab_index(s["item_id_array"])
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import torch
@@ -292,8 +301,8 @@ class PairScores:
     def _score(self, batch: pd.DataFrame) -> pd.DataFrame:
         import torch
 
-        u = lookup(self.user_index, to_vocab_type(batch["userId"], self.user_vocab))
-        i = lookup(self.item_index, to_vocab_type(batch["movieId"], self.item_vocab))
+        u = lookup(self.user_index, id_keys(batch["userId"]))
+        i = lookup(self.item_index, id_keys(batch["movieId"]))
         known = (u > 0) & (i > 0)
         score = np.full(len(u), np.nan, np.float32)
         if known.any():
@@ -322,18 +331,15 @@ def _device_and_pool(cfg: Config) -> tuple[str, int, dict[str, Any]]:
     return ("cuda" if use_gpu else "cpu"), size, resources
 
 
-def _check_output(out: Path) -> None:
-    if out.exists() and any(out.iterdir()) and not (out / SUMMARY).exists():
-        raise ModelError(f"{out} exists and is not an output of this stage; choose another "
-                         f"--output")
-
-
 def _parquet_rows(folder: Path) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in folder.glob("*.parquet"))
 
 
 def _read_table(path: str, columns: list[str]) -> Any:
-    """A Ray dataset of a CSV or Parquet file/folder, checked to have the columns."""
+    """A Ray dataset of a CSV or Parquet file/folder, checked to have the columns.
+
+    CSV columns named in ``columns`` are read as text, so ids stay as written (``007``).
+    """
     import ray
 
     p = Path(path)
@@ -353,7 +359,9 @@ def _read_table(path: str, columns: list[str]) -> Any:
             from app.sources import delimiter_of
 
             ds = ray.data.read_csv(path, parse_options=pacsv.ParseOptions(
-                delimiter=delimiter_of([str(f) for f in files])))
+                delimiter=delimiter_of([str(f) for f in files])),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={c: pa.string() for c in columns}))
         schema = ds.schema()
         if schema is None:  # Ray Data has no block, hence no schema, for a header only
             raise DatasetError(f"{path}: holds no rows (a header only?)")
@@ -378,17 +386,52 @@ def _read_table(path: str, columns: list[str]) -> Any:
     return ds
 
 
-def _unique_users(ds: Any) -> tuple[pa.Array, int]:
+def _unique_users(ds: Any, path: str) -> tuple[pa.Array, int]:
     """The user ids of a users file, each once (in the order of first occurrence), and how
-    many repeats were dropped."""
+    many repeats were dropped.
+
+    Ids are exact (:func:`app.validate.id_text`): text stays text, trimmed; integer columns
+    stay integers, integral floats become int64 (``1.0`` -> 1).
+
+    Raises:
+        DatasetError: a missing id or a non-integral float id (``1.5``), naming ``path``.
+    """
     import ray
 
     ids = pa.concat_tables(ray.get(ds.to_arrow_refs()))["userId"].combine_chunks()
+    text, bad = id_text(ids)
+    unusable = int(pc.sum(pc.or_(pc.is_null(text), bad)).as_py() or 0)
+    if unusable:
+        raise DatasetError(f"{path}: {unusable} row(s) with a missing or non-integral float "
+                           f"userId")
+    if pa.types.is_floating(ids.type):
+        ids = pc.cast(text, pa.int64())
+    elif not pa.types.is_integer(ids.type):
+        ids = text
     unique = pc.unique(ids)
     return unique, len(ids) - len(unique)
 
 
-def read_histories(path: str, vocab: dict[str, Any], n: int) -> tuple[dict[Any, np.ndarray],
+def _with_history_users(ids: pa.Array, given: dict[str, np.ndarray]) -> pa.Array:
+    """The vocabulary's user ids, then those only the history names (keys: exact text). An
+    int64 vocabulary stays int64 when every new id is an integer as int64 writes it; else the
+    ids become text."""
+    have = set(pc.cast(ids, pa.string()).to_pylist())
+    new = pa.array([u for u in given if u not in have], pa.string())
+    if not len(new):
+        return ids
+    if pa.types.is_integer(ids.type):
+        try:
+            as_int = pc.cast(new, ids.type)
+            if pc.all(pc.equal(pc.cast(as_int, pa.string()), new)).as_py():
+                return pa.concat_arrays([ids, as_int])
+        except pa.ArrowInvalid:
+            pass
+        ids = pc.cast(ids, pa.string())
+    return pa.concat_arrays([ids, new])
+
+
+def read_histories(path: str, vocab: dict[str, Any], n: int) -> tuple[dict[str, np.ndarray],
                                                                       dict[str, int]]:
     """Users' recent items from a CSV/Parquet file with ``userId, movieId`` rows (oldest first;
     sorted by ``timestamp`` when the file has one): user id -> the latest ``n`` item indices.
@@ -397,7 +440,7 @@ def read_histories(path: str, vocab: dict[str, Any], n: int) -> tuple[dict[Any, 
     vocabulary (their given history replaces the stored one) or new.
 
     Returns:
-        (histories keyed by the id as the vocabulary types it, counts: rows, users,
+        (histories keyed by the exact id text (:func:`id_keys`), counts: rows, users,
         unknown_item_rows).
     """
     ds = _read_table(path, ["userId", "movieId"])
@@ -405,12 +448,11 @@ def read_histories(path: str, vocab: dict[str, Any], n: int) -> tuple[dict[Any, 
     df = ds.to_pandas()
     if "timestamp" in names:
         df = df.sort_values("timestamp", kind="stable")
-    users = to_vocab_type(df["userId"], vocab["users"]["id"])
-    items = lookup(pd.Index(vocab["items"]["id"].to_pandas()),
-                   to_vocab_type(df["movieId"], vocab["items"]["id"]))
+    users = id_keys(df["userId"])
+    items = lookup(vocab_index(vocab["items"]["id"]), id_keys(df["movieId"]))
     if users.isna().any():
         raise DatasetError(f"{path}: {int(users.isna().sum())} row(s) with a missing or "
-                           f"unparsable userId")
+                           f"non-integral float userId")
     known = items > 0
     frame = pd.DataFrame({"user": users[known].to_numpy(), "item": items[known]})
     out = {u: g["item"].to_numpy()[-n:] for u, g in frame.groupby("user", sort=False)}
@@ -442,7 +484,8 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
         cfg: the resolved configuration (``cfg.inference``).
         model: a model folder or an MLflow model URI.
         data_dir: the prepared dataset the model was trained on (vocabularies, rated items).
-        output: Parquet folder to write (replaced if it holds an older output of this stage).
+        output: the output folder; each run publishes a new version of it (Parquet files
+            and ``_summary.json`` in ``output/<CURRENT>``, see :mod:`app.publish`).
         users: ``all`` (every user of the vocabulary) or a CSV/Parquet file with ``userId``.
         pairs: a CSV/Parquet file with ``userId, movieId``: score these pairs instead.
         history: a CSV/Parquet file with ``userId, movieId`` rows: users' recent items. A user
@@ -451,7 +494,7 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
         verbose: print progress.
 
     Returns:
-        The summary (also written to ``output/_summary.json``).
+        The summary (also written to the version's ``_summary.json``).
     """
     with logs.stage("infer"):
         return _batch_inference(cfg, model, data_dir, output, users=users, pairs=pairs,
@@ -469,7 +512,8 @@ def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, use
     say = (lambda msg: logs.say("infer", msg)) if verbose else (lambda msg: None)
     t0 = time.perf_counter()
     out = Path(output).resolve()
-    _check_output(out)
+    check_writable(out, "batch inference output", SUMMARY)
+    data_dir = str(current(data_dir))  # one version of the dataset throughout
     read_manifest(data_dir)
     init_ray(cfg.cluster)
     model_dir = resolve_model(model, cfg)
@@ -479,7 +523,8 @@ def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, use
     vocab = load_vocab(model_dir)
     item_ids = vocab["items"]["id"]
     shared: dict[str, Any] = {"user_ids": vocab["users"]["id"], "item_id_array": item_ids}
-    with staged(out) as tmp:
+    with writer(out, "batch_inference", timeout=cfg.cluster.lease_timeout, say=say) as lease, \
+            lease.staged() as tmp:
         summary: dict[str, Any] = {"model": str(model_dir), "device": device,
                                    "dataset": str(Path(data_dir).resolve()), "actors": pool}
 
@@ -547,11 +592,9 @@ def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, use
             if users == "all":
                 ids = vocab["users"]["id"]
                 if given:  # and the users that only the history file names
-                    have = set(ids.to_pylist())
-                    new = [u for u in given if u not in have]
-                    ids = pa.concat_arrays([ids, pa.array(new, ids.type)]) if new else ids
+                    ids = _with_history_users(ids, given)
             else:
-                ids, duplicates = _unique_users(_read_table(users, ["userId"]))
+                ids, duplicates = _unique_users(_read_table(users, ["userId"]), users)
                 summary["duplicate_users_dropped"] = duplicates
                 if duplicates:
                     say(f"{users}: {duplicates:,} repeated user id(s) dropped (each user gets "
@@ -583,10 +626,10 @@ def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, use
             if n_users != int(pc.sum(firsts).as_py() or 0):
                 raise ModelError("the written lists do not start at rank 1 once per user")
         summary["seconds"] = round(time.perf_counter() - t0, 2)
-        summary["seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    summary["output"] = str(current(out))  # the version just published
     what = (f"{summary['users']:,} users x {summary['k']} = {summary['rows']:,} rows"
             if summary["mode"] == "recommend" else f"{summary['rows']:,} pairs")
     say(f"{what} in {summary['seconds']:.1f}s ({pool} {device} actor(s)) "
-        f"-> {out}")
+        f"-> {summary['output']}")
     return summary

@@ -26,6 +26,8 @@ import threading
 import warnings
 from typing import Any, Iterator, Literal
 
+from app.redact import redact
+
 Level = Literal["quiet", "normal", "verbose"]
 LEVEL_ENV = "TWOTOWER_LOG_LEVEL"
 # a worker line that is the project's: "[train] epoch 3: ..."
@@ -47,7 +49,7 @@ def level() -> Level:
 def say(stage: str, message: str) -> None:
     """Print one of the project's progress lines, ``[stage] message`` (not at ``quiet``)."""
     if level() != "quiet":
-        print(f"[{stage}] {message}", flush=True)
+        print(f"[{stage}] {redact(message)}", flush=True)
 
 
 def _filter_warnings() -> None:

@@ -2,7 +2,9 @@
 
 Recipe (:func:`prepare_dataset`):
     read -> validate (bad rows tagged with a reason) -> materialise
-    -> per-block statistics -> id vocabularies and the label threshold (driver)
+    -> per-block statistics -> id vocabularies (driver)
+    -> repeated (user, item) rows resolved by --duplicates (:mod:`app.duplicates`)
+    -> the label threshold (driver)
     -> encode ids, label, split -> one write: MDS shards per split + quarantined rejects
     -> merged index.json per split, manifest.json -> atomic rename into place.
 """
@@ -26,16 +28,18 @@ import ray
 from ray.data import Datasink
 from ray.data.block import Block
 
-from app import logs
+from app import duplicates, logs
 from app.config import DataConfig
 from app.dataset import MANIFEST, SCHEMA_VERSION, SPLITS, read_manifest
 from app.mds import INTERACTION_COLUMNS, write_mds_columns
-from app.publish import staged
+from app.publish import check_writable, is_published, writer
+from app.redact import redact, redact_values
 from app.sources import DataError, Source, open_source
-from app.validate import VALIDATED_SCHEMA, Columns, validate_table
+from app.validate import VALIDATED_SCHEMA, Columns, first_repeated, validate_table
 
 REJECTED = len(SPLITS)  # split code of quarantined rows
-_INT_ID = r"^[+-]?\d+$"
+MERGED = REJECTED + 1   # split code of repeated rows merged into another (never written)
+_INT_ID = r"^-?[1-9]\d{0,18}$|^0$"  # an integer as int64 writes it (range checked after)
 
 
 # ---------------------------------------------------------------- per-block functions (workers)
@@ -45,7 +49,8 @@ def _block_stats(table: pa.Table) -> pa.Table:
     if table.num_rows == 0:  # an empty block may come without columns
         table = VALIDATED_SCHEMA.empty_table()
     ok = pc.is_null(table["reason"])
-    acc = table.filter(ok)
+    # a filter copies every column even when it keeps every row: skip it when nothing failed
+    acc = table if table["reason"].null_count == table.num_rows else table.filter(ok)
     reasons = pc.value_counts(table["reason"].filter(pc.invert(ok)))
     by_reason = {r["values"].as_py(): r["counts"].as_py() for r in reasons}
     def one_list(col: pa.ChunkedArray) -> pa.Array:
@@ -78,18 +83,25 @@ def _split_hash(user: np.ndarray, item: np.ndarray, ts: np.ndarray, seed: int) -
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def _encode(table: pa.Table, *, users: pa.Array, items: pa.Array, threshold: float,
-            split: str, val_fraction: float, test_fraction: float, seed: int) -> pa.Table:
-    """Ids -> vocabulary indices, label, and (for the random rule) the split code."""
-    if table.num_rows == 0:
-        return table  # nothing to encode; the sink skips empty blocks
+def _encode(table: pa.Table, *, user: np.ndarray, item: np.ndarray, threshold: float,
+            split: str, val_fraction: float, test_fraction: float, seed: int,
+            merged: Optional[tuple[np.ndarray, np.ndarray]] = None) -> pa.Table:
+    """Vocabulary indices, label, and (for the random rule) the split code of a block.
+
+    Args:
+        table: a validated block.
+        user, item: its rows' vocabulary indices, int32 (rows,).
+        threshold, split, val_fraction, test_fraction, seed: the label and split rules.
+        merged: the block's duplicate decisions (:func:`duplicates.decisions_for`): rows, and
+            their new rating or NaN for rows merged into another (split code ``MERGED``:
+            marked rather than removed, which would copy the block).
+    """
     ok = pc.is_null(table["reason"]).to_numpy(zero_copy_only=False)
-    user = pc.fill_null(pc.add(pc.index_in(table["user"], value_set=users), 1), 0)
-    item = pc.fill_null(pc.add(pc.index_in(table["item"], value_set=items), 1), 0)
-    user = user.to_numpy().astype(np.int32)
-    item = item.to_numpy().astype(np.int32)
     rating = pc.fill_null(table["rating"], 0.0).to_numpy().astype(np.float32)
     ts = pc.fill_null(table["timestamp"], 0).to_numpy()
+    rows, new_rating = merged if merged is not None else (np.empty(0, np.int64), np.empty(0))
+    rerate = ~np.isnan(new_rating)
+    rating[rows[rerate]] = new_rating[rerate]  # the mean policy: before the label
     code = np.full(len(ok), REJECTED, np.uint8)
     if split == "random":
         u = _split_hash(user, item, ts, seed)
@@ -97,11 +109,43 @@ def _encode(table: pa.Table, *, users: pa.Array, items: pa.Array, threshold: flo
                             np.where(u[ok] < 1 - test_fraction, 1, 2))
     else:
         code[ok] = 0  # assigned per user by _temporal_split
+    code[rows[~rerate]] = MERGED
     return table.append_column("user_idx", pa.array(user)) \
         .append_column("item_idx", pa.array(item)) \
         .append_column("label", pa.array((rating >= threshold).astype(np.uint8))) \
         .append_column("rating32", pa.array(rating)) \
         .append_column("split", pa.array(code))
+
+
+def _encode_blocks(batch: dict[str, np.ndarray], *, blocks: list, users: pa.Array,
+                   items: pa.Array, indices: Optional[list], decisions: Optional[list],
+                   **rules: Any) -> pa.Table:
+    """Encode validated blocks by position (a Ray Data task over block numbers, so that each
+    block meets its own vocabulary indices and duplicate decisions).
+
+    Args:
+        batch: ``{"id": block numbers}``.
+        blocks: object references of the validated blocks.
+        users, items: the vocabularies as text.
+        indices: references of each block's vocabulary indices (:func:`duplicates.plan`), or
+            None to look the ids up here.
+        decisions: references of every partition's duplicate decisions, or None.
+        rules: keyword arguments of :func:`_encode`.
+    """
+    out = []
+    resolved = ray.get(decisions) if decisions else []
+    for b in batch["id"].tolist():
+        table = ray.get(blocks[b])
+        if table.num_rows == 0:
+            continue  # the sink skips empty blocks; one may come without columns
+        if indices is not None:
+            idx = ray.get(indices[b])
+            user, item = idx["user_idx"].to_numpy(), idx["item_idx"].to_numpy()
+        else:
+            user, item = duplicates.vocab_indices(table, users, items)
+        merged = duplicates.decisions_for(b, resolved) if resolved else None
+        out.append(_encode(table, user=user, item=item, merged=merged, **rules))
+    return pa.concat_tables(out) if out else VALIDATED_SCHEMA.empty_table()
 
 
 def _temporal_split(table: pa.Table, *, val_fraction: float, test_fraction: float) -> pa.Table:
@@ -112,6 +156,9 @@ def _temporal_split(table: pa.Table, *, val_fraction: float, test_fraction: floa
     """
     if table.num_rows == 0:
         return table
+    merged = table["split"].to_numpy() == MERGED
+    if merged.any():  # merged rows are not interactions of their user
+        table = table.filter(pa.array(~merged))
     user = table["user_idx"].to_numpy()
     order = np.lexsort((table["item_idx"].to_numpy(), table["timestamp"].to_numpy(), user))
     table = table.take(pa.array(order))
@@ -204,7 +251,11 @@ def merge_split_index(split_dir: str) -> None:
 # ---------------------------------------------------------------- driver side
 
 def _vocabulary(id_lists: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
-    """Distinct ids in a stable order: numeric order when every id is an integer.
+    """Distinct ids in a stable order: numeric order when every id is an integer's own text.
+
+    Ids are text and stay exact: the vocabulary is saved as int64 only when every id is an
+    integer written as int64 writes it (``7``, ``-3``; not ``007``, ``+7``, ``-0`` or beyond
+    int64), so an int64 vocabulary's decimal text is exactly its ids.
 
     Args:
         id_lists: one list of distinct ids (text) per block.
@@ -214,15 +265,27 @@ def _vocabulary(id_lists: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
     """
     text = pc.unique(pc.list_flatten(id_lists.combine_chunks()))
     if len(text) and pc.all(pc.match_substring_regex(text, _INT_ID)).as_py():
-        natural = pc.cast(text, pa.int64())
-        order = pc.sort_indices(natural)
-        return pc.take(text, order), pc.take(natural, order)
+        try:
+            natural = pc.cast(text, pa.int64())
+        except pa.ArrowInvalid:  # 19 digits beyond int64: the ids stay text
+            natural = None
+        if natural is not None:
+            order = pc.sort_indices(natural)
+            return pc.take(text, order), pc.take(natural, order)
     text = pc.take(text, pc.sort_indices(text))
     return text, text
 
 
 def _save_vocab(path: Path, ids: pa.Array, extra: Optional[pa.Table] = None,
                 text: Optional[pa.Array] = None) -> None:
+    """Write a vocabulary: index 1..N <-> id (+ the item metadata columns of ``extra``).
+
+    Raises:
+        RuntimeError: an id occurs twice (two indices for one id would split its rows).
+    """
+    repeated = first_repeated(ids)
+    if repeated is not None:
+        raise RuntimeError(f"{path}: id {repeated!r} occurs more than once in the vocabulary")
     table = pa.table({"index": pa.array(np.arange(1, len(ids) + 1, dtype=np.int32)),
                       "id": ids})
     if extra is not None and text is not None:
@@ -252,37 +315,35 @@ def _malformed_rejects(source: Source, rejects_dir: Path) -> Counter:
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder")
-    if (out / MANIFEST).exists() and not overwrite:
+    check_writable(out, "prepared dataset", MANIFEST)
+    if is_published(out) and not overwrite:
         raise DataError(f"{out}: already holds a prepared dataset; pass --overwrite to "
-                        f"replace it")
-    if any(out.iterdir()) and not (out / MANIFEST).exists():
-        raise DataError(f"{out}: folder is not empty and holds no prepared dataset; choose "
-                        f"another --output")
+                        f"publish a new version of it")
 
 
-def prepare_dataset(cfg: DataConfig, output: str, *, verbose: bool = True) -> dict[str, Any]:
-    """Prepare ``cfg``'s source into the folder ``output``, atomically.
+def prepare_dataset(cfg: DataConfig, output: str, *, verbose: bool = True,
+                    lease_timeout: float = 60.0) -> dict[str, Any]:
+    """Prepare ``cfg``'s source into the folder ``output`` as a new version of it.
 
     Args:
         cfg: the data configuration.
-        output: the prepared dataset folder; it appears only when complete.
+        output: the prepared dataset folder (:mod:`app.publish`: readers see the previous
+            version until this one is complete; one writer at a time).
         verbose: print a line per step.
+        lease_timeout: seconds without a heartbeat after which a writer's lease is stale.
 
     Returns:
-        The manifest (also written to ``output/manifest.json``).
+        The manifest (also written to ``manifest.json`` of the new version).
     """
     out = Path(output).absolute()
     _check_output(out, cfg.overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by an interrupted run
-        shutil.rmtree(stale, ignore_errors=True)
-    with logs.stage("prepare"), staged(out) as tmp:
-        manifest = _build(cfg, tmp, verbose=verbose)
-        shutil.rmtree(tmp / "_scratch", ignore_errors=True)
+    say = (lambda msg: logs.say("prepare", msg))
+    with logs.stage("prepare"), writer(out, "prepare_data", timeout=lease_timeout,
+                                       say=say) as lease:
+        _check_output(out, cfg.overwrite)  # again, under the lease: another run may have won
+        with lease.staged() as tmp:
+            manifest = _build(cfg, tmp, verbose=verbose)
+            shutil.rmtree(tmp / "_scratch", ignore_errors=True)
     return manifest
 
 
@@ -300,12 +361,16 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     source = open_source(cfg, scratch_dir=str(tmp / "_scratch"))
     cols = source.columns
+    ts_min, ts_max = cfg.timestamp_bounds()
     validated = source.dataset.map_batches(
         validate_table, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
-        fn_kwargs=dict(columns=cols, rating_min=cfg.rating_min, rating_max=cfg.rating_max),
+        fn_kwargs=dict(columns=cols, rating_min=cfg.rating_min, rating_max=cfg.rating_max,
+                       timestamp_unit=cfg.timestamp_unit, timestamp_min=ts_min,
+                       timestamp_max=ts_max),
     ).materialize()
     detail(f"validated {validated.num_blocks()} blocks")
-    block_stats = [_remote_block_stats.remote(ref) for ref in validated.to_arrow_refs()]
+    blocks = validated.to_arrow_refs()
+    block_stats = [_remote_block_stats.remote(ref) for ref in blocks]
     # the empty summary first keeps the table typed when there are no blocks at all
     stats = pa.concat_tables([_block_stats(VALIDATED_SCHEMA.empty_table())]
                              + ray.get(block_stats))
@@ -317,7 +382,7 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
     malformed = _malformed_rejects(source, rejects_dir)
     rejected.update(malformed)
     n_read = accepted + sum(rejected.values())
-    where = source.description.get("input") or source.description["dataset"]
+    where = redact(source.description.get("input") or source.description["dataset"])
     say(f"read {n_read:,} rows from {where}: {accepted:,} accepted, "
         f"{sum(rejected.values()):,} rejected")
     if accepted == 0:
@@ -329,44 +394,59 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
     (tmp / "vocab").mkdir()
     _save_vocab(tmp / "vocab" / "users.parquet", users)
     _save_vocab(tmp / "vocab" / "items.parquet", items, source.item_metadata, items_text)
-    mean = float(pc.sum(stats["rating_sum"]).as_py()) / accepted
+    # Repeated (user, item) pairs are resolved before labels and splits: one label per pair.
+    merge = duplicates.Plan()
+    if cfg.duplicates != "keep":
+        merge = duplicates.plan(blocks, users=ray.put(users_text), items=ray.put(items_text),
+                                accepted=accepted, policy=cfg.duplicates)
+        if merge.rows_merged:
+            say(f"duplicates: {merge.rows_merged:,} rows merged into {merge.pairs:,} "
+                f"(user, item) pairs ({cfg.duplicates})")
+    kept, pairs = accepted - merge.rows_merged, merge.pairs
+    mean = (float(pc.sum(stats["rating_sum"]).as_py()) + merge.rating_delta) / kept
     threshold = mean if cfg.label_rule == "mean" else cfg.label_threshold
     say(f"vocabularies: {len(users):,} users, {len(items):,} items; label: rating >= "
         f"{threshold:.4g} ({cfg.label_rule})")
 
-    encoded = validated.map_batches(
-        _encode, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
-        fn_kwargs=dict(users=users_text, items=items_text, threshold=threshold,
-                       split=cfg.split, val_fraction=cfg.val_fraction,
+    # A dataset of block numbers, so each task meets its block's indices and decisions.
+    encoded = ray.data.range(len(blocks), override_num_blocks=max(1, len(blocks))).map_batches(
+        _encode_blocks, batch_size=1, batch_format="numpy",
+        fn_kwargs=dict(blocks=blocks, users=users_text, items=items_text,
+                       indices=merge.indices or None, decisions=merge.decisions or None,
+                       threshold=threshold, split=cfg.split, val_fraction=cfg.val_fraction,
                        test_fraction=cfg.test_fraction, seed=cfg.seed))
     if cfg.split == "temporal":
-        encoded = encoded.repartition(max(1, validated.num_blocks()), keys=["user_idx"]) \
+        encoded = encoded.repartition(max(1, len(blocks)), keys=["user_idx"]) \
             .map_batches(_temporal_split, batch_size=None, batch_format="pyarrow",
                          fn_kwargs=dict(val_fraction=cfg.val_fraction,
                                         test_fraction=cfg.test_fraction))
     sink = InteractionSink(str(tmp), columns=cols, size_limit=cfg.shard_size_limit)
     encoded.write_datasink(sink)
-    validated = None  # release the materialised blocks
+    validated = blocks = merge = encoded = None  # release the materialised blocks
     detail("wrote MDS shards")
 
     # What the indexes and reject files on disk hold must match what the tasks wrote.
     split_rows = {name: _index_rows(tmp / name) for name in SPLITS}
     rejects_written = _rejects_rows(rejects_dir)
     if (split_rows != {name: sink.written[name] for name in SPLITS}
-            or sum(split_rows.values()) != accepted
+            or sum(split_rows.values()) != kept
             or rejects_written != sum(rejected.values())):
-        raise RuntimeError(f"written rows do not add up: splits {split_rows} vs {accepted} "
-                           f"accepted, {rejects_written} rejects vs {sum(rejected.values())}")
+        raise RuntimeError(f"written rows do not add up: splits {split_rows} vs {kept} "
+                           f"accepted and kept, {rejects_written} rejects vs "
+                           f"{sum(rejected.values())}")
     positives = {name: sink.written[f"{name}_positives"] for name in SPLITS}
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "created_unix": int(time.time()),
-        "source": source.description,
+        "source": redact_values(source.description),  # no credentials saved
         "columns": {"user": cols.user, "item": cols.item, "rating": cols.rating,
                     "timestamp": cols.timestamp},
         "mds_columns": INTERACTION_COLUMNS,
         "counts": {"read": n_read, "accepted": accepted, "rejected": sum(rejected.values()),
                    "rejected_by_reason": dict(sorted(rejected.items())),
+                   # accepted rows = the splits' rows + rows_merged
+                   "duplicates": {"policy": cfg.duplicates, "rows_merged": accepted - kept,
+                                  "pairs": pairs},
                    "splits": split_rows, "positives": positives},
         "label": {"rule": cfg.label_rule, "threshold": threshold, "mean_rating": mean},
         "split": {"rule": cfg.split, "seed": cfg.seed,
@@ -377,12 +457,13 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
                   "item_metadata": [c for c in (source.item_metadata.column_names
                                                 if source.item_metadata is not None else [])
                                     if c != "item"]},
-        "config": dict(vars(cfg)),
+        "config": redact_values(dict(vars(cfg))),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    merged = f"; duplicates merged {accepted - kept:,}" if accepted > kept else ""
     say("splits: " + ", ".join(f"{k} {v:,}" for k, v in split_rows.items())
-         + f"; rejected {sum(rejected.values()):,}; {manifest['seconds']:.1f}s")
+        + f"; rejected {sum(rejected.values()):,}{merged}; {manifest['seconds']:.1f}s")
     read_manifest(tmp)  # the contract check a reader will run
     return manifest
 

@@ -1,37 +1,289 @@
-"""Publishing an output folder: it appears complete, or not at all.
+"""Publishing outputs: one writer at a time, and readers see one whole version or another.
 
-A stage writes into a staging folder beside the final one (``.<name>.partial-<id>``) and
-:func:`staged` renames it into place when the block succeeds; on any exception or interrupt
-the staging folder is removed and what was published before stays as it was.
+Every output folder a stage writes (the prepared dataset, a model folder, recommendations)
+has this layout::
+
+    <out>/
+      CURRENT                      the name of the published version (switched atomically)
+      v-000002-20261130T051200Z/   one complete version, numbered (the previous one is kept)
+      .lease                       while a writer holds the output: who, where, heartbeat
+
+A writer first takes the output's lease (:func:`writer`): the lease file is created with
+``O_EXCL``, so of two writers exactly one gets it; the other fails at once with an error
+naming the holder. The holder refreshes the file's modification time every few seconds (its
+heartbeat); a lease whose heartbeat stopped for ``timeout`` seconds, or whose process is gone
+(same host), is taken over with a printed note. Under the lease, :meth:`Lease.staged` yields a
+staging folder; when the block succeeds the folder becomes a new version and ``CURRENT`` is
+replaced in one rename. On any error or interrupt the staging folder is removed and the
+published version stays as it was.
+
+Readers resolve the version once (:func:`current`) and read every file from that folder, so a
+reader never mixes files of two versions. A folder without ``CURRENT`` is read as it is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import socket
+import threading
+import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Optional
+
+POINTER = "CURRENT"
+LEASE = ".lease"
+_TAKEOVER = ".lease.takeover"
+VERSION_PREFIX = "v-"
+KEEP_VERSIONS = 2  # the current one and the one before it (a reader may still be on it)
+
+
+class OutputError(RuntimeError):
+    """An output folder cannot be written: another writer holds it, or it holds something
+    other than versions of this output."""
+
+
+def current(out: str | os.PathLike) -> Path:
+    """The folder of the published version of ``out`` (``out`` itself when it is not
+    versioned, e.g. a version folder, or a folder written by hand)."""
+    out = Path(out)
+    pointer = out / POINTER
+    try:
+        name = pointer.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return out
+    if not name.startswith(VERSION_PREFIX) or "/" in name or not (out / name).is_dir():
+        raise OutputError(f"{pointer}: names {name!r}, which is not a version folder of {out}")
+    return out / name
+
+
+def version_of(out: str | os.PathLike) -> Optional[str]:
+    """The name of ``out``'s published version (None when it is not versioned)."""
+    folder = current(out)
+    return folder.name if folder != Path(out) else None
+
+
+def is_published(out: str | os.PathLike) -> bool:
+    return (Path(out) / POINTER).is_file()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _alive_here(info: dict[str, Any]) -> bool:
+    """False when the holder ran on this host and its process is gone."""
+    if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return True
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _holder(path: Path) -> tuple[dict[str, Any], float]:
+    """(the lease's content, seconds since its last heartbeat)."""
+    try:
+        age = time.time() - path.stat().st_mtime
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}, -1.0
+    try:
+        return json.loads(text), age
+    except ValueError:  # being written, or left empty by a crash: judged by its age
+        return {}, age
+
+
+def describe_holder(info: dict[str, Any], age: float) -> str:
+    return (f"{info.get('stage', 'a writer')} (pid {info.get('pid', '?')} on "
+            f"{info.get('host', '?')}, since {info.get('started', '?')}, last heartbeat "
+            f"{age:.0f}s ago)")
+
+
+@dataclass
+class Lease:
+    """An exclusive writer lease on an output folder (see the module docstring)."""
+
+    out: Path
+    stage: str
+    timeout: float
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    lost: Optional[str] = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def path(self) -> Path:
+        return self.out / LEASE
+
+    def _info(self) -> dict[str, Any]:
+        return {"stage": self.stage, "host": socket.gethostname(), "pid": os.getpid(),
+                "started": _now(), "token": self.token, "timeout": self.timeout}
+
+    def _try_create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self._info()) + "\n")
+        return True
+
+    def acquire(self, say: Any) -> None:
+        """Take the lease, taking over a stale one; raises OutputError when it is held."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        for _ in range(20):
+            if self._try_create():
+                return self._start_heartbeat()
+            info, age = _holder(self.path)
+            if age < 0:  # released meanwhile
+                continue
+            if age < self.timeout and _alive_here(info):
+                raise OutputError(
+                    f"{self.out} is being written by {describe_holder(info, age)}; wait for "
+                    f"it to finish or write elsewhere (a lease without a heartbeat for "
+                    f"{self.timeout:.0f}s is taken over)")
+            if self._take_over(info, age, say):
+                return self._start_heartbeat()
+            time.sleep(0.2)
+        raise OutputError(f"{self.out}: could not take the lease {self.path} (contended)")
+
+    def _take_over(self, stale: dict[str, Any], age: float, say: Any) -> bool:
+        """Replace a stale lease; only one of several contenders does it (an O_EXCL marker
+        serialises them, and the lease is checked again under it)."""
+        marker = self.out / _TAKEOVER
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):  # left by a crashed contender
+                if time.time() - marker.stat().st_mtime > self.timeout:
+                    marker.unlink()
+            return False
+        os.close(fd)
+        try:
+            info, now_age = _holder(self.path)
+            if info.get("token") != stale.get("token") or (
+                    now_age < self.timeout and _alive_here(info)):
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            if not self._try_create():
+                return False
+            why = ("its process is gone" if _alive_here(stale) is False
+                   else f"no heartbeat for {age:.0f}s")
+            say(f"took over the lease on {self.out} from {describe_holder(stale, age)}: {why}")
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                marker.unlink()
+
+    def _start_heartbeat(self) -> None:
+        interval = max(0.5, self.timeout / 6)
+
+        def beat() -> None:
+            while not self._stop.wait(interval):
+                info, _ = _holder(self.path)
+                if info.get("token") != self.token:
+                    self.lost = (f"{describe_holder(info, 0)} took over" if info
+                                 else "the lease file was removed")
+                    return
+                with contextlib.suppress(OSError):
+                    os.utime(self.path)
+
+        threading.Thread(target=beat, name=f"lease-{self.out.name}", daemon=True).start()
+
+    def check(self) -> None:
+        """Raise when another writer took the lease over (this writer must not publish)."""
+        info, _ = _holder(self.path)
+        if self.lost or info.get("token") != self.token:
+            raise OutputError(f"{self.out}: this {self.stage} lost its lease "
+                             f"({self.lost or 'another writer holds it'}); nothing published")
+
+    def release(self) -> None:
+        self._stop.set()
+        info, _ = _holder(self.path)
+        if info.get("token") == self.token:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def _next_number(self) -> int:
+        """Versions are numbered in publishing order (under the lease, so without races)."""
+        numbers = [int(p.name.split("-")[1]) for p in self.out.glob(f"{VERSION_PREFIX}*-*")
+                   if p.name.split("-")[1].isdigit()]
+        return max(numbers, default=0) + 1
+
+    @contextlib.contextmanager
+    def staged(self, keep: int = KEEP_VERSIONS) -> Iterator[Path]:
+        """Yield an empty staging folder; when the block succeeds it becomes the published
+        version (``CURRENT`` switched in one rename) and versions older than the last
+        ``keep`` are removed."""
+        for stale in self.out.glob(".partial-*"):  # left by a writer that died (we hold the lease)
+            shutil.rmtree(stale, ignore_errors=True)
+        version = f"{VERSION_PREFIX}{self._next_number():06d}-" \
+                  f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        tmp = self.out / f".partial-{version}"
+        tmp.mkdir()
+        try:
+            yield tmp
+            self.check()
+            os.replace(tmp, self.out / version)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        pointer_tmp = self.out / f".{POINTER}.{self.token[:8]}"
+        pointer_tmp.write_text(version + "\n")
+        os.replace(pointer_tmp, self.out / POINTER)  # readers switch here, all at once
+        versions = sorted(p for p in self.out.iterdir()
+                          if p.is_dir() and p.name.startswith(VERSION_PREFIX))
+        for old in versions[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def staged(out: Path) -> Iterator[Path]:
-    """Yield an empty staging folder for ``out``; on success it replaces ``out`` (an existing
-    folder is moved aside first and removed after the switch)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+def writer(out: str | os.PathLike, stage: str, *, timeout: float = 60.0,
+           say: Any = print) -> Iterator[Lease]:
+    """Hold the exclusive writer lease of ``out`` for the block.
+
+    Args:
+        out: the output folder (created if missing).
+        stage: who writes (named to a second writer).
+        timeout: seconds without a heartbeat after which the lease may be taken over.
+        say: where the note of a take-over goes.
+
+    Raises:
+        OutputError: another live writer holds ``out``.
+    """
+    lease = Lease(Path(out).absolute(), stage, timeout)
+    created = not lease.out.exists()
+    lease.acquire(say)
     try:
-        yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        yield lease
+    finally:
+        lease.release()
+        if created:  # a writer that published nothing leaves nothing behind
+            with contextlib.suppress(OSError):
+                lease.out.rmdir()
+
+
+def check_writable(out: Path, kind: str, marker: str) -> None:
+    """``out`` may receive versions: missing, empty, or already a versioned output. A folder
+    holding something else (or an output of an older layout: ``marker`` at its top) is
+    refused rather than mixed with."""
+    if not out.exists() or is_published(out):
+        return
+    if not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
+    entries = [p for p in out.iterdir() if p.name not in (LEASE, _TAKEOVER)
+               and not p.name.startswith(".partial-")]
+    if not entries:
+        return
+    what = f"a {kind} of an older layout" if (out / marker).exists() else \
+        f"something other than a {kind}"
+    raise OutputError(f"{out}: holds {what} (no {POINTER} file); choose another output folder "
+                     f"or remove it")

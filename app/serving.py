@@ -17,6 +17,7 @@ import torch
 
 from app.dataset import load_vocab
 from app.export import item_popularity, load_exported, pair_probabilities, read_model_json
+from app.publish import current
 
 
 class Recommender:
@@ -28,11 +29,11 @@ class Recommender:
     """
 
     def __init__(self, model_dir: str | os.PathLike, device: str = "cpu") -> None:
-        self.model_dir = Path(model_dir)
+        self.model_dir = model_dir = current(model_dir)  # one version, however long we serve
         self.device = torch.device(device)
         self.model = load_exported(model_dir, map_location=self.device)
         self.calibration = read_model_json(model_dir).get("calibration", {"a": 1.0, "b": 0.0})
-        vocab = load_vocab(model_dir)
+        vocab = load_vocab(model_dir)  # every id once, or a one-line error
         self.user_ids = vocab["users"]["id"].to_pandas()
         items = vocab["items"]
         self.item_ids = items["id"].to_pandas()

@@ -7,12 +7,14 @@ or URI pyarrow's filesystems understand) and ``synthetic`` (see :mod:`app.synthe
 
 from __future__ import annotations
 
+import base64
 import csv
 import fnmatch
 import io
 import json
 import os
 import shutil
+import urllib.parse
 import urllib.request
 import uuid
 import zipfile
@@ -27,6 +29,7 @@ import pyarrow.parquet as pq
 import ray
 
 from app.config import DataConfig
+from app.redact import redact
 from app.validate import Columns
 
 
@@ -200,17 +203,33 @@ def _movies_csv(path: str) -> pa.Table:
     return pa.table({"item": t["movieId"], "title": t["title"], "genres": t["genres"]})
 
 
+def _request(url: str) -> urllib.request.Request:
+    """A request for ``url``; a ``user:password@`` in it is sent as HTTP basic auth (urllib
+    alone would take it for part of the host name), to this host only (not on redirects)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return urllib.request.Request(url)
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    req = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)))
+    pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+    req.add_unredirected_header("Authorization",
+                                "Basic " + base64.b64encode(pair.encode()).decode())
+    return req
+
+
 def _download(url: str, dest_dir: str) -> str:
     os.makedirs(dest_dir, exist_ok=True)
-    dest = os.path.join(dest_dir, os.path.basename(url.split("?")[0]) or "download.zip")
+    name = os.path.basename(urllib.parse.urlsplit(url).path)
+    dest = os.path.join(dest_dir, name or "download.zip")
     partial = dest + ".partial"
-    print(f"downloading {url}")
+    print(f"downloading {redact(url)}")
     try:
-        with urllib.request.urlopen(url, timeout=60) as r, open(partial, "wb") as f:
+        with urllib.request.urlopen(_request(url), timeout=60) as r, open(partial, "wb") as f:
             shutil.copyfileobj(r, f, 1 << 20)
     except OSError as e:
-        raise DataError(f"could not download {url} ({e}); pass --input with item_ratings.csv, "
-                        f"its folder or the zip") from None
+        raise DataError(f"could not download {redact(url)} ({redact(str(e))}); pass --input "
+                        f"with item_ratings.csv, its folder or the zip") from None
     os.replace(partial, dest)
     return dest
 

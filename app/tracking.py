@@ -2,7 +2,8 @@
 
 A local store (``sqlite:///<workdir>/mlflow.db``, artifacts under ``<workdir>/mlartifacts``) is
 the default; any tracking URI (``databricks``, ``http://...``) and registry URI
-(``databricks-uc``) come from the config. Credentials come from the environment only.
+(``databricks-uc``) come from the config. Credentials come from the environment (or the URI);
+what is logged or saved has them masked (:mod:`app.redact`).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import mlflow
-import pandas as pd
-from mlflow.pyfunc import PythonModel
 
 from app.config import ClusterConfig, Config
+from app.redact import redact
 
 APP_DIR = Path(__file__).resolve().parent
+# the registered model as code (MLflow's models-from-code): MLflow runs this file to build the
+# model when it loads it, so nothing is unpickled
+MODEL_CODE = APP_DIR / "pyfunc_model.py"
 
 
 def tracking_uri(cluster: ClusterConfig) -> str:
@@ -40,6 +43,8 @@ def configure(cluster: ClusterConfig) -> str:
 
     uri = tracking_uri(cluster)
     mlflow.set_tracking_uri(uri)
+    if redact(uri) != uri:  # MLflow prints run links with the URI as given, credential and all
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     registry = mlflow_defaults(cluster)[1]
     if registry:
         mlflow.set_registry_uri(registry)
@@ -53,8 +58,8 @@ def configure(cluster: ClusterConfig) -> str:
 
 
 def flat_params(cfg: Config) -> dict[str, str]:
-    """The config as MLflow params: ``section.field -> value``."""
-    return {f"{s}.{k}": str(v)[:500] for s, fields in cfg.to_dict().items()
+    """The config as MLflow params: ``section.field -> value`` (credentials masked)."""
+    return {f"{s}.{k}": str(v)[:500] for s, fields in cfg.shown().items()
             for k, v in fields.items()}
 
 
@@ -71,7 +76,7 @@ def start_run(cfg: Config, *, run_name: str, tags: Optional[dict[str, str]] = No
     """Create a run with the config as params; returns its id (the run is left closed, so
     workers and later steps log to it by id)."""
     experiment_id = configure(cfg.cluster)
-    all_tags = dict(tags or {})
+    all_tags = {k: redact(str(v)) for k, v in (tags or {}).items()}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     client = mlflow.MlflowClient()
@@ -82,32 +87,6 @@ def start_run(cfg: Config, *, run_name: str, tags: Optional[dict[str, str]] = No
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, params[k])
                                                   for k in keys[start:start + 100]])
     return run.info.run_id
-
-
-class TwoTowerPyfunc(PythonModel):
-    """The registered model: top-K items for users, or scores for (user, item) pairs.
-
-    Input: a DataFrame with ``userId`` (and ``movieId`` for pair scores; an optional
-    ``history`` column holds each user's recent item ids, which a new user is recommended
-    from). Params: ``k`` (items per user, default 10). Output: :meth:`app.serving.Recommender.recommend` or
-    :meth:`app.serving.Recommender.score_pairs` rows.
-    """
-
-    def load_context(self, context: Any) -> None:
-        from app.serving import Recommender
-
-        self.recommender = Recommender(context.artifacts["model_dir"])
-
-    def predict(self, context: Any, model_input: pd.DataFrame,
-                params: Optional[dict[str, Any]] = None) -> pd.DataFrame:
-        if "userId" not in model_input.columns:
-            raise ValueError(f"input needs a userId column; got {list(model_input.columns)}")
-        if "movieId" in model_input.columns and model_input["movieId"].notna().any():
-            return self.recommender.score_pairs(model_input["userId"].tolist(),
-                                                model_input["movieId"].tolist())
-        k = int((params or {}).get("k", 10))
-        histories = model_input["history"].tolist() if "history" in model_input else None
-        return self.recommender.recommend(model_input["userId"].tolist(), k, histories)
 
 
 def _signature(user_type: str, item_type: str) -> Any:
@@ -134,6 +113,10 @@ def log_trained_model(cfg: Config, run_id: str, model_dir: str | os.PathLike,
                       vocab_types: dict[str, str]) -> dict[str, Any]:
     """Log the model folder as artifacts and as a pyfunc model, and register it.
 
+    The pyfunc model is logged as code (:data:`MODEL_CODE`), not pickled: the model folder is
+    its ``model_dir`` artifact and ``app/`` travels as its code, so it loads in a fresh
+    process with MLflow's pickle loading switched off.
+
     Returns:
         ``{"run_id", "model_uri", "registered_model", "version"}``.
     """
@@ -146,7 +129,7 @@ def log_trained_model(cfg: Config, run_id: str, model_dir: str | os.PathLike,
     with mlflow.start_run(run_id=run_id), chatter:
         mlflow.log_artifacts(str(model_dir), artifact_path="model_folder")
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=TwoTowerPyfunc(),
+            name="model", python_model=str(MODEL_CODE),
             artifacts={"model_dir": str(model_dir)}, code_paths=[str(APP_DIR)],
             signature=_signature(vocab_types["user_id_type"], vocab_types["item_id_type"]),
             pip_requirements=_requirements(),

@@ -28,7 +28,8 @@ from app import logs
 from app.config import Config
 from app.dataset import SPLITS, DatasetError, read_manifest
 from app.placement import check_resources, cluster_nodes, placement
-from app.publish import staged
+from app.publish import Lease, check_writable, current, version_of, writer
+from app.redact import redact_values
 from app.history import HISTORY_FILE
 from app.train_loop import (PLAN_FILE, POPULARITY_FILE, STATE_FILE, checkpoint_of_epoch,
                              item_features, latest_checkpoint, model_spec, train_loop)
@@ -121,11 +122,6 @@ def driver_baselines(cfg: Config, data_dir: str, num_users: int, num_items: int
     return {"ease": ease}
 
 
-def _prepare_output(output: Path) -> None:
-    if output.exists() and any(output.iterdir()) and not (output / "model.json").exists():
-        raise TrainError(f"{output} exists and is not a model folder; choose another --output")
-
-
 def _trainer_class() -> type:
     """``TorchTrainer`` whose interrupts are the caller's: Ray Train's own SIGINT handler
     (it aborts the run, then exits the whole process with status 0) is not installed; the
@@ -187,11 +183,13 @@ def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Path,
                              callbacks=callbacks or []))
 
 
-def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, out: Path, *, spec: Any,
+def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, lease: Lease, *, spec: Any,
                     manifest: dict[str, Any], run_dir: Path, refit: bool,
-                    baselines: dict[str, Any], say: Any) -> tuple[dict, Path, dict]:
-    """Fit, then publish the best epoch's model folder; returns (state, checkpoint, metrics).
-    The folder appears only when complete (see :func:`app.publish.staged`)."""
+                    baselines: dict[str, Any], data_root: str, data_version: Optional[str],
+                    register: Any, say: Any) -> tuple[dict, Path, dict, dict]:
+    """Fit, then publish the best epoch's model folder as a new version of the output;
+    returns (state, checkpoint, metrics, registered). Nothing is published or registered when
+    the dataset was replaced while training (see :mod:`app.publish`)."""
     import torch
 
     from app.export import WEIGHTS, export_state_dict, write_model_json
@@ -218,7 +216,7 @@ def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, out: Path, *, spec
     if best_epoch != state["epoch"] and not state.get("stopped_early"):
         # (after an early stop the workers' last line named the best epoch already)
         say(f"exporting epoch {best_epoch}, the best on validation, of {state['epoch']}")
-    with staged(out) as tmp:
+    with lease.staged() as tmp:
         torch.save(export_state_dict(consolidate(best_ckpt)), tmp / WEIGHTS)
         shutil.copytree(Path(data_dir, "vocab"), tmp / "vocab")
         shutil.copy(ckpt / HISTORY_FILE, tmp / HISTORY_FILE)
@@ -235,7 +233,13 @@ def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, out: Path, *, spec
         metrics["resumed_at_epochs"] = state["resumed_at_epochs"]
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (tmp / "history.json").write_text(json.dumps(state["history"], indent=1) + "\n")
-    return state, ckpt, metrics
+        now = version_of(data_root)
+        if now != data_version:
+            raise TrainError(f"{data_root} was replaced while training (version {data_version} "
+                             f"-> {now}); the model was not published: train again on the "
+                             f"new version")
+        registered = register(tmp)  # from the staged folder, so MLflow gets exactly this
+    return state, ckpt, metrics, registered
 
 
 def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True,
@@ -245,7 +249,8 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True,
     Args:
         cfg: the resolved configuration (``cfg.train.resume`` continues a stopped run).
         data_dir: a prepared dataset folder.
-        output: the model folder to write (replaced if it holds an older model).
+        output: the model folder; each run publishes a new version of it (see
+            :mod:`app.publish`; one writer at a time).
         verbose: print progress.
         refit: train on every split (train + val + test) for exactly ``cfg.train.epochs``
             epochs, without evaluation: the model to serve after an evaluated run chose the
@@ -255,11 +260,15 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True,
     Returns:
         A summary: metrics, paths, MLflow run and model version, seconds.
     """
-    with logs.stage("refit" if refit else "train"):
-        return _train(cfg, data_dir, output, verbose=verbose, refit=refit, tags=tags)
+    tag = "refit" if refit else "train"
+    out = Path(output).resolve()
+    check_writable(out, "model folder", "model.json")
+    with logs.stage(tag), writer(out, tag, timeout=cfg.cluster.lease_timeout,
+                                 say=lambda msg: logs.say(tag, msg)) as lease:
+        return _train(cfg, data_dir, lease, verbose=verbose, refit=refit, tags=tags)
 
 
-def _train(cfg: Config, data_dir: str, output: str, *, verbose: bool, refit: bool,
+def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: bool,
            tags: Optional[dict[str, str]]) -> dict[str, Any]:
     from app import tracking
     from app.cluster import init_ray
@@ -267,13 +276,14 @@ def _train(cfg: Config, data_dir: str, output: str, *, verbose: bool, refit: boo
     tag = "refit" if refit else "train"
     say = (lambda msg: logs.say(tag, msg)) if verbose else (lambda msg: None)
     t0 = time.perf_counter()
+    # one version of the dataset throughout; publishing checks it is still the current one
+    data_version, data_dir = version_of(data_root), str(current(data_root))
     manifest = read_manifest(data_dir)
     for split in SPLITS:
         if manifest["counts"]["splits"][split] == 0:
             raise DatasetError(f"{data_dir}: the {split} split is empty; training needs rows "
                                f"in train, val and test")
-    out = Path(output).resolve()
-    _prepare_output(out)
+    out = lease.out
     spec = model_spec(cfg, manifest, item_features(cfg.model, data_dir))
 
     init_ray(cfg.cluster)
@@ -318,10 +328,16 @@ def _train(cfg: Config, data_dir: str, output: str, *, verbose: bool, refit: boo
     trainer = make_trainer(cfg, data_dir, name=name, storage=storage, mlflow_info=mlflow_info,
                            refit=refit, baselines=baselines)
     try:
-        state, ckpt, metrics = _fit_and_export(cfg, trainer, data_dir, out, spec=spec,
-                                               manifest=manifest, run_dir=run_dir,
-                                               refit=refit, baselines=baselines, say=say)
-        registered = tracking.log_trained_model(cfg, run_id, out, manifest["vocab"])
+        def register(folder: Path) -> dict[str, Any]:
+            registered = tracking.log_trained_model(cfg, run_id, folder, manifest["vocab"])
+            (folder / "mlflow.json").write_text(json.dumps(  # no credentials saved
+                redact_values({**registered, **mlflow_info}), indent=2) + "\n")
+            return registered
+
+        state, ckpt, metrics, registered = _fit_and_export(
+            cfg, trainer, data_dir, lease, spec=spec, manifest=manifest, run_dir=run_dir,
+            refit=refit, baselines=baselines, data_root=data_root, data_version=data_version,
+            register=register, say=say)
     except BaseException as e:
         killed = isinstance(e, KeyboardInterrupt)  # SIGINT or SIGTERM (app.logs)
         if killed:
@@ -329,11 +345,10 @@ def _train(cfg: Config, data_dir: str, output: str, *, verbose: bool, refit: boo
         tracking.end_run(cfg, run_id, status="KILLED" if killed else "FAILED")
         raise
     tracking.end_run(cfg, run_id)
-    (out / "mlflow.json").write_text(json.dumps({**registered, **mlflow_info}, indent=2) + "\n")
     seconds = round(time.perf_counter() - t0, 1)
-    say(f"model folder {out}; MLflow run {run_id}, registered "
+    say(f"model folder {current(out)}; MLflow run {run_id}, registered "
         f"{registered['registered_uri']}; {seconds}s")
-    return {"model_dir": str(out), "metrics": metrics, "history": state["history"],
+    return {"model_dir": str(current(out)), "metrics": metrics, "history": state["history"],
             "mlflow": registered, "checkpoint": str(ckpt), "seconds": seconds,
             "placement": place.describe(), "refit": refit,
             "training_rows": sum(manifest["counts"]["splits"][s] for s in

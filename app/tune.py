@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 from app import logs
 from app.config import Config, ConfigError, load_config
+from app.redact import redact_values
+from app.publish import current
 from app.placement import Placement, ResourceError, check_resources, cluster_nodes, placement
 
 EXPERIMENT = "sweep"
@@ -64,15 +66,16 @@ def check_sweep_fits(cfg: Config, nodes: list[dict[str, float]]) -> Placement:
     return one
 
 
-def run_trial(config: dict[str, Any]) -> None:
-    """Tune function: one distributed training run with the trial's settings."""
+def run_trial(config: dict[str, Any], credentials: Optional[dict[str, str]] = None) -> None:
+    """Tune function: one distributed training run with the trial's settings (``credentials``:
+    the settings Tune's saved trial configs hold masked, see :meth:`Config.credentials`)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from app import tracking
     from app.train import make_trainer
 
-    cfg = trial_config(config["base"], config["params"])
+    cfg = trial_config(config["base"], {**config["params"], **(credentials or {})})
     ctx = ray.tune.get_context()
     run_id = tracking.start_run(cfg, run_name=f"{tracking.run_label('trial', cfg)} "
                                                f"{ctx.get_trial_name()}",
@@ -162,7 +165,11 @@ def sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
     Returns:
         ``{"rows": [...], "best": {...}, "best_config": path, "plot": path, ...}``.
     """
-    with logs.stage("tune"):
+    from app.publish import writer
+
+    with logs.stage("tune"), writer(Path(output).resolve(), "tune",
+                                    timeout=cfg.cluster.lease_timeout,
+                                    say=lambda msg: logs.say("tune", msg)):
         return _sweep(cfg, data_dir, output, verbose=verbose)
 
 
@@ -200,9 +207,11 @@ def _sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool) -> dict[st
     base["train"]["resume"] = False  # trials start from scratch
     # the trial function only drives its trainer; the training workers hold the CPUs/GPUs.
     # (A zero request is refused by Tune, hence a token byte of memory.)
-    trainable = tune.with_resources(run_trial, {"CPU": 0, "memory": 1})
-    param_space = {"params": tune_space(cfg.tune.search_space), "base": base,
-                   "data_dir": str(Path(data_dir).resolve()), "storage": str(out / "trials"),
+    # Tune saves the param space with the experiment: credentials travel beside it, in memory
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, credentials=cfg.credentials()), {"CPU": 0, "memory": 1})
+    param_space = {"params": tune_space(cfg.tune.search_space), "base": redact_values(base),
+                   "data_dir": str(current(data_dir).resolve()), "storage": str(out / "trials"),
                    "parent_run_id": parent_run_id}
     if resuming:
         tuner = tune.Tuner.restore(str(out / EXPERIMENT), trainable=trainable,

@@ -71,13 +71,14 @@ def ladder(max_epochs: int) -> list[tuple[str, dict[str, Any]]]:
 def prepare(name: str, rows: int, cache: Path) -> Path:
     """The dataset prepared once under ``cache`` (defaults otherwise: random 70/20/10 split)."""
     from app.prepare import prepare_dataset
+    from app.publish import current
 
     out = cache / (f"quality-{name}" + (f"-{rows}" if name == "synthetic" else ""))
-    if not (out / "manifest.json").exists():
+    if not (current(out) / "manifest.json").exists():  # prepared before (any layout)
         cache.mkdir(parents=True, exist_ok=True)
         cfg = load_config(overrides={"dataset": name, "rows": rows, "overwrite": True}).data
         prepare_dataset(cfg, str(out), verbose=False)
-    return out
+    return current(out)
 
 
 def run_rung(overrides: dict[str, Any], data_dir: Path, work: Path, tag: str, *,

@@ -44,6 +44,7 @@ import ray  # noqa: E402
 
 from app.config import load_config  # noqa: E402
 from app.prepare import prepare_dataset  # noqa: E402
+from app.publish import current  # noqa: E402
 
 BATCH_SIZE = 8192
 WARMUP = 2
@@ -53,13 +54,13 @@ def prepared(rows: int, cache: Path, items: int = 0) -> Path:
     """The synthetic dataset of ``rows`` rows (``items`` items; 0: the generator's default),
     prepared once under ``cache``."""
     out = cache / (f"train-synthetic-{rows}" + (f"-{items}-items" if items else ""))
-    if (out / "manifest.json").exists():
-        return out
+    if (current(out) / "manifest.json").exists():  # prepared before (any layout)
+        return current(out)
     cache.mkdir(parents=True, exist_ok=True)
     cfg = load_config(overrides={"dataset": "synthetic", "rows": rows, "overwrite": True,
                                  "synthetic_items": items}).data
     prepare_dataset(cfg, str(out), verbose=False)
-    return out
+    return current(out)
 
 
 # ---------------------------------------------------------------- worker side (Ray Train)

@@ -23,6 +23,8 @@ from app.cluster import init_ray
 from app.config import Config, config_from_args, load_config
 from app.dataset import DatasetError, read_manifest
 from app.prepare import prepare_dataset
+from app.publish import current, writer
+from app.redact import redact, redact_values
 from app.report import examples, plot_history, render
 from app.tracking import tracking_uri
 
@@ -37,7 +39,7 @@ def _prepared_with(data_dir: Path, cfg: Config) -> bool:
         manifest = read_manifest(data_dir)
     except DatasetError:
         return False
-    want = {k: v for k, v in vars(cfg.data).items() if k not in _VOLATILE}
+    want = {k: redact_values(v) for k, v in vars(cfg.data).items() if k not in _VOLATILE}
     have = {k: v for k, v in manifest.get("config", {}).items() if k not in _VOLATILE}
     return want == have
 
@@ -64,7 +66,14 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False,
             metrics from the evaluated run (its folder: ``model-heldout/``).
     """
     workdir = Path(cfg.cluster.workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    # one full run per workdir at a time (each stage also holds its own output's lease)
+    with writer(workdir, "full_run", timeout=cfg.cluster.lease_timeout,
+                say=lambda msg: logs.say("run", msg)):
+        return _run(cfg, workdir, stages, tune=tune, refit=refit)
+
+
+def _run(cfg: Config, workdir: Path, stages: tuple[str, ...], *, tune: bool,
+         refit: bool) -> dict[str, Any]:
     cfg.dump_yaml(workdir / "config.yaml")
     init_ray(cfg.cluster)
     summary: dict[str, Any] = {"workdir": str(workdir), "stages": {}}
@@ -80,7 +89,8 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False,
             # The workdir is this job's own: its dataset is replaced when the settings changed.
             # A dataset elsewhere (--output) is replaced only with --overwrite.
             cfg.data.overwrite = cfg.data.overwrite or workdir in data_dir.absolute().parents
-            manifest = prepare_dataset(cfg.data, str(data_dir))
+            manifest = prepare_dataset(cfg.data, str(data_dir),
+                                       lease_timeout=cfg.cluster.lease_timeout)
     seconds = time.perf_counter() - t0
     summary["stages"]["prepare"] = {"seconds": round(seconds, 2),
                                     "rows": manifest["counts"]["read"],
@@ -96,7 +106,9 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False,
                                      "best": swept["best"]["params"],
                                      "best_metric": swept["best"]["metric"]}
         # the model is trained with the best trial's settings (the rest as configured)
-        cfg = load_config(swept["best_config"], {"workdir": cfg.cluster.workdir})
+        # (the saved file has credentials masked: the ones in use are carried over)
+        cfg = load_config(swept["best_config"], {"workdir": cfg.cluster.workdir,
+                                                 **cfg.credentials()})
     if "train" in stages:
         from app.train import train
 
@@ -120,7 +132,7 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False,
                                           "training_rows": again["training_rows"],
                                           "epochs": best, "output": str(model_dir),
                                           "mlflow": again["mlflow"]}
-        summary["tracking_uri"] = tracking_uri(cfg.cluster)
+        summary["tracking_uri"] = redact(tracking_uri(cfg.cluster))
         summary["plot"] = str(workdir / "val_metrics.png")
         plot_history(result["history"], workdir / "val_metrics.png",
                      [int(k) for k in cfg.train.eval_k])
@@ -133,7 +145,7 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False,
         summary["stages"]["infer"] = {"seconds": round(time.perf_counter() - t0, 2),
                                       "rows": result["users"], "output": str(recs),
                                       "summary": result}
-        summary["examples"] = examples(recs)
+        summary["examples"] = examples(current(recs))
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(render(summary))
     return summary

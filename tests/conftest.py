@@ -20,13 +20,18 @@ SHELL_ENV = dict(os.environ)
 
 from app.config import load_config  # noqa: E402
 from app.prepare import prepare_dataset  # noqa: E402
+from app.publish import current  # noqa: E402
 
 
 def start_local_ray(**kwargs) -> None:
-    """A local Ray on 127.0.0.1 (2 CPUs unless given), with the dashboard: its state API lets
-    Ray Train release the placement group of a run whose driver was stopped."""
-    ray.init(**{"num_cpus": 2, **kwargs}, include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=False)
+    """A local Ray as the pipeline starts one (2 CPUs unless given): every listener on
+    loopback, with the dashboard, whose state API lets Ray Train release the placement group
+    of a run whose driver was stopped."""
+    from app.cluster import start_embedded
+
+    start_embedded(**{"num_cpus": 2, **kwargs}, include_dashboard=True,
+                   dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                   log_to_driver=False)
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +51,7 @@ def movielens_dir(ray_local, tmp_path_factory) -> Path:
     """MovieLens latest-small prepared with the defaults."""
     out = tmp_path_factory.mktemp("ml") / "data"
     prepare_dataset(data_config(), str(out), verbose=False)
-    return out
+    return current(out)  # the published version's folder
 
 
 @pytest.fixture(scope="session")

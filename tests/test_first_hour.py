@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from app.publish import current
 from tests.conftest import ROOT, short_tmp, user_shell_env
 
 
@@ -58,7 +59,7 @@ def test_a_stale_address_file_is_not_attached_to(ray_tmpdir, tmp_path):
     out = _run(["pipelines.prepare_data", "--dataset", "synthetic", "--rows", "5000",
                 "--output", str(tmp_path / "data")], env, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    manifest = json.loads((current(tmp_path / "data") / "manifest.json").read_text())
     assert manifest["counts"]["accepted"] == 5000
 
 
@@ -154,8 +155,8 @@ def test_ctrl_c_during_training_stops_cleanly_and_says_how_to_continue(ray_tmpdi
     assert "Traceback" not in text
     # nothing that looks complete; the prepared dataset (a finished stage) stays
     assert not (wd / "model-heldout").exists() and not (wd / "model").exists()
-    assert not (wd / "summary.json").exists() and not list(wd.glob(".*partial*"))
-    assert (wd / "data" / "manifest.json").is_file()
+    assert not (wd / "summary.json").exists() and not list(wd.rglob(".partial-*"))
+    assert (current(wd / "data") / "manifest.json").is_file()
     with sqlite3.connect(wd / "mlflow.db") as db:
         runs = db.execute("select name, status from runs").fetchall()
     assert len(runs) == 1 and runs[0][1] == "KILLED"

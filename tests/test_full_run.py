@@ -4,6 +4,8 @@ import json
 
 from pipelines import full_run
 
+from app.publish import current
+
 
 def test_full_run_prepares_into_the_workdir_and_reuses_it(ray_local, tmp_path, capsys):
     argv = ["--dataset", "synthetic", "--rows", "20000", "--workdir", str(tmp_path / "wd"),
@@ -11,13 +13,13 @@ def test_full_run_prepares_into_the_workdir_and_reuses_it(ray_local, tmp_path, c
     assert full_run.main(argv) == 0
     summary = json.loads((tmp_path / "wd" / "summary.json").read_text())
     assert summary["stages"]["prepare"]["counts"]["accepted"] == 20_000
-    assert (tmp_path / "wd" / "data" / "manifest.json").exists()
+    assert (current(tmp_path / "wd" / "data") / "manifest.json").exists()
     assert "data:" in (tmp_path / "wd" / "config.yaml").read_text()
     assert full_run.main(argv) == 0
     assert "reusing" in capsys.readouterr().out
     # a changed data setting prepares again
     assert full_run.main(argv + ["--split", "temporal"]) == 0
-    manifest = json.loads((tmp_path / "wd" / "data" / "manifest.json").read_text())
+    manifest = json.loads((current(tmp_path / "wd" / "data") / "manifest.json").read_text())
     assert manifest["split"]["rule"] == "temporal"
 
 
@@ -34,17 +36,18 @@ def test_full_run_prepares_trains_and_recommends(ray_local, tmp_path, capsys):
     summary = json.loads((wd / "summary.json").read_text())
     assert list(summary["stages"]) == ["prepare", "train", "refit", "infer"]
     train, refit = summary["stages"]["train"], summary["stages"]["refit"]
-    assert (wd / "model" / "weights.pt").is_file()
+    assert (current(wd / "model") / "weights.pt").is_file()
     assert train["metrics"]["epochs"] == 1 and train["mlflow"]["version"] >= 1
     # the served model is the refit on every split; the held-out run keeps its metrics
     counts = summary["stages"]["prepare"]["counts"]
-    assert refit["training_rows"] == counts["accepted"] and refit["epochs"] == 1
-    assert json.loads((wd / "model" / "metrics.json").read_text())["refit"] is True
-    assert "ease" in json.loads((wd / "model-heldout" / "metrics.json").read_text())
+    # every written row (repeated (user, item) rows are merged by --duplicates first)
+    assert refit["training_rows"] == sum(counts["splits"].values()) and refit["epochs"] == 1
+    assert json.loads((current(wd / "model") / "metrics.json").read_text())["refit"] is True
+    assert "ease" in json.loads((current(wd / "model-heldout") / "metrics.json").read_text())
     assert refit["mlflow"]["version"] == train["mlflow"]["version"] + 1
     import pandas as pd
 
-    recs = pd.read_parquet(wd / "recommendations")
+    recs = pd.read_parquet(current(wd / "recommendations"))
     assert summary["stages"]["infer"]["summary"]["rows"] == len(recs) > 0
     out = capsys.readouterr().out
     assert "models:/two-tower-full-run/" in out and "example recommendations:" in out

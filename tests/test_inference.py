@@ -17,6 +17,7 @@ from app.config import load_config
 from app.dataset import SPLITS, DatasetError, read_split_arrays
 from app.export import ModelError
 from app.inference import batch_inference
+from app.publish import OutputError, current
 
 
 def inference_config(work: Path, **overrides):
@@ -41,7 +42,7 @@ def test_every_user_gets_k_ranked_unrated_items(recommendations, movielens_dir):
     from app.dataset import load_vocab
 
     out, summary = recommendations
-    df = pd.read_parquet(out)
+    df = pd.read_parquet(current(out))
     vocab = load_vocab(movielens_dir)
     users = vocab["users"]["id"].to_pylist()
     assert summary["users"] == len(users) and summary["rows"] == len(users) * 20
@@ -59,7 +60,7 @@ def test_every_user_gets_k_ranked_unrated_items(recommendations, movielens_dir):
         rated |= set(zip(rows["user"].tolist(), rows["item"].tolist()))
     pairs = zip(df["userId"].map(user_index), df["movieId"].map(item_index))
     assert not any(p in rated for p in pairs)
-    assert not list(out.parent.glob(".recs.partial*"))
+    assert not list(out.glob(".partial-*"))
 
 
 def test_recommendations_reproduce_the_training_test_recall(trained, movielens_dir, tmp_path):
@@ -70,7 +71,7 @@ def test_recommendations_reproduce_the_training_test_recall(trained, movielens_d
     cfg = inference_config(trained["work"], top_k=20, exclude_rated="train")
     batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir), str(tmp_path / "r"),
                     verbose=False)
-    df = pd.read_parquet(tmp_path / "r")
+    df = pd.read_parquet(current(tmp_path / "r"))
     vocab = load_vocab(movielens_dir)
     user_index = _index_of(vocab["users"]["id"].to_pylist())
     item_index = _index_of(vocab["items"]["id"].to_pylist())
@@ -99,10 +100,12 @@ def test_pair_scores_are_the_models_forward_pass(trained, movielens_dir, tmp_pat
     summary = batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir),
                               str(tmp_path / "scores"), pairs=str(tmp_path / "pairs.csv"),
                               verbose=False)
-    got = pd.read_parquet(tmp_path / "scores")
+    got = pd.read_parquet(current(tmp_path / "scores"))
     assert len(got) == 6 and summary["unknown_item_rows"] == 1
     assert summary["unknown_user_rows"] == 1
-    got = got.set_index(["userId", "movieId"]).loc[list(zip(pairs.userId, pairs.movieId))]
+    # CSV ids are read as written: text, echoed as text
+    got = got.set_index(["userId", "movieId"]).loc[
+        [(str(u), str(i)) for u, i in zip(pairs.userId, pairs.movieId)]]
     model = load_exported(trained["model_dir"])
     with torch.no_grad():
         want = model.score(torch.from_numpy(rec.user_indices(users)),
@@ -121,7 +124,7 @@ def test_faiss_index_recall_against_exact(trained, movielens_dir, tmp_path, caps
                               str(tmp_path / "r"))
     assert summary["faiss_recall_vs_exact"] >= 0.95
     assert "recall@100 against exact top-100" in capsys.readouterr().out
-    df = pd.read_parquet(tmp_path / "r")
+    df = pd.read_parquet(current(tmp_path / "r"))
     assert summary["rows"] == len(df) and summary["users"] == df["userId"].nunique()
     assert summary["short_lists"] == 0
 
@@ -136,7 +139,7 @@ def test_mlflow_uri_and_user_file_with_unknown_users(trained, movielens_dir, tmp
                               str(tmp_path / "r"), users=str(tmp_path / "users.parquet"),
                               verbose=False)
     assert summary["users"] == 4 and summary["fallback_users"] == 1
-    df = pd.read_parquet(tmp_path / "r")
+    df = pd.read_parquet(current(tmp_path / "r"))
     fallback = df[df["userId"] == 10 ** 9].sort_values("rank")
     assert fallback["fallback"].all() and len(fallback) == 5
     popularity = np.load(trained["model_dir"] / "item_popularity.npy")
@@ -166,7 +169,7 @@ def test_bad_inputs_name_what_is_wrong(trained, movielens_dir, tmp_path):
                         str(tmp_path / "r"), verbose=False)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("x")
-    with pytest.raises(ModelError, match="not an output of this stage"):
+    with pytest.raises(OutputError, match="holds something other than a batch inference out"):
         batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir),
                         str(tmp_path / "mine"), verbose=False)
 
@@ -187,7 +190,7 @@ def test_empty_header_only_and_unreadable_inputs_fail_in_one_line(trained, movie
             batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir),
                             str(tmp_path / "r"), users=str(tmp_path / name), verbose=False)
         assert "\n" not in str(e.value)
-        assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r.partial*"))
+        assert not (tmp_path / "r").exists()  # no version, no partial folder
 
 
 def test_repeated_users_are_recommended_once(trained, movielens_dir, tmp_path):
@@ -199,7 +202,7 @@ def test_repeated_users_are_recommended_once(trained, movielens_dir, tmp_path):
                               str(tmp_path / "r"), users=str(tmp_path / "users.csv"),
                               verbose=False)
     assert summary["users"] == 3 and summary["duplicate_users_dropped"] == 3
-    df = pd.read_parquet(tmp_path / "r")
+    df = pd.read_parquet(current(tmp_path / "r"))
     assert len(df) == 15 and df.groupby("userId")["rank"].apply(list).map(
         lambda r: sorted(r) == [1, 2, 3, 4, 5]).all()
 
@@ -240,7 +243,7 @@ def test_a_killed_actor_still_yields_complete_output(trained, movielens_dir, tmp
                               str(tmp_path / "r"), verbose=False)
     killer.join()
     assert killed
-    df = pd.read_parquet(tmp_path / "r")
+    df = pd.read_parquet(current(tmp_path / "r"))
     n_users = len(pd.read_parquet(trained["model_dir"] / "vocab" / "users.parquet"))
     assert len(df) == n_users * 10 == summary["rows"]
     assert not df.duplicated(["userId", "rank"]).any()

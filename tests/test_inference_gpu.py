@@ -9,6 +9,7 @@ import pytest
 from app.config import load_config
 from tests.conftest import start_local_ray
 from app.inference import batch_inference
+from app.publish import current
 
 pytestmark = pytest.mark.gpu
 
@@ -27,7 +28,7 @@ def test_gpu_actors_give_the_cpu_recommendations(trained, movielens_dir, tmp_pat
             summary = batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir),
                                       str(tmp_path / device), verbose=False)
             assert summary["device"] == ("cuda" if device == "gpu" else "cpu")
-            out[device] = pd.read_parquet(tmp_path / device).sort_values(["userId", "rank"])
+            out[device] = pd.read_parquet(current(tmp_path / device)).sort_values(["userId", "rank"])
         assert len(out["gpu"]) == len(out["cpu"])
         assert np.allclose(out["gpu"]["score"], out["cpu"]["score"], atol=1e-3)
         same = (out["gpu"]["movieId"].to_numpy() == out["cpu"]["movieId"].to_numpy()).mean()

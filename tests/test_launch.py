@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app.publish import current
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -196,6 +198,6 @@ def test_ray_job_submit_runs_the_full_pipeline(ray_local, tmp_path):
         start_local_ray()
     summary = json.loads((workdir / "summary.json").read_text())
     assert list(summary["stages"]) == ["prepare", "train", "refit", "infer"]
-    assert (workdir / "model" / "weights.pt").is_file()
-    assert (workdir / "recommendations" / "_summary.json").is_file()
+    assert (current(workdir / "model") / "weights.pt").is_file()
+    assert (current(workdir / "recommendations") / "_summary.json").is_file()
     shutil.rmtree(workdir / "checkpoints", ignore_errors=True)

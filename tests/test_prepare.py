@@ -19,8 +19,9 @@ import pytest
 from streaming import StreamingDataset
 
 from app.dataset import SPLITS, load_vocab, read_manifest, read_split_arrays
-from app.reader import InteractionStream
 from app.prepare import InteractionSink, prepare_dataset
+from app.publish import current
+from app.reader import InteractionStream
 from app.sources import DataError
 from pipelines import prepare_data
 from tests.conftest import data_config, movielens_table, write_lfs_csv
@@ -45,7 +46,8 @@ def check_counts_add_up(out: Path) -> dict:
     c = m["counts"]
     assert c["read"] == c["accepted"] + c["rejected"]
     assert c["rejected"] == sum(c["rejected_by_reason"].values())
-    assert sum(c["splits"].values()) == c["accepted"]
+    # repeated (user, item) rows merged by --duplicates are accepted but not written twice
+    assert sum(c["splits"].values()) == c["accepted"] - c["duplicates"]["rows_merged"]
     return m
 
 
@@ -81,8 +83,8 @@ def test_lfs_csv_with_string_user_ids(ray_local, tmp_path):
     users = load_vocab(out)["users"]["id"].to_pylist()
     assert set(users) == set(written["userId"].to_pylist())
     for split in SPLITS:
-        assert streaming_rows(out / split) == m["counts"]["splits"][split]
-    ts = np.concatenate([read_split_arrays(out / s)["timestamp"] for s in SPLITS])
+        assert streaming_rows(current(out) / split) == m["counts"]["splits"][split]
+    ts = np.concatenate([read_split_arrays(current(out) / s)["timestamp"] for s in SPLITS])
     assert ts.min() > 800_000_000  # datetimes parsed to epoch seconds
 
 
@@ -102,17 +104,19 @@ def test_lfs_download_from_a_served_zip(ray_local, tmp_path):
     finally:
         server.shutdown()
     assert check_counts_add_up(out)["counts"]["accepted"] == 3000
-    assert not (out / "_scratch").exists()  # the download is not part of the dataset
+    assert not (current(out) / "_scratch").exists()  # the download is not part of the dataset
 
 
 def test_synthetic(ray_local, tmp_path):
     out = tmp_path / "syn"
-    prepare_dataset(data_config(dataset="synthetic", rows=300_000), str(out), verbose=False)
+    # the generator's rows as generated (its repeated pairs are part of its popularity skew)
+    prepare_dataset(data_config(dataset="synthetic", rows=300_000, duplicates="keep"), str(out),
+                    verbose=False)
     m = check_counts_add_up(out)
     assert m["counts"]["accepted"] == 300_000
     for split in SPLITS:
-        assert streaming_rows(out / split) == m["counts"]["splits"][split]
-    train = read_split_arrays(out / "train")
+        assert streaming_rows(current(out) / split) == m["counts"]["splits"][split]
+    train = read_split_arrays(current(out) / "train")
     counts = np.bincount(train["item"])
     top = np.sort(counts)[::-1]
     assert top[: len(top) // 100].sum() > 0.1 * counts.sum()  # popularity skew
@@ -147,15 +151,15 @@ def test_malformed_rows_are_quarantined_with_reasons(ray_local, tmp_path):
         "missing movieId": 1, "missing userId": 1, "missing timestamp": 1,
         "unparsable rating": 2, "rating outside [0.5, 5]": 1, "unparsable timestamp": 1}
     rejects = pa.concat_tables([pq.read_table(p).select(["reason"])
-                                for p in sorted((out / "rejects").glob("*.parquet"))])
+                                for p in sorted((current(out) / "rejects").glob("*.parquet"))])
     assert rejects.num_rows == 9
-    rows = [r for p in sorted((out / "rejects").glob("part-*.parquet"))
+    rows = [r for p in sorted((current(out) / "rejects").glob("part-*.parquet"))
             for r in pq.read_table(p).to_pylist()]
     assert {"userId": "2", "movieId": "12", "rating": "abc", "timestamp": "1260759147",
             "reason": "unparsable rating"} in rows
-    lines = pq.read_table(out / "rejects" / "malformed-lines.parquet").to_pylist()
+    lines = pq.read_table(current(out) / "rejects" / "malformed-lines.parquet").to_pylist()
     assert [r["text"] for r in lines] == ["4,17,4.5,1260759151,extra"]
-    kept = np.concatenate([read_split_arrays(out / s)["rating"] for s in SPLITS])
+    kept = np.concatenate([read_split_arrays(current(out) / s)["rating"] for s in SPLITS])
     assert sorted(kept.tolist()) == [3.5, 4.0, 5.0]
 
 
@@ -177,7 +181,6 @@ def test_bad_inputs_exit_nonzero_and_leave_nothing(ray_local, tmp_path, capsys, 
     assert message in err and len(err.splitlines()) == 1, err
     assert str(src) in err
     assert not out.exists()
-    assert list(tmp_path.glob(".out.*")) == []
 
 
 def test_parquet_source_and_mean_label(ray_local, tmp_path):
@@ -192,7 +195,7 @@ def test_parquet_source_and_mean_label(ray_local, tmp_path):
     assert m["counts"]["accepted"] == 10_000
     mean = float(pc.mean(t["rating"]).as_py())
     assert abs(m["label"]["threshold"] - mean) < 1e-9
-    rows = {s: read_split_arrays(out / s) for s in SPLITS}
+    rows = {s: read_split_arrays(current(out) / s) for s in SPLITS}
     for r in rows.values():
         assert (r["label"] == (r["rating"] >= np.float32(mean))).all()
 
@@ -201,7 +204,7 @@ def test_temporal_split_holds_out_each_users_latest(ray_local, tmp_path):
     out = tmp_path / "out"
     prepare_dataset(data_config(split="temporal"), str(out), verbose=False)
     m = check_counts_add_up(out)
-    s = {name: read_split_arrays(out / name) for name in SPLITS}
+    s = {name: read_split_arrays(current(out) / name) for name in SPLITS}
     last_train = np.zeros(700, np.int64)
     np.maximum.at(last_train, s["train"]["user"], s["train"]["timestamp"])
     first_test = np.full(700, np.iinfo(np.int64).max)
@@ -215,6 +218,7 @@ def test_temporal_split_holds_out_each_users_latest(ray_local, tmp_path):
 def test_same_input_same_output(ray_local, movielens_dir, tmp_path):
     again = tmp_path / "again"
     prepare_dataset(data_config(), str(again), verbose=False)
+    again = current(again)
     files = sorted(p.relative_to(movielens_dir) for p in movielens_dir.rglob("*")
                    if p.is_file() and p.name != "manifest.json")
     assert files == sorted(p.relative_to(again) for p in again.rglob("*")
@@ -236,19 +240,22 @@ def test_interrupted_run_leaves_nothing_and_rerun_succeeds(ray_local, tmp_path, 
     monkeypatch.setattr(InteractionSink, "on_write_complete", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset(cfg, str(out), verbose=False)
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert not out.exists()  # no version, no partial folder, no lease
     monkeypatch.undo()
-    # a run killed outright leaves its hidden partial folder; it never looks complete
-    (tmp_path / ".out.partial-deadbeef" / "train").mkdir(parents=True)
+    # a run killed outright leaves its hidden partial folder; it never looks complete, and
+    # the next writer (holding the lease) removes it
+    (out / ".partial-v-000001-20260101T000000Z" / "train").mkdir(parents=True)
     prepare_dataset(cfg, str(out), verbose=False)
     assert check_counts_add_up(out)["counts"]["accepted"] == 50_000
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    # an existing dataset is replaced only on request
+    first = current(out).name
+    assert sorted(p.name for p in out.iterdir()) == ["CURRENT", first]
+    # an existing dataset is replaced only on request, by a new version
     with pytest.raises(DataError, match="--overwrite"):
         prepare_dataset(cfg, str(out), verbose=False)
     cfg.overwrite = True
     prepare_dataset(cfg, str(out), verbose=False)
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert current(out).name != first
+    assert sorted(p.name for p in out.iterdir()) == sorted(["CURRENT", first, current(out).name])
 
 
 def test_csv_folder_with_a_header_only_file(ray_local, tmp_path):
@@ -270,7 +277,7 @@ def test_tab_separated_input_is_parsed_as_such(ray_local, tmp_path):
                     verbose=False)
     manifest = check_counts_add_up(out)
     assert manifest["counts"]["accepted"] == 60 and manifest["counts"]["rejected"] == 0
-    assert pq.read_table(out / "vocab" / "users.parquet")["id"].to_pylist() == \
+    assert pq.read_table(current(out) / "vocab" / "users.parquet")["id"].to_pylist() == \
         [f"u{i}" for i in range(7)]
     # one read takes one kind of separator
     (tmp_path / "mixed").mkdir()

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from app.config import load_config
+from app.publish import current
 from tests.conftest import exported_recall
 
 
@@ -64,9 +65,9 @@ def test_refit_trains_on_every_accepted_row(ray_local, movielens_dir, tmp_path):
     assert abs(result["history"][0]["train_rows"] - total) < 2  # equal shares of 2 workers
     assert "val_recall@20" not in result["history"][0]
     # the served model's histories hold every split's positives
-    h = UserHistory.from_bytes((tmp_path / "model" / "user_history.npz").read_bytes())
+    h = UserHistory.from_bytes((current(tmp_path / "model") / "user_history.npz").read_bytes())
     assert len(h.items) == sum(manifest["counts"]["positives"].values())
-    info = json.loads((tmp_path / "model" / "mlflow.json").read_text())
+    info = json.loads((current(tmp_path / "model") / "mlflow.json").read_text())
     run = mlflow.MlflowClient(info["tracking_uri"]).get_run(info["run_id"])
     assert run.data.tags["refit"] == "true"
 
@@ -117,6 +118,6 @@ def test_new_users_are_recommended_from_their_history(trained, movielens_dir, tm
                               history=str(tmp_path / "history.csv"), verbose=False)
     assert summary["history_users"] == 1 and summary["fallback_users"] == 1
     assert summary["history"]["unknown_item_rows"] == 1
-    recs = pd.read_parquet(tmp_path / "recs")
-    batch = recs[recs["userId"] == new_ids[0]].sort_values("rank")
+    recs = pd.read_parquet(current(tmp_path / "recs"))
+    batch = recs[recs["userId"] == str(new_ids[0])].sort_values("rank")  # CSV ids: text
     assert list(batch["movieId"]) == list(out[out["userId"] == new_ids[0]]["movieId"])

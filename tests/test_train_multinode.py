@@ -9,6 +9,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from app.config import load_config
+from app.publish import current
 from tests.conftest import start_local_ray
 
 
@@ -27,7 +28,7 @@ def test_mnmg_spreads_one_worker_per_node(ray_local, movielens_dir, tmp_path):
                                      "workdir": str(tmp_path),
                                      "registered_model_name": "two-tower-mnmg"})
         summary = train(cfg, str(movielens_dir), str(tmp_path / "model"), verbose=False)
-        plan = json.loads((tmp_path / "model" / "sharding_plan.json").read_text())
+        plan = json.loads((current(tmp_path / "model") / "sharding_plan.json").read_text())
         nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         assert len(set(plan["rank_nodes"])) == 2 and set(plan["rank_nodes"]) <= nodes
         assert {r for t in plan["tables"] if t["sharding_type"] != "data_parallel"

@@ -1,0 +1,214 @@
+"""Outputs have one writer at a time and readers see whole versions (app.publish): leases
+taken atomically and over when stale, versions switched by one rename, and a training run
+that does not publish over a dataset replaced under it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from app.dataset import SPLITS, read_manifest
+from app.publish import LEASE, OutputError, current, version_of, writer
+from tests.conftest import ROOT, data_config, short_tmp, user_shell_env
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _plant_lease(out: Path, *, host: str, pid: int, age: float = 0.0) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / LEASE).write_text(json.dumps({"stage": "train", "host": host, "pid": pid,
+                                         "started": "2026-01-01T00:00:00Z", "token": "t"}))
+    then = time.time() - age
+    os.utime(out / LEASE, (then, then))
+
+
+def _publish(out: Path, text: str, **kwargs) -> None:
+    with writer(out, "test", say=kwargs.pop("say", print), **kwargs) as lease, \
+            lease.staged() as tmp:
+        (tmp / "a.txt").write_text(text)
+        (tmp / "b.txt").write_text(text)
+
+
+def test_versions_switch_whole_and_the_previous_one_is_kept(tmp_path):
+    out = tmp_path / "out"
+    _publish(out, "one")
+    first = current(out)
+    assert first.parent == out and (first / "a.txt").read_text() == "one"
+    _publish(out, "two")
+    _publish(out, "three")
+    assert (current(out) / "b.txt").read_text() == "three"
+    versions = sorted(p.name for p in out.iterdir() if p.name.startswith("v-"))
+    assert len(versions) == 2 and first.name not in versions  # the last two are kept
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("v-")) == ["CURRENT"]
+    # a failing writer publishes nothing and leaves no staging folder or lease
+    with pytest.raises(RuntimeError, match="boom"):
+        with writer(out, "test") as lease, lease.staged() as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("boom")
+    assert (current(out) / "a.txt").read_text() == "three"
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("v-")) == ["CURRENT"]
+
+
+def test_a_live_lease_is_refused_naming_its_holder(tmp_path):
+    out = tmp_path / "out"
+    _plant_lease(out, host="other-host", pid=4242, age=5)
+    t0 = time.monotonic()
+    with pytest.raises(OutputError, match=r"being written by train \(pid 4242 on other-host, "
+                                          r"since 2026-01-01T00:00:00Z, last heartbeat \d+s ago"):
+        _publish(out, "mine")
+    assert time.monotonic() - t0 < 1
+    assert not (out / "CURRENT").exists()
+    assert json.loads((out / LEASE).read_text())["pid"] == 4242  # not touched
+
+
+def test_a_stale_lease_is_taken_over_with_a_note(tmp_path):
+    notes: list[str] = []
+    # a process of this host that is gone
+    gone = tmp_path / "gone"
+    _plant_lease(gone, host=socket.gethostname(), pid=_dead_pid())
+    _publish(gone, "mine", say=notes.append)
+    assert (current(gone) / "a.txt").read_text() == "mine"
+    assert "its process is gone" in notes[-1] and str(gone) in notes[-1]
+    # another host's writer whose heartbeat stopped
+    silent = tmp_path / "silent"
+    _plant_lease(silent, host="other-host", pid=4242, age=120)
+    _publish(silent, "mine", say=notes.append, timeout=60)
+    assert "no heartbeat for 120s" in notes[-1] and "other-host" in notes[-1]
+    assert not (silent / LEASE).exists()  # released after publishing
+
+
+def test_a_writer_that_lost_its_lease_publishes_nothing(tmp_path):
+    out = tmp_path / "out"
+    _publish(out, "before")
+    with writer(out, "slow", timeout=0.5) as slow:
+        slow._stop.set()  # its heartbeat stops, as in a process frozen for too long
+        time.sleep(0.7)
+        _publish(out, "taker", timeout=0.5)  # takes the stale lease over and publishes
+        with pytest.raises(OutputError, match="lost its lease"):
+            with slow.staged() as tmp:
+                (tmp / "a.txt").write_text("slow")
+    assert (current(out) / "a.txt").read_text() == "taker"
+    assert not list(out.glob(".partial-*"))
+
+
+def test_readers_never_see_a_mix_of_versions_during_overwrites(ray_local, tmp_path):
+    from app.prepare import prepare_dataset
+
+    out = tmp_path / "data"
+    prepare_dataset(data_config(dataset="synthetic", rows=20_000), str(out), verbose=False)
+    seen: list[tuple[str, bool]] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read() -> None:  # as a reader does: resolve the version once, read every file there
+        while not done.is_set():
+            try:
+                folder = current(out)
+                manifest = read_manifest(folder)
+                rows = {s: sum(sh["samples"] for sh in json.loads(
+                    (folder / s / "index.json").read_text())["shards"]) for s in SPLITS}
+                seen.append((folder.name, rows == manifest["counts"]["splits"]))
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        for rows in (21_000, 22_000, 23_000, 24_000):  # each version has other split sizes
+            prepare_dataset(data_config(dataset="synthetic", rows=rows, overwrite=True),
+                            str(out), verbose=False)
+    finally:
+        done.set()
+        reader.join(timeout=30)
+    assert not errors, errors[:3]
+    assert len({name for name, _ in seen}) >= 3, "the reader did not run across versions"
+    assert all(consistent for _, consistent in seen), \
+        [name for name, ok in seen if not ok][:5]
+    assert read_manifest(out)["counts"]["accepted"] == 24_000
+
+
+def test_training_does_not_publish_over_a_replaced_dataset(ray_local, tmp_path):
+    from app.config import load_config
+    from app.prepare import prepare_dataset
+    from app.train import TrainError, train
+
+    data = tmp_path / "data"
+    prepare_dataset(data_config(dataset="synthetic", rows=20_000), str(data), verbose=False)
+    before = version_of(data)
+    cfg = load_config(overrides={"dataset": "synthetic", "rows": 20_000, "epochs": 8,
+                                 "patience": 8, "num_workers": 2, "workdir": str(tmp_path),
+                                 "registered_model_name": "two-tower-replaced"})
+    replaced: list[subprocess.CompletedProcess] = []
+    rt = short_tmp()
+
+    def replace_once_training_started() -> None:
+        # the run has taken its lease and resolved its dataset version; its workers start.
+        # Another job (its own Ray: this one's CPUs are the training workers') replaces it.
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not (tmp_path / "model" / LEASE).exists():
+            time.sleep(0.1)
+        replaced.append(subprocess.run(
+            [sys.executable, "-m", "pipelines.prepare_data", "--dataset", "synthetic",
+             "--rows", "21000", "--output", str(data), "--overwrite", "--quiet"],
+            cwd=ROOT, env=user_shell_env(RAY_TMPDIR=rt), capture_output=True, text=True,
+            timeout=600))
+
+    thread = threading.Thread(target=replace_once_training_started, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(TrainError, match=r"data was replaced while training \(version "
+                                             rf"{before} -> v-.*the model was not published"):
+            train(cfg, str(data), str(tmp_path / "model"), verbose=False)
+        thread.join(timeout=600)
+    finally:
+        subprocess.run(["rm", "-rf", rt])
+    assert replaced and replaced[0].returncode == 0, replaced[0].stderr[-2000:]
+    assert version_of(data) != before
+    assert not (tmp_path / "model").exists()  # no version, no partial folder, no lease
+
+
+def test_a_second_full_run_on_the_same_workdir_fails_at_once(tmp_path):
+    """Two jobs on one workdir: the second stops at once naming the first, which completes."""
+    wd, rt1, rt2 = tmp_path / "wd", short_tmp(), short_tmp()
+    cmd = [sys.executable, "-m", "pipelines.full_run", "--dataset", "synthetic", "--rows",
+           "20000", "--epochs", "2", "--no-refit", "--stages", "prepare,train",
+           "--workdir", str(wd)]
+    first = subprocess.Popen(cmd, cwd=ROOT, env=user_shell_env(RAY_TMPDIR=rt1),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (wd / "model" / LEASE).exists() and first.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert (wd / "model" / LEASE).exists(), "the first run never started training"
+        t0 = time.monotonic()
+        second = subprocess.run(cmd, cwd=ROOT, env=user_shell_env(RAY_TMPDIR=rt2),
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert time.monotonic() - t0 < 60
+        err = second.stderr.strip().splitlines()
+        assert len(err) == 1 and f"is being written by full_run (pid {first.pid} on " \
+            f"{socket.gethostname()}" in err[0], second.stderr
+        out, _ = first.communicate(timeout=600)
+        assert first.returncode == 0, out[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        for rt in (rt1, rt2):
+            subprocess.run(["rm", "-rf", rt])
+    assert (current(wd / "model") / "weights.pt").is_file()
+    assert not (wd / LEASE).exists() and not (wd / "model" / LEASE).exists()
