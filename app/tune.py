@@ -19,9 +19,9 @@ from typing import Any, Optional
 
 from app import logs
 from app.config import Config, ConfigError, load_config
-from app.redact import redact_values
-from app.publish import current
 from app.placement import Placement, ResourceError, check_resources, cluster_nodes, placement
+from app.publish import current
+from app.redact import redact_values
 
 EXPERIMENT = "sweep"
 
