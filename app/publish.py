@@ -57,7 +57,8 @@ def current(out: str | os.PathLike) -> Path:
     except (FileNotFoundError, NotADirectoryError):
         return out
     if not name.startswith(VERSION_PREFIX) or "/" in name or not (out / name).is_dir():
-        raise OutputError(f"{pointer}: names {name!r}, which is not a version folder of {out}")
+        raise OutputError(f"{pointer}: names {name!r}, which is not a version folder of {out}; "
+                          f"write the name of one of its v-* folders into it, or remove {out}")
     return out / name
 
 
@@ -152,7 +153,8 @@ class Lease:
             if self._take_over(info, age, say):
                 return self._start_heartbeat()
             time.sleep(0.2)
-        raise OutputError(f"{self.out}: could not take the lease {self.path} (contended)")
+        raise OutputError(f"{self.out}: could not take the lease {self.path}: other runs kept "
+                          f"taking it; run again once they are done")
 
     def _take_over(self, stale: dict[str, Any], age: float, say: Any) -> bool:
         """Replace a stale lease; only one of several contenders does it (an O_EXCL marker
@@ -175,7 +177,7 @@ class Lease:
                 self.path.unlink()
             if not self._try_create():
                 return False
-            why = ("its process is gone" if _alive_here(stale) is False
+            why = ("its process is gone" if not _alive_here(stale)
                    else f"no heartbeat for {age:.0f}s")
             say(f"took over the lease on {self.out} from {describe_holder(stale, age)}: {why}")
             return True
