@@ -19,6 +19,13 @@ published version stays as it was.
 
 Readers resolve the version once (:func:`current`) and read every file from that folder, so a
 reader never mixes files of two versions. A folder without ``CURRENT`` is read as it is.
+
+On an object store (``s3://``; see :mod:`app.storage`) there is no rename and no ``O_EXCL``:
+the lease is an object created with a conditional put (``If-None-Match: *``), refreshed and
+taken over with ``If-Match`` on its ETag, and its age is its ``Last-Modified``. A version is
+uploaded file by file, then its ``_SUCCESS`` object (the list of its files and sizes) is written
+last, then ``CURRENT`` (one PUT: readers see the old name or the new one). Readers refuse a
+version without ``_SUCCESS``, or whose files do not match it, naming what is missing.
 """
 
 from __future__ import annotations
@@ -33,9 +40,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
+
+from app.storage import Location, is_remote, resolve, s3_endpoint
 
 POINTER = "CURRENT"
+SUCCESS = "_SUCCESS"  # on object stores: written last in a version, listing its files
 LEASE = ".lease"
 _TAKEOVER = ".lease.takeover"
 VERSION_PREFIX = "v-"
@@ -47,9 +57,44 @@ class OutputError(RuntimeError):
     other than versions of this output."""
 
 
-def current(out: str | os.PathLike) -> Path:
+def _complete(version: Location) -> Location:
+    """``version`` when its ``_SUCCESS`` lists exactly the files it holds."""
+    try:
+        listed = json.loads(version.join(SUCCESS).read_text())["files"]
+    except FileNotFoundError:
+        raise OutputError(f"{version}: has no {SUCCESS}, so it was not completely written "
+                          f"(its writer stopped); write the output again") from None
+    except (ValueError, KeyError, TypeError):
+        raise OutputError(f"{version}/{SUCCESS}: not a file list; write the output "
+                          f"again") from None
+    held = dict(version.files())
+    missing = sorted(f for f, size in listed.items() if held.get(f) != size)
+    if missing:
+        raise OutputError(f"{version}: {len(missing)} file(s) listed in {SUCCESS} are missing "
+                          f"or of another size ({', '.join(missing[:3])}); write the output "
+                          f"again")
+    return version
+
+
+def _current_remote(out: Location) -> Location:
+    try:
+        name = out.join(POINTER).read_text().strip()
+    except FileNotFoundError:
+        if out.join(SUCCESS).is_file():  # a version folder named directly
+            return _complete(out)
+        raise OutputError(f"{out}: no {POINTER} (nothing published there, or a writer has not "
+                          f"finished); check the path, or write the output first") from None
+    if not name.startswith(VERSION_PREFIX) or "/" in name:
+        raise OutputError(f"{out}/{POINTER}: names {name!r}, which is not a version of {out}")
+    return _complete(out.join(name))
+
+
+def current(out: Union[str, os.PathLike, Location]) -> Any:
     """The folder of the published version of ``out`` (``out`` itself when it is not
-    versioned, e.g. a version folder, or a folder written by hand)."""
+    versioned, e.g. a version folder, or a folder written by hand): a :class:`Path`, or a
+    checked :class:`~app.storage.Location` on an object store."""
+    if isinstance(out, Location) or is_remote(out):
+        return _current_remote(resolve(out))
     out = Path(out)
     pointer = out / POINTER
     try:
@@ -62,13 +107,17 @@ def current(out: str | os.PathLike) -> Path:
     return out / name
 
 
-def version_of(out: str | os.PathLike) -> Optional[str]:
+def version_of(out: Union[str, os.PathLike, Location]) -> Optional[str]:
     """The name of ``out``'s published version (None when it is not versioned)."""
     folder = current(out)
+    if isinstance(folder, Location):
+        return folder.name if folder.uri != resolve(out).uri else None
     return folder.name if folder != Path(out) else None
 
 
-def is_published(out: str | os.PathLike) -> bool:
+def is_published(out: Union[str, os.PathLike, Location]) -> bool:
+    if isinstance(out, Location) or is_remote(out):
+        return resolve(out).join(POINTER).is_file()
     return (Path(out) / POINTER).is_file()
 
 
@@ -216,9 +265,8 @@ class Lease:
 
     def _next_number(self) -> int:
         """Versions are numbered in publishing order (under the lease, so without races)."""
-        numbers = [int(p.name.split("-")[1]) for p in self.out.glob(f"{VERSION_PREFIX}*-*")
-                   if p.name.split("-")[1].isdigit()]
-        return max(numbers, default=0) + 1
+        numbers = [_number(p.name) for p in self.out.glob(f"{VERSION_PREFIX}*-*")]
+        return max((n for n in numbers if n is not None), default=0) + 1
 
     @contextlib.contextmanager
     def staged(self, keep: int = KEEP_VERSIONS) -> Iterator[Path]:
@@ -227,8 +275,7 @@ class Lease:
         ``keep`` are removed."""
         for stale in self.out.glob(".partial-*"):  # left by a writer that died (we hold the lease)
             shutil.rmtree(stale, ignore_errors=True)
-        version = f"{VERSION_PREFIX}{self._next_number():06d}-" \
-                  f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        version = _version_name(self._next_number())
         tmp = self.out / f".partial-{version}"
         tmp.mkdir()
         try:
@@ -247,6 +294,167 @@ class Lease:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _version_name(number: int) -> str:
+    return f"{VERSION_PREFIX}{number:06d}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+
+
+def _number(name: str) -> Optional[int]:
+    parts = name.split("-")
+    return int(parts[1]) if name.startswith(VERSION_PREFIX) and len(parts) > 2 \
+        and parts[1].isdigit() else None
+
+
+def _s3_client() -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint(),
+                        region_name=os.environ.get("AWS_REGION")
+                        or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
+
+
+def _precondition_failed(e: Exception) -> bool:
+    code = getattr(e, "response", {}).get("Error", {}).get("Code", "")
+    return code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+
+
+@dataclass
+class ObjectLease:
+    """:class:`Lease` on an object store (see the module docstring): the same guarantees
+    through conditional puts instead of ``O_EXCL`` and rename."""
+
+    out: Location
+    stage: str
+    timeout: float
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    lost: Optional[str] = None
+    _etag: Optional[str] = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _client: Any = None
+
+    def __post_init__(self) -> None:
+        if not self.out.uri.startswith("s3://"):
+            raise OutputError(f"{self.out}: outputs on {self.out.uri.split(':', 1)[0]}:// "
+                              f"cannot be locked yet (leases need S3's conditional writes); "
+                              f"write to s3:// or a shared path")
+        self._client = _s3_client()
+        self._bucket, _, prefix = self.out.path.partition("/")
+        self._key = f"{prefix}/{LEASE}" if prefix else LEASE
+
+    @property
+    def path(self) -> str:
+        return f"{self.out}/{LEASE}"
+
+    def _body(self) -> bytes:
+        return json.dumps({"stage": self.stage, "host": socket.gethostname(),
+                           "pid": os.getpid(), "started": _now(), "token": self.token,
+                           "timeout": self.timeout}).encode()
+
+    def _put(self, **condition: str) -> bool:
+        try:
+            r = self._client.put_object(Bucket=self._bucket, Key=self._key, Body=self._body(),
+                                        **condition)
+        except Exception as e:
+            if _precondition_failed(e):
+                return False
+            raise
+        self._etag = r["ETag"]
+        return True
+
+    def _holder(self) -> tuple[dict[str, Any], float, Optional[str]]:
+        """(the lease's content, seconds since its last heartbeat, its ETag)."""
+        try:
+            r = self._client.get_object(Bucket=self._bucket, Key=self._key)
+        except Exception as e:
+            if getattr(e, "response", {}).get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return {}, -1.0, None
+            raise
+        age = time.time() - r["LastModified"].timestamp()
+        try:
+            return json.loads(r["Body"].read()), age, r["ETag"]
+        except ValueError:
+            return {}, age, r["ETag"]
+
+    def acquire(self, say: Any) -> None:
+        for _ in range(20):
+            if self._put(IfNoneMatch="*"):
+                return self._start_heartbeat()
+            info, age, etag = self._holder()
+            if etag is None:  # released meanwhile
+                continue
+            if age < self.timeout and _alive_here(info):
+                raise OutputError(
+                    f"{self.out} is being written by {describe_holder(info, age)}; wait for "
+                    f"it to finish or write elsewhere (a lease without a heartbeat for "
+                    f"{self.timeout:.0f}s is taken over)")
+            if self._put(IfMatch=etag):  # of several contenders, one replaces this ETag
+                why = ("its process is gone" if not _alive_here(info)
+                       else f"no heartbeat for {age:.0f}s")
+                say(f"took over the lease on {self.out} from {describe_holder(info, age)}: "
+                    f"{why}")
+                return self._start_heartbeat()
+        raise OutputError(f"{self.out}: could not take the lease {self.path}: other runs kept "
+                          f"taking it; run again once they are done")
+
+    def _start_heartbeat(self) -> None:
+        interval = max(0.5, self.timeout / 6)
+
+        def beat() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    if not self._put(IfMatch=self._etag):
+                        info, age, _ = self._holder()
+                        self.lost = (f"{describe_holder(info, age)} took over" if info
+                                     else "the lease object was removed")
+                        return
+                except Exception:  # a network hiccup: try again at the next beat
+                    continue
+
+        threading.Thread(target=beat, name="lease-" + self.out.name, daemon=True).start()
+
+    def check(self) -> None:
+        info, _, _ = self._holder()
+        if self.lost or info.get("token") != self.token:
+            raise OutputError(f"{self.out}: this {self.stage} lost its lease "
+                              f"({self.lost or 'another writer holds it'}); nothing published")
+
+    def release(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(Exception):  # already taken over, or gone
+            self._client.delete_object(Bucket=self._bucket, Key=self._key, IfMatch=self._etag)
+
+    @contextlib.contextmanager
+    def staged(self, keep: int = KEEP_VERSIONS) -> Iterator[Path]:
+        """Yield an empty local staging folder; when the block succeeds it is uploaded as
+        the next version, ``_SUCCESS`` last, then ``CURRENT`` names it."""
+        import tempfile
+
+        names = self.out.children()
+        version = _version_name(max((n for n in map(_number, names) if n is not None),
+                                    default=0) + 1)
+        target = self.out.join(version)
+        tmp = Path(tempfile.mkdtemp(prefix=f"stage-{version}-"))
+        try:
+            yield tmp
+            self.check()
+            files = {str(p.relative_to(tmp)): p.stat().st_size
+                     for p in sorted(tmp.rglob("*")) if p.is_file()}
+            target.upload(tmp)
+            target.join(SUCCESS).write_text(json.dumps({"files": files, "written": _now(),
+                                                        "stage": self.stage}))
+            self.check()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                target.delete()
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.out.join(POINTER).write_text(version + "\n")  # readers switch here
+        versions = sorted(n for n in self.out.children() if _number(n) is not None)
+        for old in versions[:-keep]:
+            with contextlib.suppress(Exception):
+                self.out.join(old).delete()
+
+
 @contextlib.contextmanager
 def writer(out: str | os.PathLike, stage: str, *, timeout: float = 60.0,
            say: Any = print) -> Iterator[Lease]:
@@ -261,6 +469,14 @@ def writer(out: str | os.PathLike, stage: str, *, timeout: float = 60.0,
     Raises:
         OutputError: another live writer holds ``out``.
     """
+    if isinstance(out, Location) or is_remote(out):
+        remote = ObjectLease(resolve(out), stage, timeout)
+        remote.acquire(say)
+        try:
+            yield remote  # type: ignore[misc]
+        finally:
+            remote.release()
+        return
     lease = Lease(Path(out).absolute(), stage, timeout)
     created = not lease.out.exists()
     lease.acquire(say)
@@ -273,10 +489,18 @@ def writer(out: str | os.PathLike, stage: str, *, timeout: float = 60.0,
                 lease.out.rmdir()
 
 
-def check_writable(out: Path, kind: str, marker: str) -> None:
+def check_writable(out: Union[Path, str, Location], kind: str, marker: str) -> None:
     """``out`` may receive versions: missing, empty, or already a versioned output. A folder
     holding something else (or an output of an older layout: ``marker`` at its top) is
     refused rather than mixed with."""
+    if isinstance(out, Location) or is_remote(out):
+        loc = resolve(out)
+        names = [n for n in loc.children() if n != LEASE]
+        if names and POINTER not in names:
+            raise OutputError(f"{loc}: holds something other than a {kind} (no {POINTER}); "
+                              f"choose another output location or remove it")
+        return
+    out = Path(out)
     if not out.exists() or is_published(out):
         return
     if not out.is_dir():

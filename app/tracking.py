@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import mlflow
 
-from app.config import ClusterConfig, Config
+from app.config import ClusterConfig, Config, ConfigError
 from app.redact import redact
 
 APP_DIR = Path(__file__).resolve().parent
@@ -37,6 +38,46 @@ def tracking_uri(cluster: ClusterConfig) -> str:
     return f"sqlite:///{workdir / 'mlflow.db'}"
 
 
+# a Unity Catalog model: catalog.schema.model, each part letters, digits and underscores
+_UC_NAME = re.compile(r"[A-Za-z0-9_]+\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+")
+
+
+def check_model_name(name: str, registry_uri: Optional[str]) -> None:
+    """Unity Catalog (registry ``databricks-uc``) names a model ``catalog.schema.model``.
+
+    Raises:
+        ConfigError: naming the name and the rule, before any training runs.
+    """
+    if (registry_uri or "").startswith("databricks-uc") and not _UC_NAME.fullmatch(name):
+        raise ConfigError(f"--registered-model-name {name!r}: Unity Catalog names a model "
+                          f"<catalog>.<schema>.<model>, each part letters, digits or "
+                          f"underscores (e.g. main.recsys.two_tower); or register in the "
+                          f"workspace registry with --mlflow-registry-uri databricks")
+
+
+def databricks_user() -> str:
+    """The Databricks user these credentials belong to (the SDK's usual auth chain)."""
+    try:
+        from databricks.sdk import WorkspaceClient
+
+        return WorkspaceClient().current_user.me().user_name
+    except Exception as e:  # no SDK, no credentials, no workspace
+        raise ConfigError(f"could not look up the Databricks user for the default MLflow "
+                          f"experiment ({type(e).__name__}: {redact(str(e)).splitlines()[0]}); "
+                          f"give a workspace path: --mlflow-experiment "
+                          f"/Users/<you>/two-tower") from None
+
+
+def experiment_name(cluster: ClusterConfig, tracking: str,
+                    user: Any = databricks_user) -> str:
+    """The experiment to log to. A Databricks workspace keeps experiments at workspace paths:
+    a bare name there lives in the current user's folder (``/Users/<user>/<name>``)."""
+    name = cluster.mlflow_experiment
+    if tracking.startswith("databricks") and not name.startswith("/"):
+        return f"/Users/{user()}/{name}"
+    return name
+
+
 def configure(cluster: ClusterConfig) -> str:
     """Point this process's MLflow at the configured stores and experiment; returns its id."""
     from app.cluster import mlflow_defaults
@@ -46,15 +87,17 @@ def configure(cluster: ClusterConfig) -> str:
     if redact(uri) != uri:  # MLflow prints run links with the URI as given, credential and all
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     registry = mlflow_defaults(cluster)[1]
+    check_model_name(cluster.registered_model_name, registry)
     if registry:
         mlflow.set_registry_uri(registry)
-    exp = mlflow.get_experiment_by_name(cluster.mlflow_experiment)
+    name = experiment_name(cluster, uri)
+    exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:"):
         location = (Path(cluster.workdir).resolve() / "mlartifacts").as_uri()
-    return mlflow.create_experiment(cluster.mlflow_experiment, artifact_location=location)
+    return mlflow.create_experiment(name, artifact_location=location)
 
 
 def flat_params(cfg: Config) -> dict[str, str]:
@@ -89,18 +132,41 @@ def start_run(cfg: Config, *, run_name: str, tags: Optional[dict[str, str]] = No
     return run.info.run_id
 
 
-def _signature(user_type: str, item_type: str) -> Any:
+def signature(user_type: str, item_type: str) -> Any:
+    """Inputs, outputs and params of the registered pyfunc (Unity Catalog requires all).
+
+    Outputs are one schema for both uses: top-K rows (rank, fallback, source, title) and pair
+    scores (prediction_prob, predicted_class, known); the columns of the other use are absent.
+    """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
 
     kind = {"int64": "long", "int32": "integer", "string": "string", "large_string": "string"}
+    user, item = kind.get(user_type, "string"), kind.get(item_type, "string")
     return ModelSignature(
-        inputs=Schema([ColSpec(kind.get(user_type, "string"), "userId"),
-                       ColSpec(kind.get(item_type, "string"), "movieId", required=False),
-                       ColSpec(Array(kind.get(item_type, "string")), "history",
-                               required=False)]),
+        inputs=Schema([ColSpec(user, "userId"), ColSpec(item, "movieId", required=False),
+                       ColSpec(Array(item), "history", required=False)]),
+        outputs=Schema([ColSpec(user, "userId"), ColSpec(item, "movieId"),
+                        ColSpec("float", "score"),
+                        ColSpec("integer", "rank", required=False),
+                        ColSpec("boolean", "fallback", required=False),
+                        ColSpec("string", "source", required=False),
+                        ColSpec("string", "title", required=False),
+                        ColSpec("double", "prediction_prob", required=False),
+                        ColSpec("integer", "predicted_class", required=False),
+                        ColSpec("boolean", "known", required=False)]),
         params=ParamSchema([ParamSpec("k", "long", 10)]))
+
+
+def input_example(model_dir: str | os.PathLike) -> Any:
+    """A one-user request for the logged model (a user of its own vocabulary), with k."""
+    import pandas as pd
+
+    from app.dataset import load_vocab
+
+    first = load_vocab(model_dir)["users"]["id"][0].as_py()
+    return pd.DataFrame({"userId": [first]}), {"k": 10}
 
 
 def _requirements() -> list[str]:
@@ -131,7 +197,8 @@ def log_trained_model(cfg: Config, run_id: str, model_dir: str | os.PathLike,
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(MODEL_CODE),
             artifacts={"model_dir": str(model_dir)}, code_paths=[str(APP_DIR)],
-            signature=_signature(vocab_types["user_id_type"], vocab_types["item_id_type"]),
+            signature=signature(vocab_types["user_id_type"], vocab_types["item_id_type"]),
+            input_example=input_example(model_dir),
             pip_requirements=_requirements(),
             registered_model_name=cfg.cluster.registered_model_name)
     version = info.registered_model_version

@@ -163,7 +163,8 @@ def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Path,
         baselines: driver-side baseline metrics the workers report beside the model's.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig
+
+    from app.rendezvous import torch_config
 
     place = placement(cfg.train)
     return _trainer_class()(
@@ -174,7 +175,7 @@ def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Path,
                            "splits": list(SPLITS) if refit else ["train"],
                            "evaluate": not refit, "baselines": baselines or {}},
         scaling_config=place.scaling_config(),
-        torch_config=TorchConfig(backend=place.backend),
+        torch_config=torch_config(place.backend),
         run_config=RunConfig(name=name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              # the best epoch is at most `patience` epochs back

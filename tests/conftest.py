@@ -133,3 +133,73 @@ def short_tmp(prefix: str = "rt-") -> str:
     import tempfile
 
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+
+
+class S3Server:
+    """A real S3 API server (moto in server mode) on 127.0.0.1, for this test session."""
+
+    def __init__(self, root: Path):
+        import socket
+        import subprocess
+        import time
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log = root / "moto.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, cwd=root)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"the S3 server (moto) did not start: "
+                                       f"{self.log.read_text()[-2000:]}")
+                time.sleep(0.2)
+        # what a user exports for an S3-compatible store; credentials are moto's dummies
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        self._buckets = 0
+
+    def bucket(self) -> str:
+        """A new empty bucket; its name."""
+        import boto3
+
+        self._buckets += 1
+        name = f"bucket-{self._buckets}"
+        boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                     aws_secret_access_key="testing",
+                     region_name="us-east-1").create_bucket(Bucket=name)
+        return name
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """A fresh bucket on the session's S3 server, with this process's environment pointing
+    at it as a user's would (``AWS_ENDPOINT_URL`` and credentials); yields ``s3://bucket``."""
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    for k in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(k, raising=False)
+    return f"s3://{s3_server.bucket()}"

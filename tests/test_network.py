@@ -1,16 +1,19 @@
 """What the embedded Ray exposes: started as the pipeline starts it (``app.cluster.init_ray``
 without an address, in a plain shell), every socket its processes listen on is on loopback,
-and it still runs tasks, actors and the state API (also beside another Ray instance)."""
+and it still runs tasks, actors, the state API (also beside another Ray instance) and a
+2-worker gloo process group set up as training sets it up (``app.rendezvous``)."""
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
@@ -50,6 +53,29 @@ assert ray.get([c.add.remote(1), c.add.remote(2)]) == [1, 3]
 gcs = ray.get_runtime_context().gcs_address
 ips = ray.get(node_ips.remote())
 assert len(ips) == 1, ips
+
+# the training workers' process group, set up as app.train sets it up; each worker lists what
+# its own process listens on while the group is up (gloo's pairs, rank 0's store)
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from app.rendezvous import LoopbackTorchConfig, torch_config
+
+def listeners(cfg):
+    import json, psutil, torch, torch.distributed as dist
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    assert t.item() == dist.get_world_size() == 2
+    found = [[c.laddr.ip, c.laddr.port] for c in psutil.Process().net_connections("inet")
+             if c.laddr and c.status == psutil.CONN_LISTEN]
+    with open(f"{cfg['out']}/rank{dist.get_rank()}.json", "w") as f:
+        json.dump(found, f)
+    dist.barrier()
+
+tc = torch_config("gloo")
+assert isinstance(tc, LoopbackTorchConfig), tc
+TorchTrainer(listeners, train_loop_config={"out": sys.argv[1]}, torch_config=tc,
+             scaling_config=ScalingConfig(num_workers=2),
+             run_config=RunConfig(storage_path=sys.argv[1], name="pg")).fit()
 print("READY", gcs, ips[0], flush=True)
 sys.stdin.readline()
 ray.shutdown()
@@ -90,7 +116,7 @@ def test_the_embedded_ray_listens_on_loopback_only(ray_local):
     rt = short_tmp()
     env = user_shell_env(RAY_TMPDIR=rt)
     env.pop("RAY_ADDRESS", None)  # the pipeline's default: a new embedded Ray
-    child = subprocess.Popen([sys.executable, "-c", CHILD], cwd=ROOT, env=env, text=True,
+    child = subprocess.Popen([sys.executable, "-c", CHILD, rt], cwd=ROOT, env=env, text=True,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT)
     procs: list[psutil.Process] = []
@@ -115,6 +141,9 @@ def test_the_embedded_ray_listens_on_loopback_only(ray_local):
         exposed = sorted(b for b in bound if not _loopback(b[2]))
         assert not exposed, "listening outside loopback:\n" + "\n".join(
             f"  {name} (pid {pid}) on {ip}:{port}" for pid, name, ip, port in exposed)
+        ranks = [json.loads((Path(rt) / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert all(ranks), ranks  # the process group was up while each rank looked
+        assert not [a for rank in ranks for a in rank if not _loopback(a[0])], ranks
         assert _loopback(node_ip) and _loopback(gcs_address.rsplit(":", 1)[0].strip("[]"))
         child.stdin.write("stop\n")
         child.stdin.flush()

@@ -1,0 +1,238 @@
+"""One storage layer for every path setting: a local path or a URI.
+
+``s3://bucket/key``, ``gs://bucket/key``, ``abfss://container@account.dfs.core.windows.net/key``
+and ``file:///path`` go through pyarrow's filesystems; a local path (a Unity Catalog volume
+``/Volumes/<catalog>/<schema>/<volume>/...`` is one, mounted on every Databricks node) stays a
+local path. :func:`resolve` does this once; the :class:`Location` it returns carries the
+filesystem and reads, writes, lists and copies the same way everywhere.
+
+Credentials come from the environment and each provider's usual chain (AWS variables and
+profiles, ``GOOGLE_APPLICATION_CREDENTIALS``, Azure's default credential), never from flags,
+and are never printed. An S3-compatible endpoint (MinIO, moto, R2) comes from
+``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``). pyarrow does not read that variable, nor do
+mosaicml-streaming (``S3_ENDPOINT_URL``) or MLflow's artifact store (``MLFLOW_S3_ENDPOINT_URL``):
+:func:`component_env` gives each of them the same endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
+
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss")
+
+
+class StorageError(RuntimeError):
+    """A location could not be resolved or read; the message names it."""
+
+
+def is_uri(target: str | os.PathLike) -> bool:
+    """True for ``scheme://...`` (a remote store or ``file://``), False for a plain path."""
+    return "://" in str(target)
+
+
+def is_remote(target: str | os.PathLike) -> bool:
+    """True when ``target`` lives on an object store (not a local or mounted path)."""
+    return str(target).split("://", 1)[0].lower() in REMOTE_SCHEMES if is_uri(target) \
+        else False
+
+
+def s3_endpoint(env: Mapping[str, str] = os.environ) -> Optional[str]:
+    """The S3-compatible endpoint the environment names (None: AWS itself)."""
+    return env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+
+
+def component_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Variables that point mosaicml-streaming and MLflow's artifact store at the same S3
+    endpoint as pyarrow and boto3 (only those the environment leaves unset)."""
+    endpoint = s3_endpoint(env)
+    if not endpoint:
+        return {}
+    wanted = {"S3_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint}
+    return {k: v for k, v in wanted.items() if not env.get(k)}
+
+
+def _s3(env: Mapping[str, str]) -> pafs.S3FileSystem:
+    endpoint = s3_endpoint(env)
+    kwargs: dict[str, Any] = {
+        "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    if endpoint:
+        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs.update(endpoint_override=parts.netloc + parts.path.rstrip("/"),
+                      scheme=parts.scheme or "https")
+    return pafs.S3FileSystem(**kwargs)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder or file on some filesystem: ``uri`` as the user gave it (normalised), the
+    pyarrow filesystem, and the path inside it."""
+
+    uri: str
+    fs: pafs.FileSystem
+    path: str
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __truediv__(self, name: str) -> "Location":
+        return self.join(name)
+
+    @property
+    def remote(self) -> bool:
+        return is_remote(self.uri)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path.rstrip("/"))
+
+    def join(self, *names: str) -> "Location":
+        rel = posixpath.join(*names)
+        if rel.startswith("/") or ".." in rel.split("/"):
+            raise StorageError(f"{rel!r}: not a name inside {self.uri}")
+        return Location(f"{self.uri.rstrip('/')}/{rel}", self.fs,
+                        posixpath.join(self.path, rel))
+
+    def local_path(self) -> Path:
+        """The local path (only for a location that is not remote)."""
+        if self.remote:
+            raise StorageError(f"{self.uri} is not a local path")
+        return Path(self.path)
+
+    # --- reading -----------------------------------------------------------------------
+    def info(self) -> pafs.FileInfo:
+        return self.fs.get_file_info(self.path)
+
+    def exists(self) -> bool:
+        return self.info().type != pafs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        return self.info().type == pafs.FileType.File
+
+    def is_dir(self) -> bool:
+        """A folder; on an object store, a prefix with at least one object under it."""
+        return self.info().type == pafs.FileType.Directory
+
+    def read_bytes(self) -> bytes:
+        try:
+            with self.fs.open_input_stream(self.path) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if "not found" in str(e).lower() or "NoSuchKey" in str(e):
+                raise FileNotFoundError(self.uri) from None
+            raise StorageError(f"{self.uri}: could not read ({e})") from None
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def files(self) -> Iterator[tuple[str, int]]:
+        """(path relative to this folder, size) of every file under it, sorted."""
+        base = self.path.rstrip("/") + "/"
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True,
+                                                            allow_not_found=True))
+        except NotADirectoryError:
+            return iter(())
+        return iter(sorted((i.path[len(base):], i.size) for i in infos
+                           if i.type == pafs.FileType.File and i.path.startswith(base)))
+
+    def children(self) -> list[str]:
+        """Names directly under this folder (files and folders)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        return sorted(i.base_name for i in infos)
+
+    # --- writing -----------------------------------------------------------------------
+    def write_bytes(self, data: bytes) -> None:
+        """Write a whole file: one PUT on an object store (readers see all of it or none);
+        locally a temporary file renamed over the target."""
+        if self.remote:
+            with self.fs.open_output_stream(self.path) as f:
+                f.write(data)
+            return
+        path = Path(self.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode())
+
+    def delete(self) -> None:
+        """Remove this file or folder (everything under it); nothing when it is missing."""
+        kind = self.info().type
+        if kind == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path)
+        elif kind == pafs.FileType.File:
+            self.fs.delete_file(self.path)
+
+    def upload(self, local_dir: str | os.PathLike, *, last: tuple[str, ...] = ()) -> None:
+        """Copy a local folder here, file by file; the files named in ``last`` are written
+        after all others (a completion marker)."""
+        root = Path(local_dir)
+        rels = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+        for rel in sorted(rels, key=lambda r: r in last):
+            if not self.remote:
+                self.join(rel).local_path().parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(str(root / rel), self.join(rel).path,
+                            source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=self.fs)
+
+    def download(self, local_dir: str | os.PathLike) -> Path:
+        """Copy this folder into a local folder; returns it."""
+        dest = Path(local_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        for rel, _ in self.files():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(self.join(rel).path, str(dest / rel), source_filesystem=self.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        return dest
+
+
+def resolve(target: str | os.PathLike | Location,
+            env: Mapping[str, str] = os.environ) -> Location:
+    """The :class:`Location` of a local path or URI (see the module docstring).
+
+    Raises:
+        StorageError: an unknown scheme, or a URI without a bucket, naming it.
+    """
+    if isinstance(target, Location):
+        return target
+    text = str(target)
+    if not is_uri(text):
+        path = str(Path(text).expanduser().absolute())
+        return Location(path, pafs.LocalFileSystem(), path)
+    scheme, rest = text.split("://", 1)
+    scheme = scheme.lower()
+    if scheme == "file":
+        path = str(Path(rest or "/").absolute())
+        return Location(f"file://{path}", pafs.LocalFileSystem(), path)
+    if scheme not in REMOTE_SCHEMES:
+        raise StorageError(f"{text}: unknown storage scheme {scheme!r}; use a local path, "
+                           f"file://, s3://, gs:// or abfss://")
+    bucket = rest.split("/", 1)[0]
+    if not bucket:
+        raise StorageError(f"{text}: no bucket")
+    norm = f"{scheme}://{rest.rstrip('/')}"
+    if scheme == "s3":
+        return Location(norm, _s3(env), rest.rstrip("/"))
+    try:
+        fs, path = pafs.FileSystem.from_uri(norm)
+    except Exception as e:
+        raise StorageError(f"{text}: could not open its filesystem ({e})") from None
+    return Location(norm, fs, path)
+
+
+def ray_storage(target: str | os.PathLike) -> tuple[str, Optional[pafs.FileSystem]]:
+    """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig``: the same
+    filesystem as everywhere else (Ray would not honour ``AWS_ENDPOINT_URL`` by itself)."""
+    loc = resolve(target)
+    return (loc.path, loc.fs) if loc.remote else (loc.path, None)
