@@ -116,21 +116,24 @@ class _SafeEmptyPlanner(_EmptyStateDictLoadPlanner):
     load_bytes = _safe_load_bytes
 
 
-def is_complete(checkpoint_dir: str | Path) -> bool:
+def is_complete(checkpoint_dir: Any) -> bool:
     """True when every shard file the checkpoint's metadata names is there, whole (every
     rank's upload finished: a run stopped mid-report can leave a folder with some ranks'
-    files only)."""
-    root = Path(checkpoint_dir)
+    files only). ``checkpoint_dir``: a path, URI or :class:`~app.storage.Location`."""
+    from app.storage import resolve
+
+    root = resolve(checkpoint_dir)
     try:
-        metadata = SafeReader(str(root)).read_metadata()
+        metadata = safe_load(io.BytesIO(root.join(".metadata").read_bytes()),
+                             f"{root}/.metadata")
     except (OSError, CheckpointError):
         return False
     need: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         name = str(info.relative_path)
         need[name] = max(need.get(name, 0), int(info.offset) + int(info.length))
-    return all((root / name).is_file() and (root / name).stat().st_size >= size
-               for name, size in need.items())
+    sizes = dict(root.files())
+    return all(sizes.get(name, -1) >= size for name, size in need.items())
 
 
 def check_metadata(checkpoint_dir: str | Path) -> None:

@@ -238,8 +238,12 @@ def init_ray(cfg: ClusterConfig) -> RaySetup:
     """
     import ray
 
+    from app.storage import component_env, worker_env
+
     setup = plan(cfg, connected=ray.is_initialized())
+    os.environ.update(component_env())  # streaming and MLflow: the same S3 endpoint
     options = {"runtime_env": logs.runtime_env(logs.level())}
+    options["runtime_env"]["env_vars"].update(worker_env())
     if setup.kind == "address":
         _join(setup.address, cfg.ray_connect_timeout, **options)
     elif setup.kind == "databricks":

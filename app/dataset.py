@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from app.mds import INTERACTION_COLUMNS, record_dtype
-from app.publish import current
+from app.publish import local_dir
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -45,7 +45,7 @@ def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
     Raises:
         DatasetError: the folder is not a complete prepared dataset of this schema version.
     """
-    data_dir = current(data_dir)  # a versioned folder: its published version
+    data_dir = local_dir(data_dir)  # its published version (on S3: a local copy)
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise DatasetError(f"{data_dir}: not a prepared dataset (no {MANIFEST}); run "
@@ -73,7 +73,7 @@ def load_vocab(data_dir: str | os.PathLike) -> dict[str, Any]:
     """
     from app.validate import first_repeated
 
-    root = current(data_dir) / "vocab"
+    root = local_dir(data_dir) / "vocab"
     vocab = {kind: pq.read_table(root / f"{kind}.parquet") for kind in ("users", "items")}
     for kind, table in vocab.items():
         repeated = first_repeated(table["id"])

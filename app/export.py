@@ -35,7 +35,7 @@ from torch import nn
 from app.dataset import ItemFeatures
 from app.history import HISTORY_FILE, UserHistory
 from app.model import MEAN_POOLED, TABLES, ModelSpec
-from app.publish import current
+from app.publish import local_dir
 
 MODEL_SCHEMA_VERSION = 3  # 2: history bag, item year, normalised towers; 3: sha256 of files
 MODEL_JSON = "model.json"
@@ -259,7 +259,7 @@ def read_model_json(model_dir: str | os.PathLike) -> dict[str, Any]:
     Raises:
         ModelError: no model folder there, or a schema version this code cannot read.
     """
-    path = current(model_dir) / MODEL_JSON
+    path = local_dir(model_dir) / MODEL_JSON
     if not path.is_file():
         raise ModelError(f"{model_dir} is not a model folder (no {MODEL_JSON})")
     info = json.loads(path.read_text())
@@ -276,7 +276,7 @@ def load_exported(model_dir: str | os.PathLike,
     Raises:
         ModelError: missing files, or weights that do not match the folder's spec.
     """
-    model_dir = current(model_dir)  # a versioned folder: its published version, read once
+    model_dir = local_dir(model_dir)  # its published version, read once (on S3: a copy)
     info = read_model_json(model_dir)
     verify_files(model_dir, info)
     spec = ModelSpec.from_dict(info["spec"])

@@ -11,14 +11,15 @@ Recipe (:func:`prepare_dataset`):
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +36,7 @@ from app.mds import INTERACTION_COLUMNS, write_mds_columns
 from app.publish import check_writable, is_published, writer
 from app.redact import redact, redact_values
 from app.sources import DataError, Source, open_source
+from app.storage import Location, resolve
 from app.validate import VALIDATED_SCHEMA, Columns, first_repeated, validate_table
 
 REJECTED = len(SPLITS)  # split code of quarantined rows
@@ -187,7 +189,7 @@ class InteractionSink(Datasink):
     """
 
     def __init__(self, root: str, *, columns: Columns, size_limit: int) -> None:
-        self.root = root
+        self.root = root  # a local path or a URI (app.storage): every node writes there
         self.columns = columns
         self.size_limit = size_limit
         self.written: Counter = Counter()
@@ -200,25 +202,28 @@ class InteractionSink(Datasink):
         table = pa.concat_tables(tables)
         code = table["split"].to_numpy()
         part = f"part-{ctx.task_idx:05d}"
+        root = resolve(self.root)
         for sid, name in enumerate(SPLITS):
             idx = np.flatnonzero(code == sid)
             if len(idx):
                 t = table.take(pa.array(idx))
-                write_mds_columns(os.path.join(self.root, name, part), {
-                    "user": t["user_idx"].to_numpy(), "item": t["item_idx"].to_numpy(),
-                    "label": t["label"].to_numpy(), "rating": t["rating32"].to_numpy(),
-                    "timestamp": t["timestamp"].to_numpy()}, size_limit=self.size_limit)
+                with _local_folder(root.join(name, part)) as folder:
+                    write_mds_columns(str(folder), {
+                        "user": t["user_idx"].to_numpy(), "item": t["item_idx"].to_numpy(),
+                        "label": t["label"].to_numpy(), "rating": t["rating32"].to_numpy(),
+                        "timestamp": t["timestamp"].to_numpy()}, size_limit=self.size_limit)
                 counts[name] = len(idx)
                 counts[f"{name}_positives"] = int(t["label"].to_numpy().sum())
         rejected = np.flatnonzero(code == REJECTED)
         if len(rejected):
             t = table.take(pa.array(rejected))
             c = self.columns
-            os.makedirs(os.path.join(self.root, "rejects"), exist_ok=True)
+            target = root.join("rejects", f"{part}.parquet")
+            if not root.remote:
+                os.makedirs(os.path.dirname(target.path), exist_ok=True)
             pq.write_table(pa.table({c.user: t["user"], c.item: t["item"],
                                      c.rating: t["rating_raw"], c.timestamp: t["timestamp_raw"],
-                                     "reason": t["reason"]}),
-                           os.path.join(self.root, "rejects", f"{part}.parquet"))
+                                     "reason": t["reason"]}), target.path, filesystem=root.fs)
             counts["rejected"] = len(rejected)
         return counts
 
@@ -226,10 +231,25 @@ class InteractionSink(Datasink):
         for counts in write_result.write_returns:
             self.written.update(counts)
         for name in SPLITS:
-            merge_split_index(os.path.join(self.root, name))
+            merge_split_index(resolve(self.root).join(name))
 
 
-def merge_split_index(split_dir: str) -> None:
+@contextlib.contextmanager
+def _local_folder(target: Location) -> Iterator[Path]:
+    """A local folder to write ``target``'s files into: itself, or a temporary folder
+    uploaded to ``target`` (an object store) when the block succeeds."""
+    if not target.remote:
+        yield target.local_path()
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="part-"))
+    try:
+        yield tmp / "out"
+        target.upload(tmp / "out")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def merge_split_index(split_dir: Location) -> None:
     """One ``index.json`` for a split from its per-task folders, in task order.
 
     The same merge as ``streaming.base.util.merge_index`` (shard entries of each part, basenames
@@ -237,15 +257,15 @@ def merge_split_index(split_dir: str) -> None:
     An empty split gets a valid index with no shards.
     """
     shards = []
-    for part in sorted(glob.glob(os.path.join(split_dir, "part-*", "index.json"))):
-        folder = os.path.basename(os.path.dirname(part))
-        for shard in json.loads(Path(part).read_text())["shards"]:
+    for folder in split_dir.children():
+        if not folder.startswith("part-"):
+            continue
+        for shard in json.loads(split_dir.join(folder, "index.json").read_text())["shards"]:
             for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
                 if shard.get(key):
                     shard[key]["basename"] = f"{folder}/{shard[key]['basename']}"
             shards.append(shard)
-    os.makedirs(split_dir, exist_ok=True)
-    Path(split_dir, "index.json").write_text(json.dumps({"version": 2, "shards": shards}))
+    split_dir.join("index.json").write_text(json.dumps({"version": 2, "shards": shards}))
 
 
 # ---------------------------------------------------------------- driver side
@@ -296,25 +316,31 @@ def _save_vocab(path: Path, ids: pa.Array, extra: Optional[pa.Table] = None,
     pq.write_table(table, path)
 
 
-def _malformed_rejects(source: Source, rejects_dir: Path) -> Counter:
-    """Turn recorded unreadable CSV lines into a rejects Parquet file; count them."""
+def _malformed_rejects(source: Source, rejects_dir: Location) -> Counter:
+    """Turn recorded unreadable CSV lines into a rejects Parquet file; count them. The
+    records are removed once they are in it."""
     counts: Counter = Counter()
-    if not source.malformed_dir or not os.path.isdir(source.malformed_dir):
+    if not source.malformed_dir:
         return counts
+    recorded = resolve(source.malformed_dir)
     records = []
-    for f in sorted(glob.glob(os.path.join(source.malformed_dir, "*.jsonl"))):
-        records += [json.loads(line) for line in Path(f).read_text().splitlines() if line]
+    for f, _ in recorded.files():
+        records += [json.loads(line) for line in recorded.join(f).read_text().splitlines()
+                    if line]
     if records:
         records.sort(key=lambda r: (r["line"] is None, r["line"] or 0, r["text"]))
-        rejects_dir.mkdir(exist_ok=True)
+        target = rejects_dir.join("malformed-lines.parquet")
+        if not target.remote:
+            os.makedirs(rejects_dir.path, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(records, schema=pa.schema(
             [("line", pa.int64()), ("text", pa.string()), ("reason", pa.string())])),
-            rejects_dir / "malformed-lines.parquet")
+            target.path, filesystem=target.fs)
         counts.update(r["reason"] for r in records)
+    recorded.delete()
     return counts
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
+def _check_output(out: Location, overwrite: bool) -> None:
     check_writable(out, "prepared dataset", MANIFEST)
     if is_published(out) and not overwrite:
         raise DataError(f"{out}: already holds a prepared dataset; pass --overwrite to "
@@ -335,19 +361,21 @@ def prepare_dataset(cfg: DataConfig, output: str, *, verbose: bool = True,
     Returns:
         The manifest (also written to ``manifest.json`` of the new version).
     """
-    out = Path(output).absolute()
+    out = resolve(output)
     _check_output(out, cfg.overwrite)
     say = (lambda msg: logs.say("prepare", msg))
     with logs.stage("prepare"), writer(out, "prepare_data", timeout=lease_timeout,
                                        say=say) as lease:
         _check_output(out, cfg.overwrite)  # again, under the lease: another run may have won
         with lease.staged() as tmp:
-            manifest = _build(cfg, tmp, verbose=verbose)
+            manifest = _build(cfg, tmp, lease.target, verbose=verbose)
             shutil.rmtree(tmp / "_scratch", ignore_errors=True)
     return manifest
 
 
-def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
+def _build(cfg: DataConfig, tmp: Path, target: Location, *, verbose: bool) -> dict[str, Any]:
+    """Prepare into a version being staged: the driver's files (vocabularies, manifest) go
+    to ``tmp``, the tasks' (shards, rejects) to ``target``, the same folder when local."""
     t0 = time.perf_counter()
 
     def say(msg: str) -> None:
@@ -359,7 +387,8 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
             say(msg)
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    source = open_source(cfg, scratch_dir=str(tmp / "_scratch"))
+    source = open_source(cfg, scratch_dir=str(tmp / "_scratch"),
+                         malformed_dir=str(target.join("_malformed")))
     cols = source.columns
     ts_min, ts_max = cfg.timestamp_bounds()
     validated = source.dataset.map_batches(
@@ -378,7 +407,7 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
     rejected: Counter = Counter()
     for text in stats["rejected"].to_pylist():
         rejected.update(json.loads(text))
-    rejects_dir = tmp / "rejects"
+    rejects_dir = target.join("rejects")
     malformed = _malformed_rejects(source, rejects_dir)
     rejected.update(malformed)
     n_read = accepted + sum(rejected.values())
@@ -420,13 +449,13 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
             .map_batches(_temporal_split, batch_size=None, batch_format="pyarrow",
                          fn_kwargs=dict(val_fraction=cfg.val_fraction,
                                         test_fraction=cfg.test_fraction))
-    sink = InteractionSink(str(tmp), columns=cols, size_limit=cfg.shard_size_limit)
+    sink = InteractionSink(target.uri, columns=cols, size_limit=cfg.shard_size_limit)
     encoded.write_datasink(sink)
     validated = blocks = merge = encoded = None  # release the materialised blocks
     detail("wrote MDS shards")
 
     # What the indexes and reject files on disk hold must match what the tasks wrote.
-    split_rows = {name: _index_rows(tmp / name) for name in SPLITS}
+    split_rows = {name: _index_rows(target.join(name)) for name in SPLITS}
     rejects_written = _rejects_rows(rejects_dir)
     if (split_rows != {name: sink.written[name] for name in SPLITS}
             or sum(split_rows.values()) != kept
@@ -464,16 +493,20 @@ def _build(cfg: DataConfig, tmp: Path, *, verbose: bool) -> dict[str, Any]:
     merged = f"; duplicates merged {accepted - kept:,}" if accepted > kept else ""
     say("splits: " + ", ".join(f"{k} {v:,}" for k, v in split_rows.items())
         + f"; rejected {sum(rejected.values()):,}{merged}; {manifest['seconds']:.1f}s")
-    read_manifest(tmp)  # the contract check a reader will run
+    if not target.remote:
+        read_manifest(tmp)  # the contract check a reader will run (on S3: after publishing)
     return manifest
 
 
-def _index_rows(split_dir: Path) -> int:
-    index = json.loads((split_dir / "index.json").read_text())
+def _index_rows(split_dir: Location) -> int:
+    index = json.loads(split_dir.join("index.json").read_text())
     return sum(s["samples"] for s in index["shards"])
 
 
-def _rejects_rows(rejects_dir: Path) -> int:
-    if not rejects_dir.is_dir():
-        return 0
-    return sum(pq.read_metadata(p).num_rows for p in rejects_dir.glob("*.parquet"))
+def _rejects_rows(rejects_dir: Location) -> int:
+    total = 0
+    for name, _ in rejects_dir.files():
+        if name.endswith(".parquet"):
+            with rejects_dir.fs.open_input_file(rejects_dir.join(name).path) as f:
+                total += pq.read_metadata(f).num_rows
+    return total

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-from app.storage import Location, is_remote, resolve, s3_endpoint
+from app.storage import Location, is_remote, local_copy, resolve, s3_endpoint
 
 POINTER = "CURRENT"
 SUCCESS = "_SUCCESS"  # on object stores: written last in a version, listing its files
@@ -89,13 +89,21 @@ def _current_remote(out: Location) -> Location:
     return _complete(out.join(name))
 
 
+def _remote(out: Union[str, os.PathLike, Location]) -> bool:
+    return out.remote if isinstance(out, Location) else is_remote(out)
+
+
+def _local(out: Union[str, os.PathLike, Location]) -> Path:
+    return out.local_path() if isinstance(out, Location) else Path(out)
+
+
 def current(out: Union[str, os.PathLike, Location]) -> Any:
     """The folder of the published version of ``out`` (``out`` itself when it is not
     versioned, e.g. a version folder, or a folder written by hand): a :class:`Path`, or a
     checked :class:`~app.storage.Location` on an object store."""
-    if isinstance(out, Location) or is_remote(out):
+    if _remote(out):
         return _current_remote(resolve(out))
-    out = Path(out)
+    out = _local(out)
     pointer = out / POINTER
     try:
         name = pointer.read_text().strip()
@@ -107,18 +115,34 @@ def current(out: Union[str, os.PathLike, Location]) -> Any:
     return out / name
 
 
+def local_dir(out: Union[str, os.PathLike, Location]) -> Path:
+    """A local folder holding the published version of ``out``: the version folder itself,
+    or on an object store its checked copy in this node's cache (:func:`app.storage.local_copy`)."""
+    folder = current(out)
+    if not isinstance(folder, Location):
+        return folder
+    listed = json.loads(folder.join(SUCCESS).read_text())["files"]
+    return local_copy(folder, {f: n for f, n in listed.items() if f != SUCCESS})
+
+
+def version_uri(out: Union[str, os.PathLike, Location]) -> str:
+    """The published version of ``out`` as a path or URI any node can read."""
+    folder = current(out)
+    return folder.uri if isinstance(folder, Location) else str(Path(folder).absolute())
+
+
 def version_of(out: Union[str, os.PathLike, Location]) -> Optional[str]:
     """The name of ``out``'s published version (None when it is not versioned)."""
     folder = current(out)
     if isinstance(folder, Location):
         return folder.name if folder.uri != resolve(out).uri else None
-    return folder.name if folder != Path(out) else None
+    return folder.name if folder != _local(out) else None
 
 
 def is_published(out: Union[str, os.PathLike, Location]) -> bool:
-    if isinstance(out, Location) or is_remote(out):
+    if _remote(out):
         return resolve(out).join(POINTER).is_file()
-    return (Path(out) / POINTER).is_file()
+    return (_local(out) / POINTER).is_file()
 
 
 def _now() -> str:
@@ -166,6 +190,8 @@ class Lease:
     timeout: float
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     lost: Optional[str] = None
+    # inside staged(): where the version being written lies, for writers on other nodes
+    target: Optional[Location] = None
     _stop: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -278,6 +304,7 @@ class Lease:
         version = _version_name(self._next_number())
         tmp = self.out / f".partial-{version}"
         tmp.mkdir()
+        self.target = resolve(tmp)
         try:
             yield tmp
             self.check()
@@ -327,6 +354,7 @@ class ObjectLease:
     timeout: float
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     lost: Optional[str] = None
+    target: Optional[Location] = None
     _etag: Optional[str] = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _client: Any = None
@@ -424,21 +452,25 @@ class ObjectLease:
 
     @contextlib.contextmanager
     def staged(self, keep: int = KEEP_VERSIONS) -> Iterator[Path]:
-        """Yield an empty local staging folder; when the block succeeds it is uploaded as
-        the next version, ``_SUCCESS`` last, then ``CURRENT`` names it."""
+        """Yield an empty local staging folder for the driver's files; tasks on any node write
+        theirs under :attr:`target` (the version's prefix). When the block succeeds the local
+        files are uploaded there, then ``_SUCCESS`` (every file of the version), then
+        ``CURRENT`` names the version."""
         import tempfile
+
+        from app.storage import cache_root
 
         names = self.out.children()
         version = _version_name(max((n for n in map(_number, names) if n is not None),
                                     default=0) + 1)
-        target = self.out.join(version)
-        tmp = Path(tempfile.mkdtemp(prefix=f"stage-{version}-"))
+        target = self.target = self.out.join(version)
+        cache_root().mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".stage-{version}-", dir=cache_root()))
         try:
             yield tmp
             self.check()
-            files = {str(p.relative_to(tmp)): p.stat().st_size
-                     for p in sorted(tmp.rglob("*")) if p.is_file()}
             target.upload(tmp)
+            files = dict(target.files())
             target.join(SUCCESS).write_text(json.dumps({"files": files, "written": _now(),
                                                         "stage": self.stage}))
             self.check()
@@ -469,7 +501,7 @@ def writer(out: str | os.PathLike, stage: str, *, timeout: float = 60.0,
     Raises:
         OutputError: another live writer holds ``out``.
     """
-    if isinstance(out, Location) or is_remote(out):
+    if _remote(out):
         remote = ObjectLease(resolve(out), stage, timeout)
         remote.acquire(say)
         try:
@@ -477,7 +509,7 @@ def writer(out: str | os.PathLike, stage: str, *, timeout: float = 60.0,
         finally:
             remote.release()
         return
-    lease = Lease(Path(out).absolute(), stage, timeout)
+    lease = Lease(_local(out).absolute(), stage, timeout)
     created = not lease.out.exists()
     lease.acquire(say)
     try:
@@ -493,14 +525,14 @@ def check_writable(out: Union[Path, str, Location], kind: str, marker: str) -> N
     """``out`` may receive versions: missing, empty, or already a versioned output. A folder
     holding something else (or an output of an older layout: ``marker`` at its top) is
     refused rather than mixed with."""
-    if isinstance(out, Location) or is_remote(out):
+    if _remote(out):
         loc = resolve(out)
         names = [n for n in loc.children() if n != LEASE]
         if names and POINTER not in names:
             raise OutputError(f"{loc}: holds something other than a {kind} (no {POINTER}); "
                               f"choose another output location or remove it")
         return
-    out = Path(out)
+    out = _local(out)
     if not out.exists() or is_published(out):
         return
     if not out.is_dir():

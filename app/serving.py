@@ -17,7 +17,7 @@ import torch
 
 from app.dataset import load_vocab
 from app.export import item_popularity, load_exported, pair_probabilities, read_model_json
-from app.publish import current
+from app.publish import local_dir
 
 
 class Recommender:
@@ -29,7 +29,7 @@ class Recommender:
     """
 
     def __init__(self, model_dir: str | os.PathLike, device: str = "cpu") -> None:
-        self.model_dir = model_dir = current(model_dir)  # one version, however long we serve
+        self.model_dir = model_dir = local_dir(model_dir)  # one version, however long we serve
         self.device = torch.device(device)
         self.model = load_exported(model_dir, map_location=self.device)
         self.calibration = read_model_json(model_dir).get("calibration", {"a": 1.0, "b": 0.0})

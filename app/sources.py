@@ -51,35 +51,48 @@ class Source:
 class MalformedLines:
     """pyarrow ``invalid_row_handler`` that records unreadable CSV lines instead of failing.
 
-    Each call appends one JSON line to a file of its own under ``directory``; the prepare stage
-    turns them into quarantined rows. Lines with the wrong number of fields arrive here (blank
-    lines are read as empty rows and quarantined by validation), so none vanishes silently.
+    Each call appends one JSON line to a file of its own under ``directory`` (a local path, or
+    a URI every node writes to: there, one object per line, as objects cannot be appended
+    to); the prepare stage turns them into quarantined rows. Lines with the wrong number of
+    fields arrive here (blank lines are read as empty rows and quarantined by validation), so
+    none vanishes silently.
     """
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self._path: Optional[str] = None
+        self._count = 0
 
     def __call__(self, row: Any) -> str:
-        if self._path is None:
-            os.makedirs(self.directory, exist_ok=True)
-            self._path = os.path.join(self.directory, f"{os.getpid()}-{uuid.uuid4().hex}.jsonl")
+        from app.storage import resolve
+
         record = {"line": row.number, "text": row.text,
                   "reason": f"malformed line: expected {row.expected_columns} fields, "
                             f"got {row.actual_columns}"}
-        with open(self._path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        folder = resolve(self.directory)
+        if self._path is None:
+            self._path = f"{os.getpid()}-{uuid.uuid4().hex}"
+            if not folder.remote:
+                os.makedirs(folder.path, exist_ok=True)
+        self._count += 1
+        if folder.remote:
+            folder.join(f"{self._path}-{self._count:09d}.jsonl").write_text(
+                json.dumps(record) + "\n")
+        else:
+            with open(os.path.join(folder.path, f"{self._path}.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
         return "skip"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"directory": self.directory, "_path": None}
+        return {"directory": self.directory, "_path": None, "_count": 0}
 
 
 def _filesystem(spec: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path on it) for a URI, or for a local path relative or absolute."""
-    if "://" in spec:
-        return pafs.FileSystem.from_uri(spec)
-    return pafs.LocalFileSystem(), os.path.abspath(spec)
+    from app.storage import resolve
+
+    loc = resolve(spec)
+    return loc.fs, loc.path
 
 
 def resolve_files(spec: str, extensions: tuple[str, ...]) -> tuple[list[str], pafs.FileSystem]:
@@ -262,15 +275,18 @@ def _lfs_files(spec: str, scratch: str) -> tuple[str, Optional[str]]:
     return str(path), None
 
 
-def open_source(cfg: DataConfig, *, scratch_dir: str) -> Source:
+def open_source(cfg: DataConfig, *, scratch_dir: str,
+                malformed_dir: Optional[str] = None) -> Source:
     """Open the configured source as a Ray Dataset (lazy: nothing is read yet).
 
     Args:
         cfg: data configuration (``dataset``, ``input``, column names, ...).
-        scratch_dir: a private folder for unpacked archives and unreadable-line records.
+        scratch_dir: a private local folder for downloads and unpacked archives.
+        malformed_dir: where the reading tasks record unreadable lines (a path or URI every
+            node can write; default: under ``scratch_dir``).
     """
     columns = Columns(cfg.user_col, cfg.item_col, cfg.rating_col, cfg.timestamp_col)
-    malformed_dir = os.path.join(scratch_dir, "malformed")
+    malformed_dir = malformed_dir or os.path.join(scratch_dir, "malformed")
     if cfg.dataset == "movielens-small":
         ratings, meta = _movielens_small()
         columns = Columns()

@@ -16,8 +16,12 @@ mosaicml-streaming (``S3_ENDPOINT_URL``) or MLflow's artifact store (``MLFLOW_S3
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
+import shutil
+import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
@@ -26,6 +30,7 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss")
+CACHE_ENV = "TWOTOWER_CACHE_DIR"
 
 
 class StorageError(RuntimeError):
@@ -56,6 +61,15 @@ def component_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
         return {}
     wanted = {"S3_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint}
     return {k: v for k, v in wanted.items() if not env.get(k)}
+
+
+def worker_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """What every Ray worker needs to reach the same stores as this process (endpoints and
+    the cache folder; never credentials, which each node takes from its own chain)."""
+    names = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+             "S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", CACHE_ENV)
+    found = {k: env[k] for k in names if env.get(k)}
+    return {**found, **component_env(env)}
 
 
 def _s3(env: Mapping[str, str]) -> pafs.S3FileSystem:
@@ -229,6 +243,50 @@ def resolve(target: str | os.PathLike | Location,
     except Exception as e:
         raise StorageError(f"{text}: could not open its filesystem ({e})") from None
     return Location(norm, fs, path)
+
+
+def cache_root() -> Path:
+    """The node-local cache of published versions read from object stores: the folder
+    ``TWOTOWER_CACHE_DIR`` names, else ``<temp dir>/twotower-cache``. The only local files a
+    stage writes when its inputs and outputs are remote."""
+    return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir(), "twotower-cache"))
+
+
+def local_copy(version: Location, expected: Optional[dict[str, int]] = None) -> Path:
+    """A local folder holding the files of an immutable published version: the folder itself
+    when it is local, else its copy in this node's cache (downloaded once; several processes
+    of a node may ask at once: the first complete copy wins).
+
+    Args:
+        version: a published version (never rewritten in place: its name changes when the
+            output is written again).
+        expected: file -> size the copy must hold (the version's completion record).
+    """
+    if not version.remote:
+        return version.local_path()
+    key = hashlib.sha256(version.uri.encode()).hexdigest()[:16]
+    dest = cache_root() / f"{version.name}-{key}"
+    if (dest / ".complete").is_file():
+        return dest
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        version.download(tmp)
+        if expected is not None:
+            got = {str(p.relative_to(tmp)): p.stat().st_size
+                   for p in tmp.rglob("*") if p.is_file()}
+            wrong = sorted(f for f, n in expected.items() if got.get(f) != n)
+            if wrong:
+                raise StorageError(f"{version}: the copy differs from what the version lists "
+                                   f"({', '.join(wrong[:3])}); was it rewritten in place?")
+        (tmp / ".complete").write_text(version.uri + "\n")
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process of this node finished first
+            if not (dest / ".complete").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 def ray_storage(target: str | os.PathLike) -> tuple[str, Optional[pafs.FileSystem]]:

@@ -9,6 +9,7 @@ what is logged or saved has them masked (:mod:`app.redact`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import re
@@ -20,6 +21,7 @@ import mlflow
 
 from app.config import ClusterConfig, Config, ConfigError
 from app.redact import redact
+from app.storage import cache_root, is_remote, resolve
 
 APP_DIR = Path(__file__).resolve().parent
 # the registered model as code (MLflow's models-from-code): MLflow runs this file to build the
@@ -33,9 +35,16 @@ def tracking_uri(cluster: ClusterConfig) -> str:
     uri, _ = mlflow_defaults(cluster)
     if uri:
         return uri
-    workdir = Path(cluster.workdir).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{workdir / 'mlflow.db'}"
+    if is_remote(cluster.workdir):
+        # a database cannot live in a bucket: this machine keeps it (artifacts go to the
+        # bucket); a tracking server (--mlflow-tracking-uri) gives a record every node shares
+        workdir = resolve(cluster.workdir)
+        key = hashlib.sha256(workdir.uri.encode()).hexdigest()[:12]
+        folder = cache_root() / "mlflow" / f"{workdir.name}-{key}"
+    else:
+        folder = Path(cluster.workdir).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
 # a Unity Catalog model: catalog.schema.model, each part letters, digits and underscores
@@ -96,7 +105,8 @@ def configure(cluster: ClusterConfig) -> str:
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:"):
-        location = (Path(cluster.workdir).resolve() / "mlartifacts").as_uri()
+        location = (resolve(cluster.workdir).join("mlartifacts").uri if is_remote(cluster.workdir)
+                    else (Path(cluster.workdir).resolve() / "mlartifacts").as_uri())
     return mlflow.create_experiment(name, artifact_location=location)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import re
 import shutil
 import time
@@ -28,8 +29,9 @@ from app import logs
 from app.config import Config
 from app.dataset import SPLITS, DatasetError, read_manifest
 from app.placement import check_resources, cluster_nodes, placement
-from app.publish import Lease, check_writable, current, version_of, writer
+from app.publish import Lease, check_writable, current, local_dir, version_of, version_uri, writer
 from app.redact import redact_values
+from app.storage import Location, local_copy, ray_storage, resolve
 from app.history import HISTORY_FILE
 from app.train_loop import (PLAN_FILE, POPULARITY_FILE, STATE_FILE, checkpoint_of_epoch,
                              item_features, latest_checkpoint, model_spec, train_loop)
@@ -39,10 +41,12 @@ class TrainError(RuntimeError):
     """Training could not run or did not finish."""
 
 
-def run_name(output: Path) -> str:
-    """A stable Ray Train run name per output folder (so ``--resume`` finds its checkpoints)."""
-    digest = hashlib.sha1(str(output.resolve()).encode()).hexdigest()[:8]
-    return f"train-{re.sub(r'[^A-Za-z0-9_.-]', '_', output.name)}-{digest}"
+def run_name(output: Any) -> str:
+    """A stable Ray Train run name per output folder (so ``--resume`` finds its checkpoints):
+    ``output`` is a path, URI or :class:`~app.storage.Location`."""
+    loc = resolve(output)
+    digest = hashlib.sha1(loc.uri.encode()).hexdigest()[:8]
+    return f"train-{re.sub(r'[^A-Za-z0-9_.-]', '_', loc.name)}-{digest}"
 
 
 def consolidate(checkpoint_dir: Path) -> dict[str, Any]:
@@ -147,7 +151,7 @@ def _trainer_class() -> type:
     return Trainer
 
 
-def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Path,
+def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Any,
                  mlflow_info: Optional[dict[str, str]] = None,
                  callbacks: Optional[list] = None, refit: bool = False,
                  baselines: Optional[dict[str, Any]] = None) -> Any:
@@ -155,8 +159,8 @@ def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Path,
 
     Args:
         cfg: the resolved configuration.
-        data_dir: the prepared dataset.
-        name, storage: the Ray Train run name and storage path (checkpoints).
+        data_dir: the prepared dataset version (a path or URI every worker can read).
+        name, storage: the Ray Train run name and storage path or URI (checkpoints).
         mlflow_info: ``{"tracking_uri", "run_id"}`` of the run rank 0 logs epochs to.
         callbacks: Ray Train ``UserCallback``s (Tune's report callback in a sweep).
         refit: train on every split, without evaluation.
@@ -167,16 +171,19 @@ def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Path,
     from app.rendezvous import torch_config
 
     place = placement(cfg.train)
+    storage = resolve(storage)
+    storage_path, storage_fs = ray_storage(storage)
     return _trainer_class()(
         train_loop,
-        train_loop_config={"config": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()),
+        train_loop_config={"config": cfg.to_dict(), "data_dir": data_dir,
                            "mlflow": mlflow_info,
-                           "run_dir": str(Path(storage, name)),
+                           "run_dir": storage.join(name).uri,
                            "splits": list(SPLITS) if refit else ["train"],
                            "evaluate": not refit, "baselines": baselines or {}},
         scaling_config=place.scaling_config(),
         torch_config=torch_config(place.backend),
-        run_config=RunConfig(name=name, storage_path=str(storage),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              # the best epoch is at most `patience` epochs back
                              checkpoint_config=CheckpointConfig(num_to_keep=max(
@@ -185,7 +192,7 @@ def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Path,
 
 
 def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, lease: Lease, *, spec: Any,
-                    manifest: dict[str, Any], run_dir: Path, refit: bool,
+                    manifest: dict[str, Any], run_dir: Location, refit: bool,
                     baselines: dict[str, Any], data_root: str, data_version: Optional[str],
                     register: Any, say: Any) -> tuple[dict, Path, dict, dict]:
     """Fit, then publish the best epoch's model folder as a new version of the output;
@@ -203,8 +210,8 @@ def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, lease: Lease, *, s
         raise TrainError(f"training failed: {e}{where}") from e
     if result.checkpoint is None:
         raise TrainError("training finished without a checkpoint")
-    ckpt = Path(result.checkpoint.path)
-    state = json.loads((ckpt / STATE_FILE).read_text())
+    ckpt = run_dir.join(posixpath.basename(result.checkpoint.path.rstrip("/")))
+    state = json.loads(ckpt.join(STATE_FILE).read_text())
     if state["epoch"] != cfg.train.epochs and not state.get("stopped_early"):
         raise TrainError(f"training stopped after {state['epoch']} of {cfg.train.epochs} "
                          f"epochs; --resume continues it from {ckpt}")
@@ -218,11 +225,13 @@ def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, lease: Lease, *, s
         # (after an early stop the workers' last line named the best epoch already)
         say(f"exporting epoch {best_epoch}, the best on validation, of {state['epoch']}")
     with lease.staged() as tmp:
-        torch.save(export_state_dict(consolidate(best_ckpt)), tmp / WEIGHTS)
+        best_local = local_copy(best_ckpt)  # on an object store: a copy in this node's cache
+        torch.save(export_state_dict(consolidate(best_local)), tmp / WEIGHTS)
+        if best_ckpt.remote:
+            shutil.rmtree(best_local, ignore_errors=True)
         shutil.copytree(Path(data_dir, "vocab"), tmp / "vocab")
-        shutil.copy(ckpt / HISTORY_FILE, tmp / HISTORY_FILE)
-        shutil.copy(ckpt / PLAN_FILE, tmp / PLAN_FILE)
-        shutil.copy(ckpt / POPULARITY_FILE, tmp / POPULARITY_FILE)
+        for name in (HISTORY_FILE, PLAN_FILE, POPULARITY_FILE):
+            (tmp / name).write_bytes(ckpt.join(name).read_bytes())
         # model.json records every loaded file's sha256 (load_exported checks them)
         sealed = write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest)
         write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest, sha256=sealed,
@@ -262,7 +271,7 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True,
         A summary: metrics, paths, MLflow run and model version, seconds.
     """
     tag = "refit" if refit else "train"
-    out = Path(output).resolve()
+    out = resolve(output)
     check_writable(out, "model folder", "model.json")
     with logs.stage(tag), writer(out, tag, timeout=cfg.cluster.lease_timeout,
                                  say=lambda msg: logs.say(tag, msg)) as lease:
@@ -277,8 +286,11 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
     tag = "refit" if refit else "train"
     say = (lambda msg: logs.say(tag, msg)) if verbose else (lambda msg: None)
     t0 = time.perf_counter()
-    # one version of the dataset throughout; publishing checks it is still the current one
-    data_version, data_dir = version_of(data_root), str(current(data_root))
+    # one version of the dataset throughout; publishing checks it is still the current one.
+    # The workers read data_uri (on an object store, each node its own copy), the driver
+    # data_dir (that version's local folder)
+    data_version, data_uri = version_of(data_root), version_uri(data_root)
+    data_dir = str(local_dir(data_uri))
     manifest = read_manifest(data_dir)
     for split in SPLITS:
         if manifest["counts"]["splits"][split] == 0:
@@ -307,26 +319,27 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
             f"EASE: lambda {ease['lambda']:g} (chosen on val), val recall@20 "
             f"{ease['val'].get('recall@20', float('nan')):.4f}, {ease['seconds']}s")
 
-    storage = Path(cfg.cluster.storage_path or Path(cfg.cluster.workdir, "checkpoints")).resolve()
+    storage = resolve(cfg.cluster.storage_path
+                      or f"{str(cfg.cluster.workdir).rstrip('/')}/checkpoints")
     name = run_name(out) + ("-refit" if refit else "")
-    run_dir = storage / name
+    run_dir = storage.join(name)
     resume_from = None
     if cfg.train.resume:
         resume_from = latest_checkpoint(run_dir)
         if resume_from is None:
             raise TrainError(f"--resume: no checkpoint of this output under {run_dir}")
-        state = json.loads((resume_from / STATE_FILE).read_text())
+        state = json.loads(resume_from.join(STATE_FILE).read_text())
         say(f"resuming after epoch {state['epoch']} from {resume_from}")
-    elif run_dir.exists():
-        shutil.rmtree(run_dir)
+    else:
+        run_dir.delete()
 
     run_id = tracking.start_run(cfg, run_name=tracking.run_label(tag, cfg, manifest),
-                                tags={"stage": tag, "dataset": str(data_dir),
+                                tags={"stage": tag, "dataset": data_uri,
                                       "output": str(out), "refit": str(refit).lower(),
                                       **(tags or {})})
     mlflow_info = {"tracking_uri": tracking.tracking_uri(cfg.cluster), "run_id": run_id}
     # the workers start from the latest checkpoint in the run folder: --resume keeps it
-    trainer = make_trainer(cfg, data_dir, name=name, storage=storage, mlflow_info=mlflow_info,
+    trainer = make_trainer(cfg, data_uri, name=name, storage=storage, mlflow_info=mlflow_info,
                            refit=refit, baselines=baselines)
     try:
         def register(folder: Path) -> dict[str, Any]:
@@ -350,7 +363,7 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
     say(f"model folder {current(out)}; MLflow run {run_id}, registered "
         f"{registered['registered_uri']}; {seconds}s")
     return {"model_dir": str(current(out)), "metrics": metrics, "history": state["history"],
-            "mlflow": registered, "checkpoint": str(ckpt), "seconds": seconds,
+            "mlflow": registered, "checkpoint": ckpt.uri, "seconds": seconds,
             "placement": place.describe(), "refit": refit,
             "training_rows": sum(manifest["counts"]["splits"][s] for s in
                                  (SPLITS if refit else ("train",)))}

@@ -33,7 +33,9 @@ from app.metrics import UserItems, binary_auroc, finish, popularity_scores, rank
 from app.history import HISTORY_FILE, UserHistory
 from app.model import (TABLES, BatchMaker, ModelSpec, TwoTower, TwoTowerTrainTask,
                        log_sampling_probability)
+from app.publish import local_dir
 from app.reader import InteractionStream, ItemFeatures
+from app.storage import Location, resolve
 
 STATE_FILE = "state.json"
 PLAN_FILE = "sharding_plan.json"
@@ -68,28 +70,34 @@ def model_spec(cfg: Config, manifest: dict[str, Any], features: list[ItemFeature
 
 def _epoch_of(checkpoint: Any) -> int:
     """The epoch a checkpoint (a folder or a Ray Train ``Checkpoint``) was written after."""
-    if isinstance(checkpoint, Path):
-        return json.loads((checkpoint / STATE_FILE).read_text())["epoch"]
+    if isinstance(checkpoint, Location):
+        return json.loads(checkpoint.join(STATE_FILE).read_text())["epoch"]
     with checkpoint.as_directory() as d:
         return json.loads(Path(d, STATE_FILE).read_text())["epoch"]
 
 
-def _complete_checkpoints(run_dir: Path) -> dict[int, Path]:
-    """Epoch -> checkpoint folder, for the complete ones under a Ray Train run folder: rank
-    0's state file and every shard file the metadata names."""
+def _complete_checkpoints(run_dir: Any) -> dict[int, Location]:
+    """Epoch -> checkpoint folder, for the complete ones under a Ray Train run folder (a path
+    or URI): rank 0's state file and every shard file the metadata names."""
+    root = resolve(run_dir)
     found = {}
-    for state in run_dir.glob(f"checkpoint_*/{STATE_FILE}"):
-        if is_complete(state.parent):
-            found[json.loads(state.read_text())["epoch"]] = state.parent
+    for name in root.children():
+        folder = root.join(name)
+        if not name.startswith("checkpoint_") or not is_complete(folder):
+            continue
+        try:
+            found[json.loads(folder.join(STATE_FILE).read_text())["epoch"]] = folder
+        except FileNotFoundError:
+            continue  # rank 0's files not there: incomplete
     return found
 
 
-def checkpoint_of_epoch(run_dir: Path, epoch: int) -> Optional[Path]:
+def checkpoint_of_epoch(run_dir: Any, epoch: int) -> Optional[Location]:
     """The complete checkpoint written after ``epoch`` under a Ray Train run folder, or None."""
     return _complete_checkpoints(run_dir).get(epoch)
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+def latest_checkpoint(run_dir: Any) -> Optional[Location]:
     """The complete checkpoint with the most epochs under a Ray Train run folder, or None."""
     found = _complete_checkpoints(run_dir)
     return found[max(found)] if found else None
@@ -418,7 +426,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     cfg: Config = load_config(overrides={k: v for section in config["config"].values()
                                          for k, v in section.items()})
-    data_dir: str = config["data_dir"]
+    data_dir = str(local_dir(config["data_dir"]))  # on an object store: this node's copy
     splits = tuple(config.get("splits") or ("train",))
     evaluate = bool(config.get("evaluate", True))
     ctx = ray.train.get_context()
@@ -446,9 +454,9 @@ def train_loop(config: dict[str, Any]) -> None:
     # with it, so the run folder is read too (it holds only this run's, or --resume's) and
     # the later complete checkpoint of the two wins.
     restored = ray.train.get_checkpoint()
-    found = latest_checkpoint(Path(config["run_dir"])) if config.get("run_dir") else None
+    found = latest_checkpoint(config["run_dir"]) if config.get("run_dir") else None
     if found is not None and (restored is None or _epoch_of(restored) < _epoch_of(found)):
-        restored = Checkpoint.from_directory(str(found))
+        restored = Checkpoint(found.path, filesystem=found.fs)
     if restored is not None:
         with restored.as_directory() as d:
             sd = {"model": dmp.state_dict(), "optim": optimizer.state_dict()}

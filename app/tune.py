@@ -20,7 +20,7 @@ from typing import Any, Optional
 from app import logs
 from app.config import Config, ConfigError, load_config
 from app.placement import Placement, ResourceError, check_resources, cluster_nodes, placement
-from app.publish import current
+from app.publish import version_uri
 from app.redact import redact_values
 
 EXPERIMENT = "sweep"
@@ -211,7 +211,7 @@ def _sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool) -> dict[st
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, credentials=cfg.credentials()), {"CPU": 0, "memory": 1})
     param_space = {"params": tune_space(cfg.tune.search_space), "base": redact_values(base),
-                   "data_dir": str(current(data_dir).resolve()), "storage": str(out / "trials"),
+                   "data_dir": version_uri(data_dir), "storage": str(out / "trials"),
                    "parent_run_id": parent_run_id}
     if resuming:
         tuner = tune.Tuner.restore(str(out / EXPERIMENT), trainable=trainable,

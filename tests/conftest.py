@@ -35,8 +35,9 @@ def start_local_ray(**kwargs) -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A real local Ray cluster with 2 CPUs (the size of the CI machine)."""
+def ray_local(s3_server):
+    """A real local Ray cluster with 2 CPUs (the size of the CI machine); its processes see
+    the session's S3 server as a user's would (``AWS_ENDPOINT_URL`` and credentials)."""
     start_local_ray()
     yield
     ray.shutdown()
@@ -189,17 +190,30 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
+    """The session's S3 server; this process's environment points at it as a user's would
+    (``AWS_ENDPOINT_URL`` and credentials), from before any Ray starts, so Ray's processes
+    inherit it too."""
+    from app.storage import CACHE_ENV
+
     server = S3Server(tmp_path_factory.mktemp("s3"))
+    saved = {k: os.environ.get(k) for k in [*server.env, "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
+                                            "S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL",
+                                            CACHE_ENV]}
+    for k in saved:
+        os.environ.pop(k, None)
+    os.environ.update(server.env)
+    # the node cache of remote versions, inside the session's temporary folder
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("node-cache"))
     yield server
     server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture
-def s3(s3_server, monkeypatch):
-    """A fresh bucket on the session's S3 server, with this process's environment pointing
-    at it as a user's would (``AWS_ENDPOINT_URL`` and credentials); yields ``s3://bucket``."""
-    for k, v in s3_server.env.items():
-        monkeypatch.setenv(k, v)
-    for k in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
-        monkeypatch.delenv(k, raising=False)
+def s3(s3_server):
+    """A fresh bucket on the session's S3 server; yields ``s3://bucket``."""
     return f"s3://{s3_server.bucket()}"
