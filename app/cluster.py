@@ -20,6 +20,7 @@ checked within ``--ray-connect-timeout`` seconds and fails with one line naming 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -67,17 +68,27 @@ def plan(cfg: ClusterConfig, env: Mapping[str, str] = os.environ,
     if address:
         return RaySetup("address", address=address)
     if cfg.databricks or on_databricks(env):
-        if not str(cfg.workdir).startswith(("/Volumes/", "/dbfs/")):
+        from app.storage import is_remote
+
+        if not (str(cfg.workdir).startswith(("/Volumes/", "/dbfs/"))
+                or is_remote(cfg.workdir)):
             raise ConfigError(f"--workdir {cfg.workdir}: on Databricks, outputs must be on "
                               f"storage every node sees, e.g. "
-                              f"--workdir /Volumes/<catalog>/<schema>/<volume>/twotower")
-        spark = {"max_worker_nodes": cfg.spark_worker_nodes,
-                 "min_worker_nodes": cfg.spark_worker_nodes,
-                 "collect_log_to_path": f"{cfg.workdir}/ray_logs"}
-        if cfg.spark_cpus_per_node is not None:
-            spark["num_cpus_worker_node"] = cfg.spark_cpus_per_node
-        if cfg.spark_gpus_per_node is not None:
-            spark["num_gpus_worker_node"] = cfg.spark_gpus_per_node
+                              f"--workdir /Volumes/<catalog>/<schema>/<volume>/twotower "
+                              f"(or an s3://, gs:// or abfss:// URI)")
+        spark: dict[str, Any] = {"max_worker_nodes": cfg.spark_worker_nodes,
+                                 "min_worker_nodes": cfg.spark_worker_nodes}
+        if not is_remote(cfg.workdir):  # Ray copies its logs there (a mounted path)
+            spark["collect_log_to_path"] = f"{cfg.workdir}/ray_logs"
+        if env.get("RAY_TMPDIR"):  # where Ray's nodes keep their files, as for any Ray
+            spark["ray_temp_root_dir"] = env["RAY_TMPDIR"]
+        cpus, gpus = cfg.spark_cpus_per_node, cfg.spark_gpus_per_node
+        if gpus is not None and cpus is None:
+            raise ConfigError("--spark-gpus-per-node needs --spark-cpus-per-node too: Ray on "
+                              "Spark sizes a worker node by both (or by neither: a whole "
+                              "Spark worker each)")
+        if cpus is not None:  # (Ray on Spark takes both or neither)
+            spark.update(num_cpus_worker_node=cpus, num_gpus_worker_node=gpus or 0)
         return RaySetup("databricks", spark_args=spark)
     # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner needs to
     # release the workers of a run whose driver was stopped (a Tune trial stopped early).
@@ -227,6 +238,15 @@ def start_embedded(**kwargs: Any) -> None:
 
 
 
+def _shutdown_ray_on_spark() -> None:
+    import ray
+    from ray.util.spark import shutdown_ray_cluster
+
+    ray.shutdown()
+    with contextlib.suppress(Exception):  # already shut down
+        shutdown_ray_cluster()
+
+
 def init_ray(cfg: ClusterConfig) -> RaySetup:
     """Connect this process to its Ray cluster (starting one when needed); returns the plan.
 
@@ -247,9 +267,19 @@ def init_ray(cfg: ClusterConfig) -> RaySetup:
     if setup.kind == "address":
         _join(setup.address, cfg.ray_connect_timeout, **options)
     elif setup.kind == "databricks":
+        from pyspark.sql import SparkSession
         from ray.util.spark import setup_ray_cluster
 
+        # a notebook's session; in a job's own process, the cluster's (getOrCreate)
+        if SparkSession.getActiveSession() is None:
+            SparkSession.builder.getOrCreate()
+        # `ray start` turns token authentication on by itself where ~/.ray/auth_token exists
+        # (on the driver, after any earlier local run), but the Ray nodes in Spark tasks on
+        # other machines have no token: Ray on Spark runs without it unless RAY_AUTH_MODE
+        # says otherwise (its nodes stay inside the Spark cluster's network)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         address, _ = setup_ray_cluster(**setup.spark_args)
+        atexit.register(_shutdown_ray_on_spark)  # the nodes this job started go with it
         _join(address, cfg.ray_connect_timeout, **options)
     elif setup.kind == "local":
         # Ray's default for a new local cluster is token authentication (its notice about

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+WORKDIR_ENV = "TWOTOWER_WORKDIR"  # the default --workdir of a cluster's jobs
 DATASETS = ("movielens-small", "lfs", "csv", "parquet", "synthetic")
 LFS_URL = "https://files.grouplens.org/datasets/learning-from-sets-2019/learning-from-sets-2019.zip"
 
@@ -347,7 +349,8 @@ class ClusterConfig:
     spark_gpus_per_node: Optional[int] = _f(None, "GPUs per Ray worker node on Spark "
                                                   "(default: all of a Spark worker's)")
     num_cpus: Optional[int] = _f(None, "CPUs for an embedded local Ray (default: all)")
-    workdir: str = _f("workdir", "folder for the outputs of a full run")
+    workdir: str = _f("workdir", "folder or URI (s3://...) for the outputs of a full run "
+                                 "(default: $TWOTOWER_WORKDIR, else ./workdir)")
     lease_timeout: float = _f(60.0, "seconds without a heartbeat after which another run may "
                                     "take over an output's writer lease")
     storage_path: Optional[str] = _f(None, "Ray Train checkpoint storage, shared by all nodes "
@@ -404,10 +407,13 @@ class Config:
                 for name, value in values.items()
                 if isinstance(value, str) and redact(value) != value}
 
-    def dump_yaml(self, path: str | Path) -> None:
+    def dump_yaml(self, path: Any) -> None:
         """Save the config (credentials masked: they come from the environment, see
-        :meth:`shown`); :func:`load_config` reads it back."""
-        Path(path).write_text(yaml.safe_dump(self.shown(), sort_keys=False))
+        :meth:`shown`) to a path or URI (:mod:`app.storage`); :func:`load_config` reads it
+        back."""
+        from app.storage import resolve
+
+        resolve(path).write_text(yaml.safe_dump(self.shown(), sort_keys=False))
 
     def describe(self, everything: bool = False) -> str:
         """The settings that differ from the defaults, ``section.field = value`` several to a
@@ -581,6 +587,8 @@ def load_config(config_file: Optional[str] = None,
     """
     cfg = Config()
     hints = {s: typing.get_type_hints(type(getattr(cfg, s))) for s in _sections(cfg)}
+    if os.environ.get(WORKDIR_ENV):  # a cluster's default (cluster.yaml exports it on its nodes)
+        cfg.cluster.workdir = os.environ[WORKDIR_ENV]
 
     def apply(name: str, value: Any, origin: str) -> None:
         if name not in FIELDS:

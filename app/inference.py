@@ -30,18 +30,28 @@ from app.dataset import SPLITS, DatasetError, load_vocab, read_manifest, read_sp
 from app.export import ModelError, item_popularity, pair_probabilities, read_model_json
 from app.metrics import UserItems
 from app.validate import id_text
-from app.publish import check_writable, current, writer
+from app.publish import OutputError, check_writable, current, local_dir, version_uri, writer
+from app.storage import is_remote, pack, resolve, unpack
 
 SUMMARY = "_summary.json"  # inside the output folder; Parquet readers skip "_" files
 
 
 def resolve_model(model: str, cfg: Config, cache_dir: Optional[str] = None) -> Path:
-    """A local model folder for ``model``: a folder path, or an MLflow URI (``models:/name/1``,
-    ``models:/name@alias``, ``runs:/<id>/model``) whose artifacts are downloaded.
+    """A local model folder for ``model``: a folder path, a folder on an object store
+    (``s3://...``: its published version's copy in this node's cache), or an MLflow URI
+    (``models:/name/1``, ``models:/name@alias``, ``runs:/<id>/model``) whose artifacts are
+    downloaded.
 
     Raises:
         ModelError: nothing usable there.
     """
+    if is_remote(model):
+        try:
+            path = local_dir(model)
+        except OutputError as e:
+            raise ModelError(f"--model {model}: {e}") from None
+        read_model_json(path)
+        return path
     path = Path(model)
     if path.exists():
         path = current(path)  # a versioned folder: its published version
@@ -136,11 +146,25 @@ def build_faiss(items: np.ndarray, m: int, ef_search: int) -> Any:
     return index
 
 
+def model_folder(model_dir: Any) -> str:
+    """The model folder on this node: a path as given, or ``[ref]`` of a folder packed by the
+    driver (:func:`app.storage.pack`), unpacked into this node's cache: an actor on another
+    node never needs the driver's disk."""
+    if isinstance(model_dir, list):
+        import ray
+
+        files = ray.get(model_dir[0]) if isinstance(model_dir[0], ray.ObjectRef) \
+            else model_dir[0]
+        return str(unpack(files))
+    return str(model_dir)
+
+
 class TopK:
     """Ray Data actor: top-K items for a batch of users (column ``userId``).
 
     Args:
-        model_dir: the model folder (each actor loads its own towers).
+        model_dir: the model folder (each actor loads its own towers): a path, or ``[ref]``
+            of the packed folder (:func:`model_folder`).
         shared: object reference of a dict with ``items`` (num_items, D) embeddings,
             ``item_ids`` / ``titles`` / ``user_ids`` vocabularies, ``rated`` (UserItems or
             None), ``popular`` (item indices by popularity), ``faiss`` (serialized index or
@@ -149,7 +173,7 @@ class TopK:
         device: ``cpu`` or ``cuda``.
     """
 
-    def __init__(self, model_dir: str, shared: list, k: int, device: str,
+    def __init__(self, model_dir: Any, shared: list, k: int, device: str,
                  ef_search: int = 128) -> None:
         import ray
         import torch
@@ -158,7 +182,7 @@ class TopK:
 
         s = ray.get(shared[0]) if isinstance(shared[0], ray.ObjectRef) else shared[0]
         self.device = torch.device(device)
-        self.model = load_exported(model_dir, map_location=self.device)
+        self.model = load_exported(model_folder(model_dir), map_location=self.device)
         # the object store's arrays are read-only: one copy per actor, on its device
         self.items = torch.tensor(s["items"], device=self.device)          # (num_items, D)
         self.item_ids, self.titles = s["item_ids"], s["titles"]
@@ -279,7 +303,7 @@ class TopK:
 class PairScores:
     """Ray Data actor: scores of (userId, movieId) pairs, unknown ids flagged, never dropped."""
 
-    def __init__(self, model_dir: str, shared: list, device: str) -> None:
+    def __init__(self, model_dir: Any, shared: list, device: str) -> None:
         import ray
         import torch
 
@@ -287,6 +311,7 @@ class PairScores:
 
         s = ray.get(shared[0]) if isinstance(shared[0], ray.ObjectRef) else shared[0]
         self.device = torch.device(device)
+        model_dir = model_folder(model_dir)
         self.model = load_exported(model_dir, map_location=self.device)
         self.calibration = read_model_json(model_dir)["calibration"]
         self.user_index = vocab_index(s["user_ids"])
@@ -342,24 +367,25 @@ def _read_table(path: str, columns: list[str]) -> Any:
     """
     import ray
 
-    p = Path(path)
-    if not p.exists():
+    loc = resolve(path)  # a local path or a URI (app.storage)
+    if not loc.exists():
         raise DatasetError(f"{path}: no such file or folder")
-    files = [f for f in (sorted(p.rglob("*")) if p.is_dir() else [p]) if f.is_file()]
-    if not files or all(f.stat().st_size == 0 for f in files):
+    sizes = dict(loc.files()) if loc.is_dir() else {loc.name: loc.info().size}
+    if not sizes or not any(sizes.values()):
         raise DatasetError(f"{path}: empty (no header, no rows); expected the columns "
                            f"{', '.join(columns)}")
-    parquet = any(f.suffix == ".parquet" for f in files)
+    parquet = any(f.endswith(".parquet") for f in sizes)
     try:
         if parquet:
-            ds = ray.data.read_parquet(path)
+            ds = ray.data.read_parquet(loc.path, filesystem=loc.fs)
         else:
             import pyarrow.csv as pacsv
 
             from app.sources import delimiter_of
 
-            ds = ray.data.read_csv(path, parse_options=pacsv.ParseOptions(
-                delimiter=delimiter_of([str(f) for f in files])),
+            ds = ray.data.read_csv(
+                loc.path, filesystem=loc.fs,
+                parse_options=pacsv.ParseOptions(delimiter=delimiter_of(sorted(sizes))),
                 convert_options=pacsv.ConvertOptions(
                     column_types={c: pa.string() for c in columns}))
         schema = ds.schema()
@@ -511,9 +537,11 @@ def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, use
 
     say = (lambda msg: logs.say("infer", msg)) if verbose else (lambda msg: None)
     t0 = time.perf_counter()
-    out = Path(output).resolve()
+    out = resolve(output)
     check_writable(out, "batch inference output", SUMMARY)
-    data_dir = str(current(data_dir))  # one version of the dataset throughout
+    # one version of the dataset throughout (on an object store: its copy on this machine)
+    data_uri = version_uri(data_dir)
+    data_dir = str(local_dir(data_uri))
     read_manifest(data_dir)
     init_ray(cfg.cluster)
     model_dir = resolve_model(model, cfg)
@@ -525,20 +553,25 @@ def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, use
     shared: dict[str, Any] = {"user_ids": vocab["users"]["id"], "item_id_array": item_ids}
     with writer(out, "batch_inference", timeout=cfg.cluster.lease_timeout, say=say) as lease, \
             lease.staged() as tmp:
-        summary: dict[str, Any] = {"model": str(model_dir), "device": device,
-                                   "dataset": str(Path(data_dir).resolve()), "actors": pool}
+        target = lease.target  # the version's folder: the actors write their files there
+        summary: dict[str, Any] = {"model": model if ":/" in model and not is_remote(model)
+                                   else version_uri(model), "device": device,
+                                   "dataset": data_uri, "actors": pool}
+        # the model folder travels to the actors through the object store
+        model_ref = [ray.put(pack(model_dir))]
 
         if pairs is not None:
             ds = _read_table(pairs, ["userId", "movieId"])
             ref = ray.put(shared)
             result = ds.map_batches(PairScores, batch_format="pandas",
                                     batch_size=inf.inference_batch_size,
-                                    fn_constructor_kwargs={"model_dir": str(model_dir),
+                                    fn_constructor_kwargs={"model_dir": model_ref,
                                                            "shared": [ref], "device": device},
                                     compute=ActorPoolStrategy(size=pool), **resources)
             with logs.native_notices_filtered():
-                result.write_parquet(str(tmp))
-            written = pq.read_table(tmp, columns=["known_user", "known_item"])
+                result.write_parquet(target.path, filesystem=target.fs)
+            written = pq.read_table(target.path, filesystem=target.fs,
+                                    columns=["known_user", "known_item"])
             n = written.num_rows
             unknown_users = n - int(pc.sum(written["known_user"]).as_py() or 0)
             unknown_items = n - int(pc.sum(written["known_item"]).as_py() or 0)
@@ -605,14 +638,15 @@ def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, use
             ref = ray.put(shared)
             result = ds.map_batches(TopK, batch_format="pandas",
                                     batch_size=inf.inference_batch_size,
-                                    fn_constructor_kwargs={"model_dir": str(model_dir),
+                                    fn_constructor_kwargs={"model_dir": model_ref,
                                                            "shared": [ref], "k": k,
                                                            "device": device,
                                                            "ef_search": inf.faiss_ef_search},
                                     compute=ActorPoolStrategy(size=pool), **resources)
             with logs.native_notices_filtered():
-                result.write_parquet(str(tmp))
-            written = pq.read_table(tmp, columns=["userId", "rank", "fallback", "source"])
+                result.write_parquet(target.path, filesystem=target.fs)
+            written = pq.read_table(target.path, filesystem=target.fs,
+                                    columns=["userId", "rank", "fallback", "source"])
             n = written.num_rows
             n_users = pc.count_distinct(written["userId"]).as_py()
             firsts = pc.equal(written["rank"], 1)
@@ -627,7 +661,7 @@ def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, use
                 raise ModelError("the written lists do not start at rank 1 once per user")
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    summary["output"] = str(current(out))  # the version just published
+    summary["output"] = version_uri(out)  # the version just published
     what = (f"{summary['users']:,} users x {summary['k']} = {summary['rows']:,} rows"
             if summary["mode"] == "recommend" else f"{summary['rows']:,} pairs")
     say(f"{what} in {summary['seconds']:.1f}s ({pool} {device} actor(s)) "

@@ -4,7 +4,6 @@ validation metrics per epoch."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -14,9 +13,14 @@ UNITS = {"prepare": "rows", "tune": "trials", "train": "samples", "refit": "samp
 BASELINES = (("popularity", "popularity"), ("ease", "EASE"))
 
 
-def plot_history(history: list[dict[str, Any]], path: Path, ks: list[int]) -> None:
-    """Validation Recall@K and NDCG@K per epoch; the popularity baseline dashed, EASE dotted."""
+def plot_history(history: list[dict[str, Any]], path: Any, ks: list[int]) -> None:
+    """Validation Recall@K and NDCG@K per epoch; the popularity baseline dashed, EASE dotted.
+    ``path``: a PNG file's path or URI."""
+    import io
+
     import matplotlib
+
+    from app.storage import resolve
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -38,13 +42,21 @@ def plot_history(history: list[dict[str, Any]], path: Path, ks: list[int]) -> No
         ax.legend(fontsize=7)
     fig.suptitle("two-tower model vs popularity and EASE (validation split)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    resolve(path).write_bytes(png.getvalue())
 
 
-def examples(recommendations: Path, users: int = 3, k: int = 5) -> str:
-    """The first ``users`` users' top ``k`` items (with titles when known), as text."""
-    df = pd.read_parquet(recommendations)
+def examples(recommendations: Any, users: int = 3, k: int = 5) -> str:
+    """The first ``users`` users' top ``k`` items (with titles when known), as text, from a
+    recommendations folder (a path, URI or :class:`~app.storage.Location`)."""
+    import pyarrow.parquet as pq
+
+    from app.storage import resolve
+
+    loc = resolve(recommendations)
+    df = pq.read_table(loc.path, filesystem=loc.fs).to_pandas()
     if df.empty:
         return "  (no recommendations)"
     first = sorted(df["userId"].unique())[:users]

@@ -64,10 +64,11 @@ def component_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
 
 
 def worker_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """What every Ray worker needs to reach the same stores as this process (endpoints and
-    the cache folder; never credentials, which each node takes from its own chain)."""
+    """What every Ray worker needs to reach the same stores as this process: the endpoints
+    (never credentials, which each node takes from its own chain; nor the cache folder,
+    which is each node's own)."""
     names = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-             "S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", CACHE_ENV)
+             "S3_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
     found = {k: env[k] for k in names if env.get(k)}
     return {**found, **component_env(env)}
 
@@ -140,7 +141,9 @@ class Location:
         except FileNotFoundError:
             raise
         except OSError as e:
-            if "not found" in str(e).lower() or "NoSuchKey" in str(e):
+            text = str(e).lower()
+            if any(w in text for w in ("not found", "nosuchkey", "not a directory",
+                                       "does not exist")):
                 raise FileNotFoundError(self.uri) from None
             raise StorageError(f"{self.uri}: could not read ({e})") from None
 
@@ -282,6 +285,39 @@ def local_copy(version: Location, expected: Optional[dict[str, int]] = None) -> 
         try:
             os.rename(tmp, dest)
         except OSError:  # another process of this node finished first
+            if not (dest / ".complete").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def pack(folder: str | os.PathLike) -> dict[str, bytes]:
+    """Every file of a small local folder (a model folder), to send through Ray's object
+    store to nodes that do not see this disk (:func:`unpack`)."""
+    root = Path(folder)
+    return {str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def unpack(files: dict[str, bytes]) -> Path:
+    """The files of :func:`pack` as a folder in this node's cache (written once per content;
+    processes of a node asking at once share the first complete copy)."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    dest = cache_root() / f"packed-{digest.hexdigest()[:16]}"
+    if (dest / ".complete").is_file():
+        return dest
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        for name, data in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)
+        (tmp / ".complete").write_text("")
+        try:
+            os.rename(tmp, dest)
+        except OSError:
             if not (dest / ".complete").is_file():
                 raise
     finally:

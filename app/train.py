@@ -126,6 +126,34 @@ def driver_baselines(cfg: Config, data_dir: str, num_users: int, num_items: int
     return {"ease": ease}
 
 
+def _epoch_logger_base() -> type:
+    from ray.train import UserCallback
+
+    return UserCallback
+
+
+class EpochMetricsToMlflow(_epoch_logger_base()):
+    """Logs each epoch's metrics (rank 0's report) to the MLflow run, from Ray Train's
+    controller, which runs on the driver's node: the workers never write to the tracking
+    store, which may be a file only the driver's machine has (the default SQLite store)."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+
+    def after_report(self, run_context: Any, metrics: list, checkpoint: Any) -> None:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        m = metrics[0] if metrics else {}
+        if "epoch" not in m:
+            return
+        stamp = int(time.time() * 1000)
+        MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=[
+            Metric(k.replace("@", "_at_"), float(v), stamp, int(m["epoch"]))
+            for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and np.isfinite(v)])
+
+
 def _trainer_class() -> type:
     """``TorchTrainer`` whose interrupts are the caller's: Ray Train's own SIGINT handler
     (it aborts the run, then exits the whole process with status 0) is not installed; the
@@ -188,7 +216,9 @@ def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Any,
                              # the best epoch is at most `patience` epochs back
                              checkpoint_config=CheckpointConfig(num_to_keep=max(
                                  cfg.train.keep_checkpoints, cfg.train.patience + 1)),
-                             callbacks=callbacks or []))
+                             callbacks=[*(callbacks or []),
+                                        *([EpochMetricsToMlflow(**mlflow_info)]
+                                          if mlflow_info else [])]))
 
 
 def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, lease: Lease, *, spec: Any,

@@ -83,7 +83,8 @@ def _complete_checkpoints(run_dir: Any) -> dict[int, Location]:
     found = {}
     for name in root.children():
         folder = root.join(name)
-        if not name.startswith("checkpoint_") or not is_complete(folder):
+        if not name.startswith("checkpoint_") or not folder.is_dir() \
+                or not is_complete(folder):
             continue
         try:
             found[json.loads(folder.join(STATE_FILE).read_text())["epoch"]] = folder
@@ -472,11 +473,6 @@ def train_loop(config: dict[str, Any]) -> None:
         elif evaluate:  # (a refit's plan is the evaluated run's)
             say(f"sharding ({world} rank(s), {device.type}): {plan_summary(plan)}")
 
-    mlflow_client = None
-    if rank == 0 and config.get("mlflow"):
-        from mlflow.tracking import MlflowClient
-        mlflow_client = MlflowClient(config["mlflow"]["tracking_uri"])
-
     from streaming import Stream
     train_stream = InteractionStream(
         streams=[Stream(local=str(Path(data_dir, s))) for s in splits],
@@ -587,13 +583,6 @@ def train_loop(config: dict[str, Any]) -> None:
                     indent=1))
                 np.save(os.path.join(tmp, POPULARITY_FILE), inputs.positive_counts)
                 Path(tmp, HISTORY_FILE).write_bytes(inputs.history.to_bytes())
-            if mlflow_client is not None:
-                from mlflow.entities import Metric
-                stamp = int(time.time() * 1000)
-                mlflow_client.log_batch(config["mlflow"]["run_id"], metrics=[
-                    Metric(k.replace("@", "_at_"), float(v), stamp, epoch + 1)
-                    for k, v in metrics.items() if isinstance(v, (int, float))
-                    and np.isfinite(v)])
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         if stop:
             break

@@ -15,17 +15,17 @@ import copy
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from app import cli, logs
 from app.cluster import init_ray
-from app.config import Config, config_from_args, load_config
+from app.config import Config, ConfigError, config_from_args, load_config
 from app.dataset import DatasetError, read_manifest
 from app.prepare import prepare_dataset
-from app.publish import current, writer
+from app.publish import OutputError, current, writer
 from app.redact import redact, redact_values
 from app.report import examples, plot_history, render
+from app.storage import Location, resolve
 from app.tracking import tracking_uri
 
 STAGES = ("prepare", "train", "infer")
@@ -33,11 +33,11 @@ STAGES = ("prepare", "train", "infer")
 _VOLATILE = {"output", "overwrite"}  # settings that do not change what is prepared
 
 
-def _prepared_with(data_dir: Path, cfg: Config) -> bool:
+def _prepared_with(data_dir: Location, cfg: Config) -> bool:
     """True when data_dir already holds a dataset prepared with the same data settings."""
     try:
-        manifest = read_manifest(data_dir)
-    except DatasetError:
+        manifest = read_manifest(data_dir.uri)
+    except (DatasetError, OutputError):
         return False
     want = {k: redact_values(v) for k, v in vars(cfg.data).items() if k not in _VOLATILE}
     have = {k: v for k, v in manifest.get("config", {}).items() if k not in _VOLATILE}
@@ -65,44 +65,48 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False,
             the registered model and the recommendations come from the refit, the held-out
             metrics from the evaluated run (its folder: ``model-heldout/``).
     """
-    workdir = Path(cfg.cluster.workdir).absolute()
+    workdir = resolve(cfg.cluster.workdir)  # a local path or a URI (app.storage)
+    if tune and workdir.remote:
+        raise ConfigError(f"--tune with --workdir {workdir}: sweeps write their trials to a "
+                          f"local or shared folder; give such a --workdir for a sweep")
     # one full run per workdir at a time (each stage also holds its own output's lease)
     with writer(workdir, "full_run", timeout=cfg.cluster.lease_timeout,
                 say=lambda msg: logs.say("run", msg)):
         return _run(cfg, workdir, stages, tune=tune, refit=refit)
 
 
-def _run(cfg: Config, workdir: Path, stages: tuple[str, ...], *, tune: bool,
+def _run(cfg: Config, workdir: Location, stages: tuple[str, ...], *, tune: bool,
          refit: bool) -> dict[str, Any]:
     cfg.dump_yaml(workdir / "config.yaml")
     init_ray(cfg.cluster)
     summary: dict[str, Any] = {"workdir": str(workdir), "stages": {}}
 
-    data_dir = Path(cfg.data.output) if cfg.data.output else workdir / "data"
+    data_dir = resolve(cfg.data.output) if cfg.data.output else workdir / "data"
     with logs.stage("prepare"):
         t0 = time.perf_counter()
         if not cfg.data.overwrite and _prepared_with(data_dir, cfg):
-            manifest = read_manifest(data_dir)
+            manifest = read_manifest(data_dir.uri)
             logs.say("prepare", f"reusing {data_dir} (prepared with the same data settings; "
                                 f"--overwrite prepares it again)")
         else:
             # The workdir is this job's own: its dataset is replaced when the settings changed.
             # A dataset elsewhere (--output) is replaced only with --overwrite.
-            cfg.data.overwrite = cfg.data.overwrite or workdir in data_dir.absolute().parents
-            manifest = prepare_dataset(cfg.data, str(data_dir),
+            cfg.data.overwrite = cfg.data.overwrite or \
+                data_dir.uri.startswith(workdir.uri.rstrip("/") + "/")
+            manifest = prepare_dataset(cfg.data, data_dir.uri,
                                        lease_timeout=cfg.cluster.lease_timeout)
     seconds = time.perf_counter() - t0
     summary["stages"]["prepare"] = {"seconds": round(seconds, 2),
                                     "rows": manifest["counts"]["read"],
-                                    "counts": manifest["counts"], "output": str(data_dir)}
+                                    "counts": manifest["counts"], "output": data_dir.uri}
     model_dir = workdir / "model"
     if tune:
         from app.tune import sweep
 
         t0 = time.perf_counter()
-        swept = sweep(cfg, str(data_dir), str(workdir / "sweep"))
+        swept = sweep(cfg, data_dir.uri, (workdir / "sweep").uri)
         summary["stages"]["tune"] = {"seconds": round(time.perf_counter() - t0, 2),
-                                     "rows": len(swept["rows"]), "output": str(workdir / "sweep"),
+                                     "rows": len(swept["rows"]), "output": (workdir / "sweep").uri,
                                      "best": swept["best"]["params"],
                                      "best_metric": swept["best"]["metric"]}
         # the model is trained with the best trial's settings (the rest as configured)
@@ -114,38 +118,38 @@ def _run(cfg: Config, workdir: Path, stages: tuple[str, ...], *, tune: bool,
 
         t0 = time.perf_counter()
         evaluated_dir = workdir / "model-heldout" if refit else model_dir
-        result = train(cfg, str(data_dir), str(evaluated_dir))
+        result = train(cfg, data_dir.uri, evaluated_dir.uri)
         epochs = result["metrics"]["epochs"]
         summary["stages"]["train"] = {"seconds": round(time.perf_counter() - t0, 2),
                                       "rows": result["training_rows"] * epochs,
-                                      "output": str(evaluated_dir),
+                                      "output": evaluated_dir.uri,
                                       "metrics": result["metrics"], "mlflow": result["mlflow"]}
         if refit:
             best = result["metrics"]["best_epoch"]
             logs.say("refit", f"training on every split (train + val + test) for {best} "
                               f"epoch(s), the evaluated run's best; it is the model served")
             t0 = time.perf_counter()
-            again = train(refit_config(cfg, best), str(data_dir), str(model_dir), refit=True,
+            again = train(refit_config(cfg, best), data_dir.uri, model_dir.uri, refit=True,
                           tags={"evaluated_run_id": result["mlflow"]["run_id"]})
             summary["stages"]["refit"] = {"seconds": round(time.perf_counter() - t0, 2),
                                           "rows": again["training_rows"] * best,
                                           "training_rows": again["training_rows"],
-                                          "epochs": best, "output": str(model_dir),
+                                          "epochs": best, "output": model_dir.uri,
                                           "mlflow": again["mlflow"]}
         summary["tracking_uri"] = redact(tracking_uri(cfg.cluster))
-        summary["plot"] = str(workdir / "val_metrics.png")
-        plot_history(result["history"], workdir / "val_metrics.png",
+        summary["plot"] = (workdir / "val_metrics.png").uri
+        plot_history(result["history"], (workdir / "val_metrics.png").uri,
                      [int(k) for k in cfg.train.eval_k])
     if "infer" in stages:
         from app.inference import batch_inference
 
         recs = workdir / "recommendations"
         t0 = time.perf_counter()
-        result = batch_inference(cfg, str(model_dir), str(data_dir), str(recs))
+        result = batch_inference(cfg, model_dir.uri, data_dir.uri, recs.uri)
         summary["stages"]["infer"] = {"seconds": round(time.perf_counter() - t0, 2),
-                                      "rows": result["users"], "output": str(recs),
+                                      "rows": result["users"], "output": recs.uri,
                                       "summary": result}
-        summary["examples"] = examples(current(recs))
+        summary["examples"] = examples(current(recs.uri))
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(render(summary))
     return summary

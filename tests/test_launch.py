@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -63,11 +64,18 @@ def test_databricks_is_detected_and_sized_from_config():
 
     env = {"DATABRICKS_RUNTIME_VERSION": "16.4", "DATABRICKS_TOKEN": "dapi-secret"}
     vol = "/Volumes/main/recsys/artifacts/twotower"
-    setup = plan(_cluster(workdir=vol, spark_worker_nodes=3, spark_gpus_per_node=4), env=env)
+    setup = plan(_cluster(workdir=vol, spark_worker_nodes=3, spark_cpus_per_node=16,
+                          spark_gpus_per_node=4), env=env)
     assert setup.kind == "databricks"
     assert setup.spark_args == {"max_worker_nodes": 3, "min_worker_nodes": 3,
-                                "num_gpus_worker_node": 4,
+                                "num_cpus_worker_node": 16, "num_gpus_worker_node": 4,
                                 "collect_log_to_path": f"{vol}/ray_logs"}
+    # Ray on Spark takes CPUs and GPUs per node together: CPUs alone mean no GPUs
+    cpus = plan(_cluster(workdir="s3://bucket/run", spark_cpus_per_node=2), env=env)
+    assert cpus.spark_args == {"max_worker_nodes": 2, "min_worker_nodes": 2,
+                               "num_cpus_worker_node": 2, "num_gpus_worker_node": 0}
+    with pytest.raises(ConfigError, match="--spark-gpus-per-node needs --spark-cpus-per-node"):
+        plan(_cluster(workdir=vol, spark_gpus_per_node=4), env=env)
     assert "dapi-secret" not in repr(setup)
     assert mlflow_defaults(_cluster(workdir=vol), env=env) == ("databricks", "databricks-uc")
     assert mlflow_defaults(_cluster(mlflow_registry_uri="databricks"), env=env)[1] == \
@@ -177,13 +185,17 @@ def test_ray_job_submit_runs_the_full_pipeline(ray_local, tmp_path):
                                capture_output=True, text=True, timeout=120)
         assert plain.returncode != 0 and "authentication token" in plain.stdout + plain.stderr
         env["RAY_AUTH_MODE"] = "token"  # export RAY_AUTH_MODE=token
-        job = subprocess.run(
-            ["ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
-             "python", "-m", "pipelines.full_run", "--dataset", "synthetic", "--rows", "20000",
-             "--epochs", "1", "--workdir", str(workdir),
-             "--registered-model-name", "two-tower-job"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        log = job.stdout + job.stderr
+        for _ in range(30):  # the job agent comes up a little after the dashboard
+            job = subprocess.run(
+                ["ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
+                 "python", "-m", "pipelines.full_run", "--dataset", "synthetic", "--rows",
+                 "20000", "--epochs", "1", "--workdir", str(workdir),
+                 "--registered-model-name", "two-tower-job"],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+            log = job.stdout + job.stderr
+            if "No available agent" not in log:
+                break
+            time.sleep(2)
         assert job.returncode == 0, log[-4000:]
         assert "registered model" in log and "example recommendations" in log
         job_id = re.search(r"raysubmit_\w+", log).group(0)
@@ -201,3 +213,22 @@ def test_ray_job_submit_runs_the_full_pipeline(ray_local, tmp_path):
     assert (current(workdir / "model") / "weights.pt").is_file()
     assert (current(workdir / "recommendations") / "_summary.json").is_file()
     shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+
+
+def test_the_cluster_gives_every_node_one_bucket_as_the_default_workdir(monkeypatch):
+    """cluster.yaml exports TWOTOWER_WORKDIR (a bucket) on the head and on every worker; a
+    job's --workdir defaults to it, and checkpoints to <workdir>/checkpoints."""
+    import re
+
+    from app.config import WORKDIR_ENV, load_config
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    found = {m for c in starts for m in re.findall(rf"{WORKDIR_ENV}=(\S+?);", c)}
+    assert len(found) == 1 and next(iter(found)).startswith("s3://"), found
+    assert all(WORKDIR_ENV in c for c in starts if " ray start" in c or "ray start" in c)
+    monkeypatch.setenv(WORKDIR_ENV, "s3://bucket/twotower")
+    assert load_config().cluster.workdir == "s3://bucket/twotower"
+    assert load_config(overrides={"workdir": "elsewhere"}).cluster.workdir == "elsewhere"
+    monkeypatch.delenv(WORKDIR_ENV)
+    assert load_config().cluster.workdir == "workdir"

@@ -15,7 +15,7 @@ from app.dataset import SPLITS, read_manifest, read_split_arrays
 from app.prepare import prepare_dataset
 from app.publish import SUCCESS, current, local_dir, version_uri
 from app.storage import CACHE_ENV, resolve
-from tests.conftest import data_config, write_lfs_csv
+from tests.conftest import ROOT, data_config, write_lfs_csv
 
 
 @pytest.fixture
@@ -69,9 +69,9 @@ def test_a_dataset_prepared_into_a_bucket_from_a_bucket(ray_local, s3, tmp_path,
     assert len(ds) == counts["splits"]["train"] and (got == rows["train"]["user"]).all()
 
 
-def test_training_reads_a_dataset_in_a_bucket_and_publishes_the_model_there(
-        ray_local, s3, isolated):
+def test_train_and_infer_with_every_input_and_output_in_a_bucket(ray_local, s3, isolated):
     from app.config import load_config
+    from app.inference import SUMMARY, batch_inference
     from app.serving import Recommender
     from app.train import train
 
@@ -98,3 +98,103 @@ def test_training_reads_a_dataset_in_a_bucket_and_publishes_the_model_there(
     assert rec.model_dir.is_relative_to(cache)
     top = rec.recommend(rec.user_ids.iloc[:2].tolist(), k=5)
     assert len(top) == 10 and not top["fallback"].any()
+
+    # batch inference: model, dataset and a users file in the bucket; output there too
+    users = rec.user_ids.iloc[:5].astype(str).tolist()
+    resolve(f"{s3}/in/users.csv").write_text("userId\n" + "\n".join(users) + "\n")
+    done = batch_inference(cfg, f"{s3}/model", f"{s3}/data", f"{s3}/recs",
+                           users=f"{s3}/in/users.csv", verbose=False)
+    recs = current(f"{s3}/recs")
+    assert done["output"] == recs.uri and done["users"] == 5
+    table = pq.read_table(recs.path, filesystem=recs.fs)
+    assert table.num_rows == done["rows"] == 5 * done["k"]
+    assert json.loads((recs / SUMMARY).read_text())["model"] == model.uri
+    assert _local_files(cwd) == []
+    assert sorted(set(table["userId"].to_pylist())) == sorted(users)  # the ids as written
+
+
+def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_path,
+                                                            isolated):
+    """The README's cluster recipe: two nodes, every output in the bucket, the workers reading
+    nothing from the driver's disk; a training worker SIGKILLed in epoch 2 resumes from the bucket's
+    checkpoint, and ``--resume`` later continues from there too."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from app.config import load_config
+    from app.train import train
+    from pipelines.full_run import run
+    from tests.conftest import start_local_ray
+    from tests.test_train import _worker_pids
+
+    cwd, driver_cache = isolated
+    # the nodes' cache, not the driver's: what the workers read came from the bucket. (Both
+    # nodes run on this machine and share it, as Ray nodes of one host do: mosaicml-streaming
+    # keys its shared memory in /dev/shm by these paths)
+    node_cache = tmp_path / "node-cache"
+    workdir = f"{s3}/run"
+    ray.shutdown()  # this test needs its own cluster; the session's local Ray comes back after
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": True, "env_vars": {CACHE_ENV: str(node_cache)}})
+    killed: list[int] = []
+    try:
+        cluster.add_node(num_cpus=1, env_vars={CACHE_ENV: str(node_cache)})
+        cluster.wait_for_nodes()
+        # (the workers import the project from its folder: this process's cwd is elsewhere)
+        ray.init(address=cluster.address, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        cfg = load_config(overrides={"topology": "mnmg", "accelerator": "cpu",
+                                     "num_workers": 2, "epochs": 2, "workdir": workdir,
+                                     "registered_model_name": "two-tower-s3-run"})
+        started = time.time()
+        checkpoints = resolve(f"{workdir}/checkpoints")
+
+        def kill_in_epoch_two() -> None:
+            deadline = time.time() + 600
+            while time.time() < deadline and not any(
+                    f.endswith("/state.json") for f, _ in checkpoints.files()):
+                time.sleep(0.2)
+            time.sleep(1.0)  # into the second epoch's training steps
+            pids = _worker_pids(started)
+            if pids:
+                os.kill(pids[-1], signal.SIGKILL)
+                killed.append(pids[-1])
+
+        killer = threading.Thread(target=kill_in_epoch_two, daemon=True)
+        killer.start()
+        summary = run(cfg, refit=False)
+        killer.join()
+        assert killed, "no training worker was found to kill"
+        trained = summary["stages"]["train"]["metrics"]
+        assert trained["epochs"] == 2 and trained["resumed_at_epochs"] == [1]
+
+        top = resolve(workdir).children()
+        assert {"data", "model", "recommendations", "checkpoints", "mlartifacts",
+                "config.yaml", "summary.json", "val_metrics.png"} <= set(top)
+        assert ".lease" not in top  # the run's lease was released
+        assert summary["stages"]["infer"]["output"] == f"{workdir}/recommendations"
+        recs = current(f"{workdir}/recommendations")
+        assert pq.read_table(recs.path, filesystem=recs.fs).num_rows == \
+            summary["stages"]["infer"]["summary"]["rows"] > 0
+        assert _local_files(cwd) == []
+        # the workers read the dataset from the bucket into their nodes' cache
+        assert any(p.name.startswith("v-000001-") for p in node_cache.iterdir())
+        assert node_cache != driver_cache
+
+        again = train(load_config(overrides={**{"topology": "mnmg", "accelerator": "cpu",
+                                                "num_workers": 2, "workdir": workdir,
+                                                "registered_model_name": "two-tower-s3-run"},
+                                             "epochs": 3, "resume": True}),
+                      f"{workdir}/data", f"{workdir}/model", verbose=False)
+        assert again["metrics"]["resumed_at_epochs"][-1] == 2
+        assert [h["epoch"] for h in again["history"]] == [1, 2, 3]
+        assert again["model_dir"].startswith(f"{workdir}/model/v-000002-")
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        start_local_ray()
