@@ -29,6 +29,8 @@ code = main(sys.argv[1:])
 import json, ray
 print("RAY_NODES", json.dumps([n["Resources"].get("CPU", 0) for n in ray.nodes()
                                if n["Alive"]]))
+from ray.util.spark import shutdown_ray_cluster
+shutdown_ray_cluster()  # the Ray nodes go before the Spark session they run in
 spark.stop()
 sys.exit(code)
 """
