@@ -7,9 +7,11 @@ its naming rules are tested in test_registry.py)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +38,19 @@ sys.exit(code)
 """
 
 
+def _stop_leftovers(folder) -> None:
+    """Stop what the run started and left running (Ray's agents outlive
+    ``shutdown_ray_cluster``; a failed run leaves more): the processes working in its folder."""
+    import psutil
+
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and Path(p.cwd()).is_relative_to(folder):
+                p.kill()
+        except (psutil.Error, OSError):
+            continue
+
+
 def test_full_run_on_ray_on_spark_with_the_workdir_in_a_bucket(s3_server, s3, tmp_path):
     if shutil.which("java") is None:
         pytest.fail("the Spark test needs Java (a JDK 17 with `java` on PATH): Spark runs in "
@@ -57,6 +72,7 @@ def test_full_run_on_ray_on_spark_with_the_workdir_in_a_bucket(s3_server, s3, tm
             cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
             timeout=1500)
     finally:
+        _stop_leftovers(tmp_path)
         shutil.rmtree(rt, ignore_errors=True)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
