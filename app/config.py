@@ -351,6 +351,8 @@ class ClusterConfig:
     num_cpus: Optional[int] = _f(None, "CPUs for an embedded local Ray (default: all)")
     workdir: str = _f("workdir", "folder or URI (s3://...) for the outputs of a full run "
                                  "(default: $TWOTOWER_WORKDIR, else ./workdir)")
+    autoscale_timeout: float = _f(600.0, "seconds to wait for an autoscaling cluster to add "
+                                         "the nodes a topology needs (0: fail at once)")
     lease_timeout: float = _f(60.0, "seconds without a heartbeat after which another run may "
                                     "take over an output's writer lease")
     storage_path: Optional[str] = _f(None, "Ray Train checkpoint storage, shared by all nodes "
@@ -370,6 +372,8 @@ class ClusterConfig:
         _check(self.ray_connect_timeout > 0, "ray_connect_timeout", "must be positive",
                self.ray_connect_timeout)
         _check(self.lease_timeout > 0, "lease_timeout", "must be positive", self.lease_timeout)
+        _check(self.autoscale_timeout >= 0, "autoscale_timeout", "must be 0 or more",
+               self.autoscale_timeout)
 
 
 @dataclass

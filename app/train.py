@@ -28,7 +28,7 @@ import numpy as np
 from app import logs
 from app.config import Config
 from app.dataset import SPLITS, DatasetError, read_manifest
-from app.placement import check_resources, cluster_nodes, placement
+from app.placement import placement, wait_for_placement
 from app.publish import Lease, check_writable, current, local_dir, version_of, version_uri, writer
 from app.redact import redact_values
 from app.storage import Location, local_copy, ray_storage, resolve
@@ -331,7 +331,7 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
 
     init_ray(cfg.cluster)
     place = placement(cfg.train)
-    check_resources(place, cluster_nodes())
+    wait_for_placement(place, cfg.cluster.autoscale_timeout, say=lambda m: logs.say(tag, m))
     if refit:  # the same model as the evaluated run's: one line of what differs
         say(f"placement {place.describe()}; every split, {cfg.train.epochs} epoch(s)")
     else:

@@ -118,7 +118,6 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
     """The README's cluster recipe: two nodes, every output in the bucket, the workers reading
     nothing from the driver's disk; a training worker SIGKILLed in epoch 2 resumes from the bucket's
     checkpoint, and ``--resume`` later continues from there too."""
-    import os
     import signal
     import threading
     import time
@@ -197,4 +196,5 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
     finally:
         ray.shutdown()
         cluster.shutdown()
+        os.chdir(ROOT)  # the session's Ray imports the project from its driver's folder
         start_local_ray()
