@@ -46,7 +46,7 @@ def _autoscaling_config(gcs: str) -> dict:
         "head_start_ray_commands": [], "worker_start_ray_commands": []}
 
 
-def test_an_autoscaling_cluster_grows_for_the_topology_or_fails_clearly(ray_local, tmp_path):
+def test_an_autoscaling_cluster_grows_for_the_topology_or_fails_clearly(tmp_path):
     rt = short_tmp()
     port = _free_port()
     cfg_file = tmp_path / "autoscaling.json"
@@ -54,7 +54,10 @@ def test_an_autoscaling_cluster_grows_for_the_topology_or_fails_clearly(ray_loca
     env = user_shell_env(RAY_TMPDIR=rt, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1",
                          HOME=str(tmp_path))
     env.pop("RAY_ADDRESS", None)
-    ray.shutdown()  # this test needs its own cluster; the session's local Ray comes back after
+    # this test needs its own cluster; the session's local Ray, if up, comes back after (it is
+    # not started here: other tests look for the Ray instances running on this machine)
+    session_ray = ray.is_initialized()
+    ray.shutdown()
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--num-cpus=1", f"--autoscaling-config={cfg_file}", "--dashboard-host=127.0.0.1",
@@ -97,4 +100,5 @@ def test_an_autoscaling_cluster_grows_for_the_topology_or_fails_clearly(ray_loca
         except ProcessLookupError:
             pass
         shutil.rmtree(rt, ignore_errors=True)
-        start_local_ray()
+        if session_ray:
+            start_local_ray()
