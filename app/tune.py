@@ -166,7 +166,12 @@ def sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
         ``{"rows": [...], "best": {...}, "best_config": path, "plot": path, ...}``.
     """
     from app.publish import writer
+    from app.storage import is_remote
 
+    if is_remote(output):
+        raise ConfigError(f"--output {output}: a sweep writes its trials to a local or shared "
+                          f"folder (a bucket is not supported for sweeps yet); its data may "
+                          f"be in a bucket")
     with logs.stage("tune"), writer(Path(output).resolve(), "tune",
                                     timeout=cfg.cluster.lease_timeout,
                                     say=lambda msg: logs.say("tune", msg)):

@@ -121,3 +121,18 @@ def test_search_space_becomes_tune_domains():
     assert isinstance(space["dense_lr"], Float)
     assert space["embedding_dim"].categories == [32, 64, 128]
     assert isinstance(space["history_dropout"], Float)
+
+
+def test_a_sweep_into_a_bucket_is_refused_before_anything_runs(tmp_path):
+    from app.tune import sweep
+
+    with pytest.raises(ConfigError, match="--output s3://bucket/sweep: a sweep writes its "
+                                          "trials to a local or shared folder"):
+        sweep(load_config(), str(tmp_path / "data"), "s3://bucket/sweep", verbose=False)
+
+
+def test_a_full_run_with_a_sweep_and_a_workdir_in_a_bucket_is_refused():
+    from pipelines.full_run import run
+
+    with pytest.raises(ConfigError, match="--tune with --workdir s3://bucket/run"):
+        run(load_config(overrides={"workdir": "s3://bucket/run"}), tune=True)
