@@ -69,55 +69,13 @@ def test_a_dataset_prepared_into_a_bucket_from_a_bucket(ray_local, s3, tmp_path,
     assert len(ds) == counts["splits"]["train"] and (got == rows["train"]["user"]).all()
 
 
-def test_train_and_infer_with_every_input_and_output_in_a_bucket(ray_local, s3, isolated):
-    from app.config import load_config
-    from app.inference import SUMMARY, batch_inference
-    from app.serving import Recommender
-    from app.train import train
-
-    cwd, cache = isolated
-    prepare_dataset(data_config(), f"{s3}/data", verbose=False)
-    cfg = load_config(overrides={"epochs": 2, "num_workers": 2, "workdir": f"{s3}/work",
-                                 "registered_model_name": "two-tower-s3"})
-    summary = train(cfg, f"{s3}/data", f"{s3}/model", verbose=False)
-    assert _local_files(cwd) == []
-    model = current(f"{s3}/model")
-    assert summary["model_dir"] == model.uri
-    files = dict(model.files())
-    assert {"weights.pt", "model.json", "vocab/users.parquet", "mlflow.json"} <= set(files)
-    # the checkpoints went to the bucket through Ray Train's storage
-    assert summary["checkpoint"].startswith(f"{s3}/work/checkpoints/train-model-")
-    ckpt = resolve(summary["checkpoint"])
-    assert json.loads((ckpt / "state.json").read_text())["epoch"] == 2
-    # MLflow's artifacts are in the bucket too
-    info = json.loads((model / "mlflow.json").read_text())
-    assert any(f.startswith("mlartifacts/") for f, _ in resolve(f"{s3}/work").files())
-    assert info["registered_uri"].startswith("models:/two-tower-s3/")
-    # served from the bucket: the model folder's copy in this node's cache
-    rec = Recommender(f"{s3}/model")
-    assert rec.model_dir.is_relative_to(cache)
-    top = rec.recommend(rec.user_ids.iloc[:2].tolist(), k=5)
-    assert len(top) == 10 and not top["fallback"].any()
-
-    # batch inference: model, dataset and a users file in the bucket; output there too
-    users = rec.user_ids.iloc[:5].astype(str).tolist()
-    resolve(f"{s3}/in/users.csv").write_text("userId\n" + "\n".join(users) + "\n")
-    done = batch_inference(cfg, f"{s3}/model", f"{s3}/data", f"{s3}/recs",
-                           users=f"{s3}/in/users.csv", verbose=False)
-    recs = current(f"{s3}/recs")
-    assert done["output"] == recs.uri and done["users"] == 5
-    table = pq.read_table(recs.path, filesystem=recs.fs)
-    assert table.num_rows == done["rows"] == 5 * done["k"]
-    assert json.loads((recs / SUMMARY).read_text())["model"] == model.uri
-    assert _local_files(cwd) == []
-    assert sorted(set(table["userId"].to_pylist())) == sorted(users)  # the ids as written
-
-
 def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_path,
                                                             isolated):
-    """The README's cluster recipe: two nodes, every output in the bucket, the workers reading
-    nothing from the driver's disk; a training worker SIGKILLed in epoch 2 resumes from the bucket's
-    checkpoint, and ``--resume`` later continues from there too."""
+    """The README's cluster recipe: two nodes, every output in the bucket (dataset, model,
+    checkpoints, MLflow artifacts, recommendations), the workers reading nothing from the
+    driver's disk; a training worker SIGKILLed in epoch 2 resumes from the bucket's
+    checkpoint; ``--resume`` later continues from there; batch inference reads a users file
+    in the bucket and the model from it."""
     import signal
     import threading
     import time
@@ -126,6 +84,8 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
     from ray.cluster_utils import Cluster
 
     from app.config import load_config
+    from app.inference import SUMMARY, batch_inference
+    from app.serving import Recommender
     from app.train import train
     from pipelines.full_run import run
     from tests.conftest import start_local_ray
@@ -137,6 +97,8 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
     # keys its shared memory in /dev/shm by these paths)
     node_cache = tmp_path / "node-cache"
     workdir = f"{s3}/run"
+    settings = {"topology": "mnmg", "accelerator": "cpu", "num_workers": 2,
+                "workdir": workdir, "registered_model_name": "two-tower-s3-run"}
     ray.shutdown()  # this test needs its own cluster; the session's local Ray comes back after
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": True, "env_vars": {CACHE_ENV: str(node_cache)}})
@@ -147,9 +109,6 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
         # (the workers import the project from its folder: this process's cwd is elsewhere)
         ray.init(address=cluster.address, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-        cfg = load_config(overrides={"topology": "mnmg", "accelerator": "cpu",
-                                     "num_workers": 2, "epochs": 2, "workdir": workdir,
-                                     "registered_model_name": "two-tower-s3-run"})
         started = time.time()
         checkpoints = resolve(f"{workdir}/checkpoints")
 
@@ -166,7 +125,7 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
 
         killer = threading.Thread(target=kill_in_epoch_two, daemon=True)
         killer.start()
-        summary = run(cfg, refit=False)
+        summary = run(load_config(overrides={**settings, "epochs": 2}), refit=False)
         killer.join()
         assert killed, "no training worker was found to kill"
         trained = summary["stages"]["train"]["metrics"]
@@ -176,23 +135,41 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
         assert {"data", "model", "recommendations", "checkpoints", "mlartifacts",
                 "config.yaml", "summary.json", "val_metrics.png"} <= set(top)
         assert ".lease" not in top  # the run's lease was released
+        model = current(f"{workdir}/model")
+        assert {"weights.pt", "model.json", "vocab/users.parquet", "mlflow.json"} <= \
+            {f for f, _ in model.files()}
+        info = json.loads((model / "mlflow.json").read_text())
+        assert info["registered_uri"].startswith("models:/two-tower-s3-run/")
         assert summary["stages"]["infer"]["output"] == f"{workdir}/recommendations"
         recs = current(f"{workdir}/recommendations")
         assert pq.read_table(recs.path, filesystem=recs.fs).num_rows == \
             summary["stages"]["infer"]["summary"]["rows"] > 0
-        assert _local_files(cwd) == []
         # the workers read the dataset from the bucket into their nodes' cache
         assert any(p.name.startswith("v-000001-") for p in node_cache.iterdir())
         assert node_cache != driver_cache
 
-        again = train(load_config(overrides={**{"topology": "mnmg", "accelerator": "cpu",
-                                                "num_workers": 2, "workdir": workdir,
-                                                "registered_model_name": "two-tower-s3-run"},
-                                             "epochs": 3, "resume": True}),
+        # served from the bucket: the model folder's copy in this machine's cache
+        rec = Recommender(f"{workdir}/model")
+        assert rec.model_dir.is_relative_to(driver_cache)
+        # batch inference: a users file in the bucket, the model from it, the output there
+        users = rec.user_ids.iloc[:5].astype(str).tolist()
+        resolve(f"{s3}/in/users.csv").write_text("userId\n" + "\n".join(users) + "\n")
+        cfg = load_config(overrides=settings)
+        done = batch_inference(cfg, f"{workdir}/model", f"{workdir}/data", f"{s3}/recs",
+                               users=f"{s3}/in/users.csv", verbose=False)
+        out = current(f"{s3}/recs")
+        assert done["output"] == out.uri and done["users"] == 5
+        table = pq.read_table(out.path, filesystem=out.fs)
+        assert table.num_rows == done["rows"] == 5 * done["k"]
+        assert json.loads((out / SUMMARY).read_text())["model"] == model.uri
+        assert sorted(set(table["userId"].to_pylist())) == sorted(users)  # ids as written
+
+        again = train(load_config(overrides={**settings, "epochs": 3, "resume": True}),
                       f"{workdir}/data", f"{workdir}/model", verbose=False)
         assert again["metrics"]["resumed_at_epochs"][-1] == 2
         assert [h["epoch"] for h in again["history"]] == [1, 2, 3]
         assert again["model_dir"].startswith(f"{workdir}/model/v-000002-")
+        assert _local_files(cwd) == []
     finally:
         ray.shutdown()
         cluster.shutdown()
