@@ -76,10 +76,6 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
     driver's disk; a training worker SIGKILLed in epoch 2 resumes from the bucket's
     checkpoint; ``--resume`` later continues from there; batch inference reads a users file
     in the bucket and the model from it."""
-    import signal
-    import threading
-    import time
-
     import ray
     from ray.cluster_utils import Cluster
 
@@ -89,7 +85,7 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
     from app.train import train
     from pipelines.full_run import run
     from tests.conftest import start_local_ray
-    from tests.test_train import _worker_pids
+    from tests.test_train import kill_a_worker_in_epoch_two
 
     cwd, driver_cache = isolated
     # the nodes' cache, not the driver's: what the workers read came from the bucket. (Both
@@ -109,22 +105,9 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
         # (the workers import the project from its folder: this process's cwd is elsewhere)
         ray.init(address=cluster.address, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-        started = time.time()
         checkpoints = resolve(f"{workdir}/checkpoints")
-
-        def kill_in_epoch_two() -> None:
-            deadline = time.time() + 600
-            while time.time() < deadline and not any(
-                    f.endswith("/state.json") for f, _ in checkpoints.files()):
-                time.sleep(0.2)
-            time.sleep(1.0)  # into the second epoch's training steps
-            pids = _worker_pids(started)
-            if pids:
-                os.kill(pids[-1], signal.SIGKILL)
-                killed.append(pids[-1])
-
-        killer = threading.Thread(target=kill_in_epoch_two, daemon=True)
-        killer.start()
+        killer = kill_a_worker_in_epoch_two(lambda: any(
+            f.endswith("/state.json") for f, _ in checkpoints.files()), killed)
         summary = run(load_config(overrides={**settings, "epochs": 2}), refit=False)
         killer.join()
         assert killed, "no training worker was found to kill"

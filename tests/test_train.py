@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -147,6 +148,28 @@ def _worker_pids(started_after: float) -> list[int]:
     return pids
 
 
+def kill_a_worker_in_epoch_two(checkpointed: Callable[[], bool], killed: list[int],
+                               timeout: float = 600) -> threading.Thread:
+    """A started thread that SIGKILLs one training worker (of those started from now on) a
+    second after ``checkpointed()`` first holds (the first epoch's checkpoint is written), and
+    records its pid in ``killed``."""
+    started = time.time()
+
+    def kill() -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline and not checkpointed():
+            time.sleep(0.1)
+        time.sleep(1.0)  # into the second epoch's training steps
+        pids = _worker_pids(started)
+        if pids:
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
+
+
 def test_a_killed_worker_resumes_from_the_last_checkpoint(trained, movielens_dir, tmp_path):
     """SIGKILL one worker during epoch 2: the group restarts from the epoch-1 checkpoint and
     finishes all epochs, with metrics within noise of the uninterrupted run."""
@@ -157,20 +180,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(trained, movielens_dir
     run_dir = tmp_path / "checkpoints" / run_name(output)
     killed: list[int] = []
 
-    started = time.time()
-
-    def kill_in_epoch_two() -> None:
-        deadline = time.time() + 300
-        while time.time() < deadline and not list(run_dir.glob("checkpoint_*/state.json")):
-            time.sleep(0.1)
-        time.sleep(1.0)  # into the second epoch's training steps
-        pids = _worker_pids(started)
-        if pids:
-            os.kill(pids[-1], signal.SIGKILL)
-            killed.append(pids[-1])
-
-    killer = threading.Thread(target=kill_in_epoch_two, daemon=True)
-    killer.start()
+    killer = kill_a_worker_in_epoch_two(
+        lambda: bool(list(run_dir.glob("checkpoint_*/state.json"))), killed)
     summary = train(cfg, str(movielens_dir), str(output), verbose=False)
     killer.join()
     assert killed, "no training worker was found to kill"
