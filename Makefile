@@ -4,7 +4,7 @@ PY := .venv/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench-prepare bench-train bench-inference bench-quality
+.PHONY: setup run test bench-prepare bench-train bench-inference bench-quality bench-serve
 setup:
 	@bash scripts/setup_env.sh
 
@@ -25,3 +25,6 @@ bench-inference: setup
 
 bench-quality: setup
 	$(PY) bench/quality.py $(ARGS)
+
+bench-serve: setup
+	$(PY) bench/serve.py $(ARGS)

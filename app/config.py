@@ -333,6 +333,44 @@ class InferenceConfig:
 
 
 @dataclass
+class ServeConfig:
+    """Real-time serving (the Ray Serve app)."""
+
+    host: str = _f("127.0.0.1", "address the HTTP server listens on (0.0.0.0: every interface)")
+    port: int = _f(8000, "HTTP port")
+    max_k: int = _f(1000, "largest k a request may ask for")
+    max_pairs: int = _f(10000, "most pairs one /score request may hold")
+    max_history: int = _f(1000, "most items one request's history may hold")
+    max_batch_size: int = _f(32, "requests answered by one matrix product (@serve.batch)")
+    batch_wait_ms: float = _f(2.0, "how long a batch waits to fill, in milliseconds")
+    replicas: int = _f(1, "replicas of the app (the least, when autoscaling)")
+    max_replicas: int = _f(0, "autoscale up to this many replicas (0: a fixed number)")
+    replica_cpus: float = _f(1.0, "CPUs per replica")
+    replica_gpus: float = _f(0.0, "GPUs per replica (the towers and the ranking then run there)")
+    reload_interval: float = _f(30.0, "seconds between checks for a new model version (the "
+                                      "alias of models:/name@alias, or a folder's CURRENT; 0: "
+                                      "never)")
+    promote: Literal["if-better", "always", "never"] = _f(
+        "if-better", "full run: point the champion alias at the new model if its test "
+                     "Recall@20 beats the champion's on the same dataset, always, or never")
+    champion_alias: str = _f("champion", "the registered-model alias that serving follows")
+
+    def validate(self) -> None:
+        _check(0 < self.port < 65536, "port", "must be in 1..65535", self.port)
+        for name in ("max_k", "max_pairs", "max_history", "max_batch_size", "replicas"):
+            _check(getattr(self, name) > 0, name, "must be positive", getattr(self, name))
+        _check(self.batch_wait_ms >= 0, "batch_wait_ms", "must be 0 or more", self.batch_wait_ms)
+        _check(self.max_replicas == 0 or self.max_replicas >= self.replicas, "max_replicas",
+               "must be 0 or at least --replicas", self.max_replicas)
+        _check(self.replica_cpus >= 0 and self.replica_gpus >= 0, "replica_cpus",
+               "and --replica-gpus must be 0 or more", (self.replica_cpus, self.replica_gpus))
+        _check(self.reload_interval >= 0, "reload_interval", "must be 0 or more",
+               self.reload_interval)
+        _check(bool(self.champion_alias.strip()), "champion_alias", "must not be empty",
+               self.champion_alias)
+
+
+@dataclass
 class ClusterConfig:
     """Where Ray and MLflow run."""
 
@@ -385,6 +423,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> "Config":
@@ -537,7 +576,7 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
 
 SECTION_TITLES = {"data": "data preparation", "model": "model", "train": "training",
                   "tune": "hyperparameter sweeps", "inference": "batch inference",
-                  "cluster": "Ray and MLflow"}
+                  "serve": "real-time serving", "cluster": "Ray and MLflow"}
 # settings that were renamed: (section, old name) -> new name
 RENAMED = {("train", "top_k"): "eval_k", ("inference", "recommend_k"): "top_k"}
 

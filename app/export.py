@@ -8,6 +8,7 @@ A model folder holds::
     vocab/users.parquet        the dataset's vocabularies (index <-> id, item metadata)
     vocab/items.parquet
     item_popularity.npy        positives per item index in the training split
+    rated_items.npz            each user's rated items in every split (what serving leaves out)
     sharding_plan.json         where each embedding table was placed during training
     metrics.json               final metrics: {"model": {"val": ..., "test": ...},
                                                "popularity": {"val": ..., "test": ...}}
@@ -40,6 +41,7 @@ from app.publish import local_dir
 MODEL_SCHEMA_VERSION = 3  # 2: history bag, item year, normalised towers; 3: sha256 of files
 MODEL_JSON = "model.json"
 WEIGHTS = "weights.pt"
+RATED_FILE = "rated_items.npz"  # written by app.serving.write_rated_items
 
 
 class ModelError(ValueError):
@@ -208,9 +210,9 @@ def _sha256(path: Path) -> str:
 
 def sealed_files(model_dir: str | os.PathLike) -> list[str]:
     """The files a loader reads besides model.json: the weights, the users' histories, the
-    item popularity and the vocabularies (paths relative to the folder)."""
+    item popularity, the rated items and the vocabularies (paths relative to the folder)."""
     root = Path(model_dir)
-    names = [WEIGHTS, HISTORY_FILE, "item_popularity.npy"]
+    names = [WEIGHTS, HISTORY_FILE, "item_popularity.npy", RATED_FILE]
     names += sorted(str(p.relative_to(root)) for p in (root / "vocab").rglob("*") if p.is_file())
     return [n for n in names if (root / n).is_file()]
 

@@ -26,12 +26,13 @@ import pyarrow.parquet as pq
 
 from app import logs
 from app.config import Config
-from app.dataset import SPLITS, DatasetError, load_vocab, read_manifest, read_split_arrays
-from app.export import ModelError, item_popularity, pair_probabilities, read_model_json
-from app.metrics import UserItems
-from app.validate import id_text
+from app.dataset import SPLITS, DatasetError, load_vocab, read_manifest
+from app.export import ModelError, read_model_json
 from app.publish import OutputError, check_writable, current, local_dir, version_uri, writer
+from app.serving import (Recommender, build_faiss, id_keys, lookup, rated_items,  # noqa: F401
+                         vocab_index)
 from app.storage import is_remote, pack, resolve, unpack
+from app.validate import id_text
 
 SUMMARY = "_summary.json"  # inside the output folder; Parquet readers skip "_" files
 
@@ -89,63 +90,6 @@ def check_dataset_matches(model_dir: Path, data_dir: str) -> None:
                                f"({b.type}); use the dataset the model was trained on")
 
 
-def rated_items(data_dir: str, splits: tuple[str, ...], num_users: int) -> UserItems:
-    """Each user's items in the given splits (what recommendations leave out)."""
-    users, items = [], []
-    for split in splits:
-        rows = read_split_arrays(Path(data_dir, split))
-        users.append(rows["user"].astype(np.int64))
-        items.append(rows["item"].astype(np.int64))
-    return UserItems.build(np.concatenate(users) if users else np.empty(0, np.int64),
-                           np.concatenate(items) if items else np.empty(0, np.int64),
-                           num_users)
-
-
-def id_keys(values: pd.Series | pa.Array) -> pd.Series:
-    """Raw ids -> their exact text (the rule of :func:`app.validate.id_text`: ``007`` stays
-    ``007``, ``1.0`` is ``1``); missing and non-integral float ids -> missing."""
-    col = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else \
-        pa.array(values, from_pandas=True)
-    text, bad = id_text(col)
-    return pc.if_else(bad, None, text).to_pandas().astype("string")
-
-
-def vocab_index(vocab_ids: pa.Array) -> pd.Index:
-    """A vocabulary's ids as the text :func:`lookup` matches (an int64 vocabulary holds only
-    integers written as int64 writes them, so its decimal text is exactly its ids)."""
-    return pd.Index(pc.cast(vocab_ids, pa.string()).to_pandas().astype("string"))
-
-
-def lookup(index: pd.Index, values: pd.Series) -> np.ndarray:
-    """Raw ids -> vocabulary indices (1..N), 0 for unknown or missing ids."""
-    pos = index.get_indexer(pd.Index(values))
-    return (pos + 1).astype(np.int64)
-
-
-def mips_augment(items: np.ndarray) -> np.ndarray:
-    """Items (N, D) -> (N, D + 1) with a last coordinate sqrt(M^2 - |x|^2), M the largest
-    norm: every item then has norm M, so for a query padded with 0 the L2 order equals the
-    inner-product order (Bachrach et al., 2014). The index ranks by dot product exactly as the
-    model does; HNSW builds a far better graph in L2 than with METRIC_INNER_PRODUCT (on
-    movielens-small, recall@100 0.996 against 0.87 at the same search breadth)."""
-    norms = np.linalg.norm(items, axis=1)
-    extra = np.sqrt(np.maximum(norms.max() ** 2 - norms ** 2, 0.0))
-    return np.ascontiguousarray(np.hstack([items, extra[:, None]]), dtype=np.float32)
-
-
-def build_faiss(items: np.ndarray, m: int, ef_search: int) -> Any:
-    """An HNSW index that ranks items by inner product (see :func:`mips_augment`). Row i of
-    ``items`` is item index i; index 0 (unknown) is left out, so faiss row r is item r + 1."""
-    import faiss
-
-    vectors = mips_augment(items[1:])
-    index = faiss.IndexHNSWFlat(vectors.shape[1], m)
-    index.hnsw.efConstruction = max(2 * m, 128)
-    index.add(vectors)
-    index.hnsw.efSearch = ef_search
-    return index
-
-
 def model_folder(model_dir: Any) -> str:
     """The model folder on this node: a path as given, or ``[ref]`` of a folder packed by the
     driver (:func:`app.storage.pack`), unpacked into this node's cache: an actor on another
@@ -160,15 +104,15 @@ def model_folder(model_dir: Any) -> str:
 
 
 class TopK:
-    """Ray Data actor: top-K items for a batch of users (column ``userId``).
+    """Ray Data actor: top-K items for a batch of users (column ``userId``), by the serving
+    core (:class:`app.serving.Recommender`).
 
     Args:
         model_dir: the model folder (each actor loads its own towers): a path, or ``[ref]``
             of the packed folder (:func:`model_folder`).
-        shared: object reference of a dict with ``items`` (num_items, D) embeddings,
-            ``item_ids`` / ``titles`` / ``user_ids`` vocabularies, ``rated`` (UserItems or
-            None), ``popular`` (item indices by popularity), ``faiss`` (serialized index or
-            None).
+        shared: ``[ref]`` of a dict with ``items`` (num_items, D) embeddings, ``rated``
+            (UserItems or None: what is left out), ``given`` (user id text -> item indices
+            of a history, or None) and ``faiss`` (serialized index or None).
         k: items per user.
         device: ``cpu`` or ``cuda``.
     """
@@ -176,169 +120,30 @@ class TopK:
     def __init__(self, model_dir: Any, shared: list, k: int, device: str,
                  ef_search: int = 128) -> None:
         import ray
-        import torch
-
-        from app.export import load_exported
 
         s = ray.get(shared[0]) if isinstance(shared[0], ray.ObjectRef) else shared[0]
-        self.device = torch.device(device)
-        self.model = load_exported(model_folder(model_dir), map_location=self.device)
-        # the object store's arrays are read-only: one copy per actor, on its device
-        self.items = torch.tensor(s["items"], device=self.device)          # (num_items, D)
-        self.item_ids, self.titles = s["item_ids"], s["titles"]
-        self.user_index = vocab_index(s["user_ids"])
-        self.rated: Optional[UserItems] = s["rated"]
+        self.core = Recommender(model_folder(model_dir), device, rated=s["rated"],
+                                items=s["items"], faiss_index=s["faiss"], ef_search=ef_search)
         self.given: dict[str, np.ndarray] = s.get("given") or {}  # user id -> recent items
-        self.popular, self.popularity = s["popular"], s["popularity"]
-        self.k = min(k, len(self.items) - 1)
-        self.faiss = None
-        if s["faiss"] is not None:
-            import faiss
-
-            self.faiss = faiss.deserialize_index(s["faiss"])
-            self.faiss.hnsw.efSearch = ef_search
-        # score this many users at once: (users, items) floats kept to ~64 MB
-        self.chunk = max(1, min(4096, (1 << 24) // max(len(self.items), 1)))
-
-    def _queries(self, users: np.ndarray, given: Optional[list] = None) -> Any:
-        """Query embeddings (U, D); rows with a given history read it instead of the stored."""
-        import torch
-
-        u = torch.from_numpy(users).to(self.device)
-        return (self.model.user_embeddings_given(u, given) if given is not None
-                else self.model.user_embeddings(u))
-
-    def _excluded(self, users: np.ndarray, given: Optional[list]) -> tuple[np.ndarray, ...]:
-        """(row, item) pairs left out: each known user's rated items and any given history."""
-        rows, items = (self.rated.rows_and_items(users) if self.rated is not None
-                       else (np.empty(0, np.int64), np.empty(0, np.int64)))
-        if given is not None:
-            extra = [(r, g) for r, g in enumerate(given) if g is not None and len(g)]
-            if extra:
-                rows = np.concatenate([rows] + [np.full(len(g), r) for r, g in extra])
-                items = np.concatenate([items] + [g for _, g in extra])
-        return rows, items
-
-    def _exact(self, users: np.ndarray, given: Optional[list] = None
-               ) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        q = self._queries(users, given)
-        scores = q @ self.items.T                                            # (U, num_items)
-        scores[:, 0] = float("-inf")
-        rows, items = self._excluded(users, given)
-        scores[torch.from_numpy(rows).to(self.device),
-               torch.from_numpy(items).to(self.device)] = float("-inf")
-        top = scores.topk(self.k, dim=1)
-        return top.values.cpu().numpy(), top.indices.cpu().numpy()
-
-    def _approximate(self, users: np.ndarray, given: Optional[list] = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
-        q = self._queries(users, given).cpu().numpy()
-        ex_rows, ex_items = self._excluded(users, given)
-        order = np.argsort(ex_rows, kind="stable")  # each row's excluded items
-        per_row = np.split(ex_items[order],
-                           np.searchsorted(ex_rows[order], np.arange(1, len(users))))
-        extra = max((len(r) for r in per_row), default=0)
-        want = min(self.k + extra, len(self.items) - 1)
-        padded = np.hstack([q, np.zeros((len(q), 1), q.dtype)]).astype(np.float32)
-        _, found = self.faiss.search(padded, want)
-        found = np.where(found >= 0, found + 1, 0)  # faiss row i is item index i + 1
-        items = self.items.cpu().numpy() if self.device.type != "cpu" else self.items.numpy()
-        out_s = np.full((len(users), self.k), -np.inf, np.float32)
-        out_i = np.zeros((len(users), self.k), np.int64)
-        for row in range(len(users)):  # drop rated items, keep the first k
-            keep = (found[row] > 0) & ~np.isin(found[row], per_row[row])
-            i = found[row][keep][: self.k]
-            s = items[i] @ q[row]  # the model's own dot products, in descending order
-            order = np.argsort(-s, kind="stable")
-            out_s[row, : len(i)], out_i[row, : len(i)] = s[order], i[order]
-        return out_s, out_i
+        self.k = min(k, self.core.num_items - 1)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        import torch
-
-        with torch.no_grad():
-            return self._recommend(batch)
-
-    def _recommend(self, batch: pd.DataFrame) -> pd.DataFrame:
-        ids = id_keys(batch["userId"])
-        users = lookup(self.user_index, ids)
-        given = [self.given.get(v) if v is not pd.NA else None
-                 for v in ids.tolist()] if self.given else None
-        has_history = (np.array([g is not None for g in given]) if given is not None
-                       else np.zeros(len(users), bool))
-        modelled = (users > 0) | has_history
-        n, k = len(users), self.k
-        scores = np.zeros((n, k), np.float32)
-        items = np.zeros((n, k), np.int64)
-        rows = np.flatnonzero(modelled)
-        parts_s, parts_i = [], []
-        for start in range(0, len(rows), self.chunk):
-            part = rows[start:start + self.chunk]
-            g = [given[r] for r in part] if given is not None else None
-            s, i = (self._approximate(users[part], g) if self.faiss is not None
-                    else self._exact(users[part], g))
-            parts_s.append(s)
-            parts_i.append(i)
-        if parts_s:
-            scores[modelled], items[modelled] = np.concatenate(parts_s), np.concatenate(parts_i)
-        if (~modelled).any():  # neither known nor a history: the most popular items, flagged
-            items[~modelled] = self.popular[:k]
-            scores[~modelled] = self.popularity[self.popular[:k]]
-        source = np.where(has_history, "history", np.where(modelled, "model", "popularity"))
-        out = pd.DataFrame({
-            "userId": np.repeat(batch["userId"].to_numpy(), k),
-            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), n),
-            "movieId": self.item_ids[np.maximum(items.ravel() - 1, 0)],
-            "score": scores.ravel(),
-            "fallback": np.repeat(~modelled, k),
-            "source": np.repeat(source, k)})
-        if self.titles is not None:
-            out["title"] = self.titles[np.maximum(items.ravel() - 1, 0)]
-        # a user who rated almost the whole catalog has fewer than k items left: a short list
-        return out[np.isfinite(scores.ravel()) & (items.ravel() > 0)]
+        given = None
+        if self.given:
+            given = [self.given.get(v) if v is not pd.NA else None
+                     for v in id_keys(batch["userId"]).tolist()]
+        return self.core.recommend(batch["userId"], self.k, given=given)
 
 
 class PairScores:
-    """Ray Data actor: scores of (userId, movieId) pairs, unknown ids flagged, never dropped."""
+    """Ray Data actor: scores of (userId, movieId) pairs by the serving core, unknown ids
+    flagged, never dropped."""
 
-    def __init__(self, model_dir: Any, shared: list, device: str) -> None:
-        import ray
-        import torch
-
-        from app.export import load_exported
-
-        s = ray.get(shared[0]) if isinstance(shared[0], ray.ObjectRef) else shared[0]
-        self.device = torch.device(device)
-        model_dir = model_folder(model_dir)
-        self.model = load_exported(model_dir, map_location=self.device)
-        self.calibration = read_model_json(model_dir)["calibration"]
-        self.user_index = vocab_index(s["user_ids"])
-        self.item_index = vocab_index(s["item_id_array"])
+    def __init__(self, model_dir: Any, device: str) -> None:
+        self.core = Recommender(model_folder(model_dir), device, rated=None)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        import torch
-
-        with torch.no_grad():
-            return self._score(batch)
-
-    def _score(self, batch: pd.DataFrame) -> pd.DataFrame:
-        import torch
-
-        u = lookup(self.user_index, id_keys(batch["userId"]))
-        i = lookup(self.item_index, id_keys(batch["movieId"]))
-        known = (u > 0) & (i > 0)
-        score = np.full(len(u), np.nan, np.float32)
-        if known.any():
-            score[known] = self.model.score(torch.from_numpy(u[known]).to(self.device),
-                                            torch.from_numpy(i[known]).to(self.device)
-                                            ).cpu().numpy()
-        prob, cls = pair_probabilities(score, known, self.calibration)
-        return pd.DataFrame({"userId": batch["userId"].to_numpy(),
-                             "movieId": batch["movieId"].to_numpy(), "score": score,
-                             "prediction_prob": prob, "predicted_class": cls,
-                             "known_user": u > 0, "known_item": i > 0})
+        return self.core.score_pairs(batch["userId"], batch["movieId"])
 
 
 def _device_and_pool(cfg: Config) -> tuple[str, int, dict[str, Any]]:
@@ -490,13 +295,11 @@ def read_histories(path: str, vocab: dict[str, Any], n: int) -> tuple[dict[str, 
 def exact_recall(shared: dict[str, Any], model_dir: Path, users: np.ndarray, k: int,
                  ef_search: int) -> float:
     """Recall@k of the FAISS index against exact top-k on the given users (same exclusions)."""
-    import torch
-
-    exact = TopK(str(model_dir), [{**shared, "faiss": None}], k, "cpu")
-    approx = TopK(str(model_dir), [shared], k, "cpu", ef_search=ef_search)
-    with torch.no_grad():
-        _, want = exact._exact(users)
-        _, got = approx._approximate(users)
+    exact = Recommender(model_dir, rated=shared["rated"], items=shared["items"])
+    approx = Recommender(model_dir, rated=shared["rated"], items=shared["items"],
+                         faiss_index=shared["faiss"], ef_search=ef_search)
+    _, want, _ = exact.top_k(users, k)
+    _, got, _ = approx.top_k(users, k)
     hits = sum(len(np.intersect1d(a, b)) for a, b in zip(want, got))
     return hits / float(want.size)
 
@@ -549,8 +352,6 @@ def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, use
     inf = cfg.inference
     device, pool, resources = _device_and_pool(cfg)
     vocab = load_vocab(model_dir)
-    item_ids = vocab["items"]["id"]
-    shared: dict[str, Any] = {"user_ids": vocab["users"]["id"], "item_id_array": item_ids}
     with writer(out, "batch_inference", timeout=cfg.cluster.lease_timeout, say=say) as lease, \
             lease.staged() as tmp:
         target = lease.target  # the version's folder: the actors write their files there
@@ -562,11 +363,10 @@ def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, use
 
         if pairs is not None:
             ds = _read_table(pairs, ["userId", "movieId"])
-            ref = ray.put(shared)
             result = ds.map_batches(PairScores, batch_format="pandas",
                                     batch_size=inf.inference_batch_size,
                                     fn_constructor_kwargs={"model_dir": model_ref,
-                                                           "shared": [ref], "device": device},
+                                                           "device": device},
                                     compute=ActorPoolStrategy(size=pool), **resources)
             with logs.native_notices_filtered():
                 result.write_parquet(target.path, filesystem=target.fs)
@@ -581,21 +381,11 @@ def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, use
                 say(f"pairs with unknown ids (kept, score NaN, known_* False): {unknown_users:,} "
                     f"unknown users, {unknown_items:,} unknown items")
         else:
-            import torch
-
-            from app.export import load_exported
-
-            exported = load_exported(model_dir)
-            with torch.no_grad():  # every item through the candidate tower, once
-                n_items = exported.spec.num_items
-                items = torch.cat([exported.item_embeddings(
-                    torch.arange(s, min(n_items, s + 65536)))
-                    for s in range(0, n_items, 65536)]).numpy()
+            core = Recommender(model_dir, rated=None)  # every item's embedding, once
+            exported, items = core.model, core.item_embeddings.numpy()
+            n_items = exported.spec.num_items
             exclude = {"all": SPLITS, "train": ("train",), "none": ()}[inf.exclude_rated]
             rated = rated_items(data_dir, exclude, exported.spec.num_users) if exclude else None
-            popularity = item_popularity(model_dir)
-            titles = (np.asarray(vocab["items"]["title"].to_pylist(), dtype=object)
-                      if "title" in vocab["items"].column_names else None)
             given = None
             if history is not None:
                 if not exported.spec.history_length:
@@ -606,10 +396,8 @@ def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, use
                 say(f"histories: {counts['users']:,} users from {counts['rows']:,} rows; "
                     f"{counts['unknown_item_rows']:,} row(s) with items the model does not know "
                     f"(ignored)")
-            shared.update(items=items, item_ids=item_ids.to_numpy(zero_copy_only=False),
-                          titles=titles, rated=rated, given=given,
-                          popular=np.argsort(-popularity[1:], kind="stable") + 1,
-                          popularity=popularity.astype(np.float32), faiss=None)
+            shared: dict[str, Any] = {"items": items, "rated": rated, "given": given,
+                                      "faiss": None}
             k = min(inf.top_k, n_items - 1)
             if inf.index == "faiss":
                 import faiss

@@ -21,7 +21,8 @@ class TwoTowerPyfunc(PythonModel):
 
     Input: a DataFrame with ``userId`` (and ``movieId`` for pair scores; an optional
     ``history`` column holds each user's recent item ids, which a new user is recommended
-    from). Params: ``k`` (items per user, default 10). Output:
+    from). Params: ``k`` (items per user, default 10), ``exclude_rated`` (leave out the items
+    each user rated, default True, as on every serving path). Output:
     :meth:`app.serving.Recommender.recommend` or :meth:`app.serving.Recommender.score_pairs`
     rows.
     """
@@ -36,11 +37,11 @@ class TwoTowerPyfunc(PythonModel):
         if "userId" not in model_input.columns:
             raise ValueError(f"input needs a userId column; got {list(model_input.columns)}")
         if "movieId" in model_input.columns and model_input["movieId"].notna().any():
-            return self.recommender.score_pairs(model_input["userId"].tolist(),
-                                                model_input["movieId"].tolist())
-        k = int((params or {}).get("k", 10))
+            return self.recommender.score_pairs(model_input["userId"], model_input["movieId"])
+        params = params or {}
         histories = model_input["history"].tolist() if "history" in model_input else None
-        return self.recommender.recommend(model_input["userId"].tolist(), k, histories)
+        return self.recommender.recommend(model_input["userId"], int(params.get("k", 10)),
+                                          histories, bool(params.get("exclude_rated", True)))
 
 
 mlflow.models.set_model(TwoTowerPyfunc())

@@ -136,6 +136,11 @@ def render(summary: dict[str, Any]) -> str:
             out.append(f"  {'held-out model':<18}{stages['train']['output']} "
                        f"({ml['registered_uri']}, MLflow run {ml['run_id']})")
         out.append(f"  {'registered model':<18}{served['registered_uri']}")
+        if summary.get("promotion"):
+            p = summary["promotion"]
+            out.append(f"  {'alias @' + p['alias']:<18}"
+                       + (f"version {p['version']} (promoted: {p['reason']})" if p["promoted"]
+                          else f"version {p['champion'] or '-'} kept ({p['reason']})"))
         out.append(f"  {'mlflow store':<18}{summary.get('tracking_uri', '')}")
     plot = f" (plot: {summary['plot']})" if summary.get("plot") else ""
     out.append(f"  {'summary':<18}{summary['workdir']}/summary.json{plot}")

@@ -1,77 +1,198 @@
-"""Recommendations and pair scores from a model folder, in one process (no TorchRec runtime).
+"""The serving core: recommendations and pair scores from a model folder, in one process.
 
-:class:`Recommender` maps raw ids to indices with the model's vocabularies, computes every
-item's embedding once, and answers two questions: top-K items for users (unknown users get the
-popularity list, flagged) and scores of (user, item) pairs (unknown ids flagged, score NaN).
+:class:`Recommender` is what every way of serving runs: the batch inference actors
+(:mod:`app.inference`), the registered MLflow pyfunc (:mod:`app.pyfunc_model`) and the Ray Serve
+app (:mod:`app.serve`). It
+
+- maps raw ids to vocabulary indices by their exact text (``007`` stays ``007``, see
+  :func:`id_keys`), so an id matches whatever type the caller holds it in;
+- computes every item's embedding once (or takes them computed, as the batch actors do);
+- ranks the whole catalog exactly by matrix product and ``topk``, or searches a FAISS
+  inner-product index when one is given;
+- leaves out the items each user rated (``rated_items.npz`` of the model folder: every split
+  of the dataset the model was trained on) and the items of a given history, unless asked not
+  to (``exclude_rated=False``): the one default of every serving path;
+- recommends from a given history (``source`` "history"), and gives users neither known nor
+  with a history the most popular items (``source`` "popularity", ``fallback`` True);
+- scores (user, item) pairs with calibrated probabilities, unknown ids flagged
+  (``known_user`` / ``known_item``), never dropped.
+
+Output columns, the same on every path: top-K rows ``userId, rank, movieId, score, fallback,
+source`` (+ ``title``); pair rows ``userId, movieId, score, prediction_prob, predicted_class,
+known_user, known_item``.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from app.dataset import load_vocab
-from app.export import item_popularity, load_exported, pair_probabilities, read_model_json
+from app.dataset import SPLITS, load_vocab, read_split_arrays
+from app.export import (RATED_FILE, WEIGHTS, item_popularity, load_exported,
+                        pair_probabilities, read_model_json)
+from app.metrics import UserItems
 from app.publish import local_dir
+from app.validate import id_text
+
+def id_keys(values: Any) -> pd.Series:
+    """Raw ids -> their exact text (the rule of :func:`app.validate.id_text`: ``007`` stays
+    ``007``, ``1.0`` is ``1``); missing and non-integral float ids -> missing."""
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        col = values
+    else:
+        values = list(values) if not isinstance(values, (pd.Series, np.ndarray)) else values
+        try:
+            col = pa.array(values, from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types (1 and "a"): as text
+            col = pa.array([None if v is None or v is pd.NA else str(v) for v in values],
+                           pa.string())
+    text, bad = id_text(col)
+    return pc.if_else(bad, None, text).to_pandas().astype("string")
+
+
+def vocab_index(vocab_ids: pa.Array) -> pd.Index:
+    """A vocabulary's ids as the text :func:`lookup` matches (an int64 vocabulary holds only
+    integers written as int64 writes them, so its decimal text is exactly its ids)."""
+    return pd.Index(pc.cast(vocab_ids, pa.string()).to_pandas().astype("string"))
+
+
+def lookup(index: pd.Index, keys: pd.Series) -> np.ndarray:
+    """Id texts (:func:`id_keys`) -> vocabulary indices (1..N), 0 for unknown or missing."""
+    pos = index.get_indexer(pd.Index(keys))
+    return (pos + 1).astype(np.int64)
+
+
+def rated_items(data_dir: str | os.PathLike, splits: Sequence[str], num_users: int
+                ) -> UserItems:
+    """Each user's items in the given splits of a prepared dataset (what is left out)."""
+    users, items = [], []
+    for split in splits:
+        rows = read_split_arrays(Path(data_dir, split))
+        users.append(rows["user"].astype(np.int64))
+        items.append(rows["item"].astype(np.int64))
+    return UserItems.build(np.concatenate(users) if users else np.empty(0, np.int64),
+                           np.concatenate(items) if items else np.empty(0, np.int64),
+                           num_users)
+
+
+def write_rated_items(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
+                      num_users: int) -> None:
+    """The model folder's :data:`RATED_FILE`: every split's (user, item) pairs as CSR arrays."""
+    rated = rated_items(data_dir, SPLITS, num_users)
+    buf = io.BytesIO()
+    np.savez(buf, offsets=rated.offsets, items=rated.items.astype(np.int32))
+    Path(model_dir, RATED_FILE).write_bytes(buf.getvalue())
+
+
+def read_rated_items(model_dir: str | os.PathLike) -> Optional[UserItems]:
+    """The model folder's rated items (None for a folder without them); plain arrays only."""
+    path = Path(model_dir, RATED_FILE)
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        return UserItems(z["offsets"].astype(np.int64), z["items"].astype(np.int64))
+
+
+def mips_augment(items: np.ndarray) -> np.ndarray:
+    """Items (N, D) -> (N, D + 1) with a last coordinate sqrt(M^2 - |x|^2), M the largest
+    norm: every item then has norm M, so for a query padded with 0 the L2 order equals the
+    inner-product order (Bachrach et al., 2014). The index ranks by dot product exactly as the
+    model does; HNSW builds a far better graph in L2 than with METRIC_INNER_PRODUCT (on
+    movielens-small, recall@100 0.996 against 0.87 at the same search breadth)."""
+    norms = np.linalg.norm(items, axis=1)
+    extra = np.sqrt(np.maximum(norms.max() ** 2 - norms ** 2, 0.0))
+    return np.ascontiguousarray(np.hstack([items, extra[:, None]]), dtype=np.float32)
+
+
+def build_faiss(items: np.ndarray, m: int, ef_search: int) -> Any:
+    """An HNSW index that ranks items by inner product (see :func:`mips_augment`). Row i of
+    ``items`` is item index i; index 0 (unknown) is left out, so faiss row r is item r + 1."""
+    import faiss
+
+    vectors = mips_augment(items[1:])
+    index = faiss.IndexHNSWFlat(vectors.shape[1], m)
+    index.hnsw.efConstruction = max(2 * m, 128)
+    index.add(vectors)
+    index.hnsw.efSearch = ef_search
+    return index
 
 
 class Recommender:
     """A loaded model folder.
 
     Args:
-        model_dir: a model folder (see :mod:`app.export`).
+        model_dir: a model folder (see :mod:`app.export`), a versioned folder or a URI (its
+            published version, read once).
         device: where the towers run.
+        rated: the items left out per user: ``"model"`` (the folder's :data:`RATED_FILE`),
+            a :class:`UserItems`, or None (nothing left out but given histories).
+        items: the item embeddings (num_items, D), when already computed.
+        faiss_index: a serialized FAISS index (:func:`build_faiss`) to search instead of
+            exact top-K.
+        ef_search: the index's search breadth.
+        version: what responses name as the model's version (default: the first 12 hex
+            digits of the weights' sha256, so a label always means one set of weights).
     """
 
-    def __init__(self, model_dir: str | os.PathLike, device: str = "cpu") -> None:
+    def __init__(self, model_dir: str | os.PathLike, device: str = "cpu", *,
+                 rated: Any = "model", items: Optional[np.ndarray] = None,
+                 faiss_index: Optional[bytes] = None, ef_search: int = 128,
+                 version: Optional[str] = None) -> None:
         self.model_dir = model_dir = local_dir(model_dir)  # one version, however long we serve
         self.device = torch.device(device)
         self.model = load_exported(model_dir, map_location=self.device)
-        self.calibration = read_model_json(model_dir).get("calibration", {"a": 1.0, "b": 0.0})
+        info = read_model_json(model_dir)
+        self.version = version or info.get("sha256", {}).get(WEIGHTS, "unsealed")[:12]
+        self.calibration = info.get("calibration", {"a": 1.0, "b": 0.0})
         vocab = load_vocab(model_dir)  # every id once, or a one-line error
         self.user_ids = vocab["users"]["id"].to_pandas()
-        items = vocab["items"]
-        self.item_ids = items["id"].to_pandas()
-        self.titles = items["title"].to_pylist() if "title" in items.column_names else None
-        # raw id -> index (1..N); 0 = unknown
-        self._user_index = pd.Index(self.user_ids)
-        self._item_index = pd.Index(self.item_ids)
-        self.popularity = item_popularity(model_dir)
-        with torch.no_grad():
-            n = self.model.spec.num_items
-            self.item_embeddings = torch.cat([
-                self.model.item_embeddings(torch.arange(s, min(n, s + 65536),
-                                                        device=self.device))
-                for s in range(0, n, 65536)])                                  # (num_items, D)
+        self.item_ids = vocab["items"]["id"].to_pandas()
+        self.item_id_text = np.asarray(vocab_index(vocab["items"]["id"]), dtype=object)
+        self.titles = (np.asarray(vocab["items"]["title"].to_pylist(), dtype=object)
+                       if "title" in vocab["items"].column_names else None)
+        self._user_index = vocab_index(vocab["users"]["id"])
+        self._item_index = vocab_index(vocab["items"]["id"])
+        self.popularity = item_popularity(model_dir).astype(np.float32)
+        self.popular = np.argsort(-self.popularity[1:], kind="stable") + 1
+        self.rated: Optional[UserItems] = read_rated_items(model_dir) if rated == "model" \
+            else rated
+        if items is None:
+            with torch.no_grad():
+                n = self.model.spec.num_items
+                self.item_embeddings = torch.cat([
+                    self.model.item_embeddings(torch.arange(s, min(n, s + 65536),
+                                                            device=self.device))
+                    for s in range(0, n, 65536)])                              # (num_items, D)
+        else:  # the object store's arrays are read-only: a copy, on the device
+            self.item_embeddings = torch.tensor(items, device=self.device)
+        self.num_items = len(self.item_embeddings)
+        self.faiss = None
+        if faiss_index is not None:
+            import faiss
 
-    def user_indices(self, user_ids: Sequence[Any]) -> np.ndarray:
-        """Raw user ids -> indices (0 for unknown ids)."""
-        pos = self._user_index.get_indexer(pd.Index(user_ids))
-        return (pos + 1).astype(np.int64)  # get_indexer gives -1 for unknown -> 0
+            self.faiss = faiss.deserialize_index(faiss_index)
+            self.faiss.hnsw.efSearch = ef_search
+        # score this many users at once: (users, items) floats kept to ~64 MB
+        self.chunk = max(1, min(4096, (1 << 24) // max(self.num_items, 1)))
+        self.unknown_history_items = 0
 
-    def item_indices(self, item_ids: Sequence[Any]) -> np.ndarray:
-        """Raw item ids -> indices (0 for unknown ids)."""
-        pos = self._item_index.get_indexer(pd.Index(item_ids))
-        return (pos + 1).astype(np.int64)
+    # ids --------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def top_k_indices(self, users: np.ndarray, k: int,
-                      given: Optional[list] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores (U, k), item indices (U, k)) over the whole catalog for user indices; rows
-        with a ``given`` history (item indices) are queried with it, its items left out."""
-        q = self.model.user_embeddings_given(torch.from_numpy(users).to(self.device),
-                                             given or [None] * len(users))
-        scores = q @ self.item_embeddings.T                                   # (U, num_items)
-        scores[:, 0] = float("-inf")  # the unknown-item row is never recommended
-        for row, g in enumerate(given or []):
-            if g is not None and len(g):
-                scores[row, torch.from_numpy(np.asarray(g, np.int64))] = float("-inf")
-        return scores.topk(min(k, scores.shape[1] - 1), dim=1)
+    def user_indices(self, user_ids: Any) -> np.ndarray:
+        """Raw user ids (any type; matched by exact text) -> indices, 0 for unknown ids."""
+        return lookup(self._user_index, id_keys(user_ids))
+
+    def item_indices(self, item_ids: Any) -> np.ndarray:
+        """Raw item ids (any type; matched by exact text) -> indices, 0 for unknown ids."""
+        return lookup(self._item_index, id_keys(item_ids))
 
     def histories(self, lists: Sequence[Any]) -> tuple[list, int]:
         """Lists of raw item ids (or None) -> arrays of item indices (None where no list was
@@ -82,64 +203,158 @@ class Recommender:
                                and pd.isna(ids)):
                 out.append(None)
                 continue
-            idx = self.item_indices(list(ids))
+            idx = self.item_indices(list(ids)) if len(ids) else np.empty(0, np.int64)
             unknown += int((idx == 0).sum())
             out.append(idx[idx > 0])
         return out, unknown
 
-    def recommend(self, user_ids: Sequence[Any], k: int = 10,
-                  histories: Optional[Sequence[Any]] = None) -> pd.DataFrame:
-        """Top-k items per user: columns userId, rank, movieId, score, fallback, source
-        (+ title).
+    # ranking ----------------------------------------------------------------------------------
+
+    def _queries(self, users: np.ndarray, given: Optional[list]) -> torch.Tensor:
+        """Query embeddings (U, D); rows with a given history read it instead of the stored."""
+        u = torch.from_numpy(users).to(self.device)
+        if given is not None and any(g is not None for g in given):
+            return self.model.user_embeddings_given(u, given)
+        return self.model.user_embeddings(u)
+
+    def _excluded(self, users: np.ndarray, given: Optional[list],
+                  exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, item) pairs left out: the rated items of each known user and the items of
+        any given history, on the rows whose ``exclude`` is True."""
+        rows, items = (self.rated.rows_and_items(np.where(exclude, users, 0))
+                       if self.rated is not None and exclude.any()
+                       else (np.empty(0, np.int64), np.empty(0, np.int64)))
+        extra = [(r, g) for r, g in enumerate(given or []) if g is not None and len(g)
+                 and exclude[r]]
+        if extra:
+            rows = np.concatenate([rows] + [np.full(len(g), r) for r, g in extra])
+            items = np.concatenate([items] + [np.asarray(g, np.int64) for _, g in extra])
+        return rows, items
+
+    def _exact(self, users: np.ndarray, given: Optional[list], exclude: np.ndarray, k: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+        q = self._queries(users, given)
+        scores = q @ self.item_embeddings.T                                  # (U, num_items)
+        scores[:, 0] = float("-inf")  # the unknown-item row is never recommended
+        rows, items = self._excluded(users, given, exclude)
+        if len(rows):
+            scores[torch.from_numpy(rows).to(self.device),
+                   torch.from_numpy(items).to(self.device)] = float("-inf")
+        top = scores.topk(k, dim=1)
+        return top.values.cpu().numpy(), top.indices.cpu().numpy()
+
+    def _approximate(self, users: np.ndarray, given: Optional[list], exclude: np.ndarray,
+                     k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = self._queries(users, given).cpu().numpy()
+        ex_rows, ex_items = self._excluded(users, given, exclude)
+        order = np.argsort(ex_rows, kind="stable")  # each row's excluded items
+        per_row = np.split(ex_items[order],
+                           np.searchsorted(ex_rows[order], np.arange(1, len(users))))
+        extra = max((len(r) for r in per_row), default=0)
+        want = min(k + extra, self.num_items - 1)
+        padded = np.hstack([q, np.zeros((len(q), 1), q.dtype)]).astype(np.float32)
+        _, found = self.faiss.search(padded, want)
+        found = np.where(found >= 0, found + 1, 0)  # faiss row i is item index i + 1
+        items = self.item_embeddings.cpu().numpy()
+        out_s = np.full((len(users), k), -np.inf, np.float32)
+        out_i = np.zeros((len(users), k), np.int64)
+        for row in range(len(users)):  # drop left-out items, keep the first k
+            keep = (found[row] > 0) & ~np.isin(found[row], per_row[row])
+            i = found[row][keep][:k]
+            s = items[i] @ q[row]  # the model's own dot products, in descending order
+            order = np.argsort(-s, kind="stable")
+            out_s[row, : len(i)], out_i[row, : len(i)] = s[order], i[order]
+        return out_s, out_i
+
+    @torch.no_grad()
+    def top_k(self, users: np.ndarray, k: int, given: Optional[list] = None,
+              exclude_rated: Any = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores (U, k), item indices (U, k), source (U,)) for user indices.
+
+        Rows with a ``given`` history (item indices) are queried with it; rows neither known
+        nor with a history get the most popular items (scores = training positives). Left-out
+        items may leave a row short: its tail has score -inf and item 0.
+
+        Args:
+            users: user indices (0: unknown).
+            k: list length (at most the catalog).
+            given: per row, item indices of a history or None.
+            exclude_rated: True/False, or a bool per row.
+        """
+        users = np.asarray(users, np.int64)
+        n = len(users)
+        exclude = np.broadcast_to(np.asarray(exclude_rated, bool), (n,))
+        k = min(k, self.num_items - 1)
+        has_history = (np.array([g is not None for g in given], bool) if given is not None
+                       else np.zeros(n, bool))
+        if not self.model.spec.history_length:
+            has_history[:] = False  # a model without the feature: histories do not apply
+            given = None
+        modelled = (users > 0) | has_history
+        scores = np.zeros((n, k), np.float32)
+        items = np.zeros((n, k), np.int64)
+        rows = np.flatnonzero(modelled)
+        rank = self._approximate if self.faiss is not None else self._exact
+        for start in range(0, len(rows), self.chunk):
+            part = rows[start:start + self.chunk]
+            g = [given[r] for r in part] if given is not None else None
+            scores[part], items[part] = rank(users[part], g, exclude[part], k)
+        if (~modelled).any():  # neither known nor a history: the most popular items, flagged
+            items[~modelled] = self.popular[:k]
+            scores[~modelled] = self.popularity[self.popular[:k]]
+        source = np.where(has_history, "history", np.where(modelled, "model", "popularity"))
+        return scores, items, source
+
+    def recommend(self, user_ids: Any, k: int = 10, histories: Optional[Sequence[Any]] = None,
+                  exclude_rated: bool = True, *, given: Optional[list] = None
+                  ) -> pd.DataFrame:
+        """Top-k items per user: columns userId (as given), rank, movieId, score, fallback,
+        source (+ title).
 
         Args:
             user_ids: raw user ids.
             k: items per user.
             histories: per user, a list of raw item ids it interacted with recently (oldest
                 first) or None. A user with one is recommended from it (``source``
-                "history"), its items left out; unknown item ids are ignored (counted in
-                ``self.unknown_history_items``). Users neither known nor with a history get
-                the k most popular items (``fallback`` True, ``source`` "popularity", score =
-                the item's training positives).
+                "history"); unknown item ids are ignored (counted in
+                ``self.unknown_history_items``).
+            exclude_rated: leave out each user's rated items and its history's items.
+            given: histories already as item indices (instead of ``histories``).
+
+        Users neither known nor with a history get the k most popular items (``fallback``
+        True, ``source`` "popularity", score = the item's training positives). A user who
+        rated almost the whole catalog gets a shorter list.
         """
-        user_ids = list(user_ids)
-        idx = self.user_indices(user_ids)
-        given, self.unknown_history_items = (self.histories(histories) if histories is not None
-                                             else ([None] * len(idx), 0))
-        if not self.model.spec.history_length:
-            given = [None] * len(idx)  # a model without the feature: histories do not apply
-        has_history = np.array([g is not None for g in given], bool)
-        known = (idx > 0) | has_history
-        k = min(k, self.model.spec.num_items - 1)
-        scores = np.zeros((len(idx), k), np.float32)
-        items = np.zeros((len(idx), k), np.int64)
-        if known.any():
-            rows = np.flatnonzero(known)
-            s, i = self.top_k_indices(idx[rows], k, [given[r] for r in rows])
-            scores[known], items[known] = s.cpu().numpy(), i.cpu().numpy()
-        if (~known).any():
-            pop = np.argsort(-self.popularity[1:], kind="stable")[:k] + 1
-            items[~known] = pop
-            scores[~known] = self.popularity[pop]
+        ids = user_ids if isinstance(user_ids, (pd.Series, np.ndarray)) else \
+            pd.Series(list(user_ids), dtype=object)
+        users = self.user_indices(ids)
+        if histories is not None:
+            given, self.unknown_history_items = self.histories(histories)
+        scores, items, source = self.top_k(users, k, given, exclude_rated)
+        k = scores.shape[1]
+        flat = items.ravel()
         out = pd.DataFrame({
-            "userId": np.repeat(np.asarray(user_ids, dtype=object), k),
-            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(user_ids)),
-            "movieId": self.item_ids.to_numpy()[items.ravel() - 1],
+            "userId": np.repeat(np.asarray(ids), k),
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(users)),
+            "movieId": self.item_ids.to_numpy()[np.maximum(flat - 1, 0)],
             "score": scores.ravel(),
-            "fallback": np.repeat(~known, k),
-            "source": np.repeat(np.where(has_history, "history",
-                                         np.where(known, "model", "popularity")), k)})
-        out["userId"] = out["userId"].astype(self.user_ids.dtype)
+            "fallback": np.repeat(source == "popularity", k),
+            "source": np.repeat(source, k)})
         if self.titles is not None:
-            out["title"] = [self.titles[i - 1] for i in items.ravel()]
-        return out
+            out["title"] = self.titles[np.maximum(flat - 1, 0)]
+        keep = np.isfinite(scores.ravel()) & (flat > 0)
+        return out if keep.all() else out[keep].reset_index(drop=True)
 
     @torch.no_grad()
-    def score_pairs(self, user_ids: Sequence[Any], item_ids: Sequence[Any]) -> pd.DataFrame:
-        """Scores of (user, item) pairs: userId, movieId, score (the towers' dot product),
-        prediction_prob (calibrated, see ``model.json``), predicted_class, known. Pairs with
-        an unknown id keep their row with NaN scores and ``known`` False."""
-        u, i = self.user_indices(list(user_ids)), self.item_indices(list(item_ids))
+    def score_pairs(self, user_ids: Any, item_ids: Any) -> pd.DataFrame:
+        """Scores of (user, item) pairs: userId, movieId (as given), score (the towers' dot
+        product), prediction_prob (calibrated, see ``model.json``), predicted_class,
+        known_user, known_item. Pairs with an unknown id keep their row with NaN scores."""
+        users = user_ids if isinstance(user_ids, (pd.Series, np.ndarray)) else \
+            pd.Series(list(user_ids), dtype=object)
+        items = item_ids if isinstance(item_ids, (pd.Series, np.ndarray)) else \
+            pd.Series(list(item_ids), dtype=object)
+        u, i = self.user_indices(users), self.item_indices(items)
         known = (u > 0) & (i > 0)
         score = np.full(len(u), np.nan, np.float32)
         if known.any():
@@ -147,6 +362,6 @@ class Recommender:
                                  torch.from_numpy(i[known]).to(self.device))
             score[known] = s.cpu().numpy()
         prob, cls = pair_probabilities(score, known, self.calibration)
-        return pd.DataFrame({"userId": list(user_ids), "movieId": list(item_ids),
-                             "score": score, "prediction_prob": prob,
-                             "predicted_class": cls, "known": known})
+        return pd.DataFrame({"userId": np.asarray(users), "movieId": np.asarray(items),
+                             "score": score, "prediction_prob": prob, "predicted_class": cls,
+                             "known_user": u > 0, "known_item": i > 0})

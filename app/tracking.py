@@ -146,7 +146,7 @@ def signature(user_type: str, item_type: str) -> Any:
     """Inputs, outputs and params of the registered pyfunc (Unity Catalog requires all).
 
     Outputs are one schema for both uses: top-K rows (rank, fallback, source, title) and pair
-    scores (prediction_prob, predicted_class, known); the columns of the other use are absent.
+    scores (prediction_prob, predicted_class, known_user, known_item); the columns of the other use are absent.
     """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -165,8 +165,10 @@ def signature(user_type: str, item_type: str) -> Any:
                         ColSpec("string", "title", required=False),
                         ColSpec("double", "prediction_prob", required=False),
                         ColSpec("integer", "predicted_class", required=False),
-                        ColSpec("boolean", "known", required=False)]),
-        params=ParamSchema([ParamSpec("k", "long", 10)]))
+                        ColSpec("boolean", "known_user", required=False),
+                        ColSpec("boolean", "known_item", required=False)]),
+        params=ParamSchema([ParamSpec("k", "long", 10),
+                            ParamSpec("exclude_rated", "boolean", True)]))
 
 
 def input_example(model_dir: str | os.PathLike) -> Any:
@@ -238,3 +240,65 @@ def log_sweep(cfg: Config, parent_run_id: str, *, best: dict[str, Any], metric: 
         if path.is_file():
             client.log_artifact(parent_run_id, str(path))
     client.set_terminated(parent_run_id)
+
+
+PROMOTION_METRIC = "recall@20"
+
+
+def promote(cfg: Config, version: Any, metric: Optional[float], dataset: str) -> dict[str, Any]:
+    """The promotion gate: point the alias ``cfg.serve.champion_alias`` (what serving follows)
+    at a newly registered version, per ``cfg.serve.promote``.
+
+    ``if-better`` promotes when the version's test Recall@20 beats the current champion's on
+    the same dataset version, or when there is no champion yet; a champion trained on another
+    dataset version is not comparable and stays (``--promote always`` replaces it). The
+    version is tagged with its metric and dataset either way, so a later run can compare.
+
+    Args:
+        version: the registered version (of ``cfg.cluster.registered_model_name``).
+        metric: its test Recall@20 (None when not measured).
+        dataset: the dataset version it was trained and evaluated on.
+
+    Returns:
+        ``{"promoted", "alias", "version", "champion" (the one before, or None), "reason"}``.
+    """
+    configure(cfg.cluster)
+    client = mlflow.MlflowClient()
+    name, alias, mode = (cfg.cluster.registered_model_name, cfg.serve.champion_alias,
+                         cfg.serve.promote)
+    tag = PROMOTION_METRIC.replace("@", "_at_")
+    version = str(version)
+    if metric is not None:
+        client.set_model_version_tag(name, version, f"test_{tag}", f"{metric:.6f}")
+    client.set_model_version_tag(name, version, "dataset", dataset)
+    try:
+        champion = client.get_model_version_by_alias(name, alias)
+    except Exception:  # noqa: BLE001 (MLflow raises its own error for a missing alias)
+        champion = None
+    before = champion.version if champion is not None else None
+    out = {"alias": alias, "version": version, "champion": before}
+
+    def decide(promoted: bool, reason: str) -> dict[str, Any]:
+        if promoted:
+            client.set_registered_model_alias(name, alias, version)
+        return {**out, "promoted": promoted, "reason": reason}
+
+    if mode == "never":
+        return decide(False, "--promote never")
+    if mode == "always":
+        return decide(True, "--promote always")
+    if champion is None:
+        return decide(True, "the first model: no champion yet")
+    theirs = champion.tags.get(f"test_{tag}")
+    if champion.tags.get("dataset") != dataset or theirs is None:
+        return decide(False, f"the champion (version {before}) was evaluated on another "
+                             f"dataset version; not comparable (--promote always replaces "
+                             f"it)")
+    if metric is None:
+        return decide(False, f"this model has no test {PROMOTION_METRIC}")
+    theirs = float(theirs)
+    if metric > theirs:
+        return decide(True, f"test {PROMOTION_METRIC} {metric:.4f} beats the champion's "
+                            f"(version {before}) {theirs:.4f}")
+    return decide(False, f"test {PROMOTION_METRIC} {metric:.4f} does not beat the champion's "
+                         f"(version {before}) {theirs:.4f}")

@@ -231,6 +231,7 @@ def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, lease: Lease, *, s
     import torch
 
     from app.export import WEIGHTS, export_state_dict, write_model_json
+    from app.serving import write_rated_items
 
     try:
         result = trainer.fit()
@@ -262,6 +263,7 @@ def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, lease: Lease, *, s
         shutil.copytree(Path(data_dir, "vocab"), tmp / "vocab")
         for name in (HISTORY_FILE, PLAN_FILE, POPULARITY_FILE):
             (tmp / name).write_bytes(ckpt.join(name).read_bytes())
+        write_rated_items(tmp, data_dir, spec.num_users)  # what serving leaves out
         # model.json records every loaded file's sha256 (load_exported checks them)
         sealed = write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest)
         write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest, sha256=sealed,

@@ -35,7 +35,7 @@ The query and item embeddings of the ceiling come from the saved weights through
 the first pipeline run's lists are checked against the ceiling's on a sample of users.
 Then where the pipeline's time goes, each part timed on its own: one actor's work stage by
 stage on a few batches in this process with one torch thread (an actor's share): matrix
-product + topk, the rest of ``TopK._recommend`` (id lookup, output DataFrame), Arrow
+product + topk, the rest of ``Recommender.recommend`` (id lookup, output DataFrame), Arrow
 conversion, Parquet writing; an actor's start (imports in a fresh interpreter, the TopK
 constructor); the driver's set-up before the pool and its read-back of the output. Whatever
 the parts do not account for is Ray Data's own (scheduling, pool teardown, output that could
@@ -278,15 +278,10 @@ def actor_stages(model_dir: Path, k: int, batch_size: int, batches: int,
     """Where one actor's time goes, each stage timed on its own in this process with one
     torch thread: ms per 1,000 users (``setup_s``: the TopK constructor, once per actor)."""
     vocab_u = pq.read_table(model_dir / "vocab" / "users.parquet")["id"]
-    vocab_i = pq.read_table(model_dir / "vocab" / "items.parquet")["id"]
     model = load_exported(model_dir)
     with torch.no_grad():
         items = model.item_embeddings(torch.arange(model.spec.num_items)).numpy()
-    popularity = item_popularity(model_dir)
-    shared = {"user_ids": vocab_u, "item_id_array": vocab_i, "items": items,
-              "item_ids": vocab_i.to_numpy(), "titles": None, "rated": None,
-              "popular": np.argsort(-popularity[1:], kind="stable") + 1,
-              "popularity": popularity.astype(np.float32), "faiss": None}
+    shared = {"items": items, "rated": None, "given": None, "faiss": None}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # an actor of the CPU pool gets one (Ray sets OMP_NUM_THREADS=1)
     try:
@@ -302,15 +297,17 @@ def actor_stages(model_dir: Path, k: int, batch_size: int, batches: int,
             for i, df in enumerate(frames):
                 users = df["userId"].to_numpy() - ID_BASE
                 a = time.perf_counter()
-                done = [topk._exact(users[s:s + topk.chunk])
-                        for s in range(0, len(users), topk.chunk)]
+                core, chunk = topk.core, topk.core.chunk
+                done = [core._exact(users[s:s + chunk], None, np.ones(len(users[s:s + chunk]),
+                                                                       bool), topk.k)
+                        for s in range(0, len(users), chunk)]
                 b = time.perf_counter()
-                # the rest of _recommend alone: its scoring calls answered from `done`
-                topk._exact = lambda part, it=iter(done): next(it)
+                # the rest of recommend alone: its scoring calls answered from `done`
+                core._exact = lambda *args, it=iter(done): next(it)
                 try:
                     out = topk(df)
                 finally:
-                    del topk._exact
+                    del core._exact
                 c = time.perf_counter()
                 table = pa.Table.from_pandas(out, preserve_index=False)
                 d = time.perf_counter()
@@ -461,7 +458,7 @@ def main() -> None:
     start_s = sum(imports.values()) + parts["setup_s"]
     print(f"one actor, stage by stage (1 torch thread, {parts['users']:,} users in batches of "
           f"{args.batch_sizes[0]}), ms per 1,000 users: matrix product + topk "
-          f"{parts['topk_ms']:.0f}, rest of TopK._recommend (id lookup, output DataFrame) "
+          f"{parts['topk_ms']:.0f}, rest of Recommender.recommend (id lookup, output DataFrame) "
           f"{parts['rest_of_recommend_ms']:.0f}, to Arrow {parts['arrow_ms']:.0f}, Parquet "
           f"write {parts['parquet_ms']:.0f} -> {1e6 / (per_k + write_k):,.0f} users/s per "
           f"actor at most")

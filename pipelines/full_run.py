@@ -22,7 +22,7 @@ from app.cluster import init_ray
 from app.config import Config, ConfigError, config_from_args, load_config
 from app.dataset import DatasetError, read_manifest
 from app.prepare import prepare_dataset
-from app.publish import OutputError, current, writer
+from app.publish import OutputError, current, version_uri, writer
 from app.redact import redact, redact_values
 from app.report import examples, plot_history, render
 from app.storage import Location, resolve
@@ -136,6 +136,13 @@ def _run(cfg: Config, workdir: Location, stages: tuple[str, ...], *, tune: bool,
                                           "training_rows": again["training_rows"],
                                           "epochs": best, "output": model_dir.uri,
                                           "mlflow": again["mlflow"]}
+        served = (summary["stages"].get("refit") or summary["stages"]["train"])["mlflow"]
+        if served.get("version") is not None:
+            from app.tracking import PROMOTION_METRIC, promote
+
+            test = result["metrics"].get("model", {}).get("test", {})
+            summary["promotion"] = promote(cfg, served["version"], test.get(PROMOTION_METRIC),
+                                           version_uri(data_dir.uri))
         summary["tracking_uri"] = redact(tracking_uri(cfg.cluster))
         summary["plot"] = (workdir / "val_metrics.png").uri
         plot_history(result["history"], (workdir / "val_metrics.png").uri,

@@ -1,0 +1,463 @@
+"""Real-time recommendations: a Ray Serve app over the serving core.
+
+The app answers HTTP JSON requests with :class:`app.serving.Recommender`, the same core as batch
+inference and the MLflow pyfunc (same ids, exclusions, fallbacks and scores):
+
+- ``POST /recommend`` ``{"user_id", "k", "history"?, "exclude_rated"?}``: top-k items. Requests
+  that arrive together are answered by one matrix product (``@serve.batch``).
+- ``POST /score`` ``{"pairs": [{"user_id", "item_id"}, ...]}``: pair scores and calibrated
+  probabilities, unknown ids flagged.
+- ``GET /healthz``, ``GET /version``; the OpenAPI page at ``/docs``.
+
+Every response names the model version it came from. The app follows its model: the alias of
+``models:/name@alias`` (``full_run`` moves ``champion``), or the ``CURRENT`` version of a model
+folder. A new version is loaded and warmed in the background, then swapped in by one
+assignment; a batch reads the model once, so no response mixes versions and no request waits
+for a load. Bad requests get a 4xx with a one-line ``error``.
+
+``build_app`` is the application builder of ``serve_config.yaml`` (``serve run`` / ``serve
+deploy``); :func:`run` is ``python -m pipelines.serve``.
+"""
+
+# (no `from __future__ import annotations`: FastAPI reads the request models from the
+# signatures of the ingress methods, which Ray Serve wraps)
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any, Literal, Optional, Union
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from ray import serve
+
+from app.config import Config, load_config
+
+APP_NAME = "two-tower"
+Id = Union[StrictStr, StrictInt]
+
+
+# ---------------------------------------------------------------- the API, described once
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: Id = Field(description="the user's id, as in the ratings (text or integer)")
+    k: StrictInt = Field(20, description="how many items (1 to the server's max_k)")
+    history: Optional[list[Id]] = Field(
+        None, description="the user's recent item ids, oldest first: a new user is "
+                          "recommended from them, a known user's replace the stored ones")
+    exclude_rated: StrictBool = Field(
+        True, description="leave out the items the user rated and the history's items")
+
+
+class Item(BaseModel):
+    item_id: str
+    score: float
+    title: Optional[str] = None
+
+
+class RecommendResponse(BaseModel):
+    model_version: str
+    user_known: bool
+    source: Literal["model", "history", "popularity"] = Field(
+        description="model: the user's stored profile; history: the given history; "
+                    "popularity: neither (the most popular items, score = positives)")
+    items: list[Item]
+
+
+class Pair(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: Id
+    item_id: Id
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pairs: list[Pair] = Field(min_length=1, description="pairs to score (at most max_pairs)")
+
+
+class PairScore(BaseModel):
+    user_id: str
+    item_id: str
+    score: Optional[float] = Field(description="the towers' dot product; null for an "
+                                               "unknown id")
+    probability: Optional[float] = Field(description="calibrated probability of a positive")
+    known_user: bool
+    known_item: bool
+
+
+class ScoreResponse(BaseModel):
+    model_version: str
+    pairs: list[PairScore]
+
+
+class Health(BaseModel):
+    status: Literal["ready"]
+    model_version: str
+
+
+class VersionInfo(BaseModel):
+    model_version: str
+    model: str = Field(description="what the app serves: a folder, or an MLflow model URI")
+    weights_sha256: str
+    users: int
+    items: int
+    loaded_unix: float
+    swaps: int = Field(description="model versions swapped in since the replica started")
+
+
+api = FastAPI(title="Two-tower recommender",
+              description="Top-K recommendations and pair scores from a two-tower model.")
+
+
+def _one_line(exc: RequestValidationError) -> str:
+    errors = exc.errors()
+    if not errors:
+        return "invalid request"
+    e = errors[0]
+    if e.get("type") == "json_invalid":
+        return f"malformed JSON: {e.get('ctx', {}).get('error', e.get('msg'))}"
+    if tuple(e.get("loc", ())) == ("body",) and e.get("type") == "model_attributes_type":
+        return ("the body must be a JSON object, sent with the header Content-Type: "
+                "application/json")
+    where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {e.get('msg')}{more}"
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"error": _one_line(exc)})
+
+
+@api.exception_handler(HTTPException)
+async def _refused(request: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)})
+
+
+# ---------------------------------------------------------------- where the model comes from
+
+class ModelSource:
+    """The model the app serves and how to tell its version now.
+
+    ``models:/name@alias`` follows the alias; ``models:/name/N`` and ``runs:/...`` are fixed;
+    a folder or URI follows its ``CURRENT`` published version.
+    """
+
+    def __init__(self, model: str, cfg: Config) -> None:
+        self.model, self.cfg = model, cfg
+        self.mlflow = model.startswith(("models:/", "runs:/"))
+        self.alias = None
+        if model.startswith("models:/") and "@" in model:
+            self.name, self.alias = model[len("models:/"):].rsplit("@", 1)
+
+    @property
+    def follows(self) -> bool:
+        return self.alias is not None or not self.mlflow
+
+    def version(self) -> str:
+        """The version to serve now: ``name/N`` for a registered model, the published
+        version's folder name for a folder."""
+        from app.export import ModelError
+
+        if self.alias is not None:
+            import mlflow
+
+            from app import tracking
+
+            tracking.configure(self.cfg.cluster)
+            try:
+                v = mlflow.MlflowClient().get_model_version_by_alias(self.name, self.alias)
+            except Exception as e:  # noqa: BLE001 (MLflow's own errors vary by store)
+                raise ModelError(f"{self.model}: no version has the alias {self.alias!r} "
+                                 f"({str(e).splitlines()[0][:200]})") from None
+            return f"{self.name}/{v.version}"
+        if self.mlflow:
+            return self.model[len("models:/"):] if self.model.startswith("models:/") \
+                else self.model
+        from app.publish import version_uri
+
+        return version_uri(self.model).rstrip("/").rsplit("/", 1)[-1]
+
+    def load(self, label: str, device: str) -> Any:
+        """The serving core of version ``label`` (:meth:`version`), warmed."""
+        from app.inference import resolve_model
+        from app.publish import version_uri
+        from app.serving import Recommender
+
+        if self.alias is not None:
+            where = resolve_model(f"models:/{label}", self.cfg)
+        elif self.mlflow:
+            where = resolve_model(self.model, self.cfg)
+        else:
+            where = version_uri(self.model)
+            if not where.rstrip("/").endswith(label):
+                raise RuntimeError(f"{self.model}: CURRENT moved while loading {label}")
+        core = Recommender(where, device, version=label)
+        warm(core)
+        return core
+
+
+def warm(core: Any) -> None:
+    """One request of each kind, so the first real one pays no first-call costs."""
+    first = core.user_ids.iloc[:1].tolist()
+    core.recommend(first + ["\x00unknown"], k=10)
+    core.score_pairs(first, core.item_ids.iloc[:1].tolist())
+
+
+def recommend_many(core: Any, requests: list[RecommendRequest]) -> list[dict[str, Any]]:
+    """Answers to several requests by one ranking of the catalog (one model version)."""
+    import numpy as np
+
+    users = core.user_indices([str(r.user_id) for r in requests])
+    histories = [[str(i) for i in r.history] if r.history else None for r in requests]
+    given, _ = core.histories(histories)
+    k = max(r.k for r in requests)
+    scores, items, source = core.top_k(users, k, given,
+                                       np.array([r.exclude_rated for r in requests]))
+    out = []
+    for row, r in enumerate(requests):
+        n = min(r.k, scores.shape[1])
+        keep = np.isfinite(scores[row, :n]) & (items[row, :n] > 0)
+        idx, sc = items[row, :n][keep], scores[row, :n][keep]
+        titles = core.titles[idx - 1] if core.titles is not None else [None] * len(idx)
+        out.append({"model_version": core.version, "user_known": bool(users[row] > 0),
+                    "source": str(source[row]),
+                    "items": [{"item_id": core.item_id_text[i - 1], "score": float(v),
+                               "title": t} for i, v, t in zip(idx.tolist(), sc.tolist(),
+                                                              titles)]})
+    return out
+
+
+def score_many(core: Any, pairs: list[Pair]) -> dict[str, Any]:
+    import math
+
+    df = core.score_pairs([str(p.user_id) for p in pairs], [str(p.item_id) for p in pairs])
+    rows = []
+    for u, i, s, prob, ku, ki in zip(df["userId"], df["movieId"], df["score"].tolist(),
+                                     df["prediction_prob"].tolist(), df["known_user"],
+                                     df["known_item"]):
+        known = bool(ku and ki)
+        rows.append({"user_id": u, "item_id": i,
+                     "score": s if known and not math.isnan(s) else None,
+                     "probability": prob if known and not math.isnan(prob) else None,
+                     "known_user": bool(ku), "known_item": bool(ki)})
+    return {"model_version": core.version, "pairs": rows}
+
+
+# ---------------------------------------------------------------- the deployment
+# (what its methods call is defined above it: Ray Serve serializes the class when it is
+# decorated)
+
+@serve.deployment
+@serve.ingress(api)
+class RecommenderServer:
+    """One replica: the current serving core, a follower thread that swaps in new versions."""
+
+    def __init__(self, model: str, cfg: Config) -> None:
+        self.cfg, s = cfg, cfg.serve
+        self.device = "cuda" if s.replica_gpus > 0 else "cpu"
+        self.source = ModelSource(model, cfg)
+        label = self.source.version()
+        self.current = self.source.load(label, self.device)  # swapped by one assignment
+        self.loaded_unix, self.swaps = time.time(), 0
+        self._recommend_batch.set_max_batch_size(s.max_batch_size)
+        self._recommend_batch.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0)
+        self._stop = threading.Event()
+        if self.source.follows and s.reload_interval > 0:
+            threading.Thread(target=self._follow, name="model-follower", daemon=True).start()
+
+    def _follow(self) -> None:
+        log = logging.getLogger("ray.serve")
+        while not self._stop.wait(self.cfg.serve.reload_interval):
+            try:
+                label = self.source.version()
+                if label == self.current.version:
+                    continue
+                log.warning("loading model version %s (serving %s)", label,
+                            self.current.version)
+                fresh = self.source.load(label, self.device)  # loaded and warmed aside
+                self.current, self.loaded_unix = fresh, time.time()
+                self.swaps += 1
+                log.warning("now serving model version %s", label)
+            except Exception as e:  # noqa: BLE001 (keep serving the loaded version)
+                log.warning("model follower: %s: %s (still serving %s)", type(e).__name__,
+                            str(e).splitlines()[0][:300] if str(e) else "",
+                            self.current.version)
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+    def check_health(self) -> None:
+        if self.current is None:
+            raise RuntimeError("no model loaded")
+
+    @api.get("/healthz", response_model=Health)
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ready", "model_version": self.current.version}
+
+    @api.get("/version", response_model=VersionInfo)
+    async def version(self) -> dict[str, Any]:
+        from app.export import WEIGHTS, read_model_json
+
+        core = self.current
+        info = read_model_json(core.model_dir)
+        return {"model_version": core.version, "model": self.source.model,
+                "weights_sha256": info.get("sha256", {}).get(WEIGHTS, ""),
+                "users": len(core.user_ids), "items": len(core.item_ids),
+                "loaded_unix": self.loaded_unix, "swaps": self.swaps}
+
+    @api.post("/recommend", response_model=RecommendResponse)
+    async def recommend(self, request: RecommendRequest) -> dict[str, Any]:
+        s = self.cfg.serve
+        if not 0 < request.k <= s.max_k:
+            raise HTTPException(422, f"k: must be in 1..{s.max_k}, got {request.k}")
+        if request.history is not None and len(request.history) > s.max_history:
+            raise HTTPException(422, f"history: at most {s.max_history} items, got "
+                                     f"{len(request.history)}")
+        return await self._recommend_batch(request)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _recommend_batch(self, requests: list[RecommendRequest]) -> list[dict[str, Any]]:
+        return recommend_many(self.current, requests)
+
+    @api.post("/score", response_model=ScoreResponse)
+    async def score(self, request: ScoreRequest) -> dict[str, Any]:
+        s = self.cfg.serve
+        if len(request.pairs) > s.max_pairs:
+            raise HTTPException(422, f"pairs: at most {s.max_pairs} per request, got "
+                                     f"{len(request.pairs)}")
+        return score_many(self.current, request.pairs)
+
+
+# ---------------------------------------------------------------- building and running the app
+
+def application(model: str, cfg: Config) -> Any:
+    """The Serve application for ``model`` with the settings of ``cfg.serve``."""
+    s = cfg.serve
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": s.replica_cpus, "num_gpus": s.replica_gpus},
+        # enough requests in flight per replica to fill a batch while one is computed
+        "max_ongoing_requests": max(4 * s.max_batch_size, 16),
+        "health_check_period_s": 10,
+    }
+    if s.max_replicas:
+        options["autoscaling_config"] = {"min_replicas": s.replicas,
+                                         "max_replicas": s.max_replicas,
+                                         "target_ongoing_requests": s.max_batch_size}
+    else:
+        options["num_replicas"] = s.replicas
+    return RecommenderServer.options(**options).bind(model, cfg)
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """The application builder of ``serve_config.yaml``: ``args`` holds ``model`` and any
+    settings (``config``: a YAML file; other keys: settings by name, e.g. ``max_k``)."""
+    args = dict(args or {})
+    if "model" not in args:
+        raise ValueError("serve_config.yaml: the application's args need a model "
+                         "(a model folder or URI, or models:/name@alias)")
+    model = str(args.pop("model"))
+    cfg = load_config(args.pop("config", None), args)
+    return application(model, cfg)
+
+
+def check_model(model: str, cfg: Config) -> str:
+    """Fail before deploying when the model cannot be served; returns its version now.
+
+    Raises:
+        ModelError: naming what is missing.
+    """
+    from app.export import read_model_json
+
+    source = ModelSource(model, cfg)
+    label = source.version()
+    if not source.mlflow:
+        from app.publish import local_dir
+
+        read_model_json(local_dir(model))
+    elif model.startswith("models:/") and source.alias is None:
+        import mlflow
+
+        from app import tracking
+        from app.export import ModelError
+
+        tracking.configure(cfg.cluster)
+        name, _, version = model[len("models:/"):].partition("/")
+        try:
+            mlflow.MlflowClient().get_model_version(name, version)
+        except Exception:  # noqa: BLE001
+            raise ModelError(f"--model {model}: the registry has no version {version} of "
+                             f"{name!r}") from None
+    return label
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def run(cfg: Config, model: str, *, block: bool = True, say: Any = print) -> str:
+    """Deploy the app on the resolved Ray cluster and (``block``) serve until SIGINT or
+    SIGTERM, then delete it (and shut down an embedded Ray this call started).
+
+    Returns:
+        The base URL.
+    """
+    import ray
+
+    from app import logs, tracking
+    from app.cluster import ClusterError, init_ray
+
+    s = cfg.serve
+    setup = init_ray(cfg.cluster)
+    if model.startswith(("models:/", "runs:/")) and not cfg.cluster.mlflow_tracking_uri:
+        # the replicas read the same store, wherever their working directory is
+        cfg.cluster.mlflow_tracking_uri = tracking.tracking_uri(cfg.cluster)
+    if model and "://" not in model and not model.startswith(("models:/", "runs:/")):
+        model = os.path.abspath(model)
+    label = check_model(model, cfg)
+    url = f"http://{s.host}:{s.port}"
+    try:
+        if setup.kind == "local" and not port_free(s.host, s.port):
+            raise ClusterError(f"--port {s.port}: {s.host}:{s.port} is in use by another "
+                               f"program; pick another --port")
+        if not logs.level() == "verbose":
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        serve.start(http_options={"host": s.host, "port": s.port})
+        say(f"deploying {model} (version {label}) at {url} ...")
+        t0 = time.perf_counter()
+        serve.run(application(model, cfg), name=APP_NAME, route_prefix="/",
+                  logging_config={"enable_access_log": False, "log_level": "WARNING"})
+        say(f"ready in {time.perf_counter() - t0:.1f}s: POST {url}/recommend, POST "
+            f"{url}/score, GET {url}/healthz, GET {url}/version; API page {url}/docs")
+        if not block:
+            return url
+        say("serving until Ctrl-C (SIGINT) or SIGTERM")
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        say("stopping: deleting the app")
+        return url
+    finally:
+        if block:
+            stop()
+            if setup.kind == "local":
+                ray.shutdown()  # the embedded Ray this call started, Serve's actors with it
+            say("stopped")
+
+
+def stop() -> None:
+    """Delete the app (its replicas finish their requests first)."""
+    import contextlib
+
+    with contextlib.suppress(Exception):
+        serve.delete(APP_NAME)
