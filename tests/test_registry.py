@@ -56,8 +56,9 @@ def test_the_logged_model_has_inputs_outputs_and_an_example(trained):
     sig = model_info.signature
     assert sig.inputs.input_names() == ["userId", "movieId", "history"]
     outputs = set(sig.outputs.input_names())
-    assert {"userId", "movieId", "score", "rank", "source", "prediction_prob", "known"} <= outputs
-    assert [p.name for p in sig.params] == ["k"]
+    assert {"userId", "movieId", "score", "rank", "source", "prediction_prob", "known_user",
+            "known_item"} <= outputs
+    assert [p.name for p in sig.params] == ["k", "exclude_rated"]
 
     local = mlflow.artifacts.download_artifacts(info["registered_uri"])
     example = Model.load(local).load_input_example(local)
@@ -70,3 +71,36 @@ def test_the_logged_model_has_inputs_outputs_and_an_example(trained):
     pairs = model.predict(pd.DataFrame({"userId": [example["userId"][0]] * 2,
                                         "movieId": top["movieId"].tolist()[:2]}))
     assert set(pairs.columns) <= outputs and required <= set(pairs.columns)
+
+
+def test_the_champion_alias_moves_only_to_a_better_model_on_the_same_dataset(tmp_path):
+    """The promotion gate on a real MLflow store: the first model is promoted, a worse one on
+    the same dataset is not, a better one is, another dataset's is not comparable; ``always``
+    and ``never`` do what they say. Each version keeps its metric and dataset as tags."""
+    from app.tracking import configure, promote
+
+    cfg = load_config(overrides={"workdir": str(tmp_path), "registered_model_name": "gate"})
+    configure(cfg.cluster)
+    client = mlflow.MlflowClient()
+    client.create_registered_model("gate")
+    versions = [client.create_model_version("gate", str(tmp_path), run_id=None).version
+                for _ in range(6)]
+
+    def gate(version, metric, dataset, mode="if-better"):
+        cfg.serve.promote = mode
+        return promote(cfg, version, metric, dataset)
+
+    first = gate(versions[0], 0.20, "data/v-1")
+    assert first["promoted"] and first["champion"] is None and "first" in first["reason"]
+    worse = gate(versions[1], 0.19, "data/v-1")
+    assert not worse["promoted"] and "does not beat" in worse["reason"]
+    better = gate(versions[2], 0.21, "data/v-1")
+    assert better["promoted"] and better["champion"] == versions[0]
+    other = gate(versions[3], 0.50, "data/v-2")
+    assert not other["promoted"] and "not comparable" in other["reason"]
+    assert client.get_model_version_by_alias("gate", "champion").version == versions[2]
+    assert not gate(versions[4], 0.90, "data/v-1", "never")["promoted"]
+    assert gate(versions[5], 0.01, "data/v-3", "always")["promoted"]
+    champion = client.get_model_version_by_alias("gate", "champion")
+    assert champion.version == versions[5]
+    assert champion.tags == {"test_recall_at_20": "0.010000", "dataset": "data/v-3"}
