@@ -19,8 +19,6 @@ process (one user, and a batch of 16 users in one call). Prints p50/p99 latency 
 both, and ends with one JSON line.
 """
 
-from __future__ import annotations
-
 import argparse
 import asyncio
 import json
@@ -155,6 +153,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=20.0, help="time limit per level and round")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--cache", default=str(ROOT / ".bench"))
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="a serving setting for the app, e.g. --set batch_wait_ms=0")
     args = p.parse_args()
 
     import ray
@@ -174,7 +174,8 @@ def main() -> None:
         rng = np.random.default_rng(0)
         bodies = [json.dumps({"user_id": str(u), "k": K}).encode()
                   for u in rng.choice(users, size=4096)]
-        cfg = load_config(overrides={"port": _free_port(), "reload_interval": 0})
+        cfg = load_config(overrides={"port": _free_port(), "reload_interval": 0,
+                                     **dict(kv.split("=", 1) for kv in args.set)})
         base = run(cfg, str(model_dir), block=False, say=lambda msg: print(msg, flush=True))
         serve.run(identity_app(cfg), name="identity", route_prefix="/identity",
                   logging_config={"enable_access_log": False, "log_level": "WARNING"})
