@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from app.publish import current
@@ -171,13 +172,33 @@ def test_default_full_run_prints_only_the_projects_lines(ray_tmpdir, tmp_path):
     rt, _ = ray_tmpdir
     wd = tmp_path / "wd"
     out = _run(["pipelines.full_run", "--dataset", "synthetic", "--rows", "20000", "--epochs",
-                "3", "--workdir", str(wd)], user_shell_env(RAY_TMPDIR=str(rt)), timeout=900)
+                "1", "--workdir", str(wd)], user_shell_env(RAY_TMPDIR=str(rt)), timeout=900)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]
     lines = text.splitlines()
     assert len(lines) <= 60, text
     assert [line for line in lines if FOREIGN.search(line)] == [], text
-    assert "[train] epoch 3:" in text and "verdict:" in text and "example recommendations" in text
+    assert "[train] epoch 1:" in text and "verdict: the model" in text and "EASE" in text
+    assert "example recommendations:" in text and "models:/two-tower/" in text
+
+    # what it wrote: every stage, the refit served, the champion alias moved to it
+    summary = json.loads((wd / "summary.json").read_text())
+    assert list(summary["stages"]) == ["prepare", "train", "refit", "infer"]
+    train, refit = summary["stages"]["train"], summary["stages"]["refit"]
+    assert (current(wd / "model") / "weights.pt").is_file()
+    assert train["metrics"]["epochs"] == 1 and train["mlflow"]["version"] >= 1
+    counts = summary["stages"]["prepare"]["counts"]
+    # every written row (repeated (user, item) rows are merged by --duplicates first)
+    assert refit["training_rows"] == sum(counts["splits"].values()) and refit["epochs"] == 1
+    assert json.loads((current(wd / "model") / "metrics.json").read_text())["refit"] is True
+    assert "ease" in json.loads((current(wd / "model-heldout") / "metrics.json").read_text())
+    assert refit["mlflow"]["version"] == train["mlflow"]["version"] + 1
+    promotion = summary["promotion"]
+    assert promotion["promoted"] and promotion["version"] == str(refit["mlflow"]["version"])
+    assert "alias @champion" in text and "promoted: the first model" in text
+    recs = pd.read_parquet(current(wd / "recommendations"))
+    assert summary["stages"]["infer"]["summary"]["rows"] == len(recs) > 0
+    assert (wd / "val_metrics.png").read_bytes()[:4] == b"\x89PNG"
     # --quiet: errors and the report only
     quiet = _run(["pipelines.full_run", "--dataset", "synthetic", "--rows", "20000",
                   "--workdir", str(wd), "--stages", "prepare", "--quiet"],

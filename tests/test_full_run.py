@@ -1,4 +1,5 @@
-"""The main job's entry point on a small synthetic dataset, through its own CLI parsing."""
+"""The main job's entry point on a small synthetic dataset, through its own CLI parsing (the
+whole pipeline from a plain shell: tests/test_first_hour.py)."""
 
 import json
 
@@ -26,33 +27,6 @@ def test_full_run_prepares_into_the_workdir_and_reuses_it(ray_local, tmp_path, c
 def test_full_run_reports_bad_flags(capsys):
     assert full_run.main(["--val-fraction", "2"]) == 2
     assert "--val-fraction must be in [0, 1)" in capsys.readouterr().err
-
-
-def test_full_run_prepares_trains_and_recommends(ray_local, tmp_path, capsys):
-    wd = tmp_path / "wd"
-    argv = ["--dataset", "synthetic", "--rows", "30000", "--workdir", str(wd), "--epochs", "1",
-            "--registered-model-name", "two-tower-full-run"]
-    assert full_run.main(argv) == 0
-    summary = json.loads((wd / "summary.json").read_text())
-    assert list(summary["stages"]) == ["prepare", "train", "refit", "infer"]
-    train, refit = summary["stages"]["train"], summary["stages"]["refit"]
-    assert (current(wd / "model") / "weights.pt").is_file()
-    assert train["metrics"]["epochs"] == 1 and train["mlflow"]["version"] >= 1
-    # the served model is the refit on every split; the held-out run keeps its metrics
-    counts = summary["stages"]["prepare"]["counts"]
-    # every written row (repeated (user, item) rows are merged by --duplicates first)
-    assert refit["training_rows"] == sum(counts["splits"].values()) and refit["epochs"] == 1
-    assert json.loads((current(wd / "model") / "metrics.json").read_text())["refit"] is True
-    assert "ease" in json.loads((current(wd / "model-heldout") / "metrics.json").read_text())
-    assert refit["mlflow"]["version"] == train["mlflow"]["version"] + 1
-    import pandas as pd
-
-    recs = pd.read_parquet(current(wd / "recommendations"))
-    assert summary["stages"]["infer"]["summary"]["rows"] == len(recs) > 0
-    out = capsys.readouterr().out
-    assert "models:/two-tower-full-run/" in out and "example recommendations:" in out
-    assert "recall@20" in out and "verdict: the model" in out and "EASE" in out
-    assert (wd / "val_metrics.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_full_run_rejects_unknown_stages(capsys):
