@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from app.contracts import Contract
 from app.mds import INTERACTION_COLUMNS, record_dtype
 from app.publish import local_dir
 
@@ -39,23 +40,48 @@ class DatasetError(ValueError):
     """A prepared dataset is missing, incomplete, or not what the reader expects."""
 
 
-def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
-    """Load and check ``manifest.json`` of a prepared dataset.
+@dataclass
+class Manifest(Contract):
+    """``manifest.json`` of a prepared dataset: written last, so a folder with it is complete.
+
+    ``counts``: read, accepted, rejected, rejected_by_reason, duplicates, splits (rows per
+    split), positives; ``vocab``: users, items, unknown_index, user_id_type, item_id_type,
+    item_metadata; ``config``: the data settings it was prepared with (credentials masked).
+    """
+
+    FILE = MANIFEST
+    SCHEMA_VERSION = SCHEMA_VERSION
+    Error = DatasetError
+    REDO = "; prepare it again"
+
+    schema_version: int
+    created_unix: int
+    source: dict[str, Any]
+    columns: dict[str, Any]
+    mds_columns: list[str]
+    counts: dict[str, Any]
+    label: dict[str, Any]
+    split: dict[str, Any]
+    vocab: dict[str, Any]
+    config: dict[str, Any]
+    seconds: float = 0.0
+
+    @classmethod
+    def missing(cls, folder: str) -> str:
+        return (f"{folder}: not a prepared dataset (no {MANIFEST}); run "
+                f"python -m pipelines.prepare_data --output {folder}")
+
+
+def read_manifest(data_dir: str | os.PathLike) -> Manifest:
+    """Load and check ``manifest.json`` of a prepared dataset (its published version).
 
     Raises:
         DatasetError: the folder is not a complete prepared dataset of this schema version.
     """
     data_dir = local_dir(data_dir)  # its published version (on S3: a local copy)
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        raise DatasetError(f"{data_dir}: not a prepared dataset (no {MANIFEST}); run "
-                           f"python -m pipelines.prepare_data --output {data_dir}")
-    manifest = json.loads(path.read_text())
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise DatasetError(f"{data_dir}: dataset schema version {manifest.get('schema_version')}"
-                           f", this code reads version {SCHEMA_VERSION}; prepare it again")
-    if manifest.get("mds_columns") != INTERACTION_COLUMNS:
-        raise DatasetError(f"{data_dir}: MDS columns {manifest.get('mds_columns')} differ from "
+    manifest = Manifest.read(data_dir)
+    if manifest.mds_columns != INTERACTION_COLUMNS:
+        raise DatasetError(f"{data_dir}: MDS columns {manifest.mds_columns} differ from "
                            f"{INTERACTION_COLUMNS}")
     for split in SPLITS:
         if not (Path(data_dir) / split / "index.json").is_file():

@@ -22,10 +22,10 @@ TorchRec runtime; :func:`export_state_dict` maps a training state dict onto it.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.dataset import ItemFeatures
+from app.contracts import Contract
+from app.dataset import ItemFeatures, Manifest
 from app.history import HISTORY_FILE, UserHistory
 from app.model import MEAN_POOLED, TABLES, ModelSpec
 from app.publish import local_dir
@@ -217,8 +218,35 @@ def sealed_files(model_dir: str | os.PathLike) -> list[str]:
     return [n for n in names if (root / n).is_file()]
 
 
+@dataclass
+class ModelInfo(Contract):
+    """``model.json`` of a model folder: the shape of the model (``spec``, a
+    :class:`ModelSpec` as a dict), the dataset it was trained on (``dataset``: path,
+    created_unix, vocab, splits), the calibration of pair probabilities (``sigmoid(a * score
+    + b)``) and the sha256 of every file a loader reads."""
+
+    FILE = MODEL_JSON
+    SCHEMA_VERSION = MODEL_SCHEMA_VERSION
+    Error = ModelError
+    REDO = "; export or train it again"
+
+    schema_version: int
+    spec: dict[str, Any]
+    dataset: dict[str, Any]
+    calibration: dict[str, Any] = field(default_factory=lambda: {"a": 1.0, "b": 0.0})
+    sha256: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def missing(cls, folder: str) -> str:
+        return f"{folder} is not a model folder (no {MODEL_JSON})"
+
+    @property
+    def weights_sha256(self) -> str:
+        return self.sha256.get(WEIGHTS, "")
+
+
 def write_model_json(model_dir: str | os.PathLike, spec: ModelSpec, *,
-                     data_dir: str, manifest: dict[str, Any],
+                     data_dir: str, manifest: Manifest,
                      calibration: Optional[dict[str, float]] = None,
                      sha256: Optional[dict[str, str]] = None) -> dict[str, str]:
     """The folder's contract file: schema version, spec, the dataset it was trained on, the
@@ -227,23 +255,22 @@ def write_model_json(model_dir: str | os.PathLike, spec: ModelSpec, *,
     same files). Returns the checksums."""
     if sha256 is None:
         sha256 = {name: _sha256(Path(model_dir, name)) for name in sealed_files(model_dir)}
-    info = {"schema_version": MODEL_SCHEMA_VERSION, "spec": spec.to_dict(),
-            "dataset": {"path": str(Path(data_dir).resolve()),
-                        "created_unix": manifest["created_unix"],
-                        "vocab": manifest["vocab"], "splits": manifest["counts"]["splits"]},
-            "calibration": calibration or {"a": 1.0, "b": 0.0}, "sha256": sha256}
-    Path(model_dir, MODEL_JSON).write_text(json.dumps(info, indent=2) + "\n")
+    ModelInfo(schema_version=MODEL_SCHEMA_VERSION, spec=spec.to_dict(),
+              dataset={"path": str(Path(data_dir).resolve()),
+                       "created_unix": manifest.created_unix,
+                       "vocab": manifest.vocab, "splits": manifest.counts["splits"]},
+              calibration=calibration or {"a": 1.0, "b": 0.0}, sha256=sha256).write(model_dir)
     return sha256
 
 
-def verify_files(model_dir: str | os.PathLike, info: dict[str, Any]) -> None:
+def verify_files(model_dir: str | os.PathLike, info: ModelInfo) -> None:
     """Check every file model.json seals against its sha256.
 
     Raises:
         ModelError: one line naming the first file that is missing or differs (changed,
             truncated or damaged after export).
     """
-    for name, want in sorted(info.get("sha256", {}).items(),
+    for name, want in sorted(info.sha256.items(),
                              key=lambda kv: (kv[0] != WEIGHTS, kv[0])):
         path = Path(model_dir, name)
         if not path.is_file():
@@ -255,20 +282,16 @@ def verify_files(model_dir: str | os.PathLike, info: dict[str, Any]) -> None:
                              f"after export")
 
 
-def read_model_json(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """Load and check ``model.json``.
+def read_model_json(model_dir: str | os.PathLike) -> ModelInfo:
+    """Load and check ``model.json`` of a model folder's published version.
 
     Raises:
         ModelError: no model folder there, or a schema version this code cannot read.
     """
-    path = local_dir(model_dir) / MODEL_JSON
-    if not path.is_file():
-        raise ModelError(f"{model_dir} is not a model folder (no {MODEL_JSON})")
-    info = json.loads(path.read_text())
-    if info.get("schema_version") != MODEL_SCHEMA_VERSION:
-        raise ModelError(f"{path}: schema version {info.get('schema_version')}, this code "
-                         f"reads version {MODEL_SCHEMA_VERSION}")
-    return info
+    folder = local_dir(model_dir)
+    if not (folder / MODEL_JSON).is_file():
+        raise ModelError(ModelInfo.missing(str(model_dir)))
+    return ModelInfo.read(folder)
 
 
 def load_exported(model_dir: str | os.PathLike,
@@ -281,7 +304,7 @@ def load_exported(model_dir: str | os.PathLike,
     model_dir = local_dir(model_dir)  # its published version, read once (on S3: a copy)
     info = read_model_json(model_dir)
     verify_files(model_dir, info)
-    spec = ModelSpec.from_dict(info["spec"])
+    spec = ModelSpec.from_dict(info.spec)
     model = ExportedTwoTower(spec, model_features(model_dir, spec), user_history(model_dir))
     weights = Path(model_dir, WEIGHTS)
     if not weights.is_file():

@@ -12,9 +12,9 @@ place and renamed into it when complete.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from app import logs
 from app.config import Config
+from app.contracts import Contract
 from app.dataset import SPLITS, DatasetError, load_vocab, read_manifest
 from app.export import ModelError, read_model_json
 from app.publish import OutputError, check_writable, current, local_dir, version_uri, writer
@@ -35,6 +36,42 @@ from app.storage import is_remote, pack, resolve, unpack
 from app.validate import id_text
 
 SUMMARY = "_summary.json"  # inside the output folder; Parquet readers skip "_" files
+
+
+@dataclass
+class RecommendationsSummary(Contract):
+    """``_summary.json`` of a batch inference output version: what was scored, with what, and
+    the counts a reader checks the Parquet files against. ``mode`` "recommend" fills the
+    list fields (users, k, short_lists, fallback_users, history_users, exclude_rated,
+    index, ...), "pairs" the pair fields (input, unknown_user_rows, unknown_item_rows)."""
+
+    FILE = SUMMARY
+    SCHEMA_VERSION = 1
+    Error = OutputError
+    REDO = "; run batch inference again"
+
+    schema_version: int
+    mode: str
+    model: str
+    dataset: str
+    device: str
+    actors: int
+    rows: int
+    seconds: float
+    output: Optional[str] = None  # the published version (set once published)
+    users: Optional[int] = None
+    k: Optional[int] = None
+    short_lists: Optional[int] = None
+    fallback_users: Optional[int] = None
+    history_users: Optional[int] = None
+    exclude_rated: Optional[str] = None
+    index: Optional[str] = None
+    faiss_recall_vs_exact: Optional[float] = None
+    duplicate_users_dropped: Optional[int] = None
+    history: Optional[dict[str, Any]] = None
+    input: Optional[str] = None
+    unknown_user_rows: Optional[int] = None
+    unknown_item_rows: Optional[int] = None
 
 
 def resolve_model(model: str, cfg: Config, cache_dir: Optional[str] = None) -> Path:
@@ -306,7 +343,8 @@ def exact_recall(shared: dict[str, Any], model_dir: Path, users: np.ndarray, k: 
 
 def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
                     users: str = "all", pairs: Optional[str] = None,
-                    history: Optional[str] = None, verbose: bool = True) -> dict[str, Any]:
+                    history: Optional[str] = None, verbose: bool = True
+                    ) -> RecommendationsSummary:
     """Write recommendations (or pair scores) for a prepared dataset's users to ``output``.
 
     Args:
@@ -332,7 +370,7 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
 
 def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, users: str,
                      pairs: Optional[str], history: Optional[str],
-                     verbose: bool) -> dict[str, Any]:
+                     verbose: bool) -> RecommendationsSummary:
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -448,10 +486,11 @@ def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, use
             if n_users != int(pc.sum(firsts).as_py() or 0):
                 raise ModelError("the written lists do not start at rank 1 once per user")
         summary["seconds"] = round(time.perf_counter() - t0, 2)
-        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    summary["output"] = version_uri(out)  # the version just published
-    what = (f"{summary['users']:,} users x {summary['k']} = {summary['rows']:,} rows"
-            if summary["mode"] == "recommend" else f"{summary['rows']:,} pairs")
-    say(f"{what} in {summary['seconds']:.1f}s ({pool} {device} actor(s)) "
-        f"-> {summary['output']}")
-    return summary
+        done = RecommendationsSummary(schema_version=RecommendationsSummary.SCHEMA_VERSION,
+                                      **summary)
+        done.write(tmp)
+    done.output = version_uri(out)  # the version just published
+    what = (f"{done.users:,} users x {done.k} = {done.rows:,} rows"
+            if done.mode == "recommend" else f"{done.rows:,} pairs")
+    say(f"{what} in {done.seconds:.1f}s ({pool} {device} actor(s)) -> {done.output}")
+    return done

@@ -31,7 +31,7 @@ from ray.data.block import Block
 
 from app import duplicates, logs
 from app.config import DataConfig
-from app.dataset import MANIFEST, SCHEMA_VERSION, SPLITS, read_manifest
+from app.dataset import MANIFEST, SCHEMA_VERSION, SPLITS, Manifest, read_manifest
 from app.mds import INTERACTION_COLUMNS, write_mds_columns
 from app.publish import check_writable, is_published, writer
 from app.redact import redact, redact_values
@@ -348,7 +348,7 @@ def _check_output(out: Location, overwrite: bool) -> None:
 
 
 def prepare_dataset(cfg: DataConfig, output: str, *, verbose: bool = True,
-                    lease_timeout: float = 60.0) -> dict[str, Any]:
+                    lease_timeout: float = 60.0) -> Manifest:
     """Prepare ``cfg``'s source into the folder ``output`` as a new version of it.
 
     Args:
@@ -373,7 +373,7 @@ def prepare_dataset(cfg: DataConfig, output: str, *, verbose: bool = True,
     return manifest
 
 
-def _build(cfg: DataConfig, tmp: Path, target: Location, *, verbose: bool) -> dict[str, Any]:
+def _build(cfg: DataConfig, tmp: Path, target: Location, *, verbose: bool) -> Manifest:
     """Prepare into a version being staged: the driver's files (vocabularies, manifest) go
     to ``tmp``, the tasks' (shards, rejects) to ``target``, the same folder when local."""
     t0 = time.perf_counter()
@@ -464,35 +464,35 @@ def _build(cfg: DataConfig, tmp: Path, target: Location, *, verbose: bool) -> di
                            f"accepted and kept, {rejects_written} rejects vs "
                            f"{sum(rejected.values())}")
     positives = {name: sink.written[f"{name}_positives"] for name in SPLITS}
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "created_unix": int(time.time()),
-        "source": redact_values(source.description),  # no credentials saved
-        "columns": {"user": cols.user, "item": cols.item, "rating": cols.rating,
-                    "timestamp": cols.timestamp},
-        "mds_columns": INTERACTION_COLUMNS,
-        "counts": {"read": n_read, "accepted": accepted, "rejected": sum(rejected.values()),
-                   "rejected_by_reason": dict(sorted(rejected.items())),
-                   # accepted rows = the splits' rows + rows_merged
-                   "duplicates": {"policy": cfg.duplicates, "rows_merged": accepted - kept,
-                                  "pairs": pairs},
-                   "splits": split_rows, "positives": positives},
-        "label": {"rule": cfg.label_rule, "threshold": threshold, "mean_rating": mean},
-        "split": {"rule": cfg.split, "seed": cfg.seed,
-                  "fractions": {"train": cfg.train_fraction, "val": cfg.val_fraction,
-                                "test": cfg.test_fraction}},
-        "vocab": {"users": len(users), "items": len(items), "unknown_index": 0,
-                  "user_id_type": str(users.type), "item_id_type": str(items.type),
-                  "item_metadata": [c for c in (source.item_metadata.column_names
-                                                if source.item_metadata is not None else [])
-                                    if c != "item"]},
-        "config": redact_values(dict(vars(cfg))),
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        created_unix=int(time.time()),
+        source=redact_values(source.description),  # no credentials saved
+        columns={"user": cols.user, "item": cols.item, "rating": cols.rating,
+                 "timestamp": cols.timestamp},
+        mds_columns=INTERACTION_COLUMNS,
+        counts={"read": n_read, "accepted": accepted, "rejected": sum(rejected.values()),
+                "rejected_by_reason": dict(sorted(rejected.items())),
+                # accepted rows = the splits' rows + rows_merged
+                "duplicates": {"policy": cfg.duplicates, "rows_merged": accepted - kept,
+                               "pairs": pairs},
+                "splits": split_rows, "positives": positives},
+        label={"rule": cfg.label_rule, "threshold": threshold, "mean_rating": mean},
+        split={"rule": cfg.split, "seed": cfg.seed,
+               "fractions": {"train": cfg.train_fraction, "val": cfg.val_fraction,
+                             "test": cfg.test_fraction}},
+        vocab={"users": len(users), "items": len(items), "unknown_index": 0,
+               "user_id_type": str(users.type), "item_id_type": str(items.type),
+               "item_metadata": [c for c in (source.item_metadata.column_names
+                                             if source.item_metadata is not None else [])
+                                 if c != "item"]},
+        config=redact_values(dict(vars(cfg))),
+        seconds=round(time.perf_counter() - t0, 2),
+    )
+    manifest.write(tmp)
     merged = f"; duplicates merged {accepted - kept:,}" if accepted > kept else ""
     say("splits: " + ", ".join(f"{k} {v:,}" for k, v in split_rows.items())
-        + f"; rejected {sum(rejected.values()):,}{merged}; {manifest['seconds']:.1f}s")
+        + f"; rejected {sum(rejected.values()):,}{merged}; {manifest.seconds:.1f}s")
     if not target.remote:
         read_manifest(tmp)  # the contract check a reader will run (on S3: after publishing)
     return manifest

@@ -301,12 +301,12 @@ class RecommenderServer:
 
     @api.get("/version", response_model=VersionInfo)
     async def version(self) -> dict[str, Any]:
-        from app.export import WEIGHTS, read_model_json
+        from app.export import read_model_json
 
         core = self.current
         info = read_model_json(core.model_dir)
         return {"model_version": core.version, "model": self.source.model,
-                "weights_sha256": info.get("sha256", {}).get(WEIGHTS, ""),
+                "weights_sha256": info.weights_sha256,
                 "users": len(core.user_ids), "items": len(core.item_ids),
                 "loaded_unix": self.loaded_unix, "swaps": self.swaps}
 

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import torch
 
 from app.dataset import SPLITS, load_vocab, read_split_arrays
-from app.export import (RATED_FILE, WEIGHTS, item_popularity, load_exported,
+from app.export import (RATED_FILE, item_popularity, load_exported,
                         pair_probabilities, read_model_json)
 from app.metrics import UserItems
 from app.publish import local_dir
@@ -150,8 +150,8 @@ class Recommender:
         self.device = torch.device(device)
         self.model = load_exported(model_dir, map_location=self.device)
         info = read_model_json(model_dir)
-        self.version = version or info.get("sha256", {}).get(WEIGHTS, "unsealed")[:12]
-        self.calibration = info.get("calibration", {"a": 1.0, "b": 0.0})
+        self.version = version or (info.weights_sha256 or "unsealed")[:12]
+        self.calibration = info.calibration
         vocab = load_vocab(model_dir)  # every id once, or a one-line error
         self.user_ids = vocab["users"]["id"].to_pandas()
         self.item_ids = vocab["items"]["id"].to_pandas()

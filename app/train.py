@@ -325,7 +325,7 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
     data_dir = str(local_dir(data_uri))
     manifest = read_manifest(data_dir)
     for split in SPLITS:
-        if manifest["counts"]["splits"][split] == 0:
+        if manifest.counts["splits"][split] == 0:
             raise DatasetError(f"{data_dir}: the {split} split is empty; training needs rows "
                                f"in train, val and test")
     out = lease.out
@@ -375,7 +375,7 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
                            refit=refit, baselines=baselines)
     try:
         def register(folder: Path) -> dict[str, Any]:
-            registered = tracking.log_trained_model(cfg, run_id, folder, manifest["vocab"])
+            registered = tracking.log_trained_model(cfg, run_id, folder, manifest.vocab)
             (folder / "mlflow.json").write_text(json.dumps(  # no credentials saved
                 redact_values({**registered, **mlflow_info}), indent=2) + "\n")
             return registered
@@ -397,5 +397,5 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
     return {"model_dir": str(current(out)), "metrics": metrics, "history": state["history"],
             "mlflow": registered, "checkpoint": ckpt.uri, "seconds": seconds,
             "placement": place.describe(), "refit": refit,
-            "training_rows": sum(manifest["counts"]["splits"][s] for s in
+            "training_rows": sum(manifest.counts["splits"][s] for s in
                                  (SPLITS if refit else ("train",)))}

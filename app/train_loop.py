@@ -56,8 +56,8 @@ def model_spec(cfg: Config, manifest: dict[str, Any], features: list[ItemFeature
     """The model's shape from the config, the dataset's vocabularies and its item features."""
     rows = {f.name: len(f.vocab) for f in features}
     m = cfg.model
-    num_items = manifest["vocab"]["items"] + 1
-    return ModelSpec(num_users=manifest["vocab"]["users"] + 1, num_items=num_items,
+    num_items = manifest.vocab["items"] + 1
+    return ModelSpec(num_users=manifest.vocab["users"] + 1, num_items=num_items,
                      num_genres=rows.get("item_genres", 0), num_years=rows.get("item_year", 0),
                      embedding_dim=m.embedding_dim,
                      tower_layers=tuple(int(x) for x in m.tower_layers),

@@ -70,7 +70,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from app.config import load_config  # noqa: E402
-from app.dataset import MANIFEST, SCHEMA_VERSION, SPLITS, read_manifest  # noqa: E402
+from app.dataset import MANIFEST, SCHEMA_VERSION, SPLITS, Manifest, read_manifest  # noqa: E402
 from app.export import (WEIGHTS, ExportedTwoTower, item_popularity, load_exported,  # noqa: E402
                         write_model_json)
 from app.inference import (TopK, _device_and_pool, batch_inference,  # noqa: E402
@@ -128,17 +128,20 @@ def build_fixture(users: int, items: int, dim: int, rated: int, cache: Path,
                            "rating": rating[idx], "timestamp": ts[idx]})
         merge_split_index(str(d / name))
         splits[name], positives[name] = len(idx), int(label[idx].sum())
-    manifest = {
-        "schema_version": SCHEMA_VERSION, "created_unix": int(time.time()),
-        "source": {"dataset": "bench-inference-synthetic", "seed": seed},
-        "mds_columns": INTERACTION_COLUMNS,
-        "counts": {"read": rows, "accepted": rows, "rejected": 0, "rejected_by_reason": {},
-                   "splits": splits, "positives": positives},
-        "label": {"rule": "threshold", "threshold": 4.0},
-        "vocab": {"users": users, "items": items, "unknown_index": 0,
-                  "user_id_type": "int64", "item_id_type": "int64", "item_metadata": []},
-    }
-    (d / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION, created_unix=int(time.time()),
+        source={"dataset": "bench-inference-synthetic", "seed": seed},
+        columns={"user": "user", "item": "item", "rating": "rating", "timestamp": "timestamp"},
+        mds_columns=INTERACTION_COLUMNS,
+        counts={"read": rows, "accepted": rows, "rejected": 0, "rejected_by_reason": {},
+                "splits": splits, "positives": positives},
+        label={"rule": "threshold", "threshold": 4.0},
+        split={"rule": "random", "seed": seed,
+               "fractions": dict(zip(SPLITS, SPLIT_FRACTIONS))},
+        vocab={"users": users, "items": items, "unknown_index": 0,
+               "user_id_type": "int64", "item_id_type": "int64", "item_metadata": []},
+        config={})
+    manifest.write(d)
     read_manifest(d)
 
     torch.manual_seed(seed)
@@ -397,9 +400,9 @@ def main() -> None:
                 out = scratch / "out"
                 seconds, summary = pipeline(model_dir, data_dir, out, k=args.k, actors=a,
                                             batch_size=b, exclude="none")
-                if summary["users"] != args.users or summary["rows"] != args.users * args.k:
-                    raise RuntimeError(f"pipeline wrote {summary['rows']:,} rows for "
-                                       f"{summary['users']:,} users; expected "
+                if summary.users != args.users or summary.rows != args.users * args.k:
+                    raise RuntimeError(f"pipeline wrote {summary.rows:,} rows for "
+                                       f"{summary.users:,} users; expected "
                                        f"{args.users * args.k:,} for {args.users:,}")
                 if agree is None:
                     agree = agreement(out, top_i, args.users, args.k)
@@ -418,7 +421,7 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
             exclude_run = {"actors": a, "batch_size": b, "seconds": seconds,
                            "users_per_s": args.users / seconds,
-                           "short_lists": summary["short_lists"]}
+                           "short_lists": summary.short_lists}
             print(f"exclude_rated=all: pipeline, {a} actor(s), batch {b}: {seconds:.1f}s "
                   f"({args.users / seconds:,.0f} users/s)", flush=True)
         parts = actor_stages(model_dir, args.k, args.batch_sizes[0],

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.config import load_config  # noqa: E402
+from app.dataset import Manifest  # noqa: E402
 
 # The first release's settings, spelled out (the defaults have moved on since).
 TODAY = {"epochs": 3, "patience": 0, "history_length": 0, "use_user_id": True,
@@ -109,9 +110,9 @@ def run_rung(overrides: dict[str, Any], data_dir: Path, work: Path, tag: str, *,
 
 
 def bench_dataset(name: str, data_dir: Path, work: Path, max_epochs: int) -> dict[str, Any]:
-    manifest = json.loads((data_dir / "manifest.json").read_text())
-    print(f"\n== {name}: {manifest['counts']['splits']['train']:,} train rows, "
-          f"{manifest['vocab']['users']:,} users, {manifest['vocab']['items']:,} items",
+    manifest = Manifest.read(data_dir)
+    print(f"\n== {name}: {manifest.counts['splits']['train']:,} train rows, "
+          f"{manifest.vocab['users']:,} users, {manifest.vocab['items']:,} items",
           flush=True)
     settings: dict[str, Any] = {}
     rungs, baselines = [], {}

@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 import ray  # noqa: E402
 
 from app.config import load_config  # noqa: E402
+from app.dataset import Manifest  # noqa: E402
 from app.prepare import prepare_dataset  # noqa: E402
 from app.publish import current  # noqa: E402
 
@@ -280,10 +281,10 @@ def main() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     t = time.perf_counter()
     data_dir = prepared(args.rows, Path(args.cache))
-    manifest = json.loads((data_dir / "manifest.json").read_text())
-    train_rows = manifest["counts"]["splits"]["train"]
-    print(f"data: {data_dir} ({train_rows:,} train rows, {manifest['vocab']['users']:,} users, "
-          f"{manifest['vocab']['items']:,} items; ready in {time.perf_counter() - t:.1f}s)")
+    manifest = Manifest.read(data_dir)
+    train_rows = manifest.counts["splits"]["train"]
+    print(f"data: {data_dir} ({train_rows:,} train rows, {manifest.vocab['users']:,} users, "
+          f"{manifest.vocab['items']:,} items; ready in {time.perf_counter() - t:.1f}s)")
 
     # the first release's model shape (user id only), so the data paths compare as before
     base = {"overrides": {"objective": "bce", "batch_size": BATCH_SIZE, "history_length": 0,

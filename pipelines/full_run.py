@@ -40,7 +40,7 @@ def _prepared_with(data_dir: Location, cfg: Config) -> bool:
     except (DatasetError, OutputError):
         return False
     want = {k: redact_values(v) for k, v in vars(cfg.data).items() if k not in _VOLATILE}
-    have = {k: v for k, v in manifest.get("config", {}).items() if k not in _VOLATILE}
+    have = {k: v for k, v in manifest.config.items() if k not in _VOLATILE}
     return want == have
 
 
@@ -97,8 +97,8 @@ def _run(cfg: Config, workdir: Location, stages: tuple[str, ...], *, tune: bool,
                                        lease_timeout=cfg.cluster.lease_timeout)
     seconds = time.perf_counter() - t0
     summary["stages"]["prepare"] = {"seconds": round(seconds, 2),
-                                    "rows": manifest["counts"]["read"],
-                                    "counts": manifest["counts"], "output": data_dir.uri}
+                                    "rows": manifest.counts["read"],
+                                    "counts": manifest.counts, "output": data_dir.uri}
     model_dir = workdir / "model"
     if tune:
         from app.tune import sweep
@@ -154,8 +154,8 @@ def _run(cfg: Config, workdir: Location, stages: tuple[str, ...], *, tune: bool,
         t0 = time.perf_counter()
         result = batch_inference(cfg, model_dir.uri, data_dir.uri, recs.uri)
         summary["stages"]["infer"] = {"seconds": round(time.perf_counter() - t0, 2),
-                                      "rows": result["users"], "output": recs.uri,
-                                      "summary": result}
+                                      "rows": result.users, "output": recs.uri,
+                                      "summary": result.to_dict()}
         summary["examples"] = examples(current(recs.uri))
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(render(summary))

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         print(cfg.describe(), flush=True)
         init_ray(cfg.cluster)
         manifest = prepare_dataset(cfg.data, output, lease_timeout=cfg.cluster.lease_timeout)
-        counts = manifest["counts"]
+        counts = manifest.counts
         merged = counts["duplicates"]
         print(f"prepared dataset: {Path(output).absolute()} ({sum(counts['splits'].values()):,} "
               f"rows: " + ", ".join(f"{k} {v:,}" for k, v in counts["splits"].items())

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from app.dataset import Manifest
 from app.publish import current
 from tests.conftest import ROOT, short_tmp, user_shell_env
 
@@ -60,8 +61,8 @@ def test_a_stale_address_file_is_not_attached_to(ray_tmpdir, tmp_path):
     out = _run(["pipelines.prepare_data", "--dataset", "synthetic", "--rows", "5000",
                 "--output", str(tmp_path / "data")], env, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    manifest = json.loads((current(tmp_path / "data") / "manifest.json").read_text())
-    assert manifest["counts"]["accepted"] == 5000
+    manifest = Manifest.read(current(tmp_path / "data"))
+    assert manifest.counts["accepted"] == 5000
 
 
 @pytest.mark.parametrize("how", ["flag", "auto"])

@@ -5,6 +5,7 @@ import json
 
 from pipelines import full_run
 
+from app.dataset import Manifest
 from app.publish import current
 
 
@@ -20,8 +21,8 @@ def test_full_run_prepares_into_the_workdir_and_reuses_it(ray_local, tmp_path, c
     assert "reusing" in capsys.readouterr().out
     # a changed data setting prepares again
     assert full_run.main(argv + ["--split", "temporal"]) == 0
-    manifest = json.loads((current(tmp_path / "wd" / "data") / "manifest.json").read_text())
-    assert manifest["split"]["rule"] == "temporal"
+    manifest = Manifest.read(current(tmp_path / "wd" / "data"))
+    assert manifest.split["rule"] == "temporal"
 
 
 def test_full_run_reports_bad_flags(capsys):

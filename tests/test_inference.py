@@ -45,7 +45,7 @@ def test_every_user_gets_k_ranked_unrated_items(recommendations, movielens_dir):
     df = pd.read_parquet(current(out))
     vocab = load_vocab(movielens_dir)
     users = vocab["users"]["id"].to_pylist()
-    assert summary["users"] == len(users) and summary["rows"] == len(users) * 20
+    assert summary.users == len(users) and summary.rows == len(users) * 20
     assert sorted(df["userId"].unique().tolist()) == sorted(users)
     assert (df.groupby("userId").size() == 20).all()
     df = df.sort_values(["userId", "rank"])
@@ -101,8 +101,8 @@ def test_pair_scores_are_the_models_forward_pass(trained, movielens_dir, tmp_pat
                               str(tmp_path / "scores"), pairs=str(tmp_path / "pairs.csv"),
                               verbose=False)
     got = pd.read_parquet(current(tmp_path / "scores"))
-    assert len(got) == 6 and summary["unknown_item_rows"] == 1
-    assert summary["unknown_user_rows"] == 1
+    assert len(got) == 6 and summary.unknown_item_rows == 1
+    assert summary.unknown_user_rows == 1
     # CSV ids are read as written: text, echoed as text
     got = got.set_index(["userId", "movieId"]).loc[
         [(str(u), str(i)) for u, i in zip(pairs.userId, pairs.movieId)]]
@@ -122,11 +122,11 @@ def test_faiss_index_recall_against_exact(trained, movielens_dir, tmp_path, caps
     cfg = inference_config(trained["work"], index="faiss", top_k=100)
     summary = batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir),
                               str(tmp_path / "r"))
-    assert summary["faiss_recall_vs_exact"] >= 0.95
+    assert summary.faiss_recall_vs_exact >= 0.95
     assert "recall@100 against exact top-100" in capsys.readouterr().out
     df = pd.read_parquet(current(tmp_path / "r"))
-    assert summary["rows"] == len(df) and summary["users"] == df["userId"].nunique()
-    assert summary["short_lists"] == 0
+    assert summary.rows == len(df) and summary.users == df["userId"].nunique()
+    assert summary.short_lists == 0
 
 
 def test_mlflow_uri_and_user_file_with_unknown_users(trained, movielens_dir, tmp_path):
@@ -138,7 +138,7 @@ def test_mlflow_uri_and_user_file_with_unknown_users(trained, movielens_dir, tmp
     summary = batch_inference(cfg, info["registered_uri"], str(movielens_dir),
                               str(tmp_path / "r"), users=str(tmp_path / "users.parquet"),
                               verbose=False)
-    assert summary["users"] == 4 and summary["fallback_users"] == 1
+    assert summary.users == 4 and summary.fallback_users == 1
     df = pd.read_parquet(current(tmp_path / "r"))
     fallback = df[df["userId"] == 10 ** 9].sort_values("rank")
     assert fallback["fallback"].all() and len(fallback) == 5
@@ -201,7 +201,7 @@ def test_repeated_users_are_recommended_once(trained, movielens_dir, tmp_path):
                               str(trained["model_dir"]), str(movielens_dir),
                               str(tmp_path / "r"), users=str(tmp_path / "users.csv"),
                               verbose=False)
-    assert summary["users"] == 3 and summary["duplicate_users_dropped"] == 3
+    assert summary.users == 3 and summary.duplicate_users_dropped == 3
     df = pd.read_parquet(current(tmp_path / "r"))
     assert len(df) == 15 and df.groupby("userId")["rank"].apply(list).map(
         lambda r: sorted(r) == [1, 2, 3, 4, 5]).all()
@@ -245,6 +245,6 @@ def test_a_killed_actor_still_yields_complete_output(trained, movielens_dir, tmp
     assert killed
     df = pd.read_parquet(current(tmp_path / "r"))
     n_users = len(pd.read_parquet(trained["model_dir"] / "vocab" / "users.parquet"))
-    assert len(df) == n_users * 10 == summary["rows"]
+    assert len(df) == n_users * 10 == summary.rows
     assert not df.duplicated(["userId", "rank"]).any()
     assert df["userId"].nunique() == n_users

@@ -27,7 +27,7 @@ def test_gpu_actors_give_the_cpu_recommendations(trained, movielens_dir, tmp_pat
                                          "inference_device": device})
             summary = batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir),
                                       str(tmp_path / device), verbose=False)
-            assert summary["device"] == ("cuda" if device == "gpu" else "cpu")
+            assert summary.device == ("cuda" if device == "gpu" else "cpu")
             out[device] = pd.read_parquet(current(tmp_path / device)).sort_values(["userId", "rank"])
         assert len(out["gpu"]) == len(out["cpu"])
         assert np.allclose(out["gpu"]["score"], out["cpu"]["score"], atol=1e-3)

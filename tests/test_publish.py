@@ -119,7 +119,7 @@ def test_readers_never_see_a_mix_of_versions_during_overwrites(ray_local, tmp_pa
                 manifest = read_manifest(folder)
                 rows = {s: sum(sh["samples"] for sh in json.loads(
                     (folder / s / "index.json").read_text())["shards"]) for s in SPLITS}
-                seen.append((folder.name, rows == manifest["counts"]["splits"]))
+                seen.append((folder.name, rows == manifest.counts["splits"]))
             except BaseException as e:  # noqa: BLE001 - reported below
                 errors.append(e)
 
@@ -136,7 +136,7 @@ def test_readers_never_see_a_mix_of_versions_during_overwrites(ray_local, tmp_pa
     assert len({name for name, _ in seen}) >= 3, "the reader did not run across versions"
     assert all(consistent for _, consistent in seen), \
         [name for name, ok in seen if not ok][:5]
-    assert read_manifest(out)["counts"]["accepted"] == 24_000
+    assert read_manifest(out).counts["accepted"] == 24_000
 
 
 def test_training_does_not_publish_over_a_replaced_dataset(ray_local, tmp_path):

@@ -60,13 +60,13 @@ def test_refit_trains_on_every_accepted_row(ray_local, movielens_dir, tmp_path):
     manifest = read_manifest(movielens_dir)
     result = train(_config(tmp_path, epochs=1), str(movielens_dir), str(tmp_path / "model"),
                    verbose=False, refit=True)
-    total = manifest["counts"]["accepted"]
-    assert result["training_rows"] == total == sum(manifest["counts"]["splits"].values())
+    total = manifest.counts["accepted"]
+    assert result["training_rows"] == total == sum(manifest.counts["splits"].values())
     assert abs(result["history"][0]["train_rows"] - total) < 2  # equal shares of 2 workers
     assert "val_recall@20" not in result["history"][0]
     # the served model's histories hold every split's positives
     h = UserHistory.from_bytes((current(tmp_path / "model") / "user_history.npz").read_bytes())
-    assert len(h.items) == sum(manifest["counts"]["positives"].values())
+    assert len(h.items) == sum(manifest.counts["positives"].values())
     info = json.loads((current(tmp_path / "model") / "mlflow.json").read_text())
     run = mlflow.MlflowClient(info["tracking_uri"]).get_run(info["run_id"])
     assert run.data.tags["refit"] == "true"
@@ -116,8 +116,8 @@ def test_new_users_are_recommended_from_their_history(trained, movielens_dir, tm
     summary = batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir),
                               str(tmp_path / "recs"), users=str(tmp_path / "users.csv"),
                               history=str(tmp_path / "history.csv"), verbose=False)
-    assert summary["history_users"] == 1 and summary["fallback_users"] == 1
-    assert summary["history"]["unknown_item_rows"] == 1
+    assert summary.history_users == 1 and summary.fallback_users == 1
+    assert summary.history["unknown_item_rows"] == 1
     recs = pd.read_parquet(current(tmp_path / "recs"))
     batch = recs[recs["userId"] == str(new_ids[0])].sort_values("rank")  # CSV ids: text
     assert list(batch["movieId"]) == list(out[out["userId"] == new_ids[0]]["movieId"])

@@ -48,7 +48,7 @@ def test_a_dataset_prepared_into_a_bucket_from_a_bucket(ray_local, s3, tmp_path,
     assert {"manifest.json", "vocab/users.parquet", "vocab/items.parquet", "train/index.json",
             "rejects/malformed-lines.parquet", SUCCESS} <= set(files)
     assert [f for f in files if f.startswith("_")] == [SUCCESS]  # no scratch left behind
-    counts = manifest["counts"]
+    counts = manifest.counts
     assert counts["read"] == table.num_rows + 1 and counts["rejected"] >= 1
     # every node reads one local copy of the version, checked against _SUCCESS
     assert read_manifest(f"{s3}/data") == manifest
@@ -80,7 +80,7 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
     from ray.cluster_utils import Cluster
 
     from app.config import load_config
-    from app.inference import SUMMARY, batch_inference
+    from app.inference import RecommendationsSummary, batch_inference
     from app.serving import Recommender
     from app.train import train
     from pipelines.full_run import run
@@ -141,10 +141,10 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
         done = batch_inference(cfg, f"{workdir}/model", f"{workdir}/data", f"{s3}/recs",
                                users=f"{s3}/in/users.csv", verbose=False)
         out = current(f"{s3}/recs")
-        assert done["output"] == out.uri and done["users"] == 5
+        assert done.output == out.uri and done.users == 5
         table = pq.read_table(out.path, filesystem=out.fs)
-        assert table.num_rows == done["rows"] == 5 * done["k"]
-        assert json.loads((out / SUMMARY).read_text())["model"] == model.uri
+        assert table.num_rows == done.rows == 5 * done.k
+        assert RecommendationsSummary.read(out).model == model.uri
         assert sorted(set(table["userId"].to_pylist())) == sorted(users)  # ids as written
 
         again = train(load_config(overrides={**settings, "epochs": 3, "resume": True}),

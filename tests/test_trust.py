@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.dataset import Manifest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -273,9 +275,9 @@ def test_credentials_in_uris_are_used_but_never_printed_or_saved(ray_local, tmp_
         assert run.data.params["data.download_url"].startswith("http://ann:***@127.0.0.1:")
         assert "token=***&X-Amz-Signature=***&v=2" in run.data.params["data.download_url"]
         assert "train_loss" in run.data.metrics  # logged by the training worker
-        manifest = json.loads(next(wd.glob("data/**/manifest.json")).read_text())
-        assert "ann:***@" in manifest["config"]["download_url"]
-        assert "ann:***@" in manifest["source"]["input"]
+        manifest = Manifest.read(next(wd.glob("data/**/manifest.json")).parent)
+        assert "ann:***@" in manifest.config["download_url"]
+        assert "ann:***@" in manifest.source["input"]
         assert "mlflow_tracking_uri: http://ann:***@" in (wd / "config.yaml").read_text()
         assert "ann:***@" in out  # the printed config and the download line, masked
 
