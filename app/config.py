@@ -640,7 +640,9 @@ def load_config(config_file: Optional[str] = None,
         setattr(getattr(cfg, section), name, _coerce(name, hints[section][name], value))
 
     if config_file:
-        path = Path(config_file)
+        from app.storage import resolve  # a path or a URI (a sweep's best_config.yaml)
+
+        path = resolve(config_file)
         if not path.is_file():
             raise ConfigError(f"--config {config_file}: no such file")
         raw = yaml.safe_load(path.read_text()) or {}

@@ -13,6 +13,7 @@ plot of the metric against the embedding dimension.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -20,7 +21,7 @@ from typing import Any, Optional
 from app import logs
 from app.config import Config, ConfigError, load_config
 from app.placement import Placement, ResourceError, check_resources, cluster_nodes, placement
-from app.publish import version_uri
+from app.publish import SUCCESS, version_uri
 from app.redact import redact_values
 
 EXPERIMENT = "sweep"
@@ -82,7 +83,7 @@ def run_trial(config: dict[str, Any], credentials: Optional[dict[str, str]] = No
                                 tags={"stage": "tune-trial", "trial_id": ctx.get_trial_id()},
                                 parent_run_id=config["parent_run_id"])
     trainer = make_trainer(cfg, config["data_dir"], name=f"trial-{ctx.get_trial_id()}",
-                           storage=Path(config["storage"]),
+                           storage=config["storage"],
                            mlflow_info={"tracking_uri": tracking.tracking_uri(cfg.cluster),
                                         "run_id": run_id},
                            callbacks=[TuneReportCallback()])
@@ -168,14 +169,10 @@ def sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
     from app.publish import writer
     from app.storage import is_remote
 
-    if is_remote(output):
-        raise ConfigError(f"--output {output}: a sweep writes its trials to a local or shared "
-                          f"folder (a bucket is not supported for sweeps yet); its data may "
-                          f"be in a bucket")
-    with logs.stage("tune"), writer(Path(output).resolve(), "tune",
-                                    timeout=cfg.cluster.lease_timeout,
+    target = output if is_remote(output) else Path(output).resolve()
+    with logs.stage("tune"), writer(target, "tune", timeout=cfg.cluster.lease_timeout,
                                     say=lambda msg: logs.say("tune", msg)):
-        return _sweep(cfg, data_dir, output, verbose=verbose)
+        return _sweep(cfg, data_dir, str(target), verbose=verbose)
 
 
 def _sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool) -> dict[str, Any]:
@@ -185,11 +182,17 @@ def _sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool) -> dict[st
     from app.cluster import init_ray
     from app.dataset import read_manifest
 
+    from app.storage import ray_storage, resolve
+
     say = (lambda msg: logs.say("tune", msg)) if verbose else (lambda msg: None)
     t0 = time.perf_counter()
     read_manifest(data_dir)
-    out = Path(output).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = resolve(output)  # a folder or a URI (s3://...): Tune's experiment and the results
+    if not out.remote:
+        Path(out.path).mkdir(parents=True, exist_ok=True)
+    experiment = out.join(EXPERIMENT)
+    storage_path, storage_fs = ray_storage(out.uri)
+    experiment_path = experiment.path if out.remote else experiment.uri
     init_ray(cfg.cluster)
     per_trial = check_sweep_fits(cfg, cluster_nodes())
     metric = cfg.tune.tune_metric
@@ -197,13 +200,14 @@ def _sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool) -> dict[st
         f"{cfg.tune.max_concurrent} at once, each {per_trial.describe()}; search "
         f"{cfg.tune.search_alg}, scheduler {cfg.tune.scheduler}, maximising {metric}")
 
-    state = out / "sweep_state.json"
-    resuming = cfg.train.resume and tune.Tuner.can_restore(str(out / EXPERIMENT))
+    state = out.join("sweep_state.json")
+    resuming = cfg.train.resume and tune.Tuner.can_restore(experiment_path,
+                                                           storage_filesystem=storage_fs)
     if cfg.train.resume and not resuming:
-        raise ConfigError(f"--resume: no sweep to continue under {out / EXPERIMENT}")
+        raise ConfigError(f"--resume: no sweep to continue under {experiment}")
     if resuming:
         parent_run_id = json.loads(state.read_text())["parent_run_id"]
-        say(f"continuing the sweep in {out / EXPERIMENT}")
+        say(f"continuing the sweep in {experiment}")
     else:
         parent_run_id = tracking.start_run(cfg, run_name=tracking.run_label("sweep", cfg),
                                            tags={"stage": "tune"})
@@ -216,11 +220,12 @@ def _sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool) -> dict[st
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, credentials=cfg.credentials()), {"CPU": 0, "memory": 1})
     param_space = {"params": tune_space(cfg.tune.search_space), "base": redact_values(base),
-                   "data_dir": version_uri(data_dir), "storage": str(out / "trials"),
+                   "data_dir": version_uri(data_dir), "storage": out.join("trials").uri,
                    "parent_run_id": parent_run_id}
     if resuming:
-        tuner = tune.Tuner.restore(str(out / EXPERIMENT), trainable=trainable,
-                                   param_space=param_space, resume_errored=True)
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable,
+                                   param_space=param_space, resume_errored=True,
+                                   storage_filesystem=storage_fs)
     else:
         tuner = tune.Tuner(
             trainable, param_space=param_space,
@@ -232,7 +237,8 @@ def _sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool) -> dict[st
                                         or cfg.tune.scheduler == "asha" else metric,
                                         mode=None if cfg.tune.search_alg == "optuna"
                                         or cfg.tune.scheduler == "asha" else "max"),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(out)))
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=storage_path,
+                                      storage_filesystem=storage_fs))
     grid = tuner.fit()
 
     rows = []
@@ -250,25 +256,31 @@ def _sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool) -> dict[st
     rows.sort(key=lambda r: (r["metric"] is None, -(r["metric"] or 0.0)))
     done = [r for r in rows if r["metric"] is not None and r["status"] != "error"]
     if not done:
-        raise RuntimeError(f"no trial of the sweep reported {metric}; see {out / EXPERIMENT}")
+        raise RuntimeError(f"no trial of the sweep reported {metric}; see {experiment}")
     best = done[0]
-    best_cfg = trial_config(base, best["params"])
-    best_cfg.dump_yaml(out / "best_config.yaml")
-    plot_metric(rows, metric, out / "metric_by_embedding_dim.png")
     table = results_table(rows, metric)
-    (out / "results.txt").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(
-        [{k: v for k, v in r.items() if k != "params_all"} for r in rows], indent=2,
-        default=str) + "\n")
-    _close_child_runs(cfg, parent_run_id, rows)
-    tracking.log_sweep(cfg, parent_run_id, best=best, metric=metric, folder=out)
+    with tempfile.TemporaryDirectory(prefix="sweep-results-") as tmp:
+        # the result files, made here, logged to MLflow and copied into the output (a folder
+        # or a bucket); _SUCCESS, written last, lists them
+        trial_config(base, best["params"]).dump_yaml(Path(tmp, "best_config.yaml"))
+        plot_metric(rows, metric, Path(tmp, "metric_by_embedding_dim.png"))
+        Path(tmp, "results.txt").write_text(table + "\n")
+        Path(tmp, "results.json").write_text(json.dumps(
+            [{k: v for k, v in r.items() if k != "params_all"} for r in rows], indent=2,
+            default=str) + "\n")
+        _close_child_runs(cfg, parent_run_id, rows)
+        tracking.log_sweep(cfg, parent_run_id, best=best, metric=metric, folder=tmp)
+        names = sorted(p.name for p in Path(tmp).iterdir())
+        for name in names:
+            out.join(name).write_bytes(Path(tmp, name).read_bytes())
+    out.join(SUCCESS).write_text(json.dumps({"files": names}) + "\n")
     seconds = round(time.perf_counter() - t0, 1)
     say(table)
     say(f"best: {metric} {best['metric']:.4f} with {best['params']}; config: "
-        f"{out / 'best_config.yaml'}; {seconds}s")
-    return {"rows": rows, "best": best, "best_config": str(out / "best_config.yaml"),
-            "plot": str(out / "metric_by_embedding_dim.png"), "parent_run_id": parent_run_id,
-            "seconds": seconds}
+        f"{out.join('best_config.yaml')}; {seconds}s")
+    return {"rows": rows, "best": best, "best_config": out.join("best_config.yaml").uri,
+            "plot": out.join("metric_by_embedding_dim.png").uri,
+            "parent_run_id": parent_run_id, "seconds": seconds}
 
 
 def _close_child_runs(cfg: Config, parent_run_id: str, rows: list[dict[str, Any]]) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from app import cli, logs
 from app.cluster import init_ray
-from app.config import Config, ConfigError, config_from_args, load_config
+from app.config import Config, config_from_args, load_config
 from app.dataset import DatasetError, read_manifest
 from app.prepare import prepare_dataset
 from app.publish import OutputError, current, version_uri, writer
@@ -66,9 +66,6 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False,
             metrics from the evaluated run (its folder: ``model-heldout/``).
     """
     workdir = resolve(cfg.cluster.workdir)  # a local path or a URI (app.storage)
-    if tune and workdir.remote:
-        raise ConfigError(f"--tune with --workdir {workdir}: sweeps write their trials to a "
-                          f"local or shared folder; give such a --workdir for a sweep")
     # one full run per workdir at a time (each stage also holds its own output's lease)
     with writer(workdir, "full_run", timeout=cfg.cluster.lease_timeout,
                 say=lambda msg: logs.say("run", msg)):

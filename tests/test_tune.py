@@ -1,4 +1,6 @@
-"""Ray Tune sweeps over the distributed trainer on movielens-small."""
+"""Ray Tune sweeps over the distributed trainer on movielens-small, with the sweep's output
+(Tune's experiment, the trials' checkpoints, the results) in a bucket of the session's S3
+server."""
 
 from __future__ import annotations
 
@@ -10,25 +12,29 @@ import yaml
 
 from app.config import ConfigError, load_config
 from app.placement import ResourceError
+from app.storage import resolve
+from app.tune import EXPERIMENT
 
 DIMS = [64, 4]  # ASHA stops the weaker at its first rung
 
 
 @pytest.fixture(scope="module")
-def swept(ray_local, movielens_dir, tmp_path_factory):
+def swept(ray_local, s3_server, movielens_dir, tmp_path_factory):
+    """A sweep into s3://<bucket>/sweep; returns (summary, local work folder, sweep URI)."""
     from app.tune import sweep
 
     out = tmp_path_factory.mktemp("sweep")
+    uri = f"s3://{s3_server.bucket()}/sweep"
     cfg = load_config(overrides={
         "workdir": str(out / "work"), "epochs": 2, "num_workers": 2, "num_samples": 1,
         "max_concurrent": 1, "search_alg": "random", "scheduler": "asha", "grace_period": 1,
         "reduction_factor": 2, "search_space": json.dumps({"embedding_dim": {"grid": DIMS}})})
-    summary = sweep(cfg, str(movielens_dir), str(out / "sweep"), verbose=False)
-    return summary, out
+    summary = sweep(cfg, str(movielens_dir), uri, verbose=False)
+    return summary, out, uri
 
 
 def test_sweep_runs_every_trial_and_stops_weak_ones(swept):
-    summary, out = swept
+    summary, out, uri = swept
     rows = summary["rows"]
     assert sorted(r["params"]["embedding_dim"] for r in rows) == sorted(DIMS)
     assert all(r["status"] in ("completed", "stopped early") for r in rows)
@@ -36,10 +42,14 @@ def test_sweep_runs_every_trial_and_stops_weak_ones(swept):
     assert any(r["status"] == "completed" for r in rows)
     metrics = [r["metric"] for r in rows]
     assert metrics == sorted(metrics, reverse=True)  # best first
-    table = (out / "sweep" / "results.txt").read_text()
+    sweep_dir = resolve(uri)  # everything is in the bucket, the list of files last
+    table = sweep_dir.join("results.txt").read_text()
     assert "stopped early" in table and table.count("\n") == len(DIMS) + 2
-    png = (out / "sweep" / "metric_by_embedding_dim.png").read_bytes()
+    png = sweep_dir.join("metric_by_embedding_dim.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    listed = json.loads(sweep_dir.join("_SUCCESS").read_text())["files"]
+    assert {"best_config.yaml", "results.json", "results.txt"} <= set(listed)
+    assert sweep_dir.join(EXPERIMENT).is_dir() and sweep_dir.join("trials").is_dir()
 
 
 def test_sweep_is_tracked_as_a_parent_run_with_a_child_per_trial(swept):
@@ -47,7 +57,7 @@ def test_sweep_is_tracked_as_a_parent_run_with_a_child_per_trial(swept):
 
     from app import tracking
 
-    summary, out = swept
+    summary, out, uri = swept
     cfg = load_config(overrides={"workdir": str(out / "work")})
     exp = tracking.configure(cfg.cluster)
     client = mlflow.MlflowClient()
@@ -67,11 +77,12 @@ def test_sweep_is_tracked_as_a_parent_run_with_a_child_per_trial(swept):
 def test_best_config_retrains_to_the_same_metric(swept, movielens_dir, tmp_path):
     from app.train import train
 
-    summary, out = swept
-    best_file = out / "sweep" / "best_config.yaml"
-    assert yaml.safe_load(best_file.read_text())["model"]["embedding_dim"] == \
+    summary, out, uri = swept
+    best_file = f"{uri}/best_config.yaml"
+    assert summary["best_config"] == best_file
+    assert yaml.safe_load(resolve(best_file).read_text())["model"]["embedding_dim"] == \
         summary["best"]["params"]["embedding_dim"]
-    cfg = load_config(str(best_file), {"workdir": str(tmp_path)})  # taken as is
+    cfg = load_config(best_file, {"workdir": str(tmp_path)})  # taken as is, from the bucket
     result = train(cfg, str(movielens_dir), str(tmp_path / "model"), verbose=False)
     assert result["history"][-1]["val_recall@20"] == pytest.approx(summary["best"]["metric"],
                                                                     abs=0.01)
@@ -80,12 +91,12 @@ def test_best_config_retrains_to_the_same_metric(swept, movielens_dir, tmp_path)
 def test_resume_restores_a_finished_sweep_without_rerunning(swept, movielens_dir):
     from app.tune import sweep
 
-    summary, out = swept
+    summary, out, uri = swept
     cfg = load_config(overrides={
         "workdir": str(out / "work"), "epochs": 2, "num_workers": 2, "resume": True,
         "search_alg": "random", "search_space": json.dumps({"embedding_dim": {"grid": DIMS}})})
     t0 = time.perf_counter()
-    again = sweep(cfg, str(movielens_dir), str(out / "sweep"), verbose=False)
+    again = sweep(cfg, str(movielens_dir), uri, verbose=False)
     assert time.perf_counter() - t0 < 60
     assert [r["metric"] for r in again["rows"]] == [r["metric"] for r in summary["rows"]]
     assert again["parent_run_id"] == summary["parent_run_id"]
@@ -121,18 +132,3 @@ def test_search_space_becomes_tune_domains():
     assert isinstance(space["dense_lr"], Float)
     assert space["embedding_dim"].categories == [32, 64, 128]
     assert isinstance(space["history_dropout"], Float)
-
-
-def test_a_sweep_into_a_bucket_is_refused_before_anything_runs(tmp_path):
-    from app.tune import sweep
-
-    with pytest.raises(ConfigError, match="--output s3://bucket/sweep: a sweep writes its "
-                                          "trials to a local or shared folder"):
-        sweep(load_config(), str(tmp_path / "data"), "s3://bucket/sweep", verbose=False)
-
-
-def test_a_full_run_with_a_sweep_and_a_workdir_in_a_bucket_is_refused():
-    from pipelines.full_run import run
-
-    with pytest.raises(ConfigError, match="--tune with --workdir s3://bucket/run"):
-        run(load_config(overrides={"workdir": "s3://bucket/run"}), tune=True)
