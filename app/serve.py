@@ -395,6 +395,27 @@ def check_model(model: str, cfg: Config) -> str:
     return label
 
 
+def check_fits(cfg: Config) -> None:
+    """The replicas' CPUs and GPUs must fit the cluster, or deploying would wait for ever.
+
+    Raises:
+        ResourceError: naming what is asked and what the cluster has.
+    """
+    import ray
+
+    from app.placement import ResourceError
+
+    s = cfg.serve
+    have = ray.cluster_resources()
+    n = max(s.replicas, 1)
+    cpus, gpus = s.replica_cpus * n, s.replica_gpus * n
+    if cpus > have.get("CPU", 0) or gpus > have.get("GPU", 0):
+        raise ResourceError(f"--replicas {n} x ({s.replica_cpus:g} CPU, {s.replica_gpus:g} "
+                            f"GPU) do not fit the cluster ({have.get('CPU', 0):g} CPUs, "
+                            f"{have.get('GPU', 0):g} GPUs); lower --replicas, --replica-cpus "
+                            f"or --replica-gpus")
+
+
 def port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -425,6 +446,7 @@ def run(cfg: Config, model: str, *, block: bool = True, say: Any = print) -> str
     if model and "://" not in model and not model.startswith(("models:/", "runs:/")):
         model = os.path.abspath(model)
     label = check_model(model, cfg)
+    check_fits(cfg)
     url = f"http://{s.host}:{s.port}"
     try:
         if setup.kind == "local" and not port_free(s.host, s.port):
@@ -435,8 +457,13 @@ def run(cfg: Config, model: str, *, block: bool = True, say: Any = print) -> str
         serve.start(http_options={"host": s.host, "port": s.port})
         say(f"deploying {model} (version {label}) at {url} ...")
         t0 = time.perf_counter()
-        serve.run(application(model, cfg), name=APP_NAME, route_prefix="/",
-                  logging_config={"enable_access_log": False, "log_level": "WARNING"})
+        try:
+            serve.run(application(model, cfg), name=APP_NAME, route_prefix="/",
+                      logging_config={"enable_access_log": False, "log_level": "WARNING"})
+        except RuntimeError as e:  # Serve gave up on the app (its replicas failed to start)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ClusterError(f"the app did not deploy: {first[:300]} (the replicas' "
+                               f"logs: {logs.log_dir()}/serve)") from None
         say(f"ready in {time.perf_counter() - t0:.1f}s: POST {url}/recommend, POST "
             f"{url}/score, GET {url}/healthz, GET {url}/version; API page {url}/docs")
         if not block:

@@ -56,6 +56,17 @@ def app_url(trained):
     serve.shutdown()  # this module started Serve on the session's Ray
 
 
+def test_replicas_that_do_not_fit_fail_at_once(trained):
+    from app.placement import ResourceError
+    from app.serve import run
+
+    t0 = time.perf_counter()
+    with pytest.raises(ResourceError, match=r"--replicas 1 x \(1 CPU, 1 GPU\) do not fit"):
+        run(serve_config(trained, replica_gpus=1), str(trained["model_dir"]), block=False,
+            say=lambda msg: None)
+    assert time.perf_counter() - t0 < 30
+
+
 def post(url: str, path: str, body, **kw) -> requests.Response:
     data = body if isinstance(body, (str, bytes)) else json.dumps(body)
     return requests.post(url + path, data=data, headers={"Content-Type": "application/json"},
