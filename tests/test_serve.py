@@ -272,3 +272,25 @@ def test_the_serve_entry_point_runs_and_stops_cleanly_from_a_plain_shell(trained
     time.sleep(2)
     assert not [p for p in children if psutil.pid_exists(p)
                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE], out
+
+
+@pytest.mark.gpu
+def test_a_gpu_replica_scores_on_the_gpu_and_agrees_with_the_cpu_core(trained):
+    """--replica-gpus 1: the replica's towers and ranking run on CUDA; its lists equal the
+    CPU core's (the same model), scores within float tolerance."""
+    from ray import serve
+
+    from app.serve import run
+
+    cfg = serve_config(trained, replica_gpus=1, reload_interval=0)
+    url = run(cfg, str(trained["model_dir"]), block=False, say=lambda msg: None)
+    try:
+        core = Recommender(trained["model_dir"])
+        for user in core.user_ids.iloc[[0, 10, 100]].tolist():
+            body = post(url, "/recommend", {"user_id": str(user), "k": 20}).json()
+            want = core.recommend([user], 20)
+            assert [i["item_id"] for i in body["items"]] == \
+                want["movieId"].astype(str).tolist()
+            assert np.allclose([i["score"] for i in body["items"]], want["score"], atol=1e-3)
+    finally:
+        serve.shutdown()
