@@ -183,7 +183,7 @@ def test_a_second_full_run_on_the_same_workdir_fails_at_once(tmp_path):
     """Two jobs on one workdir: the second stops at once naming the first, which completes."""
     wd, rt1, rt2 = tmp_path / "wd", short_tmp(), short_tmp()
     cmd = [sys.executable, "-m", "pipelines.full_run", "--dataset", "synthetic", "--rows",
-           "20000", "--epochs", "2", "--no-refit", "--stages", "prepare,train",
+           "20000", "--epochs", "1", "--no-refit", "--stages", "prepare,train",
            "--workdir", str(wd)]
     first = subprocess.Popen(cmd, cwd=ROOT, env=user_shell_env(RAY_TMPDIR=rt1),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -75,7 +75,8 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
     checkpoints, MLflow artifacts, recommendations), the workers reading nothing from the
     driver's disk; a training worker SIGKILLed in epoch 2 resumes from the bucket's
     checkpoint; ``--resume`` later continues from there; batch inference reads a users file
-    in the bucket and the model from it."""
+    in the bucket and the model from it. The mnmg placement puts one worker on each node
+    (CPU workers standing in for GPUs), trained with the pointwise (bce) objective."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -93,7 +94,7 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
     # keys its shared memory in /dev/shm by these paths)
     node_cache = tmp_path / "node-cache"
     workdir = f"{s3}/run"
-    settings = {"topology": "mnmg", "accelerator": "cpu", "num_workers": 2,
+    settings = {"topology": "mnmg", "accelerator": "cpu", "num_workers": 2, "objective": "bce",
                 "workdir": workdir, "registered_model_name": "two-tower-s3-run"}
     ray.shutdown()  # this test needs its own cluster; the session's local Ray comes back after
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -121,6 +122,14 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
         model = current(f"{workdir}/model")
         assert {"weights.pt", "model.json", "vocab/users.parquet", "mlflow.json"} <= \
             {f for f, _ in model.files()}
+        # mnmg: one worker per node, the sharded tables over both ranks
+        plan = json.loads((model / "sharding_plan.json").read_text())
+        nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert len(set(plan["rank_nodes"])) == 2 and set(plan["rank_nodes"]) <= nodes
+        assert {r for t in plan["tables"] if t["sharding_type"] != "data_parallel"
+                for r in t["ranks"]} == {0, 1}
+        # the pointwise objective reports AUROC; two epochs already separate the labels
+        assert 0.55 < trained["model"]["val"]["auroc"] <= 1.0
         info = json.loads((model / "mlflow.json").read_text())
         assert info["registered_uri"].startswith("models:/two-tower-s3-run/")
         assert summary["stages"]["infer"]["output"] == f"{workdir}/recommendations"
