@@ -20,6 +20,7 @@ from typing import Any, Optional
 import mlflow
 
 from app.config import ClusterConfig, Config, ConfigError
+from app.dataset import Manifest
 from app.redact import redact
 from app.storage import cache_root, is_remote, resolve
 
@@ -116,10 +117,11 @@ def flat_params(cfg: Config) -> dict[str, str]:
             for k, v in fields.items()}
 
 
-def run_label(stage: str, cfg: Config, manifest: Optional[dict[str, Any]] = None) -> str:
+def run_label(stage: str, cfg: Config, manifest: Optional[Manifest] = None) -> str:
     """An MLflow run name that says what ran: stage, dataset, objective and start time, e.g.
     ``train movielens-small softmax 2026-11-30 01:54``."""
-    dataset = ((manifest or {}).get("source") or {}).get("dataset") or cfg.data.dataset
+    dataset = (manifest.source.get("dataset") if manifest is not None else None) \
+        or cfg.data.dataset
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
     return f"{stage} {dataset} {cfg.model.objective} {when}"
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from app import logs
 from app.config import Config
-from app.dataset import SPLITS, DatasetError, read_manifest
+from app.dataset import SPLITS, DatasetError, Manifest, read_manifest
 from app.placement import placement, wait_for_placement
 from app.publish import Lease, check_writable, current, local_dir, version_of, version_uri, writer
 from app.redact import redact_values
@@ -222,7 +222,7 @@ def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Any,
 
 
 def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, lease: Lease, *, spec: Any,
-                    manifest: dict[str, Any], run_dir: Location, refit: bool,
+                    manifest: Manifest, run_dir: Location, refit: bool,
                     baselines: dict[str, Any], data_root: str, data_version: Optional[str],
                     register: Any, say: Any) -> tuple[dict, Path, dict, dict]:
     """Fit, then publish the best epoch's model folder as a new version of the output;

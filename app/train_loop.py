@@ -28,7 +28,7 @@ import torch.distributed as dist
 from app import logs
 from app.checkpoint import is_complete, load_sharded
 from app.config import Config, load_config
-from app.dataset import read_split_arrays
+from app.dataset import Manifest, read_split_arrays
 from app.metrics import UserItems, binary_auroc, finish, popularity_scores, ranking_sums
 from app.history import HISTORY_FILE, UserHistory
 from app.model import (TABLES, BatchMaker, ModelSpec, TwoTower, TwoTowerTrainTask,
@@ -51,7 +51,7 @@ def item_features(model_cfg: Any, data_dir: str | os.PathLike) -> list[ItemFeatu
     return [f for f in found if f is not None]
 
 
-def model_spec(cfg: Config, manifest: dict[str, Any], features: list[ItemFeatures]
+def model_spec(cfg: Config, manifest: Manifest, features: list[ItemFeatures]
                ) -> ModelSpec:
     """The model's shape from the config, the dataset's vocabularies and its item features."""
     rows = {f.name: len(f.vocab) for f in features}
