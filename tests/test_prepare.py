@@ -41,7 +41,7 @@ def streaming_rows(split_dir: Path) -> int:
     return n
 
 
-def check_counts_add_up(out: Path) -> dict:
+def check_counts_add_up(out: Path) -> Manifest:
     m = read_manifest(out)
     c = m.counts
     assert c["read"] == c["accepted"] + c["rejected"]
@@ -103,7 +103,7 @@ def test_lfs_download_from_a_served_zip(ray_local, tmp_path):
         prepare_dataset(data_config(dataset="lfs", download_url=url), str(out), verbose=False)
     finally:
         server.shutdown()
-    assert check_counts_add_up(out)["counts"]["accepted"] == 3000
+    assert check_counts_add_up(out).counts["accepted"] == 3000
     assert not (current(out) / "_scratch").exists()  # the download is not part of the dataset
 
 
@@ -246,7 +246,7 @@ def test_interrupted_run_leaves_nothing_and_rerun_succeeds(ray_local, tmp_path, 
     # the next writer (holding the lease) removes it
     (out / ".partial-v-000001-20260101T000000Z" / "train").mkdir(parents=True)
     prepare_dataset(cfg, str(out), verbose=False)
-    assert check_counts_add_up(out)["counts"]["accepted"] == 50_000
+    assert check_counts_add_up(out).counts["accepted"] == 50_000
     first = current(out).name
     assert sorted(p.name for p in out.iterdir()) == ["CURRENT", first]
     # an existing dataset is replaced only on request, by a new version
@@ -266,7 +266,7 @@ def test_csv_folder_with_a_header_only_file(ray_local, tmp_path):
     out = tmp_path / "out"
     prepare_dataset(data_config(dataset="csv", input=str(tmp_path / "in"), split="temporal"),
                     str(out), verbose=False)
-    assert check_counts_add_up(out)["counts"]["accepted"] == 2
+    assert check_counts_add_up(out).counts["accepted"] == 2
 
 
 def test_tab_separated_input_is_parsed_as_such(ray_local, tmp_path):
