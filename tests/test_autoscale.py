@@ -99,6 +99,19 @@ def test_an_autoscaling_cluster_grows_for_the_topology_or_fails_clearly(tmp_path
             os.killpg(head.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        # and any of this cluster's processes outside that group (their sessions live in rt):
+        # a raylet left waiting for its head would be found by a later `--address auto`
+        import psutil
+
+        left = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if any(str(rt) in arg for arg in proc.info["cmdline"] or []):
+                    proc.kill()
+                    left.append(proc)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(left, timeout=30)
         shutil.rmtree(rt, ignore_errors=True)
         if session_ray:
             start_local_ray()

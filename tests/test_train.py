@@ -58,7 +58,7 @@ def test_model_folder_is_complete(trained):
                  "metrics.json", "history.json", "mlflow.json"):
         assert (model_dir / name).is_file(), name
     info = read_model_json(model_dir)
-    assert info["spec"]["num_items"] == info["dataset"]["vocab"]["items"] + 1
+    assert info.spec["num_items"] == info.dataset["vocab"]["items"] + 1
     assert not list(model_dir.parent.glob(".*partial*"))
 
 

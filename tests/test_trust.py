@@ -89,7 +89,7 @@ def test_a_changed_byte_in_the_weights_fails_the_load_in_one_line(trained, tmp_p
 
     model_dir = tmp_path / "model"
     shutil.copytree(trained["model_dir"], model_dir)
-    sealed = read_model_json(model_dir)["sha256"]
+    sealed = read_model_json(model_dir).sha256
     assert {"weights.pt", "user_history.npz", "item_popularity.npy"} <= set(sealed)
     assert any(name.startswith("vocab/") for name in sealed)
     load_exported(model_dir)  # intact: loads
