@@ -6,6 +6,7 @@ stop cleanly on Ctrl-C, print only the project's lines, and list and check their
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import shutil
@@ -68,14 +69,27 @@ def test_a_stale_address_file_is_not_attached_to(ray_tmpdir, tmp_path):
 @pytest.mark.parametrize("how", ["flag", "auto"])
 def test_an_unreachable_cluster_fails_within_the_timeout_in_one_line(ray_tmpdir, tmp_path,
                                                                      how):
+    import ray
+
+    from tests.conftest import start_local_ray
+
     rt, dead = ray_tmpdir
     env = user_shell_env(RAY_TMPDIR=str(rt))
     env.pop("RAY_ADDRESS", None)
     address = dead if how == "flag" else "auto"  # auto: the (stale) cluster of this machine
+    # auto also finds any Ray running on this machine: the session's, if up, stops meanwhile
+    session_ray = how == "auto" and ray.is_initialized()
+    if session_ray:
+        ray.shutdown()
     t0 = time.monotonic()
-    out = _run(["pipelines.prepare_data", "--dataset", "synthetic", "--rows", "1000",
-                "--output", str(tmp_path / "data"), "--address", address,
-                "--ray-connect-timeout", "3"], env, timeout=120)
+    try:
+        out = _run(["pipelines.prepare_data", "--dataset", "synthetic", "--rows", "1000",
+                    "--output", str(tmp_path / "data"), "--address", address,
+                    "--ray-connect-timeout", "3"], env, timeout=120)
+    finally:
+        if session_ray:
+            os.chdir(ROOT)
+            start_local_ray()
     assert time.monotonic() - t0 < 60
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     err = out.stderr.strip().splitlines()
