@@ -168,7 +168,7 @@ class ModelSource:
 
             from app import tracking
 
-            tracking.configure(self.cfg.cluster)
+            tracking.connect(self.cfg.cluster)
             try:
                 v = mlflow.MlflowClient().get_model_version_by_alias(self.name, self.alias)
             except Exception as e:  # noqa: BLE001 (MLflow's own errors vary by store)
@@ -301,12 +301,9 @@ class RecommenderServer:
 
     @api.get("/version", response_model=VersionInfo)
     async def version(self) -> dict[str, Any]:
-        from app.export import read_model_json
-
-        core = self.current
-        info = read_model_json(core.model_dir)
+        core = self.current  # (its model.json was read once, when it was loaded)
         return {"model_version": core.version, "model": self.source.model,
-                "weights_sha256": info.weights_sha256,
+                "weights_sha256": core.info.weights_sha256,
                 "users": len(core.user_ids), "items": len(core.item_ids),
                 "loaded_unix": self.loaded_unix, "swaps": self.swaps}
 
@@ -385,7 +382,7 @@ def check_model(model: str, cfg: Config) -> str:
         from app import tracking
         from app.export import ModelError
 
-        tracking.configure(cfg.cluster)
+        tracking.connect(cfg.cluster)
         name, _, version = model[len("models:/"):].partition("/")
         try:
             mlflow.MlflowClient().get_model_version(name, version)

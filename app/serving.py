@@ -70,6 +70,14 @@ def lookup(index: pd.Index, keys: pd.Series) -> np.ndarray:
     return (pos + 1).astype(np.int64)
 
 
+def _column(values: Any) -> Any:
+    """Ids as given (a Series or an array stays as it is; any other sequence becomes an
+    object Series, so mixed types keep their own)."""
+    if isinstance(values, (pd.Series, np.ndarray)):
+        return values
+    return pd.Series(list(values), dtype=object)
+
+
 def rated_items(data_dir: str | os.PathLike, splits: Sequence[str], num_users: int
                 ) -> UserItems:
     """Each user's items in the given splits of a prepared dataset (what is left out)."""
@@ -149,7 +157,7 @@ class Recommender:
         self.model_dir = model_dir = local_dir(model_dir)  # one version, however long we serve
         self.device = torch.device(device)
         self.model = load_exported(model_dir, map_location=self.device)
-        info = read_model_json(model_dir)
+        self.info = info = read_model_json(model_dir)
         self.version = version or (info.weights_sha256 or "unsealed")[:12]
         self.calibration = info.calibration
         vocab = load_vocab(model_dir)  # every id once, or a one-line error
@@ -325,8 +333,7 @@ class Recommender:
         True, ``source`` "popularity", score = the item's training positives). A user who
         rated almost the whole catalog gets a shorter list.
         """
-        ids = user_ids if isinstance(user_ids, (pd.Series, np.ndarray)) else \
-            pd.Series(list(user_ids), dtype=object)
+        ids = _column(user_ids)
         users = self.user_indices(ids)
         if histories is not None:
             given, self.unknown_history_items = self.histories(histories)
@@ -350,10 +357,7 @@ class Recommender:
         """Scores of (user, item) pairs: userId, movieId (as given), score (the towers' dot
         product), prediction_prob (calibrated, see ``model.json``), predicted_class,
         known_user, known_item. Pairs with an unknown id keep their row with NaN scores."""
-        users = user_ids if isinstance(user_ids, (pd.Series, np.ndarray)) else \
-            pd.Series(list(user_ids), dtype=object)
-        items = item_ids if isinstance(item_ids, (pd.Series, np.ndarray)) else \
-            pd.Series(list(item_ids), dtype=object)
+        users, items = _column(user_ids), _column(item_ids)
         u, i = self.user_indices(users), self.item_indices(items)
         known = (u > 0) & (i > 0)
         score = np.full(len(u), np.nan, np.float32)

@@ -88,8 +88,9 @@ def experiment_name(cluster: ClusterConfig, tracking: str,
     return name
 
 
-def configure(cluster: ClusterConfig) -> str:
-    """Point this process's MLflow at the configured stores and experiment; returns its id."""
+def connect(cluster: ClusterConfig) -> str:
+    """Point this process's MLflow at the configured tracking and registry stores (what a
+    reader of the registry needs: nothing is created); returns the tracking URI."""
     from app.cluster import mlflow_defaults
 
     uri = tracking_uri(cluster)
@@ -97,9 +98,18 @@ def configure(cluster: ClusterConfig) -> str:
     if redact(uri) != uri:  # MLflow prints run links with the URI as given, credential and all
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     registry = mlflow_defaults(cluster)[1]
-    check_model_name(cluster.registered_model_name, registry)
     if registry:
         mlflow.set_registry_uri(registry)
+    return uri
+
+
+def configure(cluster: ClusterConfig) -> str:
+    """Point this process's MLflow at the configured stores and experiment (created when
+    missing); returns its id."""
+    from app.cluster import mlflow_defaults
+
+    uri = connect(cluster)
+    check_model_name(cluster.registered_model_name, mlflow_defaults(cluster)[1])
     name = experiment_name(cluster, uri)
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
