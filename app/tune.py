@@ -1,7 +1,7 @@
 """Hyperparameter sweeps with Ray Tune over the distributed trainer.
 
 Every trial is a Tune function that builds the same ``TorchTrainer`` as ``pipelines.train``
-(:func:`app.train.make_trainer`) with the trial's settings and fits it, so each trial is a
+(:func:`app.train.driver.make_trainer`) with the trial's settings and fits it, so each trial is a
 sharded, distributed training run with its own workers. Ray Train's ``TuneReportCallback``
 forwards every epoch's metrics to Tune, where ASHA stops weak trials early and a search
 algorithm (Optuna's TPE, or random sampling) proposes the next ones. MLflow gets a parent run
@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from app import logs
-from app.config import Config, ConfigError, load_config
-from app.placement import Placement, ResourceError, check_resources, cluster_nodes, placement
-from app.publish import SUCCESS, version_uri
-from app.redact import redact_values
+from app.core import logs
+from app.core.config import Config, ConfigError, load_config
+from app.core.publish import SUCCESS, version_uri
+from app.core.redact import redact_values
+from app.train.placement import Placement, ResourceError, check_resources, cluster_nodes, placement
 
 EXPERIMENT = "sweep"
 
@@ -73,8 +73,8 @@ def run_trial(config: dict[str, Any], credentials: Optional[dict[str, str]] = No
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from app import tracking
-    from app.train import make_trainer
+    from app.core import tracking
+    from app.train.driver import make_trainer
 
     cfg = trial_config(config["base"], {**config["params"], **(credentials or {})})
     ctx = ray.tune.get_context()
@@ -166,8 +166,8 @@ def sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
     Returns:
         ``{"rows": [...], "best": {...}, "best_config": path, "plot": path, ...}``.
     """
-    from app.publish import writer
-    from app.storage import is_remote
+    from app.core.publish import writer
+    from app.core.storage import is_remote
 
     target = output if is_remote(output) else Path(output).resolve()
     with logs.stage("tune"), writer(target, "tune", timeout=cfg.cluster.lease_timeout,
@@ -178,11 +178,10 @@ def sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> d
 def _sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool) -> dict[str, Any]:
     from ray import tune
 
-    from app import tracking
-    from app.cluster import init_ray
-    from app.dataset import read_manifest
-
-    from app.storage import ray_storage, resolve
+    from app.core import tracking
+    from app.core.cluster import init_ray
+    from app.core.storage import ray_storage, resolve
+    from app.data.dataset import read_manifest
 
     say = (lambda msg: logs.say("tune", msg)) if verbose else (lambda msg: None)
     t0 = time.perf_counter()
@@ -289,7 +288,7 @@ def _close_child_runs(cfg: Config, parent_run_id: str, rows: list[dict[str, Any]
     so it is marked KILLED; completed trials FINISHED; errored ones FAILED."""
     import mlflow
 
-    from app import tracking
+    from app.core import tracking
 
     status = {"completed": "FINISHED", "stopped early": "KILLED", "error": "FAILED"}
     by_trial = {r["trial"]: status[r["status"]] for r in rows}

@@ -12,8 +12,8 @@ matches it, without training:
            ``write_model_json``; ``vocab/users.parquet`` and ``vocab/items.parquet`` (index
            1..n, id = 1000 + index as int64); ``item_popularity.npy`` (train positives per item);
   data  -- the same vocab files, ``--rated`` random interactions per user written as MDS splits
-           (train/val/test, 70/20/10) with ``app.mds.write_mds_columns`` and merged by
-           ``app.prepare.merge_split_index``, and a manifest with the keys ``read_manifest``
+           (train/val/test, 70/20/10) with ``app.data.mds.write_mds_columns`` and merged by
+           ``app.data.prepare.merge_split_index``, and a manifest with the keys ``read_manifest``
            checks (schema version, MDS columns) and ``write_model_json`` reads (created_unix,
            vocab, counts.splits). The vocab files are copies of the model's, so
            ``check_dataset_matches`` passes; the splits are only read when exclusion is on.
@@ -22,7 +22,7 @@ actor: that run reads a users file, whose read tasks need a CPU the pool leaves 
   ceiling  -- the same scoring in this process on in-memory tensors: query embeddings (U, D)
               @ item embeddings (N + 1, D).T in chunks of users (the pipeline's chunk rule),
               column 0 (unknown item) masked, ``torch.topk`` K per row; every torch thread;
-  pipeline -- ``app.inference.batch_inference`` end to end (model and dataset checks, item
+  pipeline -- ``app.serve.batch.batch_inference`` end to end (model and dataset checks, item
               embeddings, actor pool start-up, ``map_batches(TopK)``, Parquet output, the
               summary read back), with ``exclude_rated="none"`` so the work equals the
               ceiling's; one run per pool size in ``--actors`` (and batch size), users/s over
@@ -69,15 +69,25 @@ import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from app.config import load_config  # noqa: E402
-from app.dataset import MANIFEST, SCHEMA_VERSION, SPLITS, Manifest, read_manifest  # noqa: E402
-from app.export import (WEIGHTS, ExportedTwoTower, item_popularity, load_exported,  # noqa: E402
-                        write_model_json)
-from app.inference import (TopK, _device_and_pool, batch_inference,  # noqa: E402
-                           check_dataset_matches, rated_items)
-from app.mds import INTERACTION_COLUMNS, write_mds_columns  # noqa: E402
-from app.model import ModelSpec  # noqa: E402
-from app.prepare import merge_split_index  # noqa: E402
+from app.core.config import load_config  # noqa: E402
+from app.data.dataset import MANIFEST, SCHEMA_VERSION, SPLITS, Manifest, read_manifest  # noqa: E402
+from app.data.mds import INTERACTION_COLUMNS, write_mds_columns  # noqa: E402
+from app.data.prepare import merge_split_index  # noqa: E402
+from app.serve.batch import (  # noqa: E402
+    TopK,
+    _device_and_pool,
+    batch_inference,
+    check_dataset_matches,
+    rated_items,
+)
+from app.train.export import (  # noqa: E402
+    WEIGHTS,
+    ExportedTwoTower,
+    item_popularity,
+    load_exported,
+    write_model_json,
+)
+from app.train.model import ModelSpec  # noqa: E402
 
 ID_BASE = 1000          # id of vocabulary index i is ID_BASE + i
 SPLIT_FRACTIONS = (0.7, 0.2, 0.1)
@@ -233,7 +243,7 @@ import numpy, pandas, pyarrow, ray, torch
 t1 = time.perf_counter()
 import streaming
 t2 = time.perf_counter()
-import app.inference
+import app.serve.batch
 t3 = time.perf_counter()
 print(t1 - t0, t2 - t1, t3 - t2)
 """
@@ -241,8 +251,8 @@ print(t1 - t0, t2 - t1, t3 - t2)
 
 def import_seconds() -> dict[str, float]:
     """What a fresh actor process spends importing before its constructor runs: the
-    libraries, then ``streaming`` (which app.inference reaches through app.export ->
-    app.model -> app.reader), then the rest of app.inference."""
+    libraries, then ``streaming`` (which app.serve.batch reaches through app.train.export ->
+    app.train.model -> app.data.reader), then the rest of app.serve.batch."""
     done = subprocess.run([sys.executable, "-c", IMPORTS], cwd=ROOT, capture_output=True,
                           text=True, check=True)
     libs, stream, app = (float(x) for x in done.stdout.split()[-3:])
@@ -467,8 +477,8 @@ def main() -> None:
           f"actor at most")
     print(f"actor start: imports in a fresh process {sum(imports.values()):.1f}s (numpy, "
           f"pandas, pyarrow, ray, torch {imports['libraries_s']:.1f}s; streaming, reached "
-          f"through app.export -> app.model -> app.reader, {imports['streaming_s']:.1f}s; "
-          f"the rest of app.inference {imports['app_s']:.1f}s), TopK constructor "
+          f"through app.train.export -> app.train.model -> app.data.reader, {imports['streaming_s']:.1f}s; "
+          f"the rest of app.serve.batch {imports['app_s']:.1f}s), TopK constructor "
           f"{parts['setup_s']:.2f}s")
     print(f"driver: set-up before the pool (dataset check, model, item embeddings) "
           f"{driver['setup_s']:.1f}s, rated items for exclusion {driver['rated_s']:.1f}s, "

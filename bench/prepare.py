@@ -4,7 +4,7 @@
 
 Writes a synthetic CSV in the raw schema (cached under .bench/), then times
   floor    -- pyarrow reads the CSV and writes it as Parquet (multi-threaded, one process);
-  pipeline -- app.prepare.prepare_dataset on the same CSV: Ray Data read, validation,
+  pipeline -- app.data.prepare.prepare_dataset on the same CSV: Ray Data read, validation,
               vocabularies, labels, random split, MDS shards and manifest.
 Ray starts before the clock. Prints rows/s for both, the time ratio, and one JSON line.
 """
@@ -27,9 +27,9 @@ import pyarrow.csv as pacsv  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 
-from app.config import load_config  # noqa: E402
-from app.prepare import prepare_dataset  # noqa: E402
-from app.synthetic import generate_chunk, num_chunks  # noqa: E402
+from app.core.config import load_config  # noqa: E402
+from app.data.prepare import prepare_dataset  # noqa: E402
+from app.data.synthetic import generate_chunk, num_chunks  # noqa: E402
 
 
 def synthetic_csv(rows: int, seed: int, cache: Path) -> Path:

@@ -4,7 +4,7 @@
 
 Prepares movielens-small and a synthetic dataset (``--rows``, sized so that a rung takes a
 minute or two on 2 CPU cores), then trains each rung of the ladder with the
-real pipeline (``app.train.train``: 2 CPU workers, TorchRec sharding, evaluation each epoch)
+real pipeline (``app.train.driver.train``: 2 CPU workers, TorchRec sharding, evaluation each epoch)
 on the same split. Each rung adds one lever to the one before:
 
   today's defaults          the first release: user id only, in-batch softmax, 3 epochs
@@ -40,8 +40,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.config import load_config  # noqa: E402
-from app.dataset import Manifest  # noqa: E402
+from app.core.config import load_config  # noqa: E402
+from app.data.dataset import Manifest  # noqa: E402
 
 # The first release's settings, spelled out (the defaults have moved on since).
 TODAY = {"epochs": 3, "patience": 0, "history_length": 0, "use_user_id": True,
@@ -71,8 +71,8 @@ def ladder(max_epochs: int) -> list[tuple[str, dict[str, Any]]]:
 
 def prepare(name: str, rows: int, cache: Path) -> Path:
     """The dataset prepared once under ``cache`` (defaults otherwise: random 70/20/10 split)."""
-    from app.prepare import prepare_dataset
-    from app.publish import current
+    from app.core.publish import current
+    from app.data.prepare import prepare_dataset
 
     out = cache / (f"quality-{name}" + (f"-{rows}" if name == "synthetic" else ""))
     if not (current(out) / "manifest.json").exists():  # prepared before (any layout)
@@ -85,7 +85,7 @@ def prepare(name: str, rows: int, cache: Path) -> Path:
 def run_rung(overrides: dict[str, Any], data_dir: Path, work: Path, tag: str, *,
              refit: bool = False) -> dict[str, Any]:
     """Train one rung; its held-out figures (or, for a refit, its training rows)."""
-    from app.train import train
+    from app.train.driver import train
 
     cfg = load_config(overrides={**overrides, "workdir": str(work),
                                  "registered_model_name": "bench-quality",
@@ -175,7 +175,7 @@ def main() -> None:
 
     import ray
 
-    from app.cluster import init_ray
+    from app.core.cluster import init_ray
 
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x])

@@ -5,7 +5,7 @@
 Trains a movielens-small model with the defaults (once, cached under ``.bench/``; ``--model``
 gives one) and starts, on one local Ray, two Serve applications side by side:
 
-- the app (``app.serve``: FastAPI ingress, ``@serve.batch``, the serving core, one CPU
+- the app (``app.serve.http``: FastAPI ingress, ``@serve.batch``, the serving core, one CPU
   replica: what ``python -m pipelines.serve`` deploys), asked ``POST /recommend`` for a random
   known user with k=20;
 - the floor: an identity deployment with the same ingress, replica and request limits that
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from app.config import load_config  # noqa: E402
+from app.core.config import load_config  # noqa: E402
 
 LEVELS = (1, 16, 64)
 K = 20
@@ -44,9 +44,9 @@ K = 20
 
 def trained_model(cache: Path) -> Path:
     """A movielens-small model with the default settings, trained once under ``cache``."""
-    from app.prepare import prepare_dataset
-    from app.publish import current
-    from app.train import train
+    from app.core.publish import current
+    from app.data.prepare import prepare_dataset
+    from app.train.driver import train
 
     model = cache / "serve-model"
     if (current(model) / "model.json").is_file():
@@ -127,7 +127,7 @@ def core_latency(model_dir: Path, users: list[Any]) -> dict[str, float]:
     """The serving core alone, in this process: one user per call, and 16 per call."""
     import torch
 
-    from app.serving import Recommender
+    from app.serve.core import Recommender
 
     core = Recommender(model_dir)
     torch.set_num_threads(1)  # a replica's share
@@ -160,9 +160,9 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from app.cluster import _free_port, init_ray
-    from app.dataset import load_vocab
-    from app.serve import run
+    from app.core.cluster import _free_port, init_ray
+    from app.data.dataset import load_vocab
+    from app.serve.http import run
 
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x])

@@ -8,7 +8,7 @@ per worker with the ``bce`` objective at batch size 8192, each inside a Ray Trai
 ``TorchTrainer`` (CPU workers, gloo) on the real sharded model (``build_sharded``):
   ceiling  -- ``train_step`` on batches built in memory before the clock, cycled over:
               the model step alone, no data path;
-  pipeline -- this project's data path, as the epoch loop of app/train_loop.py runs it:
+  pipeline -- this project's data path, as the epoch loop of app/train/loop.py runs it:
               ``InteractionStream`` over the MDS train split -> ``epoch_sample_ids`` ->
               ``gather`` -> ``make_batch`` in the ``_prefetch`` background thread ->
               ``train_step``; with 1 worker and with 2 workers;
@@ -42,10 +42,10 @@ sys.path.insert(0, str(ROOT))
 
 import ray  # noqa: E402
 
-from app.config import load_config  # noqa: E402
-from app.dataset import Manifest  # noqa: E402
-from app.prepare import prepare_dataset  # noqa: E402
-from app.publish import current  # noqa: E402
+from app.core.config import load_config  # noqa: E402
+from app.core.publish import current  # noqa: E402
+from app.data.dataset import Manifest  # noqa: E402
+from app.data.prepare import prepare_dataset  # noqa: E402
 
 BATCH_SIZE = 8192
 WARMUP = 2
@@ -71,7 +71,7 @@ def _seed_batch(batch: dict[str, Any], genre_lists: Any) -> Any:
     import torch
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from app.model import TwoTowerBatch
+    from app.train.model import TwoTowerBatch
 
     user_values, user_lengths = [], []
     item_values, item_lengths = [], []
@@ -110,9 +110,15 @@ def bench_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from app.reader import InteractionStream
-    from app.train_loop import (BATCH_COLUMNS, _equal_share, _prefetch, build_sharded,
-                                train_step, training_inputs)
+    from app.data.reader import InteractionStream
+    from app.train.loop import (
+        BATCH_COLUMNS,
+        _equal_share,
+        _prefetch,
+        build_sharded,
+        train_step,
+        training_inputs,
+    )
 
     cfg = load_config(overrides=config["overrides"])
     data_dir = config["data_dir"]

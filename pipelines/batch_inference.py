@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app import cli
+from app.core import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
 
     def body(args: argparse.Namespace) -> None:
-        from app.config import config_from_args
-        from app.inference import batch_inference
+        from app.core.config import config_from_args
+        from app.serve.batch import batch_inference
 
         cfg = config_from_args(args)
         print(cfg.describe(), flush=True)

@@ -17,16 +17,16 @@ import sys
 import time
 from typing import Any
 
-from app import cli, logs
-from app.cluster import init_ray
-from app.config import Config, config_from_args, load_config
-from app.dataset import DatasetError, read_manifest
-from app.prepare import prepare_dataset
-from app.publish import OutputError, current, version_uri, writer
-from app.redact import redact, redact_values
-from app.report import examples, plot_history, render
-from app.storage import Location, resolve
-from app.tracking import tracking_uri
+from app.core import cli, logs
+from app.core.cluster import init_ray
+from app.core.config import Config, config_from_args, load_config
+from app.core.publish import OutputError, current, version_uri, writer
+from app.core.redact import redact, redact_values
+from app.core.report import examples, plot_history, render
+from app.core.storage import Location, resolve
+from app.core.tracking import tracking_uri
+from app.data.dataset import DatasetError, read_manifest
+from app.data.prepare import prepare_dataset
 
 STAGES = ("prepare", "train", "infer")
 
@@ -65,7 +65,7 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False,
             the registered model and the recommendations come from the refit, the held-out
             metrics from the evaluated run (its folder: ``model-heldout/``).
     """
-    workdir = resolve(cfg.cluster.workdir)  # a local path or a URI (app.storage)
+    workdir = resolve(cfg.cluster.workdir)  # a local path or a URI (app.core.storage)
     # one full run per workdir at a time (each stage also holds its own output's lease)
     with writer(workdir, "full_run", timeout=cfg.cluster.lease_timeout,
                 say=lambda msg: logs.say("run", msg)):
@@ -111,7 +111,7 @@ def _run(cfg: Config, workdir: Location, stages: tuple[str, ...], *, tune: bool,
         cfg = load_config(swept["best_config"], {"workdir": cfg.cluster.workdir,
                                                  **cfg.credentials()})
     if "train" in stages:
-        from app.train import train
+        from app.train.driver import train
 
         t0 = time.perf_counter()
         evaluated_dir = workdir / "model-heldout" if refit else model_dir
@@ -135,7 +135,7 @@ def _run(cfg: Config, workdir: Location, stages: tuple[str, ...], *, tune: bool,
                                           "mlflow": again["mlflow"]}
         served = (summary["stages"].get("refit") or summary["stages"]["train"])["mlflow"]
         if served.get("version") is not None:
-            from app.tracking import PROMOTION_METRIC, promote
+            from app.core.tracking import PROMOTION_METRIC, promote
 
             test = result["metrics"].get("model", {}).get("test", {})
             summary["promotion"] = promote(cfg, served["version"], test.get(PROMOTION_METRIC),
@@ -145,7 +145,7 @@ def _run(cfg: Config, workdir: Location, stages: tuple[str, ...], *, tune: bool,
         plot_history(result["history"], (workdir / "val_metrics.png").uri,
                      [int(k) for k in cfg.train.eval_k])
     if "infer" in stages:
-        from app.inference import batch_inference
+        from app.serve.batch import batch_inference
 
         recs = workdir / "recommendations"
         t0 = time.perf_counter()

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from app import cli
+from app.core import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,9 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
 
     def body(args: argparse.Namespace) -> None:
-        from app.cluster import init_ray
-        from app.config import config_from_args
-        from app.prepare import prepare_dataset
+        from app.core.cluster import init_ray
+        from app.core.config import config_from_args
+        from app.data.prepare import prepare_dataset
 
         cfg = config_from_args(args)
         output = cfg.data.output or str(Path(cfg.cluster.workdir) / "data")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app import cli
+from app.core import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
 
     def body(args: argparse.Namespace) -> None:
-        from app import logs
-        from app.config import config_from_args
-        from app.serve import run
+        from app.core import logs
+        from app.core.config import config_from_args
+        from app.serve.http import run
 
         cfg = config_from_args(args)
         print(cfg.describe(), flush=True)

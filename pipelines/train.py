@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app import cli
+from app.core import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,9 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
 
     def body(args: argparse.Namespace) -> None:
-        from app.config import config_from_args
-        from app.report import comparison
-        from app.train import train
+        from app.core.config import config_from_args
+        from app.core.report import comparison
+        from app.train.driver import train
 
         cfg = config_from_args(args)
         print(cfg.describe(), flush=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from app import cli
+from app.core import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
 
     def body(args: argparse.Namespace) -> None:
-        from app.config import config_from_args
+        from app.core.config import config_from_args
         from app.tune import sweep
 
         cfg = config_from_args(args)

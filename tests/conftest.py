@@ -18,16 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # it (a local ray.init exports RAY_AUTH_MODE=token, Ray Train its own variables ...)
 SHELL_ENV = dict(os.environ)
 
-from app.config import load_config  # noqa: E402
-from app.prepare import prepare_dataset  # noqa: E402
-from app.publish import current  # noqa: E402
+from app.core.config import load_config  # noqa: E402
+from app.core.publish import current  # noqa: E402
+from app.data.prepare import prepare_dataset  # noqa: E402
 
 
 def start_local_ray(**kwargs) -> None:
     """A local Ray as the pipeline starts one (2 CPUs unless given): every listener on
     loopback, with the dashboard, whose state API lets Ray Train release the placement group
     of a run whose driver was stopped."""
-    from app.cluster import start_embedded
+    from app.core.cluster import start_embedded
 
     start_embedded(**{"num_cpus": 2, **kwargs}, include_dashboard=True,
                    dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
@@ -59,7 +59,7 @@ def movielens_dir(ray_local, tmp_path_factory) -> Path:
 def trained(ray_local, movielens_dir, tmp_path_factory):
     """A model trained on movielens-small by 2 CPU workers for 3 epochs (defaults otherwise),
     registered in a local MLflow store."""
-    from app.train import train
+    from app.train.driver import train
 
     work = tmp_path_factory.mktemp("train")
     cfg = load_config(overrides={"epochs": 3, "num_workers": 2, "workdir": str(work),
@@ -75,9 +75,9 @@ def exported_recall(model_dir: Path, data_dir: Path, split: str, k: int = 20) ->
     import numpy as np
     import torch
 
-    from app.dataset import read_split_arrays
-    from app.metrics import UserItems, finish, ranking_sums
-    from app.serving import Recommender
+    from app.data.dataset import read_split_arrays
+    from app.serve.core import Recommender
+    from app.train.metrics import UserItems, finish, ranking_sums
 
     rec = Recommender(model_dir)
     n = rec.model.spec.num_users
@@ -193,7 +193,7 @@ def s3_server(tmp_path_factory):
     """The session's S3 server; this process's environment points at it as a user's would
     (``AWS_ENDPOINT_URL`` and credentials), from before any Ray starts, so Ray's processes
     inherit it too."""
-    from app.storage import CACHE_ENV
+    from app.core.storage import CACHE_ENV
 
     server = S3Server(tmp_path_factory.mktemp("s3"))
     saved = {k: os.environ.get(k) for k in [*server.env, "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",

@@ -15,8 +15,8 @@ import time
 import pytest
 import ray
 
-from app.config import load_config
-from app.placement import ResourceError, placement, wait_for_placement
+from app.core.config import load_config
+from app.train.placement import ResourceError, placement, wait_for_placement
 from tests.conftest import short_tmp, start_local_ray, user_shell_env
 
 

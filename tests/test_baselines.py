@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-import torch
 
-from app.baselines import ease_baseline, fit_ease
-from app.metrics import UserItems
+from app.train.baselines import ease_baseline, fit_ease
+from app.train.metrics import UserItems
 
 
 def _brute_force(x: np.ndarray, lam: float) -> np.ndarray:

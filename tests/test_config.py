@@ -2,7 +2,7 @@ import argparse
 
 import pytest
 
-from app.config import Config, ConfigError, add_arguments, config_from_args, load_config
+from app.core.config import Config, ConfigError, add_arguments, config_from_args, load_config
 
 
 def parse(argv):

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from app.dataset import DatasetError, Manifest, read_manifest
-from app.export import ModelError, ModelInfo, read_model_json
-from app.inference import RecommendationsSummary
-from app.publish import OutputError, current
+from app.core.publish import OutputError, current
+from app.data.dataset import DatasetError, Manifest, read_manifest
+from app.serve.batch import RecommendationsSummary
+from app.train.export import ModelError, ModelInfo, read_model_json
 
 
 def test_the_prepared_manifest_round_trips_and_is_typed(movielens_dir, tmp_path):
@@ -41,8 +41,8 @@ def test_a_contract_file_that_breaks_the_contract_is_refused_naming_it(cls, erro
 
 def test_the_model_folder_and_the_recommendations_carry_typed_contracts(trained, movielens_dir,
                                                                         tmp_path):
-    from app.config import load_config
-    from app.inference import batch_inference
+    from app.core.config import load_config
+    from app.serve.batch import batch_inference
 
     info = read_model_json(trained["model_dir"])
     assert isinstance(info, ModelInfo) and len(info.weights_sha256) == 64

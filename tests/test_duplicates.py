@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from app.duplicates import _PART_SCHEMA, decisions_for, resolve
+from app.data.duplicates import _PART_SCHEMA, decisions_for, resolve
 
 # one pair (key 11) rated four times across two blocks, one pair (key 12) rated once;
 # the last two rows of key 11 tie on timestamp

@@ -22,8 +22,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from app.dataset import Manifest
-from app.publish import current
+from app.core.publish import current
+from app.data.dataset import Manifest
 from tests.conftest import ROOT, short_tmp, user_shell_env
 
 
@@ -101,7 +101,7 @@ def test_an_unreachable_cluster_fails_within_the_timeout_in_one_line(ray_tmpdir,
 
 
 def test_addresses_that_cannot_be_a_cluster_are_named():
-    from app.cluster import ClusterError, resolve_address
+    from app.core.cluster import ClusterError, resolve_address
 
     with pytest.raises(ClusterError, match=r"dashboard \(job API\) address.*ray job submit --address"):
         resolve_address("http://127.0.0.1:8265", timeout=1)
@@ -248,7 +248,7 @@ def test_every_entry_point_lists_its_choices_and_checks_them_at_parse_time(name,
 
 
 def test_flags_keep_one_meaning_and_stay_in_their_section():
-    from app.config import config_from_args
+    from app.core.config import config_from_args
     from pipelines import batch_inference, full_run, train
 
     cfg = config_from_args(train.build_parser().parse_args(

@@ -3,10 +3,9 @@ whole pipeline from a plain shell: tests/test_first_hour.py)."""
 
 import json
 
+from app.core.publish import current
+from app.data.dataset import Manifest
 from pipelines import full_run
-
-from app.dataset import Manifest
-from app.publish import current
 
 
 def test_full_run_prepares_into_the_workdir_and_reuses_it(ray_local, tmp_path, capsys):

@@ -4,7 +4,6 @@ recommendations."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from app.config import ConfigError, load_config
-from app.dataset import DatasetError, Manifest, load_vocab, read_manifest, read_split_arrays
-from app.prepare import prepare_dataset
-from app.publish import current
+from app.core.config import ConfigError, load_config
+from app.core.publish import current
+from app.data.dataset import DatasetError, Manifest, load_vocab, read_manifest, read_split_arrays
+from app.data.prepare import prepare_dataset
 from tests.conftest import data_config
 
 PADDED = ["007", "7", "0007", "+7", "12345678901234567890"]
@@ -99,8 +98,8 @@ def test_parquet_float_ids_integral_kept_others_quarantined(ray_local, tmp_path)
 
 
 def test_a_vocabulary_with_a_repeated_id_is_refused_when_read(ray_local, tmp_path):
-    from app.dataset import load_vocab
-    from app.prepare import _save_vocab
+    from app.data.dataset import load_vocab
+    from app.data.prepare import _save_vocab
 
     rows = [(u, 1, 4.0, 1_700_000_000) for u in ("a", "b")]
     data, _ = prepare(tmp_path, write_csv(tmp_path / "in.csv", rows))
@@ -220,7 +219,7 @@ def test_duplicates_are_merged_before_the_mean_label_and_reported(ray_local, tmp
 # ---------------------------------------------------------------- batch inference
 
 def test_inference_id_keys_follow_the_data_stage_rule():
-    from app.inference import _with_history_users, id_keys, lookup, vocab_index
+    from app.serve.batch import _with_history_users, id_keys, lookup, vocab_index
 
     index = vocab_index(pa.array([7, 12], pa.int64()))  # an int64 vocabulary: its ids' text
     keys = id_keys(pd.Series(["007", "7", " 12 ", None]))
@@ -239,7 +238,7 @@ def test_inference_id_keys_follow_the_data_stage_rule():
 def test_users_file_ids_are_looked_up_exactly(trained, movielens_dir, tmp_path):
     """The movielens model knows user 7, not 007: a CSV users file gets 7's list for "7" and
     the popularity fallback for "007"; Parquet integral floats are integers, others refused."""
-    from app.inference import batch_inference
+    from app.serve.batch import batch_inference
 
     cfg = load_config(overrides={"workdir": str(trained["work"]), "top_k": 5,
                                  "exclude_rated": "none"})
@@ -271,9 +270,9 @@ def test_users_file_ids_are_looked_up_exactly(trained, movielens_dir, tmp_path):
 def test_padded_ids_end_to_end_through_training(ray_local, tmp_path):
     """Prepare -> train -> batch inference on users 007, 7 and 0007: each gets its own list,
     the one the model computes for its own index."""
-    from app.inference import batch_inference
-    from app.serving import Recommender
-    from app.train import train
+    from app.serve.batch import batch_inference
+    from app.serve.core import Recommender
+    from app.train.driver import train
 
     rng = np.random.default_rng(0)
     users = ["007", "7", "0007"] + [f"u{n}" for n in range(20)]

@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from app.config import load_config
-from app.dataset import SPLITS, DatasetError, read_split_arrays
-from app.export import ModelError
-from app.inference import batch_inference
-from app.publish import OutputError, current
+from app.core.config import load_config
+from app.core.publish import OutputError, current
+from app.data.dataset import SPLITS, DatasetError, read_split_arrays
+from app.serve.batch import batch_inference
+from app.train.export import ModelError
 
 
 def inference_config(work: Path, **overrides):
@@ -39,7 +39,7 @@ def _index_of(vocab_ids: list) -> dict:
 
 
 def test_every_user_gets_k_ranked_unrated_items(recommendations, movielens_dir):
-    from app.dataset import load_vocab
+    from app.data.dataset import load_vocab
 
     out, summary = recommendations
     df = pd.read_parquet(current(out))
@@ -66,7 +66,7 @@ def test_every_user_gets_k_ranked_unrated_items(recommendations, movielens_dir):
 def test_recommendations_reproduce_the_training_test_recall(trained, movielens_dir, tmp_path):
     """Excluding the training items only (as training-time evaluation does), Recall@20 on the
     test split recomputed from the written table matches the metric in metrics.json."""
-    from app.dataset import load_vocab
+    from app.data.dataset import load_vocab
 
     cfg = inference_config(trained["work"], top_k=20, exclude_rated="train")
     batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir), str(tmp_path / "r"),
@@ -87,8 +87,8 @@ def test_recommendations_reproduce_the_training_test_recall(trained, movielens_d
 def test_pair_scores_are_the_models_forward_pass(trained, movielens_dir, tmp_path):
     import torch
 
-    from app.export import load_exported
-    from app.serving import Recommender
+    from app.serve.core import Recommender
+    from app.train.export import load_exported
 
     rec = Recommender(trained["model_dir"])
     users = rec.user_ids.iloc[[0, 3, 7, 9]].tolist()
@@ -147,7 +147,7 @@ def test_mlflow_uri_and_user_file_with_unknown_users(trained, movielens_dir, tmp
 
 
 def test_a_dataset_that_does_not_match_the_model_is_refused(trained, tmp_path):
-    from app.prepare import prepare_dataset
+    from app.data.prepare import prepare_dataset
 
     other = tmp_path / "other"
     prepare_dataset(load_config(overrides={"dataset": "synthetic", "rows": 5000}).data,

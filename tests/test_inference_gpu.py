@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from app.config import load_config
+from app.core.config import load_config
+from app.core.publish import current
+from app.serve.batch import batch_inference
 from tests.conftest import start_local_ray
-from app.inference import batch_inference
-from app.publish import current
 
 pytestmark = pytest.mark.gpu
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.publish import current
+from app.core.publish import current
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,13 +41,13 @@ def test_schema_check_catches_a_typo():
 
 
 def _cluster(**overrides):
-    from app.config import load_config
+    from app.core.config import load_config
 
     return load_config(overrides=overrides).cluster
 
 
 def test_ray_comes_from_the_address_then_databricks_then_local():
-    from app.cluster import plan
+    from app.core.cluster import plan
 
     assert plan(_cluster(), env={}).kind == "local"
     assert plan(_cluster(), env={}).local_args["_node_ip_address"] == "127.0.0.1"
@@ -59,8 +59,8 @@ def test_ray_comes_from_the_address_then_databricks_then_local():
 
 
 def test_databricks_is_detected_and_sized_from_config():
-    from app.cluster import mlflow_defaults, plan
-    from app.config import ConfigError
+    from app.core.cluster import mlflow_defaults, plan
+    from app.core.config import ConfigError
 
     env = {"DATABRICKS_RUNTIME_VERSION": "16.4", "DATABRICKS_TOKEN": "dapi-secret"}
     vol = "/Volumes/main/recsys/artifacts/twotower"
@@ -148,7 +148,6 @@ def test_ray_job_submit_runs_the_full_pipeline(ray_local, tmp_path):
     RAY_AUTH_MODE=token`, `ray get-auth-token --generate`, `ray start --head`, then the main
     job through `ray job submit --working-dir .`, as on a standalone cluster. Only the head
     node started here is stopped (its process group), never every Ray on the machine."""
-    import os
     import shutil
     import subprocess
 
@@ -220,7 +219,7 @@ def test_the_cluster_gives_every_node_one_bucket_as_the_default_workdir(monkeypa
     job's --workdir defaults to it, and checkpoints to <workdir>/checkpoints."""
     import re
 
-    from app.config import WORKDIR_ENV, load_config
+    from app.core.config import WORKDIR_ENV, load_config
 
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]

@@ -4,7 +4,7 @@ import os
 import numpy as np
 from streaming import MDSWriter, StreamingDataset
 
-from app.mds import INTERACTION_COLUMNS, write_mds_columns
+from app.data.mds import INTERACTION_COLUMNS, write_mds_columns
 
 
 def columns(n, seed=0):

@@ -6,15 +6,23 @@ import numpy as np
 import pytest
 import torch
 
-from app.config import load_config
-from app.export import ExportedTwoTower, ModelError, export_state_dict
-from app.metrics import UserItems, binary_auroc, finish, ranking_sums
-from app.history import UserHistory
-from app.model import (BatchMaker, ModelSpec, TwoTower, TwoTowerTrainTask, bce_loss,
-                       candidate_kjt, catalog_softmax_loss, mixed_softmax_loss, query_kjt,
-                       sampled_softmax_loss)
-from app.placement import Placement, ResourceError, check_resources, placement
-from app.dataset import ItemFeatures
+from app.core.config import load_config
+from app.data.dataset import ItemFeatures
+from app.data.history import UserHistory
+from app.train.export import ExportedTwoTower, ModelError, export_state_dict
+from app.train.metrics import UserItems, binary_auroc, finish, ranking_sums
+from app.train.model import (
+    BatchMaker,
+    ModelSpec,
+    TwoTower,
+    TwoTowerTrainTask,
+    bce_loss,
+    catalog_softmax_loss,
+    mixed_softmax_loss,
+    query_kjt,
+    sampled_softmax_loss,
+)
+from app.train.placement import Placement, ResourceError, check_resources, placement
 
 SPEC = ModelSpec(num_users=30, num_items=40, num_genres=5, embedding_dim=8,
                  tower_layers=(16, 6))
@@ -336,7 +344,7 @@ def test_resource_check_says_what_is_missing():
 
 
 def test_platt_scaling_recovers_a_known_calibration():
-    from app.metrics import fit_platt
+    from app.train.metrics import fit_platt
 
     rng = np.random.default_rng(0)
     scores = rng.normal(0, 3, 50_000)

@@ -1,7 +1,7 @@
-"""What the embedded Ray exposes: started as the pipeline starts it (``app.cluster.init_ray``
+"""What the embedded Ray exposes: started as the pipeline starts it (``app.core.cluster.init_ray``
 without an address, in a plain shell), every socket its processes listen on is on loopback,
 and it still runs tasks, actors, the state API (also beside another Ray instance) and a
-2-worker gloo process group set up as training sets it up (``app.rendezvous``)."""
+2-worker gloo process group set up as training sets it up (``app.train.rendezvous``)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from tests.conftest import ROOT, short_tmp, user_shell_env
 CHILD = """
 import os, sys
 import ray
-from app.cluster import init_ray
-from app.config import load_config
+from app.core.cluster import init_ray
+from app.core.config import load_config
 
 init_ray(load_config(overrides={"num_cpus": 2}).cluster)
 
@@ -54,11 +54,11 @@ gcs = ray.get_runtime_context().gcs_address
 ips = ray.get(node_ips.remote())
 assert len(ips) == 1, ips
 
-# the training workers' process group, set up as app.train sets it up; each worker lists what
+# the training workers' process group, set up as app.train.driver sets it up; each worker lists what
 # its own process listens on while the group is up (gloo's pairs, rank 0's store)
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from app.rendezvous import LoopbackTorchConfig, torch_config
+from app.train.rendezvous import LoopbackTorchConfig, torch_config
 
 def listeners(cfg):
     import json, psutil, torch, torch.distributed as dist

@@ -5,7 +5,6 @@ from __future__ import annotations
 import filecmp
 import functools
 import http.server
-import json
 import shutil
 import threading
 import zipfile
@@ -18,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 from streaming import StreamingDataset
 
-from app.dataset import SPLITS, Manifest, load_vocab, read_manifest, read_split_arrays
-from app.prepare import InteractionSink, prepare_dataset
-from app.publish import current
-from app.reader import InteractionStream
-from app.sources import DataError
+from app.core.publish import current
+from app.data.dataset import SPLITS, Manifest, load_vocab, read_manifest, read_split_arrays
+from app.data.prepare import InteractionSink, prepare_dataset
+from app.data.reader import InteractionStream
+from app.data.sources import DataError
 from pipelines import prepare_data
 from tests.conftest import data_config, movielens_table, write_lfs_csv
 

@@ -1,4 +1,4 @@
-"""Outputs have one writer at a time and readers see whole versions (app.publish): leases
+"""Outputs have one writer at a time and readers see whole versions (app.core.publish): leases
 taken atomically and over when stale, versions switched by one rename, and a training run
 that does not publish over a dataset replaced under it."""
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from app.dataset import SPLITS, read_manifest
-from app.publish import LEASE, OutputError, current, version_of, writer
+from app.core.publish import LEASE, OutputError, current, version_of, writer
+from app.data.dataset import SPLITS, read_manifest
 from tests.conftest import ROOT, data_config, short_tmp, user_shell_env
 
 
@@ -104,7 +104,7 @@ def test_a_writer_that_lost_its_lease_publishes_nothing(tmp_path):
 
 
 def test_readers_never_see_a_mix_of_versions_during_overwrites(ray_local, tmp_path):
-    from app.prepare import prepare_dataset
+    from app.data.prepare import prepare_dataset
 
     out = tmp_path / "data"
     prepare_dataset(data_config(dataset="synthetic", rows=20_000), str(out), verbose=False)
@@ -140,9 +140,9 @@ def test_readers_never_see_a_mix_of_versions_during_overwrites(ray_local, tmp_pa
 
 
 def test_training_does_not_publish_over_a_replaced_dataset(ray_local, tmp_path):
-    from app.config import load_config
-    from app.prepare import prepare_dataset
-    from app.train import TrainError, train
+    from app.core.config import load_config
+    from app.data.prepare import prepare_dataset
+    from app.train.driver import TrainError, train
 
     data = tmp_path / "data"
     prepare_dataset(data_config(dataset="synthetic", rows=20_000), str(data), verbose=False)

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from app.config import load_config
-from app.publish import current
+from app.core.config import load_config
+from app.core.publish import current
 from tests.conftest import exported_recall
 
 
@@ -31,7 +31,7 @@ def test_ease_is_reported_beside_the_model(trained):
 
 
 def test_early_stopping_exports_the_best_epoch(ray_local, movielens_dir, tmp_path):
-    from app.train import train
+    from app.train.driver import train
 
     # a learning rate far too high and no dropout: validation recall peaks early
     cfg = _config(tmp_path, epochs=8, patience=1, embedding_lr=0.5, history_dropout=0.0,
@@ -53,9 +53,9 @@ def test_early_stopping_exports_the_best_epoch(ray_local, movielens_dir, tmp_pat
 def test_refit_trains_on_every_accepted_row(ray_local, movielens_dir, tmp_path):
     import mlflow
 
-    from app.dataset import read_manifest
-    from app.history import UserHistory
-    from app.train import train
+    from app.data.dataset import read_manifest
+    from app.data.history import UserHistory
+    from app.train.driver import train
 
     manifest = read_manifest(movielens_dir)
     result = train(_config(tmp_path, epochs=1), str(movielens_dir), str(tmp_path / "model"),
@@ -76,10 +76,10 @@ def test_new_users_are_recommended_from_their_history(trained, movielens_dir, tm
     """Users replayed as new ones (an id the model never saw, their training positives as the
     given history) get recommendations that find their validation positives far better than
     the popularity list they would get without a history."""
-    from app.config import load_config
-    from app.dataset import load_vocab, read_split_arrays
-    from app.inference import batch_inference
-    from app.serving import Recommender
+    from app.core.config import load_config
+    from app.data.dataset import load_vocab, read_split_arrays
+    from app.serve.batch import batch_inference
+    from app.serve.core import Recommender
 
     rec = Recommender(trained["model_dir"])
     vocab = load_vocab(movielens_dir)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from app.dataset import read_split_arrays
-from app.model import candidate_kjt, query_kjt
-from app.reader import InteractionStream, ItemFeatures
+from app.data.dataset import read_split_arrays
+from app.data.reader import InteractionStream, ItemFeatures
+from app.train.model import candidate_kjt, query_kjt
 
 
 def test_batches_cover_the_split_once_per_epoch_and_reshuffle(movielens_dir):
@@ -45,7 +45,7 @@ def test_kjt_from_a_batch(movielens_dir):
     d = kjt.to_dict()
     assert torch.equal(d["item_id"].values(), torch.from_numpy(batch["item"].astype(np.int64)))
     # the vectorised genre lookup agrees with a plain per-item reading of the metadata
-    from app.dataset import load_vocab
+    from app.data.dataset import load_vocab
 
     text = load_vocab(movielens_dir)["items"]["genres"].to_pylist()
     per_row = d["item_genres"].to_dense()
@@ -91,7 +91,7 @@ def test_two_ray_train_workers_each_read_their_half(ray_local, movielens_dir, tm
 def test_reader_rejects_a_dataset_that_does_not_match(tmp_path, movielens_dir):
     import shutil
 
-    from app.dataset import DatasetError, read_manifest
+    from app.data.dataset import DatasetError, read_manifest
 
     bad = tmp_path / "bad"
     shutil.copytree(movielens_dir, bad)

@@ -9,8 +9,8 @@ import mlflow
 import pandas as pd
 import pytest
 
-from app.config import ConfigError, load_config
-from app.tracking import check_model_name, experiment_name
+from app.core.config import ConfigError, load_config
+from app.core.tracking import check_model_name, experiment_name
 
 
 @pytest.mark.parametrize("name", ["main.recsys.two_tower", "Cat_1.s2.M3"])
@@ -38,7 +38,7 @@ def test_on_databricks_a_bare_experiment_name_lives_in_the_users_folder():
 
 
 def test_without_credentials_the_user_lookup_says_what_to_pass(monkeypatch):
-    from app.tracking import databricks_user
+    from app.core.tracking import databricks_user
 
     for var in ("DATABRICKS_HOST", "DATABRICKS_TOKEN", "DATABRICKS_CONFIG_PROFILE"):
         monkeypatch.delenv(var, raising=False)
@@ -77,7 +77,7 @@ def test_the_champion_alias_moves_only_to_a_better_model_on_the_same_dataset(tmp
     """The promotion gate on a real MLflow store: the first model is promoted, a worse one on
     the same dataset is not, a better one is, another dataset's is not comparable; ``always``
     and ``never`` do what they say. Each version keeps its metric and dataset as tags."""
-    from app.tracking import configure, promote
+    from app.core.tracking import configure, promote
 
     cfg = load_config(overrides={"workdir": str(tmp_path), "registered_model_name": "gate"})
     configure(cfg.cluster)

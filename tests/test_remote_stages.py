@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from app.dataset import SPLITS, read_manifest, read_split_arrays
-from app.prepare import prepare_dataset
-from app.publish import SUCCESS, current, local_dir, version_uri
-from app.storage import CACHE_ENV, resolve
+from app.core.publish import SUCCESS, current, local_dir, version_uri
+from app.core.storage import CACHE_ENV, resolve
+from app.data.dataset import SPLITS, read_manifest, read_split_arrays
+from app.data.prepare import prepare_dataset
 from tests.conftest import ROOT, data_config, write_lfs_csv
 
 
@@ -80,10 +80,10 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
     import ray
     from ray.cluster_utils import Cluster
 
-    from app.config import load_config
-    from app.inference import RecommendationsSummary, batch_inference
-    from app.serving import Recommender
-    from app.train import train
+    from app.core.config import load_config
+    from app.serve.batch import RecommendationsSummary, batch_inference
+    from app.serve.core import Recommender
+    from app.train.driver import train
     from pipelines.full_run import run
     from tests.conftest import start_local_ray
     from tests.test_train import kill_a_worker_in_epoch_two

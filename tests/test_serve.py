@@ -21,11 +21,11 @@ import pytest
 import requests
 import torch
 
-from app.cluster import _free_port
-from app.config import load_config
-from app.export import MODEL_JSON, WEIGHTS, _sha256
-from app.publish import current
-from app.serving import Recommender
+from app.core.cluster import _free_port
+from app.core.config import load_config
+from app.core.publish import current
+from app.serve.core import Recommender
+from app.train.export import MODEL_JSON, WEIGHTS, _sha256
 from tests.conftest import ROOT, short_tmp, user_shell_env
 
 NAME = "two-tower-test"  # registered by the `trained` fixture
@@ -42,9 +42,8 @@ def app_url(trained):
     """The app on the session's Ray, following models:/two-tower-test@champion."""
     from ray import serve
 
-    from app.serve import run
-
-    from app import tracking
+    from app.core import tracking
+    from app.serve.http import run
 
     cfg = serve_config(trained)
     version = json.loads((trained["model_dir"] / "mlflow.json").read_text())["version"]
@@ -57,8 +56,8 @@ def app_url(trained):
 
 
 def test_replicas_that_do_not_fit_fail_at_once(trained):
-    from app.placement import ResourceError
-    from app.serve import run
+    from app.serve.http import run
+    from app.train.placement import ResourceError
 
     t0 = time.perf_counter()
     with pytest.raises(ResourceError, match=r"--replicas 1 x \(1 CPU, 1 GPU\) do not fit"):
@@ -75,7 +74,7 @@ def post(url: str, path: str, body, **kw) -> requests.Response:
 
 def test_recommendations_equal_the_batch_table_and_the_core(app_url, trained, movielens_dir,
                                                             tmp_path):
-    from app.inference import batch_inference
+    from app.serve.batch import batch_inference
 
     core = Recommender(trained["model_dir"])
     users = core.user_ids.iloc[[0, 7, 42, 300]].tolist()
@@ -162,7 +161,7 @@ def test_bad_requests_get_4xx_with_a_reason_and_unknown_ids_are_flagged(app_url)
 
 def _second_version(trained, tmp_path) -> tuple[Path, str]:
     """A different model (item rows permuted) registered as a new version of NAME."""
-    from app import tracking
+    from app.core import tracking
 
     folder = tmp_path / "v2"
     shutil.copytree(trained["model_dir"], folder)
@@ -177,7 +176,9 @@ def _second_version(trained, tmp_path) -> tuple[Path, str]:
     (folder / MODEL_JSON).write_text(json.dumps(info))
     cfg = serve_config(trained)
     run_id = tracking.start_run(cfg, run_name="second version")
-    registered = tracking.log_trained_model(cfg, run_id, folder, info["dataset"]["vocab"])
+    from app.train import registry
+
+    registered = registry.log_trained_model(cfg, run_id, folder, info["dataset"]["vocab"])
     tracking.end_run(cfg, run_id)
     return folder, f"{NAME}/{registered['version']}"
 
@@ -280,7 +281,7 @@ def test_a_gpu_replica_scores_on_the_gpu_and_agrees_with_the_cpu_core(trained):
     CPU core's (the same model), scores within float tolerance."""
     from ray import serve
 
-    from app.serve import run
+    from app.serve.http import run
 
     cfg = serve_config(trained, replica_gpus=1, reload_interval=0)
     url = run(cfg, str(trained["model_dir"]), block=False, say=lambda msg: None)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from app.storage import CACHE_ENV, resolve
+from app.core.storage import CACHE_ENV, resolve
 from tests.conftest import ROOT, short_tmp, user_shell_env
 
 # What a notebook cell on a Databricks cluster runs, after the session Databricks gives it

@@ -9,9 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from app.publish import (POINTER, SUCCESS, OutputError, check_writable, current, is_published,
-                         version_of, writer)
-from app.storage import StorageError, component_env, is_remote, resolve
+from app.core.publish import (
+    POINTER,
+    SUCCESS,
+    OutputError,
+    check_writable,
+    current,
+    is_published,
+    version_of,
+    writer,
+)
+from app.core.storage import StorageError, component_env, is_remote, resolve
 
 
 def test_paths_and_uris_resolve_to_one_kind_of_location(tmp_path, monkeypatch):

@@ -16,8 +16,8 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from app.config import load_config
-from app.placement import ResourceError
+from app.core.config import load_config
+from app.train.placement import ResourceError
 from tests.conftest import exported_recall
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_two_workers_shard_the_tables_and_learn(trained):
 
 
 def test_model_folder_is_complete(trained):
-    from app.export import read_model_json
+    from app.train.export import read_model_json
 
     model_dir = trained["model_dir"]
     for name in ("model.json", "config.yaml", "weights.pt", "vocab/users.parquet",
@@ -84,7 +84,7 @@ def test_mlflow_run_has_params_epoch_metrics_and_a_registered_model(trained):
 
 
 def test_registered_model_serves_in_a_fresh_process(trained, tmp_path):
-    from app.serving import Recommender
+    from app.serve.core import Recommender
 
     info = json.loads((trained["model_dir"] / "mlflow.json").read_text())
     rec = Recommender(trained["model_dir"])
@@ -123,7 +123,7 @@ json.dump({{"top": top.to_dict("list"), "pairs": pairs.to_dict("list"),
 
 
 def test_a_topology_the_cluster_cannot_place_fails_at_once(ray_local, movielens_dir, tmp_path):
-    from app.train import train
+    from app.train.driver import train
 
     cfg = train_config(tmp_path, topology="snmg", num_workers=2)
     t0 = time.perf_counter()
@@ -173,7 +173,7 @@ def kill_a_worker_in_epoch_two(checkpointed: Callable[[], bool], killed: list[in
 def test_a_killed_worker_resumes_from_the_last_checkpoint(trained, movielens_dir, tmp_path):
     """SIGKILL one worker during epoch 2: the group restarts from the epoch-1 checkpoint and
     finishes all epochs, with metrics within noise of the uninterrupted run."""
-    from app.train import run_name, train
+    from app.train.driver import run_name, train
 
     cfg = train_config(tmp_path)
     output = tmp_path / "model"
@@ -196,7 +196,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(trained, movielens_dir
 
 
 def test_resume_continues_a_stopped_run(ray_local, movielens_dir, tmp_path):
-    from app.train import TrainError, train
+    from app.train.driver import TrainError, train
 
     output = tmp_path / "model"
     with pytest.raises(TrainError, match="no checkpoint"):
@@ -213,8 +213,8 @@ def test_resume_continues_a_stopped_run(ray_local, movielens_dir, tmp_path):
 
 
 def test_output_that_is_not_a_model_folder_is_refused(ray_local, movielens_dir, tmp_path):
-    from app.publish import OutputError
-    from app.train import train
+    from app.core.publish import OutputError
+    from app.train.driver import train
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "notes.txt").write_text("mine")
@@ -229,8 +229,8 @@ def test_a_checkpoint_missing_a_ranks_shards_is_not_resumed_from(trained, tmp_pa
     with rank 0's state file but not every rank's shards: resume skips it."""
     import shutil
 
-    from app.checkpoint import is_complete
-    from app.train_loop import checkpoint_of_epoch, latest_checkpoint
+    from app.train.checkpoint import is_complete
+    from app.train.loop import checkpoint_of_epoch, latest_checkpoint
 
     src = Path(trained["summary"]["checkpoint"])
     run = tmp_path / "run"

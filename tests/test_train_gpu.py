@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from app.config import load_config
+from app.core.config import load_config
 from tests.conftest import start_local_ray
 
 pytestmark = pytest.mark.gpu
@@ -20,7 +20,7 @@ def _gpus() -> int:
 
 
 def _train(tmp_path, movielens_dir, **overrides):
-    from app.train import train
+    from app.train.driver import train
 
     cfg = load_config(overrides={"epochs": 2, "workdir": str(tmp_path),
                                  "registered_model_name": "two-tower-gpu", **overrides})

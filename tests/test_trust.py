@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.dataset import Manifest
+from app.data.dataset import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,8 +42,8 @@ def _checkpoint_of(trained) -> Path:
 
 
 def test_a_planted_metadata_payload_is_refused_and_never_runs(trained, tmp_path):
-    from app.checkpoint import CheckpointError, load_full, load_sharded
-    from app.train import consolidate
+    from app.train.checkpoint import CheckpointError, load_full, load_sharded
+    from app.train.driver import consolidate
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(_checkpoint_of(trained), ckpt)
@@ -63,7 +63,7 @@ def test_a_planted_metadata_payload_is_refused_and_never_runs(trained, tmp_path)
 
 
 def test_a_planted_weights_payload_or_a_damaged_file_fails_in_one_line(trained, tmp_path):
-    from app.export import ModelError, load_exported
+    from app.train.export import ModelError, load_exported
 
     model_dir = tmp_path / "model"
     shutil.copytree(trained["model_dir"], model_dir)
@@ -85,7 +85,7 @@ def test_a_planted_weights_payload_or_a_damaged_file_fails_in_one_line(trained, 
 
 
 def test_a_changed_byte_in_the_weights_fails_the_load_in_one_line(trained, tmp_path):
-    from app.export import ModelError, load_exported, read_model_json
+    from app.train.export import ModelError, load_exported, read_model_json
 
     model_dir = tmp_path / "model"
     shutil.copytree(trained["model_dir"], model_dir)
@@ -142,7 +142,7 @@ def test_the_registered_model_is_code_not_a_pickle(trained):
     ("databricks", "databricks"),
 ])
 def test_redact_masks_uri_credentials_and_keeps_the_rest(given, shown):
-    from app.redact import redact, redact_values
+    from app.core.redact import redact, redact_values
 
     assert redact(given) == shown
     assert redact_values({"a": [given, 3], "b": (given,)}) == {"a": [shown, 3], "b": (shown,)}
@@ -217,7 +217,7 @@ def _files_holding(needle: bytes, *roots: Path) -> list[str]:
 
 
 def test_a_saved_config_holds_no_credential_and_loads_back_with_them(tmp_path):
-    from app.config import load_config
+    from app.core.config import load_config
 
     cfg = load_config(overrides={"mlflow_tracking_uri": "http://ann:pw1@h:5000",
                                  "download_url": "https://h/x.zip?sig=pw1&v=2",
@@ -236,10 +236,10 @@ def test_credentials_in_uris_are_used_but_never_printed_or_saved(ray_local, tmp_
     real MLflow server with ``user:secret@`` and a Ray address with one: the download and
     MLflow use them, and the secret is in no output line, no file of the workdir (config,
     manifest, model folder, mlflow.json, summary), nor anywhere in the MLflow store."""
+    import mlflow
+
     from pipelines import full_run
     from tests.conftest import write_lfs_csv
-
-    import mlflow
 
     secret = "pw" + secrets.token_hex(8)  # in no source file: a hit is a leak
     proc, address = _start_mlflow_server(tmp_path / "mlflow-server")

@@ -10,9 +10,9 @@ import time
 import pytest
 import yaml
 
-from app.config import ConfigError, load_config
-from app.placement import ResourceError
-from app.storage import resolve
+from app.core.config import ConfigError, load_config
+from app.core.storage import resolve
+from app.train.placement import ResourceError
 from app.tune import EXPERIMENT
 
 DIMS = [64, 4]  # ASHA stops the weaker at its first rung
@@ -55,7 +55,7 @@ def test_sweep_runs_every_trial_and_stops_weak_ones(swept):
 def test_sweep_is_tracked_as_a_parent_run_with_a_child_per_trial(swept):
     import mlflow
 
-    from app import tracking
+    from app.core import tracking
 
     summary, out, uri = swept
     cfg = load_config(overrides={"workdir": str(out / "work")})
@@ -75,7 +75,7 @@ def test_sweep_is_tracked_as_a_parent_run_with_a_child_per_trial(swept):
 
 
 def test_best_config_retrains_to_the_same_metric(swept, movielens_dir, tmp_path):
-    from app.train import train
+    from app.train.driver import train
 
     summary, out, uri = swept
     best_file = f"{uri}/best_config.yaml"

@@ -1,6 +1,6 @@
 import pyarrow as pa
 
-from app.validate import Columns, validate_table
+from app.data.validate import Columns, validate_table
 
 
 def run(rows):
@@ -47,7 +47,7 @@ def test_typed_columns_with_nan_and_nulls():
 
 
 def test_globs_list_from_the_wildcards_folder_and_keep_depth(tmp_path, monkeypatch):
-    from app.sources import DataError, resolve_files
+    from app.data.sources import DataError, resolve_files
 
     (tmp_path / "sub").mkdir()
     for name in ("a.csv", "b.csv", "sub/c.csv", "x.txt"):
@@ -111,7 +111,7 @@ def test_float_ids_integral_become_integers_others_are_quarantined():
 
 
 def test_first_repeated_names_an_id_seen_twice():
-    from app.validate import first_repeated
+    from app.data.validate import first_repeated
 
     assert first_repeated(pa.array(["007", "7", "0007"])) is None
     assert first_repeated(pa.array([1, 2, 1])) == "1"

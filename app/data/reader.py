@@ -2,7 +2,7 @@
 
 :class:`InteractionStream` is a ``StreamingDataset`` (so it partitions samples across ranks and
 shuffles like one) that yields whole batches decoded with numpy instead of one sample at a
-time; :mod:`app.model` turns such batches into ``KeyedJaggedTensor`` inputs of the towers.
+time; :mod:`app.train.model` turns such batches into ``KeyedJaggedTensor`` inputs of the towers.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 from filelock import FileLock
 from streaming import StreamingDataset
 
-from app.dataset import ItemFeatures, shard_records  # noqa: F401  (ItemFeatures re-exported)
-from app.mds import INTERACTION_COLUMNS, record_dtype
+from app.data.dataset import ItemFeatures, shard_records  # noqa: F401  (ItemFeatures re-exported)
+from app.data.mds import INTERACTION_COLUMNS, record_dtype
 
 
 class InteractionStream(StreamingDataset):

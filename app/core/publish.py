@@ -20,7 +20,7 @@ published version stays as it was.
 Readers resolve the version once (:func:`current`) and read every file from that folder, so a
 reader never mixes files of two versions. A folder without ``CURRENT`` is read as it is.
 
-On an object store (``s3://``; see :mod:`app.storage`) there is no rename and no ``O_EXCL``:
+On an object store (``s3://``; see :mod:`app.core.storage`) there is no rename and no ``O_EXCL``:
 the lease is an object created with a conditional put (``If-None-Match: *``), refreshed and
 taken over with ``If-Match`` on its ETag, and its age is its ``Last-Modified``. A version is
 uploaded file by file, then its ``_SUCCESS`` object (the list of its files and sizes) is written
@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-from app.storage import Location, is_remote, local_copy, resolve, s3_endpoint
+from app.core.errors import OutputError  # noqa: F401  (raised here, importable from here)
+from app.core.storage import Location, is_remote, local_copy, resolve, s3_endpoint
 
 POINTER = "CURRENT"
 SUCCESS = "_SUCCESS"  # on object stores: written last in a version, listing its files
@@ -52,9 +53,6 @@ VERSION_PREFIX = "v-"
 KEEP_VERSIONS = 2  # the current one and the one before it (a reader may still be on it)
 
 
-class OutputError(RuntimeError):
-    """An output folder cannot be written: another writer holds it, or it holds something
-    other than versions of this output."""
 
 
 def _complete(version: Location) -> Location:
@@ -100,7 +98,7 @@ def _local(out: Union[str, os.PathLike, Location]) -> Path:
 def current(out: Union[str, os.PathLike, Location]) -> Any:
     """The folder of the published version of ``out`` (``out`` itself when it is not
     versioned, e.g. a version folder, or a folder written by hand): a :class:`Path`, or a
-    checked :class:`~app.storage.Location` on an object store."""
+    checked :class:`~app.core.storage.Location` on an object store."""
     if _remote(out):
         return _current_remote(resolve(out))
     out = _local(out)
@@ -117,7 +115,7 @@ def current(out: Union[str, os.PathLike, Location]) -> Any:
 
 def local_dir(out: Union[str, os.PathLike, Location]) -> Path:
     """A local folder holding the published version of ``out``: the version folder itself,
-    or on an object store its checked copy in this node's cache (:func:`app.storage.local_copy`)."""
+    or on an object store its checked copy in this node's cache (:func:`app.core.storage.local_copy`)."""
     folder = current(out)
     if not isinstance(folder, Location):
         return folder
@@ -458,7 +456,7 @@ class ObjectLease:
         ``CURRENT`` names the version."""
         import tempfile
 
-        from app.storage import cache_root
+        from app.core.storage import cache_root
 
         names = self.out.children()
         version = _version_name(max((n for n in map(_number, names) if n is not None),

@@ -10,7 +10,7 @@ A prepared dataset folder holds::
 
 Readers check the manifest before touching the shards. This module imports neither torch nor
 streaming, so Ray workers of the data stage stay light; the training-side reader is
-:mod:`app.reader`.
+:mod:`app.data.reader`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from app.contracts import Contract
-from app.mds import INTERACTION_COLUMNS, record_dtype
-from app.publish import local_dir
+from app.core.contracts import Contract
+from app.core.errors import DatasetError  # noqa: F401  (raised here, importable from here)
+from app.core.publish import local_dir
+from app.data.mds import INTERACTION_COLUMNS, record_dtype
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -36,8 +37,6 @@ MANIFEST = "manifest.json"
 _YEAR = re.compile(r"\((\d{4})\)\s*$")  # a title's release year: "Heat (1995)"
 
 
-class DatasetError(ValueError):
-    """A prepared dataset is missing, incomplete, or not what the reader expects."""
 
 
 @dataclass
@@ -97,7 +96,7 @@ def load_vocab(data_dir: str | os.PathLike) -> dict[str, Any]:
         DatasetError: an id occurs twice (its rows would be split over two indices), naming
             the file.
     """
-    from app.validate import first_repeated
+    from app.data.validate import first_repeated
 
     root = local_dir(data_dir) / "vocab"
     vocab = {kind: pq.read_table(root / f"{kind}.parquet") for kind in ("users", "items")}

@@ -3,7 +3,7 @@
 Recipe (:func:`prepare_dataset`):
     read -> validate (bad rows tagged with a reason) -> materialise
     -> per-block statistics -> id vocabularies (driver)
-    -> repeated (user, item) rows resolved by --duplicates (:mod:`app.duplicates`)
+    -> repeated (user, item) rows resolved by --duplicates (:mod:`app.data.duplicates`)
     -> the label threshold (driver)
     -> encode ids, label, split -> one write: MDS shards per split + quarantined rejects
     -> merged index.json per split, manifest.json -> atomic rename into place.
@@ -29,15 +29,16 @@ import ray
 from ray.data import Datasink
 from ray.data.block import Block
 
-from app import duplicates, logs
-from app.config import DataConfig
-from app.dataset import MANIFEST, SCHEMA_VERSION, SPLITS, Manifest, read_manifest
-from app.mds import INTERACTION_COLUMNS, write_mds_columns
-from app.publish import check_writable, is_published, writer
-from app.redact import redact, redact_values
-from app.sources import DataError, Source, open_source
-from app.storage import Location, resolve
-from app.validate import VALIDATED_SCHEMA, Columns, first_repeated, validate_table
+from app.core import logs
+from app.core.config import DataConfig
+from app.core.publish import check_writable, is_published, writer
+from app.core.redact import redact, redact_values
+from app.core.storage import Location, resolve
+from app.data import duplicates
+from app.data.dataset import MANIFEST, SCHEMA_VERSION, SPLITS, Manifest, read_manifest
+from app.data.mds import INTERACTION_COLUMNS, write_mds_columns
+from app.data.sources import DataError, Source, open_source
+from app.data.validate import VALIDATED_SCHEMA, Columns, first_repeated, validate_table
 
 REJECTED = len(SPLITS)  # split code of quarantined rows
 MERGED = REJECTED + 1   # split code of repeated rows merged into another (never written)
@@ -189,7 +190,7 @@ class InteractionSink(Datasink):
     """
 
     def __init__(self, root: str, *, columns: Columns, size_limit: int) -> None:
-        self.root = root  # a local path or a URI (app.storage): every node writes there
+        self.root = root  # a local path or a URI (app.core.storage): every node writes there
         self.columns = columns
         self.size_limit = size_limit
         self.written: Counter = Counter()
@@ -353,7 +354,7 @@ def prepare_dataset(cfg: DataConfig, output: str, *, verbose: bool = True,
 
     Args:
         cfg: the data configuration.
-        output: the prepared dataset folder (:mod:`app.publish`: readers see the previous
+        output: the prepared dataset folder (:mod:`app.core.publish`: readers see the previous
             version until this one is complete; one writer at a time).
         verbose: print a line per step.
         lease_timeout: seconds without a heartbeat after which a writer's lease is stale.

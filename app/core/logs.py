@@ -26,7 +26,7 @@ import threading
 import warnings
 from typing import Any, Iterator, Literal
 
-from app.redact import redact
+from app.core.redact import redact
 
 Level = Literal["quiet", "normal", "verbose"]
 LEVEL_ENV = "TWOTOWER_LOG_LEVEL"

@@ -20,7 +20,7 @@ def plot_history(history: list[dict[str, Any]], path: Any, ks: list[int]) -> Non
 
     import matplotlib
 
-    from app.storage import resolve
+    from app.core.storage import resolve
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -50,10 +50,10 @@ def plot_history(history: list[dict[str, Any]], path: Any, ks: list[int]) -> Non
 
 def examples(recommendations: Any, users: int = 3, k: int = 5) -> str:
     """The first ``users`` users' top ``k`` items (with titles when known), as text, from a
-    recommendations folder (a path, URI or :class:`~app.storage.Location`)."""
+    recommendations folder (a path, URI or :class:`~app.core.storage.Location`)."""
     import pyarrow.parquet as pq
 
-    from app.storage import resolve
+    from app.core.storage import resolve
 
     loc = resolve(recommendations)
     df = pq.read_table(loc.path, filesystem=loc.fs).to_pandas()

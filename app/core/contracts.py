@@ -1,13 +1,13 @@
 """Typed contracts: the small JSON files one stage writes and the next reads.
 
 Each contract is a dataclass with a schema version, :meth:`Contract.read` and
-:meth:`Contract.write` on a folder given as a path or URI (:mod:`app.storage`), and one error
+:meth:`Contract.write` on a folder given as a path or URI (:mod:`app.core.storage`), and one error
 naming the file and what is wrong. The contracts live with their owners:
 
-- :class:`app.dataset.Manifest` (``manifest.json`` of a prepared dataset, written last by
+- :class:`app.data.dataset.Manifest` (``manifest.json`` of a prepared dataset, written last by
   ``prepare``);
-- :class:`app.export.ModelInfo` (``model.json`` of a model folder);
-- :class:`app.inference.RecommendationsSummary` (``_summary.json`` of batch inference's output).
+- :class:`app.train.export.ModelInfo` (``model.json`` of a model folder);
+- :class:`app.serve.batch.RecommendationsSummary` (``_summary.json`` of batch inference's output).
 
 A reader gets attributes (``manifest.vocab["users"]``) instead of string keys, a file of
 another schema version is refused with what to do, and a writer cannot leave out a field.
@@ -18,7 +18,7 @@ import json
 import os
 from typing import Any, ClassVar, TypeVar, Union
 
-from app.storage import Location, resolve
+from app.core.storage import Location, resolve
 
 C = TypeVar("C", bound="Contract")
 

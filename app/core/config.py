@@ -16,14 +16,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the flag."""
+from app.core.errors import ConfigError  # noqa: F401  (raised here, importable from here)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -435,16 +432,16 @@ class Config:
         return dataclasses.asdict(self)
 
     def shown(self) -> dict[str, Any]:
-        """:meth:`to_dict` with URI credentials masked (see :mod:`app.redact`): what is printed
+        """:meth:`to_dict` with URI credentials masked (see :mod:`app.core.redact`): what is printed
         or saved, never what the process uses."""
-        from app.redact import redact_values
+        from app.core.redact import redact_values
 
         return redact_values(self.to_dict())
 
     def credentials(self) -> dict[str, str]:
         """Field name -> value of the settings that hold a URI credential (masked by
         :meth:`shown`): what a config loaded back from a saved file must be given again."""
-        from app.redact import redact
+        from app.core.redact import redact
 
         return {name: value for values in self.to_dict().values()
                 for name, value in values.items()
@@ -452,9 +449,9 @@ class Config:
 
     def dump_yaml(self, path: Any) -> None:
         """Save the config (credentials masked: they come from the environment, see
-        :meth:`shown`) to a path or URI (:mod:`app.storage`); :func:`load_config` reads it
+        :meth:`shown`) to a path or URI (:mod:`app.core.storage`); :func:`load_config` reads it
         back."""
-        from app.storage import resolve
+        from app.core.storage import resolve
 
         resolve(path).write_text(yaml.safe_dump(self.shown(), sort_keys=False))
 
@@ -640,7 +637,7 @@ def load_config(config_file: Optional[str] = None,
         setattr(getattr(cfg, section), name, _coerce(name, hints[section][name], value))
 
     if config_file:
-        from app.storage import resolve  # a path or a URI (a sweep's best_config.yaml)
+        from app.core.storage import resolve  # a path or a URI (a sweep's best_config.yaml)
 
         path = resolve(config_file)
         if not path.is_file():

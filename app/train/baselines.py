@@ -1,4 +1,4 @@
-"""Strong baselines the model is judged against: EASE (and popularity, in :mod:`app.metrics`).
+"""Strong baselines the model is judged against: EASE (and popularity, in :mod:`app.train.metrics`).
 
 EASE (Steck 2019, "Embarrassingly Shallow Autoencoders for Sparse Data") is a closed-form
 item-item linear model over the binary matrix X (users x items) of training positives::
@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from app.metrics import UserItems, finish, ranking_sums
+from app.train.metrics import UserItems, finish, ranking_sums
 
 
 @dataclass

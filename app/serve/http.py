@@ -1,6 +1,6 @@
 """Real-time recommendations: a Ray Serve app over the serving core.
 
-The app answers HTTP JSON requests with :class:`app.serving.Recommender`, the same core as batch
+The app answers HTTP JSON requests with :class:`app.serve.core.Recommender`, the same core as batch
 inference and the MLflow pyfunc (same ids, exclusions, fallbacks and scores):
 
 - ``POST /recommend`` ``{"user_id", "k", "history"?, "exclude_rated"?}``: top-k items. Requests
@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from ray import serve
 
-from app.config import Config, load_config
+from app.core.config import Config, load_config
 
 APP_NAME = "two-tower"
 Id = Union[StrictStr, StrictInt]
@@ -161,12 +161,12 @@ class ModelSource:
     def version(self) -> str:
         """The version to serve now: ``name/N`` for a registered model, the published
         version's folder name for a folder."""
-        from app.export import ModelError
+        from app.train.export import ModelError
 
         if self.alias is not None:
             import mlflow
 
-            from app import tracking
+            from app.core import tracking
 
             tracking.connect(self.cfg.cluster)
             try:
@@ -178,15 +178,15 @@ class ModelSource:
         if self.mlflow:
             return self.model[len("models:/"):] if self.model.startswith("models:/") \
                 else self.model
-        from app.publish import version_uri
+        from app.core.publish import version_uri
 
         return version_uri(self.model).rstrip("/").rsplit("/", 1)[-1]
 
     def load(self, label: str, device: str) -> Any:
         """The serving core of version ``label`` (:meth:`version`), warmed."""
-        from app.inference import resolve_model
-        from app.publish import version_uri
-        from app.serving import Recommender
+        from app.core.publish import version_uri
+        from app.serve.batch import resolve_model
+        from app.serve.core import Recommender
 
         if self.alias is not None:
             where = resolve_model(f"models:/{label}", self.cfg)
@@ -368,19 +368,19 @@ def check_model(model: str, cfg: Config) -> str:
     Raises:
         ModelError: naming what is missing.
     """
-    from app.export import read_model_json
+    from app.train.export import read_model_json
 
     source = ModelSource(model, cfg)
     label = source.version()
     if not source.mlflow:
-        from app.publish import local_dir
+        from app.core.publish import local_dir
 
         read_model_json(local_dir(model))
     elif model.startswith("models:/") and source.alias is None:
         import mlflow
 
-        from app import tracking
-        from app.export import ModelError
+        from app.core import tracking
+        from app.train.export import ModelError
 
         tracking.connect(cfg.cluster)
         name, _, version = model[len("models:/"):].partition("/")
@@ -400,7 +400,7 @@ def check_fits(cfg: Config) -> None:
     """
     import ray
 
-    from app.placement import ResourceError
+    from app.train.placement import ResourceError
 
     s = cfg.serve
     have = ray.cluster_resources()
@@ -432,8 +432,8 @@ def run(cfg: Config, model: str, *, block: bool = True, say: Any = print) -> str
     """
     import ray
 
-    from app import logs, tracking
-    from app.cluster import ClusterError, init_ray
+    from app.core import logs, tracking
+    from app.core.cluster import ClusterError, init_ray
 
     s = cfg.serve
     setup = init_ray(cfg.cluster)

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from app.validate import VALIDATED_SCHEMA
+from app.data.validate import VALIDATED_SCHEMA
 
 _PART_SCHEMA = pa.schema([("key", pa.int64()),   # user index * (items + 1) + item index
                           ("pos", pa.int64())])  # block << 32 | row
@@ -56,7 +56,7 @@ def partition_block(table: pa.Table, block: int, users: pa.Array, items: pa.Arra
     """Vocabulary indices of a validated block and its accepted rows' pair keys, by user.
 
     Args:
-        table: a validated block (:data:`app.validate.VALIDATED_SCHEMA`).
+        table: a validated block (:data:`app.data.validate.VALIDATED_SCHEMA`).
         block: its position among the blocks.
         users, items: the vocabularies (ids as text, index i - 1 holds id of index i).
         parts: number of partitions.

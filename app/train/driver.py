@@ -1,4 +1,4 @@
-"""The training driver: a ``TorchTrainer`` over :func:`app.train_loop.train_loop`, then the
+"""The training driver: a ``TorchTrainer`` over :func:`app.train.loop.train_loop`, then the
 model folder and the MLflow run.
 
 ``train(cfg, data_dir, output)``:
@@ -8,7 +8,7 @@ model folder and the MLflow run.
 2. runs the workers under Ray Train with a ``FailureConfig`` (a failed worker group restarts
    from the latest epoch checkpoint); ``--resume`` continues a stopped run of the same output;
 3. consolidates the last sharded checkpoint into plain weights (one process, no TorchRec
-   runtime) and publishes the model folder atomically (see :mod:`app.export`);
+   runtime) and publishes the model folder atomically (see :mod:`app.train.export`);
 4. logs the folder to MLflow and registers the pyfunc model.
 """
 
@@ -25,25 +25,39 @@ from typing import Any, Optional
 
 import numpy as np
 
-from app import logs
-from app.config import Config
-from app.dataset import SPLITS, DatasetError, Manifest, read_manifest
-from app.placement import placement, wait_for_placement
-from app.publish import Lease, check_writable, current, local_dir, version_of, version_uri, writer
-from app.redact import redact_values
-from app.storage import Location, local_copy, ray_storage, resolve
-from app.history import HISTORY_FILE
-from app.train_loop import (PLAN_FILE, POPULARITY_FILE, STATE_FILE, checkpoint_of_epoch,
-                             item_features, latest_checkpoint, model_spec, train_loop)
-
-
-class TrainError(RuntimeError):
-    """Training could not run or did not finish."""
+from app.core import logs
+from app.core.config import Config
+from app.core.errors import TrainError  # noqa: F401  (raised here, importable from here)
+from app.core.publish import (
+    Lease,
+    check_writable,
+    current,
+    local_dir,
+    version_of,
+    version_uri,
+    writer,
+)
+from app.core.redact import redact_values
+from app.core.storage import Location, local_copy, ray_storage, resolve
+from app.data.dataset import SPLITS, DatasetError, Manifest, read_manifest
+from app.data.history import HISTORY_FILE
+from app.train import registry
+from app.train.loop import (
+    PLAN_FILE,
+    POPULARITY_FILE,
+    STATE_FILE,
+    checkpoint_of_epoch,
+    item_features,
+    latest_checkpoint,
+    model_spec,
+    train_loop,
+)
+from app.train.placement import placement, wait_for_placement
 
 
 def run_name(output: Any) -> str:
     """A stable Ray Train run name per output folder (so ``--resume`` finds its checkpoints):
-    ``output`` is a path, URI or :class:`~app.storage.Location`."""
+    ``output`` is a path, URI or :class:`~app.core.storage.Location`."""
     loc = resolve(output)
     digest = hashlib.sha1(loc.uri.encode()).hexdigest()[:8]
     return f"train-{re.sub(r'[^A-Za-z0-9_.-]', '_', loc.name)}-{digest}"
@@ -51,8 +65,8 @@ def run_name(output: Any) -> str:
 
 def consolidate(checkpoint_dir: Path) -> dict[str, Any]:
     """The model part of a sharded checkpoint as full tensors, in this process (read without
-    unpickling anything but checkpoint data: :mod:`app.checkpoint`)."""
-    from app.checkpoint import load_full
+    unpickling anything but checkpoint data: :mod:`app.train.checkpoint`)."""
+    from app.train.checkpoint import load_full
 
     return load_full(checkpoint_dir)["model"]
 
@@ -65,9 +79,9 @@ def calibrate(model_dir: Path, data_dir: str, objective: str,
         return {"a": 1.0, "b": 0.0}
     import torch
 
-    from app.dataset import read_split_arrays
-    from app.export import load_exported
-    from app.metrics import fit_platt
+    from app.data.dataset import read_split_arrays
+    from app.train.export import load_exported
+    from app.train.metrics import fit_platt
 
     rows = read_split_arrays(Path(data_dir, "val"))
     pick = np.random.default_rng(0).permutation(len(rows["user"]))[:max_pairs]
@@ -104,9 +118,9 @@ def driver_baselines(cfg: Config, data_dir: str, num_users: int, num_items: int
                      ) -> dict[str, Any]:
     """Baselines that need the whole training matrix at once (EASE), fitted here once per run
     and handed to the workers, which report them beside the model every epoch."""
-    from app.baselines import ease_baseline
-    from app.dataset import read_split_arrays
-    from app.metrics import UserItems
+    from app.data.dataset import read_split_arrays
+    from app.train.baselines import ease_baseline
+    from app.train.metrics import UserItems
 
     tr = read_split_arrays(Path(data_dir, "train"))
     pos = tr["label"] > 0
@@ -196,7 +210,7 @@ def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Any,
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-    from app.rendezvous import torch_config
+    from app.train.rendezvous import torch_config
 
     place = placement(cfg.train)
     storage = resolve(storage)
@@ -227,11 +241,11 @@ def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, lease: Lease, *, s
                     register: Any, say: Any) -> tuple[dict, Path, dict, dict]:
     """Fit, then publish the best epoch's model folder as a new version of the output;
     returns (state, checkpoint, metrics, registered). Nothing is published or registered when
-    the dataset was replaced while training (see :mod:`app.publish`)."""
+    the dataset was replaced while training (see :mod:`app.core.publish`)."""
     import torch
 
-    from app.export import WEIGHTS, export_state_dict, write_model_json
-    from app.serving import write_rated_items
+    from app.serve.core import write_rated_items
+    from app.train.export import WEIGHTS, export_state_dict, write_model_json
 
     try:
         result = trainer.fit()
@@ -292,7 +306,7 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True,
         cfg: the resolved configuration (``cfg.train.resume`` continues a stopped run).
         data_dir: a prepared dataset folder.
         output: the model folder; each run publishes a new version of it (see
-            :mod:`app.publish`; one writer at a time).
+            :mod:`app.core.publish`; one writer at a time).
         verbose: print progress.
         refit: train on every split (train + val + test) for exactly ``cfg.train.epochs``
             epochs, without evaluation: the model to serve after an evaluated run chose the
@@ -312,8 +326,8 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True,
 
 def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: bool,
            tags: Optional[dict[str, str]]) -> dict[str, Any]:
-    from app import tracking
-    from app.cluster import init_ray
+    from app.core import tracking
+    from app.core.cluster import init_ray
 
     tag = "refit" if refit else "train"
     say = (lambda msg: logs.say(tag, msg)) if verbose else (lambda msg: None)
@@ -365,7 +379,7 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
     else:
         run_dir.delete()
 
-    run_id = tracking.start_run(cfg, run_name=tracking.run_label(tag, cfg, manifest),
+    run_id = tracking.start_run(cfg, run_name=tracking.run_label(tag, cfg, manifest.source.get("dataset")),
                                 tags={"stage": tag, "dataset": data_uri,
                                       "output": str(out), "refit": str(refit).lower(),
                                       **(tags or {})})
@@ -375,7 +389,7 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
                            refit=refit, baselines=baselines)
     try:
         def register(folder: Path) -> dict[str, Any]:
-            registered = tracking.log_trained_model(cfg, run_id, folder, manifest.vocab)
+            registered = registry.log_trained_model(cfg, run_id, folder, manifest.vocab)
             (folder / "mlflow.json").write_text(json.dumps(  # no credentials saved
                 redact_values({**registered, **mlflow_info}), indent=2) + "\n")
             return registered
@@ -385,7 +399,7 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
             refit=refit, baselines=baselines, data_root=data_root, data_version=data_version,
             register=register, say=say)
     except BaseException as e:
-        killed = isinstance(e, KeyboardInterrupt)  # SIGINT or SIGTERM (app.logs)
+        killed = isinstance(e, KeyboardInterrupt)  # SIGINT or SIGTERM (app.core.logs)
         if killed:
             trainer.abort()
         tracking.end_run(cfg, run_id, status="KILLED" if killed else "FAILED")

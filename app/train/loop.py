@@ -25,17 +25,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from app import logs
-from app.checkpoint import is_complete, load_sharded
-from app.config import Config, load_config
-from app.dataset import Manifest, read_split_arrays
-from app.metrics import UserItems, binary_auroc, finish, popularity_scores, ranking_sums
-from app.history import HISTORY_FILE, UserHistory
-from app.model import (TABLES, BatchMaker, ModelSpec, TwoTower, TwoTowerTrainTask,
-                       log_sampling_probability)
-from app.publish import local_dir
-from app.reader import InteractionStream, ItemFeatures
-from app.storage import Location, resolve
+from app.core import logs
+from app.core.config import Config, load_config
+from app.core.publish import local_dir
+from app.core.storage import Location, resolve
+from app.data.dataset import Manifest, read_split_arrays
+from app.data.history import HISTORY_FILE, UserHistory
+from app.data.reader import InteractionStream, ItemFeatures
+from app.train.checkpoint import is_complete, load_sharded
+from app.train.metrics import UserItems, binary_auroc, finish, popularity_scores, ranking_sums
+from app.train.model import (
+    TABLES,
+    BatchMaker,
+    ModelSpec,
+    TwoTower,
+    TwoTowerTrainTask,
+    log_sampling_probability,
+)
 
 STATE_FILE = "state.json"
 PLAN_FILE = "sharding_plan.json"
@@ -130,7 +136,7 @@ def training_inputs(cfg: Config, data_dir: str, splits: tuple[str, ...] = ("trai
                     ) -> TrainingInputs:
     """The model's shape, its item features, the training rows (of ``splits``: the train
     split, or every split for a refit), positives per item and the users' histories."""
-    from app.dataset import read_manifest
+    from app.data.dataset import read_manifest
 
     manifest = read_manifest(data_dir)
     features = item_features(cfg.model, data_dir)
@@ -216,8 +222,7 @@ def build_sharded(cfg: Config, spec: ModelSpec, positive_counts: np.ndarray, *,
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
     from torchrec.distributed.planner import EmbeddingShardingPlanner
-    from torchrec.distributed.planner.storage_reservations import (
-        FixedPercentageStorageReservation)
+    from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
     from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
     from torchrec.optim import RowWiseAdagrad
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward

@@ -1,9 +1,9 @@
 """The registered MLflow model, logged as code (MLflow's models-from-code).
 
-:func:`app.tracking.log_trained_model` logs this file as the model: MLflow copies it beside the
+:func:`app.core.tracking.log_trained_model` logs this file as the model: MLflow copies it beside the
 model and runs it on load (``mlflow.models.set_model`` names the model), with the project's
 ``app/`` package from the model's ``code/`` folder on ``sys.path``. Nothing is pickled or
-unpickled; the weights load through :func:`app.export.load_exported` (``weights_only``, sha256
+unpickled; the weights load through :func:`app.train.export.load_exported` (``weights_only``, sha256
 checked) from the model folder logged as the ``model_dir`` artifact.
 """
 
@@ -23,12 +23,12 @@ class TwoTowerPyfunc(PythonModel):
     ``history`` column holds each user's recent item ids, which a new user is recommended
     from). Params: ``k`` (items per user, default 10), ``exclude_rated`` (leave out the items
     each user rated, default True, as on every serving path). Output:
-    :meth:`app.serving.Recommender.recommend` or :meth:`app.serving.Recommender.score_pairs`
+    :meth:`app.serve.core.Recommender.recommend` or :meth:`app.serve.core.Recommender.score_pairs`
     rows.
     """
 
     def load_context(self, context: Any) -> None:
-        from app.serving import Recommender
+        from app.serve.core import Recommender
 
         self.recommender = Recommender(context.artifacts["model_dir"])
 

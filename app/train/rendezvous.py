@@ -23,6 +23,7 @@ from datetime import timedelta
 from typing import Any, Optional
 
 from ray.train.torch import TorchConfig
+
 # Ray Train's torch backend: this one differs only in how the process group is created
 from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 

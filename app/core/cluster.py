@@ -29,12 +29,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Mapping, Optional
 
-from app import logs
-from app.config import ClusterConfig, ConfigError
-
-
-class ClusterError(RuntimeError):
-    """The Ray cluster could not be reached or joined; the message names the address."""
+from app.core import logs
+from app.core.config import ClusterConfig, ConfigError
+from app.core.errors import ClusterError  # noqa: F401  (raised here, importable from here)
 
 
 def on_databricks(env: Mapping[str, str] = os.environ) -> bool:
@@ -68,7 +65,7 @@ def plan(cfg: ClusterConfig, env: Mapping[str, str] = os.environ,
     if address:
         return RaySetup("address", address=address)
     if cfg.databricks or on_databricks(env):
-        from app.storage import is_remote
+        from app.core.storage import is_remote
 
         if not (str(cfg.workdir).startswith(("/Volumes/", "/dbfs/"))
                 or is_remote(cfg.workdir)):
@@ -258,7 +255,7 @@ def init_ray(cfg: ClusterConfig) -> RaySetup:
     """
     import ray
 
-    from app.storage import component_env, worker_env
+    from app.core.storage import component_env, worker_env
 
     setup = plan(cfg, connected=ray.is_initialized())
     os.environ.update(component_env())  # streaming and MLflow: the same S3 endpoint
@@ -283,7 +280,7 @@ def init_ray(cfg: ClusterConfig) -> RaySetup:
         _join(address, cfg.ray_connect_timeout, **options)
     elif setup.kind == "local":
         # Ray's default for a new local cluster is token authentication (its notice about
-        # that is filtered by app.logs); an exported RAY_AUTH_MODE wins
+        # that is filtered by app.core.logs); an exported RAY_AUTH_MODE wins
         start_embedded(logging_level=logging.WARNING, **options, **setup.local_args)
     if setup.kind != "connected":
         logs.after_ray_init()

@@ -14,7 +14,7 @@ A model folder holds::
                                                "popularity": {"val": ..., "test": ...}}
     history.json               per-epoch metrics
 
-:class:`ExportedTwoTower` is the same function as :class:`app.model.TwoTower` written with
+:class:`ExportedTwoTower` is the same function as :class:`app.train.model.TwoTower` written with
 ``nn.EmbeddingBag`` and ``nn.Linear`` only, so one process loads it with ``torch.load`` and no
 TorchRec runtime; :func:`export_state_dict` maps a training state dict onto it.
 """
@@ -33,20 +33,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from app.contracts import Contract
-from app.dataset import ItemFeatures, Manifest
-from app.history import HISTORY_FILE, UserHistory
-from app.model import MEAN_POOLED, TABLES, ModelSpec
-from app.publish import local_dir
+from app.core.contracts import Contract
+from app.core.errors import ModelError  # noqa: F401  (raised here, importable from here)
+from app.core.publish import local_dir
+from app.data.dataset import ItemFeatures, Manifest
+from app.data.history import HISTORY_FILE, UserHistory
+from app.train.model import MEAN_POOLED, TABLES, ModelSpec
 
 MODEL_SCHEMA_VERSION = 3  # 2: history bag, item year, normalised towers; 3: sha256 of files
 MODEL_JSON = "model.json"
 WEIGHTS = "weights.pt"
-RATED_FILE = "rated_items.npz"  # written by app.serving.write_rated_items
+RATED_FILE = "rated_items.npz"  # written by app.serve.core.write_rated_items
 
 
-class ModelError(ValueError):
-    """A model folder is missing, incomplete, or does not match what the caller expects."""
 
 
 class ExportedTower(nn.Module):

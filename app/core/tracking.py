@@ -3,14 +3,12 @@
 A local store (``sqlite:///<workdir>/mlflow.db``, artifacts under ``<workdir>/mlartifacts``) is
 the default; any tracking URI (``databricks``, ``http://...``) and registry URI
 (``databricks-uc``) come from the config. Credentials come from the environment (or the URI);
-what is logged or saved has them masked (:mod:`app.redact`).
+what is logged or saved has them masked (:mod:`app.core.redact`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import os
 import re
 import time
@@ -19,19 +17,13 @@ from typing import Any, Optional
 
 import mlflow
 
-from app.config import ClusterConfig, Config, ConfigError
-from app.dataset import Manifest
-from app.redact import redact
-from app.storage import cache_root, is_remote, resolve
-
-APP_DIR = Path(__file__).resolve().parent
-# the registered model as code (MLflow's models-from-code): MLflow runs this file to build the
-# model when it loads it, so nothing is unpickled
-MODEL_CODE = APP_DIR / "pyfunc_model.py"
+from app.core.config import ClusterConfig, Config, ConfigError
+from app.core.redact import redact
+from app.core.storage import cache_root, is_remote, resolve
 
 
 def tracking_uri(cluster: ClusterConfig) -> str:
-    from app.cluster import mlflow_defaults
+    from app.core.cluster import mlflow_defaults
 
     uri, _ = mlflow_defaults(cluster)
     if uri:
@@ -91,7 +83,7 @@ def experiment_name(cluster: ClusterConfig, tracking: str,
 def connect(cluster: ClusterConfig) -> str:
     """Point this process's MLflow at the configured tracking and registry stores (what a
     reader of the registry needs: nothing is created); returns the tracking URI."""
-    from app.cluster import mlflow_defaults
+    from app.core.cluster import mlflow_defaults
 
     uri = tracking_uri(cluster)
     mlflow.set_tracking_uri(uri)
@@ -106,7 +98,7 @@ def connect(cluster: ClusterConfig) -> str:
 def configure(cluster: ClusterConfig) -> str:
     """Point this process's MLflow at the configured stores and experiment (created when
     missing); returns its id."""
-    from app.cluster import mlflow_defaults
+    from app.core.cluster import mlflow_defaults
 
     uri = connect(cluster)
     check_model_name(cluster.registered_model_name, mlflow_defaults(cluster)[1])
@@ -127,11 +119,10 @@ def flat_params(cfg: Config) -> dict[str, str]:
             for k, v in fields.items()}
 
 
-def run_label(stage: str, cfg: Config, manifest: Optional[Manifest] = None) -> str:
-    """An MLflow run name that says what ran: stage, dataset, objective and start time, e.g.
-    ``train movielens-small softmax 2026-11-30 01:54``."""
-    dataset = (manifest.source.get("dataset") if manifest is not None else None) \
-        or cfg.data.dataset
+def run_label(stage: str, cfg: Config, dataset: Optional[str] = None) -> str:
+    """An MLflow run name that says what ran: stage, dataset (default: the configured one),
+    objective and start time, e.g. ``train movielens-small softmax 2026-11-30 01:54``."""
+    dataset = dataset or cfg.data.dataset
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime())
     return f"{stage} {dataset} {cfg.model.objective} {when}"
 
@@ -152,84 +143,6 @@ def start_run(cfg: Config, *, run_name: str, tags: Optional[dict[str, str]] = No
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, params[k])
                                                   for k in keys[start:start + 100]])
     return run.info.run_id
-
-
-def signature(user_type: str, item_type: str) -> Any:
-    """Inputs, outputs and params of the registered pyfunc (Unity Catalog requires all).
-
-    Outputs are one schema for both uses: top-K rows (rank, fallback, source, title) and pair
-    scores (prediction_prob, predicted_class, known_user, known_item); the columns of the other use are absent.
-    """
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-    from mlflow.types.schema import Array
-
-    kind = {"int64": "long", "int32": "integer", "string": "string", "large_string": "string"}
-    user, item = kind.get(user_type, "string"), kind.get(item_type, "string")
-    return ModelSignature(
-        inputs=Schema([ColSpec(user, "userId"), ColSpec(item, "movieId", required=False),
-                       ColSpec(Array(item), "history", required=False)]),
-        outputs=Schema([ColSpec(user, "userId"), ColSpec(item, "movieId"),
-                        ColSpec("float", "score"),
-                        ColSpec("integer", "rank", required=False),
-                        ColSpec("boolean", "fallback", required=False),
-                        ColSpec("string", "source", required=False),
-                        ColSpec("string", "title", required=False),
-                        ColSpec("double", "prediction_prob", required=False),
-                        ColSpec("integer", "predicted_class", required=False),
-                        ColSpec("boolean", "known_user", required=False),
-                        ColSpec("boolean", "known_item", required=False)]),
-        params=ParamSchema([ParamSpec("k", "long", 10),
-                            ParamSpec("exclude_rated", "boolean", True)]))
-
-
-def input_example(model_dir: str | os.PathLike) -> Any:
-    """A one-user request for the logged model (a user of its own vocabulary), with k."""
-    import pandas as pd
-
-    from app.dataset import load_vocab
-
-    first = load_vocab(model_dir)["users"]["id"][0].as_py()
-    return pd.DataFrame({"userId": [first]}), {"k": 10}
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    return [f"{p}=={version(p)}" for p in ("torch", "numpy", "pandas", "pyarrow", "mlflow")]
-
-
-def log_trained_model(cfg: Config, run_id: str, model_dir: str | os.PathLike,
-                      vocab_types: dict[str, str]) -> dict[str, Any]:
-    """Log the model folder as artifacts and as a pyfunc model, and register it.
-
-    The pyfunc model is logged as code (:data:`MODEL_CODE`), not pickled: the model folder is
-    its ``model_dir`` artifact and ``app/`` travels as its code, so it loads in a fresh
-    process with MLflow's pickle loading switched off.
-
-    Returns:
-        ``{"run_id", "model_uri", "registered_model", "version"}``.
-    """
-    from app import logs
-
-    configure(cfg.cluster)
-    # MLflow prints its registration notices to stderr itself; the caller reports the version
-    chatter = (contextlib.nullcontext() if logs.level() == "verbose"
-               else contextlib.redirect_stderr(io.StringIO()))
-    with mlflow.start_run(run_id=run_id), chatter:
-        mlflow.log_artifacts(str(model_dir), artifact_path="model_folder")
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(MODEL_CODE),
-            artifacts={"model_dir": str(model_dir)}, code_paths=[str(APP_DIR)],
-            signature=signature(vocab_types["user_id_type"], vocab_types["item_id_type"]),
-            input_example=input_example(model_dir),
-            pip_requirements=_requirements(),
-            registered_model_name=cfg.cluster.registered_model_name)
-    version = info.registered_model_version
-    return {"run_id": run_id, "model_uri": info.model_uri,
-            "registered_model": cfg.cluster.registered_model_name,
-            "version": int(version) if version is not None else None,
-            "registered_uri": f"models:/{cfg.cluster.registered_model_name}/{version}"}
 
 
 def end_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None:

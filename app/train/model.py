@@ -8,8 +8,8 @@
   whose negatives are the whole catalog, in-batch positives, or a fixed mix of in-batch and
   uniformly sampled items); its ``forward(batch) -> (loss, output)`` is what TorchRec's train
   pipelines expect.
-- The export (:mod:`app.export`): the same towers in plain PyTorch, loadable in one process
-  without TorchRec's distributed runtime; :func:`app.export.export_state_dict` converts
+- The export (:mod:`app.train.export`): the same towers in plain PyTorch, loadable in one process
+  without TorchRec's distributed runtime; :func:`app.train.export.export_state_dict` converts
   between the two.
 
 TorchRec is imported inside functions, so a driver process (which may have no GPU, or no
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.dataset import ItemFeatures
+from app.data.dataset import ItemFeatures
 
 # Feature (KeyedJaggedTensor key) -> embedding table name.
 TABLES = {"user_id": "t_user_id", "user_history": "t_user_history", "item_id": "t_item_id",
@@ -231,7 +231,7 @@ class BatchMaker:
     Args:
         spec: the model (which features, which negatives).
         item_features: the candidate tower's item features, in the spec's order.
-        history: the users' positives in time order (:class:`app.history.UserHistory`); a row's
+        history: the users' positives in time order (:class:`app.data.history.UserHistory`); a row's
             history bag holds positives strictly before the row's timestamp only.
         seed: seed of the sampled negatives and of history dropout.
         history_dropout: share of history items dropped at random from training batches

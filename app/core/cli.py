@@ -13,14 +13,10 @@ import signal
 import sys
 from typing import Callable, Optional
 
-from app import logs
-from app.cluster import ClusterError
-from app.config import ConfigError, add_arguments
-from app.dataset import DatasetError
-from app.export import ModelError
-from app.placement import ResourceError
-from app.redact import redact
-from app.sources import DataError
+from app.core import logs
+from app.core.config import add_arguments
+from app.core.errors import KNOWN
+from app.core.redact import redact
 
 EXIT_ERROR = 2
 
@@ -36,16 +32,6 @@ CONTINUE = {
     "tune": "the trials were stopped; run the same command with --resume to continue the sweep",
     "infer": "no recommendations were published; run the same command again",
 }
-
-
-def errors() -> tuple[type[BaseException], ...]:
-    """The project's errors: each prints as one line (exit 2), never as a traceback."""
-    from app.checkpoint import CheckpointError
-    from app.publish import OutputError
-    from app.train import TrainError
-
-    return (ConfigError, DataError, DatasetError, ModelError, ResourceError, TrainError,
-            ClusterError, CheckpointError, OutputError)
 
 
 def parser(prog: str, doc: Optional[str], sections: Optional[list[str]] = None, *,
@@ -76,7 +62,7 @@ def main(p: argparse.ArgumentParser, body: Callable[[argparse.Namespace], None],
     logs.install_signal_handlers()
     try:
         body(args)
-    except errors() as e:
+    except KNOWN as e:
         print(f"error: {redact(str(e))}", file=sys.stderr, flush=True)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from app.config import DataConfig
+from app.core.config import DataConfig
 
 CLUSTERS = 20
 CHUNK_ROWS = 250_000

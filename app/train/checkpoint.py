@@ -19,13 +19,12 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.default_planner import (DefaultLoadPlanner,
-                                                          _EmptyStateDictLoadPlanner)
+from torch.distributed.checkpoint.default_planner import (
+    DefaultLoadPlanner,
+    _EmptyStateDictLoadPlanner,
+)
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file holds something other than checkpoint data; the message names it."""
-
+from app.core.errors import CheckpointError  # noqa: F401  (raised here, importable from here)
 
 # the globals a DCP .metadata pickle refers to; nothing else is resolved
 _METADATA_GLOBALS = {
@@ -119,8 +118,8 @@ class _SafeEmptyPlanner(_EmptyStateDictLoadPlanner):
 def is_complete(checkpoint_dir: Any) -> bool:
     """True when every shard file the checkpoint's metadata names is there, whole (every
     rank's upload finished: a run stopped mid-report can leave a folder with some ranks'
-    files only). ``checkpoint_dir``: a path, URI or :class:`~app.storage.Location`."""
-    from app.storage import resolve
+    files only). ``checkpoint_dir``: a path, URI or :class:`~app.core.storage.Location`."""
+    from app.core.storage import resolve
 
     root = resolve(checkpoint_dir)
     try:

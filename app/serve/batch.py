@@ -24,16 +24,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from app import logs
-from app.config import Config
-from app.contracts import Contract
-from app.dataset import SPLITS, DatasetError, load_vocab, read_manifest
-from app.export import ModelError, read_model_json
-from app.publish import OutputError, check_writable, current, local_dir, version_uri, writer
-from app.serving import (Recommender, build_faiss, id_keys, lookup, rated_items,  # noqa: F401
-                         vocab_index)
-from app.storage import is_remote, pack, resolve, unpack
-from app.validate import id_text
+from app.core import logs
+from app.core.config import Config
+from app.core.contracts import Contract
+from app.core.publish import OutputError, check_writable, current, local_dir, version_uri, writer
+from app.core.storage import is_remote, pack, resolve, unpack
+from app.data.dataset import SPLITS, DatasetError, load_vocab, read_manifest
+from app.data.validate import id_text
+from app.serve.core import Recommender, build_faiss, id_keys, lookup, rated_items, vocab_index  # noqa: F401
+from app.train.export import ModelError, read_model_json
 
 SUMMARY = "_summary.json"  # inside the output folder; Parquet readers skip "_" files
 
@@ -99,7 +98,7 @@ def resolve_model(model: str, cfg: Config, cache_dir: Optional[str] = None) -> P
         raise ModelError(f"--model {model}: no such folder, and not an MLflow model URI")
     from mlflow.artifacts import download_artifacts
 
-    from app import tracking
+    from app.core import tracking
 
     tracking.configure(cfg.cluster)
     local = Path(download_artifacts(artifact_uri=model,
@@ -129,7 +128,7 @@ def check_dataset_matches(model_dir: Path, data_dir: str) -> None:
 
 def model_folder(model_dir: Any) -> str:
     """The model folder on this node: a path as given, or ``[ref]`` of a folder packed by the
-    driver (:func:`app.storage.pack`), unpacked into this node's cache: an actor on another
+    driver (:func:`app.core.storage.pack`), unpacked into this node's cache: an actor on another
     node never needs the driver's disk."""
     if isinstance(model_dir, list):
         import ray
@@ -142,7 +141,7 @@ def model_folder(model_dir: Any) -> str:
 
 class TopK:
     """Ray Data actor: top-K items for a batch of users (column ``userId``), by the serving
-    core (:class:`app.serving.Recommender`).
+    core (:class:`app.serve.core.Recommender`).
 
     Args:
         model_dir: the model folder (each actor loads its own towers): a path, or ``[ref]``
@@ -209,7 +208,7 @@ def _read_table(path: str, columns: list[str]) -> Any:
     """
     import ray
 
-    loc = resolve(path)  # a local path or a URI (app.storage)
+    loc = resolve(path)  # a local path or a URI (app.core.storage)
     if not loc.exists():
         raise DatasetError(f"{path}: no such file or folder")
     sizes = dict(loc.files()) if loc.is_dir() else {loc.name: loc.info().size}
@@ -223,7 +222,7 @@ def _read_table(path: str, columns: list[str]) -> Any:
         else:
             import pyarrow.csv as pacsv
 
-            from app.sources import delimiter_of
+            from app.data.sources import delimiter_of
 
             ds = ray.data.read_csv(
                 loc.path, filesystem=loc.fs,
@@ -258,7 +257,7 @@ def _unique_users(ds: Any, path: str) -> tuple[pa.Array, int]:
     """The user ids of a users file, each once (in the order of first occurrence), and how
     many repeats were dropped.
 
-    Ids are exact (:func:`app.validate.id_text`): text stays text, trimmed; integer columns
+    Ids are exact (:func:`app.data.validate.id_text`): text stays text, trimmed; integer columns
     stay integers, integral floats become int64 (``1.0`` -> 1).
 
     Raises:
@@ -352,7 +351,7 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
         model: a model folder or an MLflow model URI.
         data_dir: the prepared dataset the model was trained on (vocabularies, rated items).
         output: the output folder; each run publishes a new version of it (Parquet files
-            and ``_summary.json`` in ``output/<CURRENT>``, see :mod:`app.publish`).
+            and ``_summary.json`` in ``output/<CURRENT>``, see :mod:`app.core.publish`).
         users: ``all`` (every user of the vocabulary) or a CSV/Parquet file with ``userId``.
         pairs: a CSV/Parquet file with ``userId, movieId``: score these pairs instead.
         history: a CSV/Parquet file with ``userId, movieId`` rows: users' recent items. A user
@@ -374,7 +373,7 @@ def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, use
     import ray
     from ray.data import ActorPoolStrategy
 
-    from app.cluster import init_ray
+    from app.core.cluster import init_ray
 
     say = (lambda msg: logs.say("infer", msg)) if verbose else (lambda msg: None)
     t0 = time.perf_counter()

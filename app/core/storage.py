@@ -29,12 +29,12 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+from app.core.errors import StorageError  # noqa: F401  (raised here, importable from here)
+
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss")
 CACHE_ENV = "TWOTOWER_CACHE_DIR"
 
 
-class StorageError(RuntimeError):
-    """A location could not be resolved or read; the message names it."""
 
 
 def is_uri(target: str | os.PathLike) -> bool:

@@ -1,8 +1,8 @@
 """The serving core: recommendations and pair scores from a model folder, in one process.
 
 :class:`Recommender` is what every way of serving runs: the batch inference actors
-(:mod:`app.inference`), the registered MLflow pyfunc (:mod:`app.pyfunc_model`) and the Ray Serve
-app (:mod:`app.serve`). It
+(:mod:`app.serve.batch`), the registered MLflow pyfunc (:mod:`app.serve.pyfunc_model`) and the Ray Serve
+app (:mod:`app.serve.http`). It
 
 - maps raw ids to vocabulary indices by their exact text (``007`` stays ``007``, see
   :func:`id_keys`), so an id matches whatever type the caller holds it in;
@@ -35,15 +35,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from app.dataset import SPLITS, load_vocab, read_split_arrays
-from app.export import (RATED_FILE, item_popularity, load_exported,
-                        pair_probabilities, read_model_json)
-from app.metrics import UserItems
-from app.publish import local_dir
-from app.validate import id_text
+from app.core.publish import local_dir
+from app.data.dataset import SPLITS, load_vocab, read_split_arrays
+from app.data.validate import id_text
+from app.train.export import (
+    RATED_FILE,
+    item_popularity,
+    load_exported,
+    pair_probabilities,
+    read_model_json,
+)
+from app.train.metrics import UserItems
+
 
 def id_keys(values: Any) -> pd.Series:
-    """Raw ids -> their exact text (the rule of :func:`app.validate.id_text`: ``007`` stays
+    """Raw ids -> their exact text (the rule of :func:`app.data.validate.id_text`: ``007`` stays
     ``007``, ``1.0`` is ``1``); missing and non-integral float ids -> missing."""
     if isinstance(values, (pa.Array, pa.ChunkedArray)):
         col = values
@@ -137,7 +143,7 @@ class Recommender:
     """A loaded model folder.
 
     Args:
-        model_dir: a model folder (see :mod:`app.export`), a versioned folder or a URI (its
+        model_dir: a model folder (see :mod:`app.train.export`), a versioned folder or a URI (its
             published version, read once).
         device: where the towers run.
         rated: the items left out per user: ``"model"`` (the folder's :data:`RATED_FILE`),

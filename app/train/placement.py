@@ -25,11 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
-from app.config import TrainConfig
-
-
-class ResourceError(RuntimeError):
-    """The cluster cannot place the requested workers."""
+from app.core.config import TrainConfig
+from app.core.errors import ResourceError  # noqa: F401  (raised here, importable from here)
 
 
 @dataclass(frozen=True)
