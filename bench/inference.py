@@ -3,6 +3,7 @@ side by side in one run.
 
     .venv/bin/python bench/inference.py [--users 100000] [--items 50000] [--dim 64] [--k 100]
                                         [--actors 1,2] [--batch-sizes 1024] [--repeats 1]
+                                        [--smoke]
 
 Builds once (cached under .bench/) a synthetic model folder and a prepared dataset that
 matches it, without training:
@@ -41,6 +42,9 @@ constructor); the driver's set-up before the pool and its read-back of the outpu
 the parts do not account for is Ray Data's own (scheduling, pool teardown, output that could
 not overlap the scoring). Prints users/s side by side, the ratio against the target, and one
 JSON line. At the defaults on 2 cores the whole run takes about 3 minutes.
+``--smoke``: 2,000 users x 1,000 items (dim 16, top-10, batches of 256, both pool sizes),
+everything written in a temporary folder (removed after): the same code and the same JSON
+keys in well under a minute, to check that the benchmark runs.
 """
 
 from __future__ import annotations
@@ -70,6 +74,8 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from app.core.config import load_config  # noqa: E402
+from app.core.publish import local_dir  # noqa: E402
+from app.core.storage import resolve  # noqa: E402
 from app.data.dataset import MANIFEST, SCHEMA_VERSION, SPLITS, Manifest, read_manifest  # noqa: E402
 from app.data.mds import INTERACTION_COLUMNS, write_mds_columns  # noqa: E402
 from app.data.prepare import merge_split_index  # noqa: E402
@@ -78,21 +84,25 @@ from app.serve.batch import (  # noqa: E402
     _device_and_pool,
     batch_inference,
     check_dataset_matches,
-    rated_items,
 )
-from app.train.export import (  # noqa: E402
+from app.train.export import ExportedTwoTower  # noqa: E402
+from app.train.model_folder import (  # noqa: E402
     WEIGHTS,
-    ExportedTwoTower,
     item_popularity,
     load_exported,
+    rated_items,
     write_model_json,
 )
 from app.train.model import ModelSpec  # noqa: E402
+from bench.smoke import sandbox  # noqa: E402
 
 ID_BASE = 1000          # id of vocabulary index i is ID_BASE + i
 SPLIT_FRACTIONS = (0.7, 0.2, 0.1)
 SAMPLE_USERS = 200      # users whose pipeline lists are compared with the ceiling's
 TARGET = 0.5
+# --smoke's sizes (flags given explicitly still win)
+SMOKE = {"users": 2_000, "items": 1_000, "dim": 16, "k": 10, "batch_sizes": [256],
+         "rated": 5, "stage_batches": 1, "repeats": 1}
 
 
 # ---------------------------------------------------------------- synthetic model and dataset
@@ -136,21 +146,25 @@ def build_fixture(users: int, items: int, dim: int, rated: int, cache: Path,
         write_mds_columns(str(d / name / "part-00000"),
                           {"user": user[idx], "item": item[idx], "label": label[idx],
                            "rating": rating[idx], "timestamp": ts[idx]})
-        merge_split_index(str(d / name))
+        merge_split_index(resolve(d / name))
         splits[name], positives[name] = len(idx), int(label[idx].sum())
-    manifest = Manifest(
-        schema_version=SCHEMA_VERSION, created_unix=int(time.time()),
-        source={"dataset": "bench-inference-synthetic", "seed": seed},
-        columns={"user": "user", "item": "item", "rating": "rating", "timestamp": "timestamp"},
-        mds_columns=INTERACTION_COLUMNS,
-        counts={"read": rows, "accepted": rows, "rejected": 0, "rejected_by_reason": {},
-                "splits": splits, "positives": positives},
-        label={"rule": "threshold", "threshold": 4.0},
-        split={"rule": "random", "seed": seed,
-               "fractions": dict(zip(SPLITS, SPLIT_FRACTIONS))},
-        vocab={"users": users, "items": items, "unknown_index": 0,
-               "user_id_type": "int64", "item_id_type": "int64", "item_metadata": []},
-        config={})
+    # through the contract's own reader of JSON: checked as a prepared dataset's would be
+    manifest = Manifest.from_dict({
+        "schema_version": SCHEMA_VERSION, "created_unix": int(time.time()),
+        "source": {"dataset": "bench-inference-synthetic", "seed": seed},
+        "columns": {"user": "user", "item": "item", "rating": "rating",
+                    "timestamp": "timestamp"},
+        "mds_columns": dict(INTERACTION_COLUMNS),
+        "counts": {"read": rows, "accepted": rows, "rejected": 0, "rejected_by_reason": {},
+                   "duplicates": {"policy": "keep", "rows_merged": 0, "pairs": 0},
+                   "splits": splits, "positives": positives},
+        "label": {"rule": "threshold", "threshold": 4.0,
+                  "mean_rating": float(rating.mean())},
+        "split": {"rule": "random", "seed": seed,
+                  "fractions": dict(zip(SPLITS, SPLIT_FRACTIONS))},
+        "vocab": {"users": users, "items": items, "unknown_index": 0,
+                  "user_id_type": "int64", "item_id_type": "int64", "item_metadata": []},
+        "config": {}})
     manifest.write(d)
     read_manifest(d)
 
@@ -158,10 +172,11 @@ def build_fixture(users: int, items: int, dim: int, rated: int, cache: Path,
     spec = ModelSpec(num_users=users + 1, num_items=items + 1, num_genres=0,
                      embedding_dim=dim, tower_layers=(dim,))
     torch.save(ExportedTwoTower(spec).state_dict(), m / WEIGHTS)
-    write_model_json(m, spec, data_dir=str(root / "data"), manifest=manifest)
     train = code == 0
     np.save(m / "item_popularity.npy",
             np.bincount(item[train & (label > 0)], minlength=items + 1).astype(np.int64))
+    # model.json last, as training writes it: it seals the files written before it
+    write_model_json(m, spec, data_dir=str(root / "data"), manifest=manifest)
     os.replace(tmp, root)
     return model_dir, data_dir
 
@@ -210,8 +225,9 @@ def ceiling(q: torch.Tensor, items: torch.Tensor, k: int
 
 def pipeline(model_dir: Path, data_dir: Path, out: Path, *, k: int, actors: int,
              batch_size: int, exclude: str, users: str = "all"
-             ) -> tuple[float, dict[str, Any]]:
-    """``batch_inference`` end to end: (wall seconds, its summary); output left in ``out``."""
+             ) -> tuple[float, Any]:
+    """``batch_inference`` end to end: (wall seconds, its summary); output left in ``out``
+    (published: its files are in ``local_dir(out)``, the version ``CURRENT`` names)."""
     cfg = load_config(overrides={"top_k": k, "inference_actors": actors,
                                  "inference_batch_size": batch_size, "exclude_rated": exclude,
                                  "inference_device": "cpu"})
@@ -365,8 +381,19 @@ def main() -> None:
     p.add_argument("--stage-batches", type=int, default=4,
                    help="batches of one actor's work timed stage by stage in this process")
     p.add_argument("--cache", default=str(ROOT / ".bench"))
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes in a temporary folder: checks the benchmark runs")
     args = p.parse_args()
+    if args.smoke:
+        p.set_defaults(**SMOKE)
+        args = p.parse_args()
+    with sandbox(args.smoke) as tmp:
+        if tmp is not None:
+            args.cache = str(tmp / "cache")
+        run(args)
 
+
+def run(args: argparse.Namespace) -> None:
     cache = Path(args.cache)
     t = time.perf_counter()
     model_dir, data_dir = build_fixture(args.users, args.items, args.dim, args.rated, cache)
@@ -415,8 +442,8 @@ def main() -> None:
                                        f"{summary.users:,} users; expected "
                                        f"{args.users * args.k:,} for {args.users:,}")
                 if agree is None:
-                    agree = agreement(out, top_i, args.users, args.k)
-                    readback = readback_seconds(out)
+                    agree = agreement(local_dir(out), top_i, args.users, args.k)
+                    readback = readback_seconds(local_dir(out))
                 shutil.rmtree(out, ignore_errors=True)
                 runs[(a, b)].append(args.users / seconds)
                 seconds_of[(a, b)].append(seconds)
@@ -501,7 +528,8 @@ def main() -> None:
         "users": args.users, "items": args.items, "dim": args.dim, "k": args.k,
         "ceiling_users_per_s": round(c), "pipeline_users_per_s": round(pl),
         "pipeline_vs_ceiling": round(pl / c, 3),
-        "pipeline_actors": best[0], "pipeline_batch_size": best[1]}
+        "pipeline_actors": best[0], "pipeline_batch_size": best[1],
+        "lists_agree_with_ceiling": round(agree, 4)}
     for (a, b), v in sorted(med.items()):
         tag = f"{a}_actors" if len(args.batch_sizes) == 1 else f"{a}_actors_batch_{b}"
         result[f"pipeline_{tag}_users_per_s"] = round(v)

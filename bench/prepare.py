@@ -1,12 +1,14 @@
 """Benchmark: the data stage against the practical floor, side by side in one run.
 
-    .venv/bin/python bench/prepare.py [--rows 10000000] [--repeats 1]
+    .venv/bin/python bench/prepare.py [--rows 10000000] [--repeats 1] [--smoke]
 
 Writes a synthetic CSV in the raw schema (cached under .bench/), then times
   floor    -- pyarrow reads the CSV and writes it as Parquet (multi-threaded, one process);
   pipeline -- app.data.prepare.prepare_dataset on the same CSV: Ray Data read, validation,
               vocabularies, labels, random split, MDS shards and manifest.
 Ray starts before the clock. Prints rows/s for both, the time ratio, and one JSON line.
+``--smoke``: 20,000 rows, one repeat, everything written in a temporary folder (removed after):
+the same code and the same JSON keys in seconds, to check that the benchmark runs.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ import ray  # noqa: E402
 from app.core.config import load_config  # noqa: E402
 from app.data.prepare import prepare_dataset  # noqa: E402
 from app.data.synthetic import generate_chunk, num_chunks  # noqa: E402
+from bench.smoke import sandbox  # noqa: E402
+
+SMOKE = {"rows": 20_000, "repeats": 1}  # --smoke's sizes (flags given explicitly still win)
 
 
 def synthetic_csv(rows: int, seed: int, cache: Path) -> Path:
@@ -68,8 +73,19 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--repeats", type=int, default=1, help="runs of each; medians are reported")
     p.add_argument("--cache", default=str(Path(__file__).resolve().parents[1] / ".bench"))
+    p.add_argument("--smoke", action="store_true",
+                   help=f"tiny sizes ({SMOKE}) in a temporary folder: checks the benchmark runs")
     args = p.parse_args()
+    if args.smoke:
+        p.set_defaults(**SMOKE)
+        args = p.parse_args()
+    with sandbox(args.smoke) as tmp:
+        if tmp is not None:
+            args.cache = str(tmp / "cache")
+        run(args)
 
+
+def run(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     csv = synthetic_csv(args.rows, args.seed, Path(args.cache))
     print(f"input: {csv} ({csv.stat().st_size / 1e6:,.0f} MB, {args.rows:,} rows; "
@@ -86,6 +102,7 @@ def main() -> None:
             print(f"run {i + 1}: floor {floors[-1]:.2f}s  pipeline {pipes[-1]:.2f}s")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        ray.shutdown()
     f, pl = statistics.median(floors), statistics.median(pipes)
     print(f"{'':<10}{'seconds':>10}{'rows/s':>14}")
     print(f"{'floor':<10}{f:>10.2f}{args.rows / f:>14,.0f}")
@@ -94,7 +111,6 @@ def main() -> None:
     print(json.dumps({"rows": args.rows, "pipeline_rows_per_s": round(args.rows / pl),
                       "floor_rows_per_s": round(args.rows / f),
                       "time_ratio_vs_floor": round(pl / f, 3)}))
-
 
 if __name__ == "__main__":
     main()

@@ -93,13 +93,13 @@ def run_rung(overrides: dict[str, Any], data_dir: Path, work: Path, tag: str, *,
     t = time.perf_counter()
     result = train(cfg, str(data_dir), str(work / tag), verbose=False, refit=refit)
     seconds = time.perf_counter() - t
-    history = result["history"]
+    history = result.history
     rate = statistics.median(h["train_samples_per_s_per_worker"] for h in history) * 2
-    m = result["metrics"]
+    m = result.metrics
     out = {"seconds": round(seconds, 1), "samples_per_s": round(rate),
            "epochs": m["epochs"], "best_epoch": m["best_epoch"]}
     if refit:
-        return {**out, "training_rows": result["training_rows"]}
+        return {**out, "training_rows": result.training_rows}
     test = m["model"]["test"]
     out.update({"test_recall@20": round(test["recall@20"], 4),
                 "test_ndcg@20": round(test["ndcg@20"], 4),
@@ -110,9 +110,9 @@ def run_rung(overrides: dict[str, Any], data_dir: Path, work: Path, tag: str, *,
 
 
 def bench_dataset(name: str, data_dir: Path, work: Path, max_epochs: int) -> dict[str, Any]:
-    manifest = Manifest.read(data_dir)
-    print(f"\n== {name}: {manifest.counts['splits']['train']:,} train rows, "
-          f"{manifest.vocab['users']:,} users, {manifest.vocab['items']:,} items",
+    manifest = Manifest.read(data_dir).to_dict()  # plain JSON values, typed parts or not
+    print(f"\n== {name}: {manifest['counts']['splits']['train']:,} train rows, "
+          f"{manifest['vocab']['users']:,} users, {manifest['vocab']['items']:,} items",
           flush=True)
     settings: dict[str, Any] = {}
     rungs, baselines = [], {}

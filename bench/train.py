@@ -1,17 +1,17 @@
 """Benchmark: training throughput of the data path against the model step alone, and against
 the seed notebook's data path, side by side in one run.
 
-    .venv/bin/python bench/train.py [--rows 1000000] [--repeats 3] [--steps 80]
+    .venv/bin/python bench/train.py [--rows 1000000] [--repeats 3] [--steps 80] [--smoke]
 
 Prepares a synthetic dataset once (cached under .bench/), then measures training samples/s
 per worker with the ``bce`` objective at batch size 8192, each inside a Ray Train
 ``TorchTrainer`` (CPU workers, gloo) on the real sharded model (``build_sharded``):
   ceiling  -- ``train_step`` on batches built in memory before the clock, cycled over:
               the model step alone, no data path;
-  pipeline -- this project's data path, as the epoch loop of app/train/loop.py runs it:
-              ``InteractionStream`` over the MDS train split -> ``epoch_sample_ids`` ->
-              ``gather`` -> ``make_batch`` in the ``_prefetch`` background thread ->
-              ``train_step``; with 1 worker and with 2 workers;
+  pipeline -- this project's data path, as the epoch loop of app/train/loop.py runs it
+              (``app.train.inputs.epoch_batches``): ``InteractionStream`` over the MDS train
+              split -> ``epoch_sample_ids`` -> ``gather`` -> the batch maker in the
+              ``prefetch`` background thread -> ``train_step``; with 1 worker and with 2;
   seed     -- the seed notebook's data path: a ``streaming.StreamingDataLoader`` over a plain
               ``StreamingDataset`` of the same split (default collate, one loader worker
               process unless --seed-loader-workers says otherwise), then a per-row Python
@@ -22,6 +22,10 @@ alike; each pipeline repeat is a fresh epoch order and a fresh prefetch thread, 
 thread's start as the epoch loop times itself. The seed path is slow, so it times a fixed
 ``--seed-batches``. Also reports where a batch's time goes (gather, make_batch, step).
 Prints samples/s per worker, the ratios against the targets, and one JSON line.
+``--smoke``: tiny sizes (20,000 rows, batch 1024, a few steps; a 2,000-item catalog for the
+objective comparison, with ``catalog_max_items`` below it so the default objective takes mixed
+negatives as at full size), everything written in a temporary folder (removed after): the
+same code and the same JSON keys, to check that the benchmark runs.
 """
 
 from __future__ import annotations
@@ -46,9 +50,13 @@ from app.core.config import load_config  # noqa: E402
 from app.core.publish import current  # noqa: E402
 from app.data.dataset import Manifest  # noqa: E402
 from app.data.prepare import prepare_dataset  # noqa: E402
+from bench.smoke import sandbox  # noqa: E402
 
 BATCH_SIZE = 8192
 WARMUP = 2
+# --smoke's sizes (flags given explicitly still win)
+SMOKE = {"rows": 20_000, "repeats": 1, "steps": 3, "memory_batches": 2, "seed_batches": 2,
+         "objective_items": 2_000, "objective_steps": 3, "batch_size": 1024}
 
 
 def prepared(rows: int, cache: Path, items: int = 0) -> Path:
@@ -111,14 +119,8 @@ def bench_worker(config: dict[str, Any]) -> None:
     import torch
 
     from app.data.reader import InteractionStream
-    from app.train.loop import (
-        BATCH_COLUMNS,
-        _equal_share,
-        _prefetch,
-        build_sharded,
-        train_step,
-        training_inputs,
-    )
+    from app.train.inputs import BATCH_COLUMNS, epoch_batches, equal_share, training_inputs
+    from app.train.sharding import build_sharded, train_step
 
     cfg = load_config(overrides=config["overrides"])
     data_dir = config["data_dir"]
@@ -184,10 +186,7 @@ def bench_worker(config: dict[str, Any]) -> None:
 
         def pipeline(epoch: int) -> float:
             """One epoch's first ``steps`` steps, as the epoch loop runs them."""
-            ids = _equal_share(stream.epoch_sample_ids(epoch=epoch), device)
-            n = min(steps, (len(ids) + bs - 1) // bs)
-            batches = _prefetch(lambda i: make_batch(
-                stream.gather(ids[i * bs:(i + 1) * bs], BATCH_COLUMNS)), n)
+            ids, n, batches = epoch_batches(stream, maker, epoch, device, bs, max_steps=steps)
             wait = 0.0
             t0 = time.perf_counter()
             for _ in range(n):
@@ -201,7 +200,7 @@ def bench_worker(config: dict[str, Any]) -> None:
             return min(n * bs, len(ids)) / seconds
 
         # the in-memory batches of the ceiling: full batches of epoch 0, built before any clock
-        ids0 = _equal_share(stream.epoch_sample_ids(epoch=0), device)
+        ids0 = equal_share(stream.epoch_sample_ids(epoch=0), device)
         n_mem = max(1, min(int(config["memory_batches"]), len(ids0) // bs))
         gathered = [stream.gather(ids0[i * bs:(i + 1) * bs], BATCH_COLUMNS)
                     for i in range(n_mem)]
@@ -276,9 +275,21 @@ def main() -> None:
                    help="catalog size of the default-objective vs bce comparison")
     p.add_argument("--objective-steps", type=int, default=30,
                    help="timed steps per window of that comparison")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     p.add_argument("--cache", default=str(ROOT / ".bench"))
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes in a temporary folder: checks the benchmark runs")
     args = p.parse_args()
+    if args.smoke:
+        p.set_defaults(**SMOKE)
+        args = p.parse_args()
+    with sandbox(args.smoke) as tmp:
+        if tmp is not None:
+            args.cache = str(tmp / "cache")
+        run(args)
 
+
+def run(args: argparse.Namespace) -> None:
     # Ray workers start from the node's environment: let them import app from any cwd
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x])
@@ -287,17 +298,20 @@ def main() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     t = time.perf_counter()
     data_dir = prepared(args.rows, Path(args.cache))
-    manifest = Manifest.read(data_dir)
-    train_rows = manifest.counts["splits"]["train"]
-    print(f"data: {data_dir} ({train_rows:,} train rows, {manifest.vocab['users']:,} users, "
-          f"{manifest.vocab['items']:,} items; ready in {time.perf_counter() - t:.1f}s)")
+    manifest = Manifest.read(data_dir).to_dict()  # plain JSON values, typed parts or not
+    train_rows = manifest["counts"]["splits"]["train"]
+    print(f"data: {data_dir} ({train_rows:,} train rows, {manifest['vocab']['users']:,} users, "
+          f"{manifest['vocab']['items']:,} items; ready in {time.perf_counter() - t:.1f}s)")
 
     # the first release's model shape (user id only), so the data paths compare as before
-    base = {"overrides": {"objective": "bce", "batch_size": BATCH_SIZE, "history_length": 0,
-                          "use_user_id": True, "use_year": False, "use_genres": True},
+    base = {"overrides": {"objective": "bce", "batch_size": args.batch_size,
+                          "history_length": 0, "use_user_id": True, "use_year": False,
+                          "use_genres": True},
             "data_dir": str(data_dir), "repeats": args.repeats, "steps": args.steps,
             "memory_batches": args.memory_batches, "seed_batches": args.seed_batches,
             "loader_workers": args.seed_loader_workers}
+    # a smoke's small catalog would take a full softmax: keep the full run's mixed negatives
+    smoke_model = {"catalog_max_items": args.objective_items // 2} if args.smoke else {}
     scratch = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
         t = time.perf_counter()
@@ -319,7 +333,7 @@ def main() -> None:
         objective = {}
         for name, over in (("bce", {"objective": "bce"}), ("default", {})):
             objective[name] = run_group(2, {
-                **base, "overrides": {"batch_size": BATCH_SIZE, **over},
+                **base, "overrides": {"batch_size": args.batch_size, **smoke_model, **over},
                 "data_dir": str(big), "mode": "train", "modes": ["pipeline"],
                 "repeats": 2, "steps": args.objective_steps}, scratch, f"objective-{name}")
         print(f"default objective vs bce, 2 workers, {args.objective_items:,} items: "
@@ -333,7 +347,7 @@ def main() -> None:
     pl2 = statistics.median(two["pipeline"])
     s = seed["seed"][0]
     ms, ms2, sms = one["ms_per_batch"], two["ms_per_batch"], seed["seed_ms_per_batch"]
-    print(f"\nsamples/s per worker, batch {BATCH_SIZE}, objective bce, CPU workers "
+    print(f"\nsamples/s per worker, batch {args.batch_size}, objective bce, CPU workers "
           f"({one['torch_threads']} torch thread(s) each)")
     print(f"{'':<22}{'workers':>8}{'samples/s':>12}")
     print(f"{'ceiling (in memory)':<22}{1:>8}{c:>12,.0f}")
@@ -353,10 +367,10 @@ def main() -> None:
           f"{sms['kjt']:.0f}, step {sms['step']:.0f}")
     d_bce = statistics.median(objective["bce"]["pipeline"])
     d_def = statistics.median(objective["default"]["pipeline"])
-    defaults = load_config()
+    defaults = load_config(overrides=smoke_model)
     print(f"default objective ({defaults.model.objective}, "
           f"{defaults.model.resolved_negatives(args.objective_items + 1)} negatives, history "
-          f"{defaults.model.history_length}) vs bce, batch {BATCH_SIZE}, 2 workers, "
+          f"{defaults.model.history_length}) vs bce, batch {args.batch_size}, 2 workers, "
           f"{args.objective_items:,} items: {d_def:,.0f} vs {d_bce:,.0f} samples/s per worker "
           f"= {d_def / d_bce:.2f} (target: >= 0.5)")
     print(f"pipeline / ceiling: {pl / c:.1%} (target: >= 80%)")

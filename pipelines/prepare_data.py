@@ -29,12 +29,12 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(cfg.cluster)
         manifest = prepare_dataset(cfg.data, output, lease_timeout=cfg.cluster.lease_timeout)
         counts = manifest.counts
-        merged = counts["duplicates"]
-        print(f"prepared dataset: {Path(output).absolute()} ({sum(counts['splits'].values()):,} "
-              f"rows: " + ", ".join(f"{k} {v:,}" for k, v in counts["splits"].items())
-              + f"; {counts['rejected']:,} rejected"
-              + (f"; {merged['rows_merged']:,} repeated (user, item) rows merged "
-                 f"({merged['policy']})" if merged["rows_merged"] else "") + ")")
+        merged = counts.duplicates
+        print(f"prepared dataset: {Path(output).absolute()} ({sum(counts.splits.values()):,} "
+              f"rows: " + ", ".join(f"{k} {v:,}" for k, v in counts.splits.items())
+              + f"; {counts.rejected:,} rejected"
+              + (f"; {merged.rows_merged:,} repeated (user, item) rows merged "
+                 f"({merged.policy})" if merged.rows_merged else "") + ")")
 
     return cli.main(parser, body, argv)
 

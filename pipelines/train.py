@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         print(cfg.describe(), flush=True)
         summary = train(cfg, args.data, args.output)
-        print("\n".join(comparison(summary["metrics"])))
+        print("\n".join(comparison(summary.metrics)))
 
     return cli.main(parser, body, argv)
 

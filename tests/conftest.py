@@ -65,7 +65,7 @@ def trained(ray_local, movielens_dir, tmp_path_factory):
     cfg = load_config(overrides={"epochs": 3, "num_workers": 2, "workdir": str(work),
                                  "registered_model_name": "two-tower-test"})
     summary = train(cfg, str(movielens_dir), str(work / "model"), verbose=False)
-    return {"summary": summary, "model_dir": Path(summary["model_dir"]), "cfg": cfg,
+    return {"summary": summary, "model_dir": Path(summary.model_dir), "cfg": cfg,
             "work": work}
 
 

@@ -8,17 +8,74 @@ import json
 import pytest
 
 from app.core.publish import OutputError, current
-from app.data.dataset import DatasetError, Manifest, read_manifest
+from app.data.dataset import (SCHEMA_VERSION, Counts, DatasetError, Duplicates, LabelRule,
+                              Manifest, SplitRule, Vocab, read_manifest)
+from app.data.mds import INTERACTION_COLUMNS
 from app.serve.batch import RecommendationsSummary
-from app.train.export import ModelError, ModelInfo, read_model_json
+from app.train.model_folder import ModelError, ModelInfo, read_model_json
+
+
+def toy_manifest() -> Manifest:
+    return Manifest(
+        schema_version=SCHEMA_VERSION, created_unix=1, source={"dataset": "toy"},
+        columns={"user": "u", "item": "i", "rating": "r", "timestamp": "t"},
+        mds_columns=INTERACTION_COLUMNS,
+        counts=Counts(read=4, accepted=3, rejected=1, rejected_by_reason={"missing u": 1},
+                      duplicates=Duplicates(policy="latest", rows_merged=1, pairs=1),
+                      splits={"train": 2, "val": 0, "test": 0},
+                      positives={"train": 1, "val": 0, "test": 0}),
+        label=LabelRule(rule="threshold", threshold=4.0, mean_rating=3.5),
+        split=SplitRule(rule="random", seed=7, fractions={"train": 0.7, "val": 0.2, "test": 0.1}),
+        vocab=Vocab(users=2, items=2, unknown_index=0, user_id_type="string",
+                    item_id_type="int64", item_metadata=[]),
+        config={"dataset": "toy"})
 
 
 def test_the_prepared_manifest_round_trips_and_is_typed(movielens_dir, tmp_path):
     manifest = read_manifest(movielens_dir)
-    assert isinstance(manifest, Manifest) and manifest.vocab["users"] == 671
+    assert isinstance(manifest, Manifest) and manifest.vocab.users == 671
+    assert isinstance(manifest.counts, Counts) and isinstance(manifest.counts.duplicates,
+                                                             Duplicates)
+    assert sum(manifest.counts.splits.values()) == manifest.counts.accepted == 100_004
     manifest.write(tmp_path)
     assert Manifest.read(tmp_path) == manifest
     assert json.loads((tmp_path / Manifest.FILE).read_text()) == manifest.to_dict()
+    # read and written again, the file is the same, byte for byte
+    assert (tmp_path / Manifest.FILE).read_text() == (movielens_dir / Manifest.FILE).read_text()
+
+
+def test_nested_parts_are_written_as_the_json_objects_they_replace(tmp_path):
+    toy_manifest().write(tmp_path)
+    data = json.loads((tmp_path / Manifest.FILE).read_text())
+    assert data["counts"] == {"read": 4, "accepted": 3, "rejected": 1,
+                              "rejected_by_reason": {"missing u": 1},
+                              "duplicates": {"policy": "latest", "rows_merged": 1, "pairs": 1},
+                              "splits": {"train": 2, "val": 0, "test": 0},
+                              "positives": {"train": 1, "val": 0, "test": 0}}
+    assert list(data) == ["schema_version", "created_unix", "source", "columns", "mds_columns",
+                          "counts", "label", "split", "vocab", "config", "seconds"]
+    assert list(data["vocab"]) == ["users", "items", "unknown_index", "user_id_type",
+                                   "item_id_type", "item_metadata"]
+    assert data["label"] == {"rule": "threshold", "threshold": 4.0, "mean_rating": 3.5}
+    back = Manifest.read(tmp_path)
+    assert back == toy_manifest() and back.counts.splits["train"] == 2
+    assert back.split.fractions["test"] == 0.1 and back.counts.duplicates.rows_merged == 1
+
+
+def test_a_missing_or_malformed_nested_field_is_refused_naming_it(tmp_path):
+    path = tmp_path / Manifest.FILE
+    data = toy_manifest().to_dict()
+    del data["counts"]["splits"], data["counts"]["duplicates"]["pairs"], data["vocab"]["users"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DatasetError) as e:
+        Manifest.read(tmp_path)
+    assert str(e.value) == (f"{path}: lacks counts.splits, counts.duplicates.pairs, "
+                            f"vocab.users")
+    data = toy_manifest().to_dict()
+    data["label"] = 4.0
+    path.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=rf"{path}: label: expected a JSON object, got float"):
+        Manifest.read(tmp_path)
 
 
 @pytest.mark.parametrize("cls, error", [(Manifest, DatasetError), (ModelInfo, ModelError),
@@ -46,7 +103,9 @@ def test_the_model_folder_and_the_recommendations_carry_typed_contracts(trained,
 
     info = read_model_json(trained["model_dir"])
     assert isinstance(info, ModelInfo) and len(info.weights_sha256) == 64
-    assert info.dataset["vocab"] == read_manifest(movielens_dir).vocab
+    manifest = read_manifest(movielens_dir)
+    assert info.dataset["vocab"] == manifest.vocab.to_dict()  # plain JSON in model.json
+    assert info.dataset["splits"] == manifest.counts.splits
     cfg = load_config(overrides={"workdir": str(trained["work"]), "top_k": 3})
     done = batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir),
                            str(tmp_path / "recs"), verbose=False)

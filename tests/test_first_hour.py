@@ -63,7 +63,7 @@ def test_a_stale_address_file_is_not_attached_to(ray_tmpdir, tmp_path):
                 "--output", str(tmp_path / "data")], env, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     manifest = Manifest.read(current(tmp_path / "data"))
-    assert manifest.counts["accepted"] == 5000
+    assert manifest.counts.accepted == 5000
 
 
 @pytest.mark.parametrize("how", ["flag", "auto"])

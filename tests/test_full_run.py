@@ -21,7 +21,7 @@ def test_full_run_prepares_into_the_workdir_and_reuses_it(ray_local, tmp_path, c
     # a changed data setting prepares again
     assert full_run.main(argv + ["--split", "temporal"]) == 0
     manifest = Manifest.read(current(tmp_path / "wd" / "data"))
-    assert manifest.split["rule"] == "temporal"
+    assert manifest.split.rule == "temporal"
 
 
 def test_full_run_reports_bad_flags(capsys):

@@ -14,7 +14,8 @@ import pytest
 
 from app.core.config import ConfigError, load_config
 from app.core.publish import current
-from app.data.dataset import DatasetError, Manifest, load_vocab, read_manifest, read_split_arrays
+from app.data.dataset import (DatasetError, Duplicates, Manifest, load_vocab, read_manifest,
+                              read_split_arrays)
 from app.data.prepare import prepare_dataset
 from tests.conftest import data_config
 
@@ -60,8 +61,8 @@ def test_zero_padded_and_signed_ids_are_distinct_users(ray_local, tmp_path):
                       test_fraction=0)
     users = load_vocab(data)["users"]
     assert sorted(users["id"].to_pylist()) == sorted(PADDED)
-    assert users["id"].type == pa.string() and m.vocab["user_id_type"] == "string"
-    assert m.vocab["users"] == 5 and m.counts["accepted"] == 7
+    assert users["id"].type == pa.string() and m.vocab.user_id_type == "string"
+    assert m.vocab.users == 5 and m.counts.accepted == 7
     got = rows_by_user(data)
     assert got["7"] == [("11", 4.0, 1_700_000_001, 1), ("99", 3.0, 1_700_000_100, 0)]
     assert got["007"] == [("10", 4.0, 1_700_000_000, 1), ("99", 5.0, 1_700_000_100, 1)]
@@ -76,7 +77,7 @@ def test_integer_ids_keep_an_integer_vocabulary(ray_local, tmp_path):
                       test_fraction=0)
     users = load_vocab(data)["users"]["id"]
     assert users.type == pa.int64() and users.to_pylist() == [-4, 1, 3, 20]  # numeric order
-    assert m.vocab["item_id_type"] == "int64"
+    assert m.vocab.item_id_type == "int64"
 
 
 def test_parquet_float_ids_integral_kept_others_quarantined(ray_local, tmp_path):
@@ -86,7 +87,7 @@ def test_parquet_float_ids_integral_kept_others_quarantined(ray_local, tmp_path)
         "movieId": pa.array([10, 11, 12, 13, 14, 2**62], pa.int64()),
         "rating": [4.0] * 6, "timestamp": [1_700_000_000] * 6}), source)
     data, m = prepare(tmp_path, source, val_fraction=0, test_fraction=0)
-    assert m.counts["rejected_by_reason"] == {"missing userId": 1,
+    assert m.counts.rejected_by_reason == {"missing userId": 1,
                                                  "non-integral float userId": 2}
     vocab = load_vocab(data)
     assert vocab["users"]["id"].to_pylist() == [1, 2, 3]  # no user "nan", "1.5" or "inf"
@@ -123,14 +124,14 @@ def test_timestamps_in_any_unit_and_zone_become_utc_seconds(ray_local, tmp_path)
     source = write_csv(tmp_path / "in.csv", rows)
     data, m = prepare(tmp_path, source, val_fraction=0, test_fraction=0)
     assert [ts for _, _, ts, _ in rows_by_user(data)["a"]] == [s] * 6
-    assert m.counts["rejected_by_reason"] == {
+    assert m.counts.rejected_by_reason == {
         "timestamp out of range [1970-01-01, 2100-01-01]": 3}
     assert m.config["timestamp_unit"] == "auto"
 
     # seconds forced: the millisecond and microsecond values are quarantined, not misdated
     _, m = prepare(tmp_path, source, "forced", timestamp_unit="s",
                    timestamp_max="2030-01-01T00:00:00Z", val_fraction=0, test_fraction=0)
-    assert m.counts["rejected_by_reason"] == {
+    assert m.counts.rejected_by_reason == {
         "timestamp out of range [1970-01-01, 2030-01-01]": 5}
 
 
@@ -182,9 +183,9 @@ def test_duplicate_policies_across_blocks(ray_local, tmp_path, policy, want_u1):
     assert got["v"] == [("1", 4.0, 1_700_000_000, 1)]
     assert [r for r in got["u"] if r[0] == "2"] == [("2", 5.0, 1_700_000_000, 1)]
     merged = 0 if policy == "keep" else 3
-    assert m.counts["duplicates"] == {"policy": policy, "rows_merged": merged,
-                                         "pairs": 0 if policy == "keep" else 1}
-    assert m.counts["accepted"] == 6 == sum(m.counts["splits"].values()) + merged
+    assert m.counts.duplicates == Duplicates(policy=policy, rows_merged=merged,
+                                             pairs=0 if policy == "keep" else 1)
+    assert m.counts.accepted == 6 == sum(m.counts.splits.values()) + merged
     assert m.config["duplicates"] == policy
     if policy != "keep":  # one label per pair
         pairs = [(u, r[0]) for u, rs in got.items() for r in rs]
@@ -199,7 +200,7 @@ def test_merged_rows_are_not_split_temporally(ray_local, tmp_path):
     got = rows_by_user(data)
     assert sorted(got["u"]) == [("1", 4.5, 1_700_000_300, 1), ("2", 5.0, 1_700_000_000, 1)]
     # two interactions of u, not five: too few to hold any out (five would put one in test)
-    assert m.counts["splits"] == {"train": 3, "val": 0, "test": 0}
+    assert m.counts.splits == {"train": 3, "val": 0, "test": 0}
 
 
 def test_duplicates_are_merged_before_the_mean_label_and_reported(ray_local, tmp_path, capsys):
@@ -208,11 +209,10 @@ def test_duplicates_are_merged_before_the_mean_label_and_reported(ray_local, tmp
     m = prepare_dataset(data_config(dataset="csv", input=str(write_csv(tmp_path / "in.csv",
                                                                        rows)),
                                     label_rule="mean"), str(out))
-    assert m.label["mean_rating"] == 3.0  # (1 + 5) / 2: one rating per pair
+    assert m.label.mean_rating == 3.0  # (1 + 5) / 2: one rating per pair
     assert "duplicates: 2 rows merged into 1 (user, item) pairs (latest)" in \
         capsys.readouterr().out
-    assert Manifest.read(current(out)).counts[
-        "duplicates"]["rows_merged"] == 2
+    assert Manifest.read(current(out)).counts.duplicates.rows_merged == 2
     read_manifest(out)
 
 
@@ -282,7 +282,7 @@ def test_padded_ids_end_to_end_through_training(ray_local, tmp_path):
     cfg = load_config(overrides={"epochs": 1, "num_workers": 1, "workdir": str(tmp_path),
                                  "registered_model_name": "two-tower-ids", "top_k": 5,
                                  "exclude_rated": "none", "history_length": 0})
-    model = Path(train(cfg, str(data), str(tmp_path / "model"), verbose=False)["model_dir"])
+    model = Path(train(cfg, str(data), str(tmp_path / "model"), verbose=False).model_dir)
     write_csv(tmp_path / "users.csv", [("007",), ("7",), ("0007",)], header="userId")
     batch_inference(cfg, str(model), str(data), str(tmp_path / "r"),
                     users=str(tmp_path / "users.csv"), verbose=False)

@@ -17,7 +17,7 @@ from app.core.config import load_config
 from app.core.publish import OutputError, current
 from app.data.dataset import SPLITS, DatasetError, read_split_arrays
 from app.serve.batch import batch_inference
-from app.train.export import ModelError
+from app.train.model_folder import ModelError
 
 
 def inference_config(work: Path, **overrides):
@@ -88,7 +88,7 @@ def test_pair_scores_are_the_models_forward_pass(trained, movielens_dir, tmp_pat
     import torch
 
     from app.serve.core import Recommender
-    from app.train.export import load_exported
+    from app.train.model_folder import load_exported
 
     rec = Recommender(trained["model_dir"])
     users = rec.user_ids.iloc[[0, 3, 7, 9]].tolist()

@@ -43,23 +43,23 @@ def streaming_rows(split_dir: Path) -> int:
 def check_counts_add_up(out: Path) -> Manifest:
     m = read_manifest(out)
     c = m.counts
-    assert c["read"] == c["accepted"] + c["rejected"]
-    assert c["rejected"] == sum(c["rejected_by_reason"].values())
+    assert c.read == c.accepted + c.rejected
+    assert c.rejected == sum(c.rejected_by_reason.values())
     # repeated (user, item) rows merged by --duplicates are accepted but not written twice
-    assert sum(c["splits"].values()) == c["accepted"] - c["duplicates"]["rows_merged"]
+    assert sum(c.splits.values()) == c.accepted - c.duplicates.rows_merged
     return m
 
 
 def test_movielens_small(movielens_dir):
     m = check_counts_add_up(movielens_dir)
-    assert m.counts["read"] == 100_004 and m.counts["rejected"] == 0
+    assert m.counts.read == 100_004 and m.counts.rejected == 0
     for split in SPLITS:
-        assert streaming_rows(movielens_dir / split) == m.counts["splits"][split]
+        assert streaming_rows(movielens_dir / split) == m.counts.splits[split]
     # 0.7 / 0.2 / 0.1 within sampling noise
-    assert abs(m.counts["splits"]["train"] / 100_004 - 0.7) < 0.01
+    assert abs(m.counts.splits["train"] / 100_004 - 0.7) < 0.01
     vocab = load_vocab(movielens_dir)
-    assert m.vocab["users"] == len(vocab["users"]) == 671
-    assert m.vocab["items"] == len(vocab["items"]) == 9066
+    assert m.vocab.users == len(vocab["users"]) == 671
+    assert m.vocab.items == len(vocab["items"]) == 9066
     # ids map to distinct indices 1..N (no collisions, 0 reserved), and back to the raw ids
     assert vocab["items"]["index"].to_pylist() == list(range(1, 9067))
     raw = movielens_table()
@@ -67,7 +67,7 @@ def test_movielens_small(movielens_dir):
     ids = pc.take(vocab["items"]["id"], pa.array(train["item"][:50] - 1)).to_pylist()
     assert set(ids) <= set(raw["movieId"].to_pylist())
     assert "title" in vocab["items"].column_names and vocab["items"]["title"][0].as_py()
-    assert 0 < m.counts["positives"]["train"] < m.counts["splits"]["train"]
+    assert 0 < m.counts.positives["train"] < m.counts.splits["train"]
     assert (train["label"] == (train["rating"] >= 4.0)).all()
 
 
@@ -77,12 +77,12 @@ def test_lfs_csv_with_string_user_ids(ray_local, tmp_path):
     prepare_dataset(data_config(dataset="lfs", input=str(tmp_path / "in")), str(out),
                     verbose=False)
     m = check_counts_add_up(out)
-    assert m.counts["accepted"] == written.num_rows
-    assert m.vocab["user_id_type"] == "string"
+    assert m.counts.accepted == written.num_rows
+    assert m.vocab.user_id_type == "string"
     users = load_vocab(out)["users"]["id"].to_pylist()
     assert set(users) == set(written["userId"].to_pylist())
     for split in SPLITS:
-        assert streaming_rows(current(out) / split) == m.counts["splits"][split]
+        assert streaming_rows(current(out) / split) == m.counts.splits[split]
     ts = np.concatenate([read_split_arrays(current(out) / s)["timestamp"] for s in SPLITS])
     assert ts.min() > 800_000_000  # datetimes parsed to epoch seconds
 
@@ -102,7 +102,7 @@ def test_lfs_download_from_a_served_zip(ray_local, tmp_path):
         prepare_dataset(data_config(dataset="lfs", download_url=url), str(out), verbose=False)
     finally:
         server.shutdown()
-    assert check_counts_add_up(out).counts["accepted"] == 3000
+    assert check_counts_add_up(out).counts.accepted == 3000
     assert not (current(out) / "_scratch").exists()  # the download is not part of the dataset
 
 
@@ -112,9 +112,9 @@ def test_synthetic(ray_local, tmp_path):
     prepare_dataset(data_config(dataset="synthetic", rows=300_000, duplicates="keep"), str(out),
                     verbose=False)
     m = check_counts_add_up(out)
-    assert m.counts["accepted"] == 300_000
+    assert m.counts.accepted == 300_000
     for split in SPLITS:
-        assert streaming_rows(current(out) / split) == m.counts["splits"][split]
+        assert streaming_rows(current(out) / split) == m.counts.splits[split]
     train = read_split_arrays(current(out) / "train")
     counts = np.bincount(train["item"])
     top = np.sort(counts)[::-1]
@@ -143,8 +143,8 @@ def test_malformed_rows_are_quarantined_with_reasons(ray_local, tmp_path):
     out = tmp_path / "out"
     prepare_dataset(data_config(dataset="csv", input=str(src)), str(out), verbose=False)
     m = check_counts_add_up(out)
-    assert m.counts["read"] == 12 and m.counts["accepted"] == 3
-    assert m.counts["rejected_by_reason"] == {
+    assert m.counts.read == 12 and m.counts.accepted == 3
+    assert m.counts.rejected_by_reason == {
         "empty row": 1,
         "malformed line: expected 4 fields, got 5": 1,
         "missing movieId": 1, "missing userId": 1, "missing timestamp": 1,
@@ -191,9 +191,9 @@ def test_parquet_source_and_mean_label(ray_local, tmp_path):
     prepare_dataset(data_config(dataset="parquet", input=str(tmp_path / "pq" / "*.parquet"),
                                 label_rule="mean"), str(out), verbose=False)
     m = check_counts_add_up(out)
-    assert m.counts["accepted"] == 10_000
+    assert m.counts.accepted == 10_000
     mean = float(pc.mean(t["rating"]).as_py())
-    assert abs(m.label["threshold"] - mean) < 1e-9
+    assert abs(m.label.threshold - mean) < 1e-9
     rows = {s: read_split_arrays(current(out) / s) for s in SPLITS}
     for r in rows.values():
         assert (r["label"] == (r["rating"] >= np.float32(mean))).all()
@@ -211,7 +211,7 @@ def test_temporal_split_holds_out_each_users_latest(ray_local, tmp_path):
     users = np.unique(s["test"]["user"])
     assert len(users) > 600
     assert (last_train[users] <= first_test[users]).all()
-    assert abs(m.counts["splits"]["test"] / m.counts["accepted"] - 0.1) < 0.02
+    assert abs(m.counts.splits["test"] / m.counts.accepted - 0.1) < 0.02
 
 
 def test_same_input_same_output(ray_local, movielens_dir, tmp_path):
@@ -245,7 +245,7 @@ def test_interrupted_run_leaves_nothing_and_rerun_succeeds(ray_local, tmp_path, 
     # the next writer (holding the lease) removes it
     (out / ".partial-v-000001-20260101T000000Z" / "train").mkdir(parents=True)
     prepare_dataset(cfg, str(out), verbose=False)
-    assert check_counts_add_up(out).counts["accepted"] == 50_000
+    assert check_counts_add_up(out).counts.accepted == 50_000
     first = current(out).name
     assert sorted(p.name for p in out.iterdir()) == ["CURRENT", first]
     # an existing dataset is replaced only on request, by a new version
@@ -265,7 +265,7 @@ def test_csv_folder_with_a_header_only_file(ray_local, tmp_path):
     out = tmp_path / "out"
     prepare_dataset(data_config(dataset="csv", input=str(tmp_path / "in"), split="temporal"),
                     str(out), verbose=False)
-    assert check_counts_add_up(out).counts["accepted"] == 2
+    assert check_counts_add_up(out).counts.accepted == 2
 
 
 def test_tab_separated_input_is_parsed_as_such(ray_local, tmp_path):
@@ -275,7 +275,7 @@ def test_tab_separated_input_is_parsed_as_such(ray_local, tmp_path):
     prepare_dataset(data_config(dataset="csv", input=str(tmp_path / "r.tsv")), str(out),
                     verbose=False)
     manifest = check_counts_add_up(out)
-    assert manifest.counts["accepted"] == 60 and manifest.counts["rejected"] == 0
+    assert manifest.counts.accepted == 60 and manifest.counts.rejected == 0
     assert pq.read_table(current(out) / "vocab" / "users.parquet")["id"].to_pylist() == \
         [f"u{i}" for i in range(7)]
     # one read takes one kind of separator

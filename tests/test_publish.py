@@ -1,11 +1,12 @@
 """Outputs have one writer at a time and readers see whole versions (app.core.publish): leases
-taken atomically and over when stale, versions switched by one rename, and a training run
-that does not publish over a dataset replaced under it."""
+taken atomically and over when stale, on a local folder and on a bucket alike; versions
+switched by one rename (one PUT on a bucket); and a training run that does not publish over a
+dataset replaced under it."""
 
 from __future__ import annotations
 
 import json
-import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,9 +16,28 @@ from pathlib import Path
 
 import pytest
 
-from app.core.publish import LEASE, OutputError, current, version_of, writer
+from app.core.publish import (
+    LEASE,
+    SUCCESS,
+    OutputError,
+    current,
+    local_dir,
+    read_success,
+    version_of,
+    version_uri,
+    write_success,
+    writer,
+)
+from app.core.storage import resolve
 from app.data.dataset import SPLITS, read_manifest
 from tests.conftest import ROOT, data_config, short_tmp, user_shell_env
+
+
+@pytest.fixture(params=["folder", "bucket"])
+def where(request, tmp_path) -> str:
+    """A place for outputs on each lease store: a local folder, and a fresh bucket of the
+    session's S3 server (conditional puts)."""
+    return str(tmp_path) if request.param == "folder" else request.getfixturevalue("s3")
 
 
 def _dead_pid() -> int:
@@ -26,81 +46,156 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def _plant_lease(out: Path, *, host: str, pid: int, age: float = 0.0) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / LEASE).write_text(json.dumps({"stage": "train", "host": host, "pid": pid,
-                                         "started": "2026-01-01T00:00:00Z", "token": "t"}))
-    then = time.time() - age
-    os.utime(out / LEASE, (then, then))
+def _plant_lease(out: str, *, host: str, pid: int) -> None:
+    """A lease record as another writer leaves it (its heartbeat now)."""
+    resolve(out).join(LEASE).write_text(json.dumps({
+        "stage": "train", "host": host, "pid": pid, "started": "2026-01-01T00:00:00Z",
+        "token": "t"}))
 
 
-def _publish(out: Path, text: str, **kwargs) -> None:
+def _names(out: str) -> list[str]:
+    """What lies at the top of an output, versions left out."""
+    return [n for n in resolve(out).children() if not n.startswith("v-")]
+
+
+def _publish(out: str, text: str, **kwargs) -> None:
     with writer(out, "test", say=kwargs.pop("say", print), **kwargs) as lease, \
             lease.staged() as tmp:
         (tmp / "a.txt").write_text(text)
         (tmp / "b.txt").write_text(text)
 
 
-def test_versions_switch_whole_and_the_previous_one_is_kept(tmp_path):
-    out = tmp_path / "out"
+def test_versions_switch_whole_and_the_previous_one_is_kept(where):
+    out = f"{where}/out"
     _publish(out, "one")
-    first = current(out)
-    assert first.parent == out and (first / "a.txt").read_text() == "one"
+    first = version_of(out)
+    assert first.startswith("v-000001-") and (current(out) / "a.txt").read_text() == "one"
     _publish(out, "two")
     _publish(out, "three")
     assert (current(out) / "b.txt").read_text() == "three"
-    versions = sorted(p.name for p in out.iterdir() if p.name.startswith("v-"))
-    assert len(versions) == 2 and first.name not in versions  # the last two are kept
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("v-")) == ["CURRENT"]
+    versions = [n for n in resolve(out).children() if n.startswith("v-")]
+    assert len(versions) == 2 and first not in versions  # the last two are kept
+    assert _names(out) == ["CURRENT"]
     # a failing writer publishes nothing and leaves no staging folder or lease
     with pytest.raises(RuntimeError, match="boom"):
         with writer(out, "test") as lease, lease.staged() as tmp:
             (tmp / "a.txt").write_text("half")
             raise RuntimeError("boom")
     assert (current(out) / "a.txt").read_text() == "three"
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("v-")) == ["CURRENT"]
+    assert _names(out) == ["CURRENT"]
+    assert [n for n in resolve(out).children() if n.startswith("v-")] == versions
 
 
-def test_a_live_lease_is_refused_naming_its_holder(tmp_path):
-    out = tmp_path / "out"
-    _plant_lease(out, host="other-host", pid=4242, age=5)
+def test_a_live_lease_is_refused_naming_its_holder(where):
+    out = f"{where}/out"
+    _plant_lease(out, host="other-host", pid=4242)
     t0 = time.monotonic()
     with pytest.raises(OutputError, match=r"being written by train \(pid 4242 on other-host, "
                                           r"since 2026-01-01T00:00:00Z, last heartbeat \d+s ago"):
         _publish(out, "mine")
-    assert time.monotonic() - t0 < 1
-    assert not (out / "CURRENT").exists()
-    assert json.loads((out / LEASE).read_text())["pid"] == 4242  # not touched
+    assert time.monotonic() - t0 < 5
+    assert _names(out) == [LEASE]  # nothing published
+    assert json.loads(resolve(out).join(LEASE).read_text())["pid"] == 4242  # not touched
 
 
-def test_a_stale_lease_is_taken_over_with_a_note(tmp_path):
+def test_a_stale_lease_is_taken_over_with_a_note(where):
     notes: list[str] = []
     # a process of this host that is gone
-    gone = tmp_path / "gone"
+    gone = f"{where}/gone"
     _plant_lease(gone, host=socket.gethostname(), pid=_dead_pid())
     _publish(gone, "mine", say=notes.append)
     assert (current(gone) / "a.txt").read_text() == "mine"
-    assert "its process is gone" in notes[-1] and str(gone) in notes[-1]
+    assert "its process is gone" in notes[-1] and str(resolve(gone)) in notes[-1]
     # another host's writer whose heartbeat stopped
-    silent = tmp_path / "silent"
-    _plant_lease(silent, host="other-host", pid=4242, age=120)
-    _publish(silent, "mine", say=notes.append, timeout=60)
-    assert "no heartbeat for 120s" in notes[-1] and "other-host" in notes[-1]
-    assert not (silent / LEASE).exists()  # released after publishing
+    silent = f"{where}/silent"
+    _plant_lease(silent, host="other-host", pid=4242)
+    time.sleep(1.5)
+    _publish(silent, "mine", say=notes.append, timeout=1)
+    assert re.search(r"took over the lease on .*silent from train \(pid 4242 on other-host.*: "
+                     r"no heartbeat for \d+s$", notes[-1]), notes[-1]
+    assert (current(silent) / "a.txt").read_text() == "mine"
+    assert _names(silent) == ["CURRENT"]  # released after publishing
 
 
-def test_a_writer_that_lost_its_lease_publishes_nothing(tmp_path):
-    out = tmp_path / "out"
+def test_a_heartbeat_keeps_a_lease_held(where):
+    out = f"{where}/out"
+    with writer(out, "long", timeout=3):
+        time.sleep(4.5)  # past the timeout: only the heartbeat keeps the lease fresh
+        with pytest.raises(OutputError, match=r"being written by long \(pid "):
+            _publish(out, "second", timeout=3)
+    _publish(out, "after", timeout=3)
+    assert (current(out) / "a.txt").read_text() == "after"
+
+
+def test_a_writer_that_lost_its_lease_publishes_nothing(where):
+    out = f"{where}/out"
     _publish(out, "before")
+    notes: list[str] = []
     with writer(out, "slow", timeout=0.5) as slow:
         slow._stop.set()  # its heartbeat stops, as in a process frozen for too long
-        time.sleep(0.7)
-        _publish(out, "taker", timeout=0.5)  # takes the stale lease over and publishes
-        with pytest.raises(OutputError, match="lost its lease"):
+        time.sleep(1.2)
+        _publish(out, "taker", timeout=0.5, say=notes.append)  # takes over and publishes
+        with pytest.raises(OutputError, match="slow lost its lease"):
             with slow.staged() as tmp:
                 (tmp / "a.txt").write_text("slow")
+    assert "took over the lease" in notes[0] and "from slow" in notes[0]
     assert (current(out) / "a.txt").read_text() == "taker"
-    assert not list(out.glob(".partial-*"))
+    assert _names(out) == ["CURRENT"]  # no staging folder, and the taker's lease released
+    assert len([n for n in resolve(out).children() if n.startswith("v-")]) == 2
+
+
+@pytest.mark.parametrize("planted", ["free", "stale"])
+def test_of_writers_racing_for_an_output_exactly_one_wins(where, planted):
+    """Four writers at once, for a free output or one whose holder's process is gone: one
+    creates (or takes over) the lease, the others are refused naming it."""
+    out = f"{where}/race"
+    if planted == "stale":
+        _plant_lease(out, host=socket.gethostname(), pid=_dead_pid())
+    results: list[str] = []
+    notes: list[str] = []
+    start = threading.Barrier(4)
+
+    def run(i: int) -> None:
+        start.wait()
+        try:
+            with writer(out, f"w{i}", timeout=30, say=notes.append):
+                time.sleep(1.5)
+            results.append("won")
+        except OutputError as e:
+            assert "is being written by w" in str(e), e
+            results.append("refused")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["refused"] * 3 + ["won"]
+    assert len(notes) == (1 if planted == "stale" else 0), notes
+    assert _names(out) == []  # the winner released its lease
+
+
+def test_a_folder_published_in_place_reads_through_the_same_readers(where):
+    """A folder written in place (a sweep's results) with the one _SUCCESS format reads
+    through current() as it is; another format is refused naming the file."""
+    out = resolve(f"{where}/results")
+    out.join("results.txt").write_text("best\n")
+    out.join("sub").join("plot.png").write_bytes(b"\x89PNG")
+    write_success(out, {"results.txt": 5, "sub/plot.png": 4}, stage="tune")
+    folder = current(out.uri)
+    assert version_of(out.uri) is None and version_uri(out.uri) == str(folder)
+    assert read_success(resolve(folder)) == {"results.txt": 5, "sub/plot.png": 4}
+    assert (local_dir(out.uri) / "sub" / "plot.png").read_bytes() == b"\x89PNG"
+    if out.remote:  # there readers check every listed file
+        out.join("results.txt").write_text("other\n!")
+        with pytest.raises(OutputError, match=r"missing or of another size \(results.txt\)"):
+            current(out.uri)
+    out.join(SUCCESS).write_text(json.dumps({"files": ["results.txt"]}))  # a list of names
+    with pytest.raises(OutputError, match=f"{SUCCESS}: not a file list"):
+        read_success(out)
+    if out.remote:
+        with pytest.raises(OutputError, match=f"{SUCCESS}: not a file list"):
+            current(out.uri)
 
 
 def test_readers_never_see_a_mix_of_versions_during_overwrites(ray_local, tmp_path):
@@ -119,7 +214,7 @@ def test_readers_never_see_a_mix_of_versions_during_overwrites(ray_local, tmp_pa
                 manifest = read_manifest(folder)
                 rows = {s: sum(sh["samples"] for sh in json.loads(
                     (folder / s / "index.json").read_text())["shards"]) for s in SPLITS}
-                seen.append((folder.name, rows == manifest.counts["splits"]))
+                seen.append((folder.name, rows == manifest.counts.splits))
             except BaseException as e:  # noqa: BLE001 - reported below
                 errors.append(e)
 
@@ -136,7 +231,7 @@ def test_readers_never_see_a_mix_of_versions_during_overwrites(ray_local, tmp_pa
     assert len({name for name, _ in seen}) >= 3, "the reader did not run across versions"
     assert all(consistent for _, consistent in seen), \
         [name for name, ok in seen if not ok][:5]
-    assert read_manifest(out).counts["accepted"] == 24_000
+    assert read_manifest(out).counts.accepted == 24_000
 
 
 def test_training_does_not_publish_over_a_replaced_dataset(ray_local, tmp_path):

@@ -37,7 +37,7 @@ def test_early_stopping_exports_the_best_epoch(ray_local, movielens_dir, tmp_pat
     cfg = _config(tmp_path, epochs=8, patience=1, embedding_lr=0.5, history_dropout=0.0,
                   temperature=0.02)
     result = train(cfg, str(movielens_dir), str(tmp_path / "model"), verbose=False)
-    m, history = result["metrics"], result["history"]
+    m, history = result.metrics, result.history
     assert m["epochs"] < 8, "early stopping never triggered"
     best = m["best_epoch"]
     assert m["epochs"] == best + 1  # patience 1: one epoch without improvement
@@ -60,13 +60,13 @@ def test_refit_trains_on_every_accepted_row(ray_local, movielens_dir, tmp_path):
     manifest = read_manifest(movielens_dir)
     result = train(_config(tmp_path, epochs=1), str(movielens_dir), str(tmp_path / "model"),
                    verbose=False, refit=True)
-    total = manifest.counts["accepted"]
-    assert result["training_rows"] == total == sum(manifest.counts["splits"].values())
-    assert abs(result["history"][0]["train_rows"] - total) < 2  # equal shares of 2 workers
-    assert "val_recall@20" not in result["history"][0]
+    total = manifest.counts.accepted
+    assert result.training_rows == total == sum(manifest.counts.splits.values())
+    assert abs(result.history[0]["train_rows"] - total) < 2  # equal shares of 2 workers
+    assert "val_recall@20" not in result.history[0]
     # the served model's histories hold every split's positives
     h = UserHistory.from_bytes((current(tmp_path / "model") / "user_history.npz").read_bytes())
-    assert len(h.items) == sum(manifest.counts["positives"].values())
+    assert len(h.items) == sum(manifest.counts.positives.values())
     info = json.loads((current(tmp_path / "model") / "mlflow.json").read_text())
     run = mlflow.MlflowClient(info["tracking_uri"]).get_run(info["run_id"])
     assert run.data.tags["refit"] == "true"

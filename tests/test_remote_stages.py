@@ -49,13 +49,13 @@ def test_a_dataset_prepared_into_a_bucket_from_a_bucket(ray_local, s3, tmp_path,
             "rejects/malformed-lines.parquet", SUCCESS} <= set(files)
     assert [f for f in files if f.startswith("_")] == [SUCCESS]  # no scratch left behind
     counts = manifest.counts
-    assert counts["read"] == table.num_rows + 1 and counts["rejected"] >= 1
+    assert counts.read == table.num_rows + 1 and counts.rejected >= 1
     # every node reads one local copy of the version, checked against _SUCCESS
     assert read_manifest(f"{s3}/data") == manifest
     local = local_dir(f"{s3}/data")
     assert local.is_relative_to(cache)
     rows = {s: read_split_arrays(local / s) for s in SPLITS}
-    assert {s: len(r["user"]) for s, r in rows.items()} == counts["splits"]
+    assert {s: len(r["user"]) for s, r in rows.items()} == counts.splits
     rejects = pq.read_table(local / "rejects" / "malformed-lines.parquet").to_pylist()
     assert [r["text"] for r in rejects] == ["u1,2,3.0,2020-01-01 00:00:00,extra"]
     assert version_uri(f"{s3}/data") == version.uri
@@ -66,7 +66,7 @@ def test_a_dataset_prepared_into_a_bucket_from_a_bucket(ray_local, s3, tmp_path,
     ds = StreamingDataset(remote=f"{version.uri}/train", local=str(cache / "stream"),
                           shuffle=False, batch_size=1)
     got = np.array([ds[i]["user"] for i in range(len(ds))])
-    assert len(ds) == counts["splits"]["train"] and (got == rows["train"]["user"]).all()
+    assert len(ds) == counts.splits["train"] and (got == rows["train"]["user"]).all()
 
 
 def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_path,
@@ -84,7 +84,7 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
     from app.serve.batch import RecommendationsSummary, batch_inference
     from app.serve.core import Recommender
     from app.train.driver import train
-    from pipelines.full_run import run
+    from app.run import run
     from tests.conftest import start_local_ray
     from tests.test_train import kill_a_worker_in_epoch_two
 
@@ -112,7 +112,7 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
         summary = run(load_config(overrides={**settings, "epochs": 2}), refit=False)
         killer.join()
         assert killed, "no training worker was found to kill"
-        trained = summary["stages"]["train"]["metrics"]
+        trained = summary.stages["train"].metrics
         assert trained["epochs"] == 2 and trained["resumed_at_epochs"] == [1]
 
         top = resolve(workdir).children()
@@ -132,10 +132,10 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
         assert 0.55 < trained["model"]["val"]["auroc"] <= 1.0
         info = json.loads((model / "mlflow.json").read_text())
         assert info["registered_uri"].startswith("models:/two-tower-s3-run/")
-        assert summary["stages"]["infer"]["output"] == f"{workdir}/recommendations"
+        assert summary.stages["infer"].output == f"{workdir}/recommendations"
         recs = current(f"{workdir}/recommendations")
         assert pq.read_table(recs.path, filesystem=recs.fs).num_rows == \
-            summary["stages"]["infer"]["summary"]["rows"] > 0
+            summary.stages["infer"].summary["rows"] > 0
         # the workers read the dataset from the bucket into their nodes' cache
         assert any(p.name.startswith("v-000001-") for p in node_cache.iterdir())
         assert node_cache != driver_cache
@@ -158,9 +158,9 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
 
         again = train(load_config(overrides={**settings, "epochs": 3, "resume": True}),
                       f"{workdir}/data", f"{workdir}/model", verbose=False)
-        assert again["metrics"]["resumed_at_epochs"][-1] == 2
-        assert [h["epoch"] for h in again["history"]] == [1, 2, 3]
-        assert again["model_dir"].startswith(f"{workdir}/model/v-000002-")
+        assert again.metrics["resumed_at_epochs"][-1] == 2
+        assert [h["epoch"] for h in again.history] == [1, 2, 3]
+        assert again.model_dir.startswith(f"{workdir}/model/v-000002-")
         assert _local_files(cwd) == []
     finally:
         ray.shutdown()

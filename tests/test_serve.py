@@ -25,7 +25,7 @@ from app.core.cluster import _free_port
 from app.core.config import load_config
 from app.core.publish import current
 from app.serve.core import Recommender
-from app.train.export import MODEL_JSON, WEIGHTS, _sha256
+from app.train.model_folder import MODEL_JSON, WEIGHTS, sha256_of
 from tests.conftest import ROOT, short_tmp, user_shell_env
 
 NAME = "two-tower-test"  # registered by the `trained` fixture
@@ -172,7 +172,7 @@ def _second_version(trained, tmp_path) -> tuple[Path, str]:
                                               .manual_seed(0))]
     torch.save(state, folder / WEIGHTS)
     info = json.loads((folder / MODEL_JSON).read_text())
-    info["sha256"][WEIGHTS] = _sha256(folder / WEIGHTS)
+    info["sha256"][WEIGHTS] = sha256_of(folder / WEIGHTS)
     (folder / MODEL_JSON).write_text(json.dumps(info))
     cfg = serve_config(trained)
     run_id = tracking.start_run(cfg, run_name="second version")
@@ -180,7 +180,7 @@ def _second_version(trained, tmp_path) -> tuple[Path, str]:
 
     registered = registry.log_trained_model(cfg, run_id, folder, info["dataset"]["vocab"])
     tracking.end_run(cfg, run_id)
-    return folder, f"{NAME}/{registered['version']}"
+    return folder, f"{NAME}/{registered.version}"
 
 
 def test_a_new_version_is_swapped_in_under_load_without_a_failed_request(app_url, trained,

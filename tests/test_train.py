@@ -50,7 +50,7 @@ def test_two_workers_shard_the_tables_and_learn(trained):
 
 
 def test_model_folder_is_complete(trained):
-    from app.train.export import read_model_json
+    from app.train.model_folder import read_model_json
 
     model_dir = trained["model_dir"]
     for name in ("model.json", "config.yaml", "weights.pt", "vocab/users.parquet",
@@ -185,11 +185,11 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(trained, movielens_dir
     summary = train(cfg, str(movielens_dir), str(output), verbose=False)
     killer.join()
     assert killed, "no training worker was found to kill"
-    m = summary["metrics"]
+    m = summary.metrics
     assert m["epochs"] == EPOCHS
     assert m["resumed_at_epochs"] == [1]
-    assert [h["epoch"] for h in summary["history"]] == list(range(1, EPOCHS + 1))
-    base = trained["summary"]["metrics"]["model"]
+    assert [h["epoch"] for h in summary.history] == list(range(1, EPOCHS + 1))
+    base = trained["summary"].metrics["model"]
     for split in ("val", "test"):
         assert m["model"][split]["recall@20"] == pytest.approx(base[split]["recall@20"],
                                                               abs=0.01)
@@ -204,12 +204,12 @@ def test_resume_continues_a_stopped_run(ray_local, movielens_dir, tmp_path):
               verbose=False)
     first = train(train_config(tmp_path, epochs=1), str(movielens_dir), str(output),
                   verbose=False)
-    assert first["metrics"]["epochs"] == 1
+    assert first.metrics["epochs"] == 1
     second = train(train_config(tmp_path, epochs=2, resume=True), str(movielens_dir),
                    str(output), verbose=False)
-    assert second["metrics"]["resumed_at_epochs"] == [1]
-    assert [h["epoch"] for h in second["history"]] == [1, 2]
-    assert second["history"][0] == first["history"][0]  # epoch 1 was not run again
+    assert second.metrics["resumed_at_epochs"] == [1]
+    assert [h["epoch"] for h in second.history] == [1, 2]
+    assert second.history[0] == first.history[0]  # epoch 1 was not run again
 
 
 def test_output_that_is_not_a_model_folder_is_refused(ray_local, movielens_dir, tmp_path):
@@ -230,9 +230,9 @@ def test_a_checkpoint_missing_a_ranks_shards_is_not_resumed_from(trained, tmp_pa
     import shutil
 
     from app.train.checkpoint import is_complete
-    from app.train.loop import checkpoint_of_epoch, latest_checkpoint
+    from app.train.checkpoint import checkpoint_of_epoch, latest_checkpoint
 
-    src = Path(trained["summary"]["checkpoint"])
+    src = Path(trained["summary"].checkpoint)
     run = tmp_path / "run"
     shutil.copytree(src, run / "checkpoint_a")
     epoch = json.loads((src / "state.json").read_text())["epoch"]

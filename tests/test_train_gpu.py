@@ -32,9 +32,9 @@ def test_snsg_trains_on_one_gpu_with_fused_cuda_kernels(ray_gpu, movielens_dir, 
     plan = json.loads((tmp_path / "model" / "sharding_plan.json").read_text())
     assert plan["device"] == "cuda" and plan["world_size"] == 1
     assert all(t["compute_kernel"] in ("fused", "dense") for t in plan["tables"])
-    m = summary["metrics"]
+    m = summary.metrics
     assert m["model"]["test"]["recall@20"] > m["popularity"]["test"]["recall@20"]
-    assert "nccl" in summary["placement"]
+    assert "nccl" in summary.placement
 
 
 def test_snmg_row_wise_sharding_over_all_gpus(ray_gpu, movielens_dir, tmp_path):
@@ -46,7 +46,7 @@ def test_snmg_row_wise_sharding_over_all_gpus(ray_gpu, movielens_dir, tmp_path):
     plan = json.loads((tmp_path / "model" / "sharding_plan.json").read_text())
     assert plan["world_size"] == n
     assert {t["sharding_type"] for t in plan["tables"]} == {"row_wise"}
-    assert summary["metrics"]["epochs"] == 2
+    assert summary.metrics["epochs"] == 2
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ class _Payload:
 
 
 def _checkpoint_of(trained) -> Path:
-    return Path(trained["summary"]["checkpoint"])
+    return Path(trained["summary"].checkpoint)
 
 
 def test_a_planted_metadata_payload_is_refused_and_never_runs(trained, tmp_path):
@@ -63,7 +63,7 @@ def test_a_planted_metadata_payload_is_refused_and_never_runs(trained, tmp_path)
 
 
 def test_a_planted_weights_payload_or_a_damaged_file_fails_in_one_line(trained, tmp_path):
-    from app.train.export import ModelError, load_exported
+    from app.train.model_folder import ModelError, load_exported
 
     model_dir = tmp_path / "model"
     shutil.copytree(trained["model_dir"], model_dir)
@@ -85,7 +85,7 @@ def test_a_planted_weights_payload_or_a_damaged_file_fails_in_one_line(trained, 
 
 
 def test_a_changed_byte_in_the_weights_fails_the_load_in_one_line(trained, tmp_path):
-    from app.train.export import ModelError, load_exported, read_model_json
+    from app.train.model_folder import ModelError, load_exported, read_model_json
 
     model_dir = tmp_path / "model"
     shutil.copytree(trained["model_dir"], model_dir)

@@ -428,6 +428,11 @@ class Config:
             getattr(self, section).validate()
         return self
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        """The inverse of :meth:`to_dict` (section -> field -> value), checked and validated."""
+        return config_from_dict(data)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -626,40 +631,57 @@ def load_config(config_file: Optional[str] = None,
         The validated configuration.
     """
     cfg = Config()
-    hints = {s: typing.get_type_hints(type(getattr(cfg, s))) for s in _sections(cfg)}
     if os.environ.get(WORKDIR_ENV):  # a cluster's default (cluster.yaml exports it on its nodes)
         cfg.cluster.workdir = os.environ[WORKDIR_ENV]
-
-    def apply(name: str, value: Any, origin: str) -> None:
-        if name not in FIELDS:
-            raise ConfigError(f"unknown setting {name!r} in {origin}")
-        section, _ = FIELDS[name]
-        setattr(getattr(cfg, section), name, _coerce(name, hints[section][name], value))
-
     if config_file:
-        from app.core.storage import resolve  # a path or a URI (a sweep's best_config.yaml)
-
-        path = resolve(config_file)
-        if not path.is_file():
-            raise ConfigError(f"--config {config_file}: no such file")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"--config {config_file}: expected a mapping of sections")
-        for section, values in raw.items():
-            if section not in hints:
-                raise ConfigError(f"--config {config_file}: unknown section {section!r} "
-                                  f"(sections: {', '.join(hints)})")
-            for name, value in (values or {}).items():
-                if name not in hints[section]:
-                    renamed = RENAMED.get((section, name))
-                    raise ConfigError(f"--config {config_file}: unknown setting "
-                                      f"{section}.{name}" + (f" (renamed {section}.{renamed})"
-                                                             if renamed else ""))
-                apply(name, value, f"--config {config_file}")
+        _apply_sections(cfg, _read_yaml(config_file), f"--config {config_file}")
     for name, value in (overrides or {}).items():
         if value is not None and name in FIELDS:
-            apply(name, value, "the command line")
+            _apply(cfg, name, value, "the command line")
     return cfg.validate()
+
+
+def config_from_dict(data: dict[str, Any], origin: str = "a saved configuration") -> Config:
+    """The configuration of :meth:`Config.to_dict`'s nested form (section -> field -> value)
+    over the defaults, checked as a YAML file is; validated."""
+    cfg = Config()
+    _apply_sections(cfg, data, origin)
+    return cfg.validate()
+
+
+def _read_yaml(config_file: str) -> dict[str, Any]:
+    from app.core.storage import resolve  # a path or a URI (a sweep's best_config.yaml)
+
+    path = resolve(config_file)
+    if not path.is_file():
+        raise ConfigError(f"--config {config_file}: no such file")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {config_file}: expected a mapping of sections")
+    return raw
+
+
+def _apply_sections(cfg: Config, raw: dict[str, Any], origin: str) -> None:
+    """Set every ``section: {name: value}`` of ``raw`` on ``cfg``, refusing unknown ones."""
+    hints = {s: typing.get_type_hints(type(getattr(cfg, s))) for s in _sections(cfg)}
+    for section, values in raw.items():
+        if section not in hints:
+            raise ConfigError(f"{origin}: unknown section {section!r} "
+                              f"(sections: {', '.join(hints)})")
+        for name, value in (values or {}).items():
+            if name not in hints[section]:
+                renamed = RENAMED.get((section, name))
+                raise ConfigError(f"{origin}: unknown setting {section}.{name}"
+                                  + (f" (renamed {section}.{renamed})" if renamed else ""))
+            _apply(cfg, name, value, origin)
+
+
+def _apply(cfg: Config, name: str, value: Any, origin: str) -> None:
+    if name not in FIELDS:
+        raise ConfigError(f"unknown setting {name!r} in {origin}")
+    section, _ = FIELDS[name]
+    hint = typing.get_type_hints(type(getattr(cfg, section)))[name]
+    setattr(getattr(cfg, section), name, _coerce(name, hint, value))
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -6,24 +6,80 @@ naming the file and what is wrong. The contracts live with their owners:
 
 - :class:`app.data.dataset.Manifest` (``manifest.json`` of a prepared dataset, written last by
   ``prepare``);
-- :class:`app.train.export.ModelInfo` (``model.json`` of a model folder);
+- :class:`app.train.model_folder.ModelInfo` (``model.json`` of a model folder);
 - :class:`app.serve.batch.RecommendationsSummary` (``_summary.json`` of batch inference's output).
 
-A reader gets attributes (``manifest.vocab["users"]``) instead of string keys, a file of
-another schema version is refused with what to do, and a writer cannot leave out a field.
+A contract's nested objects are :class:`Part` dataclasses (``Manifest.counts``, a
+:class:`app.data.dataset.Counts`), parsed by their type hints: a reader gets attributes
+(``manifest.counts.splits["train"]``, ``manifest.vocab.users``) instead of string keys, a file
+of another schema version is refused with what to do, and a writer cannot leave out a field at
+any depth. The JSON is the same as the dicts the parts replace: their fields in order.
 """
 
 import dataclasses
+import functools
 import json
 import os
+import typing
 from typing import Any, ClassVar, TypeVar, Union
 
 from app.core.storage import Location, resolve
 
 C = TypeVar("C", bound="Contract")
+P = TypeVar("P", bound="Part")
 
 
-class Contract:
+class Part:
+    """Base of the dataclasses nested in a contract: one JSON object each, its fields in order."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The part as plain JSON values (nested parts as dicts), fields in declaration order."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+@functools.cache
+def _part_fields(cls: type) -> dict[str, type]:
+    """The fields of a dataclass whose type is itself a :class:`Part`, by name (read from
+    the type hints, which ``from __future__ import annotations`` leaves as text)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)
+            if isinstance(hints[f.name], type) and issubclass(hints[f.name], Part)}
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _missing(cls: type, data: dict[str, Any], prefix: str = "") -> list[str]:
+    """Required fields ``data`` lacks at any depth, as dotted names (``counts.splits``)."""
+    missing = [prefix + f.name for f in dataclasses.fields(cls)
+               if f.name not in data and _required(f)]
+    for name, part in _part_fields(cls).items():
+        if isinstance(data.get(name), dict):
+            missing += _missing(part, data[name], f"{prefix}{name}.")
+    return missing
+
+
+def _build(cls: type[P], data: dict[str, Any], where: str, error: type[Exception],
+           prefix: str = "") -> P:
+    """An instance of the dataclass ``cls`` from a checked JSON object: nested parts built
+    from theirs, keys the class does not know dropped."""
+    parts = _part_fields(cls)
+    values = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        if f.name in parts:
+            if not isinstance(value, dict):
+                raise error(f"{where}: {prefix}{f.name}: expected a JSON object, got "
+                            f"{type(value).__name__}")
+            value = _build(parts[f.name], value, where, error, f"{prefix}{f.name}.")
+        values[f.name] = value
+    return cls(**values)
+
+
+class Contract(Part):
     """Base of the contract dataclasses (each declares ``schema_version`` first)."""
 
     FILE: ClassVar[str]
@@ -37,7 +93,8 @@ class Contract:
         """The contract of parsed JSON, checked.
 
         Raises:
-            Error: not an object, another schema version, or required fields missing.
+            Error: not an object, another schema version, or required fields missing (named
+                with their path: ``counts.splits``).
         """
         where = where or cls.FILE
         if not isinstance(data, dict):
@@ -46,17 +103,10 @@ class Contract:
         if version != cls.SCHEMA_VERSION:
             raise cls.Error(f"{where}: schema version {version}, this code reads version "
                             f"{cls.SCHEMA_VERSION}{cls.REDO}")
-        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
-        missing = [f.name for f in fields if f.name not in data
-                   and f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+        missing = _missing(cls, data)
         if missing:
             raise cls.Error(f"{where}: lacks {', '.join(missing)}")
-        names = {f.name for f in fields}
-        return cls(**{k: v for k, v in data.items() if k in names})  # type: ignore[call-arg]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        return _build(cls, data, where, cls.Error)
 
     @classmethod
     def path(cls, folder: Union[str, os.PathLike, Location]) -> Location:

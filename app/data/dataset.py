@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from app.core.contracts import Contract
+from app.core.contracts import Contract, Part
 from app.core.errors import DatasetError  # noqa: F401  (raised here, importable from here)
 from app.core.publish import local_dir
 from app.data.mds import INTERACTION_COLUMNS, record_dtype
@@ -37,15 +37,66 @@ MANIFEST = "manifest.json"
 _YEAR = re.compile(r"\((\d{4})\)\s*$")  # a title's release year: "Heat (1995)"
 
 
+@dataclass
+class Duplicates(Part):
+    """How repeated (user, item) rows were resolved (``--duplicates``)."""
+
+    policy: str        # latest, max, mean or keep
+    rows_merged: int   # accepted rows merged into another row of their pair (not written)
+    pairs: int         # (user, item) pairs that had more than one row
+
+
+@dataclass
+class Counts(Part):
+    """Rows at each step: read = accepted + rejected; accepted = the splits' rows +
+    ``duplicates.rows_merged``."""
+
+    read: int
+    accepted: int
+    rejected: int
+    rejected_by_reason: dict[str, int]
+    duplicates: Duplicates
+    splits: dict[str, int]     # rows per split (train, val, test)
+    positives: dict[str, int]  # rows labelled 1 per split
+
+
+@dataclass
+class LabelRule(Part):
+    """How ratings became labels: label = rating >= threshold."""
+
+    rule: str           # threshold (--label-threshold) or mean (the mean rating)
+    threshold: float
+    mean_rating: float  # over the accepted rows, one rating per merged pair
+
+
+@dataclass
+class SplitRule(Part):
+    """How rows were split."""
+
+    rule: str                    # random (by a hash of the row) or temporal (per user)
+    seed: int
+    fractions: dict[str, float]  # share of rows per split
+
+
+@dataclass
+class Vocab(Part):
+    """The id vocabularies (``vocab/users.parquet``, ``vocab/items.parquet``)."""
+
+    users: int          # distinct user ids; their indices are 1..users
+    items: int          # distinct item ids; their indices are 1..items
+    unknown_index: int  # the index of an id not in the vocabulary (0)
+    user_id_type: str   # the ids' Arrow type as saved: int64 or string
+    item_id_type: str
+    item_metadata: list[str]  # item columns beside the id (title, year, genres)
 
 
 @dataclass
 class Manifest(Contract):
     """``manifest.json`` of a prepared dataset: written last, so a folder with it is complete.
 
-    ``counts``: read, accepted, rejected, rejected_by_reason, duplicates, splits (rows per
-    split), positives; ``vocab``: users, items, unknown_index, user_id_type, item_id_type,
-    item_metadata; ``config``: the data settings it was prepared with (credentials masked).
+    ``source``: where the rows came from (credentials masked); ``columns``: the raw column
+    names (user, item, rating, timestamp); ``mds_columns``: the shards' columns and encodings;
+    ``config``: the data settings it was prepared with (credentials masked).
     """
 
     FILE = MANIFEST
@@ -56,12 +107,12 @@ class Manifest(Contract):
     schema_version: int
     created_unix: int
     source: dict[str, Any]
-    columns: dict[str, Any]
-    mds_columns: list[str]
-    counts: dict[str, Any]
-    label: dict[str, Any]
-    split: dict[str, Any]
-    vocab: dict[str, Any]
+    columns: dict[str, str]
+    mds_columns: dict[str, str]
+    counts: Counts
+    label: LabelRule
+    split: SplitRule
+    vocab: Vocab
     config: dict[str, Any]
     seconds: float = 0.0
 

@@ -211,7 +211,12 @@ def _parse_timestamp(col: pa.Array, unit: str = "auto"
         return value, missing, pc.and_(missing, False)
     except pa.ArrowInvalid:
         pass
-    text = _text(col)
+    return _text_seconds(_text(col), unit)
+
+
+def _text_seconds(text: pa.Array, unit: str) -> tuple[pa.Array, pa.Array, pa.Array]:
+    """:func:`_parse_timestamp` of trimmed text: integers, decimal numbers, then the date and
+    time formats of :data:`_DATETIME_FORMATS`, each tried only on the rows still unparsed."""
     missing = pc.is_null(text)
     is_int = pc.fill_null(pc.match_substring_regex(text, _INTEGER), False)
     # Arrow's integer cast refuses a leading "+"
@@ -244,6 +249,14 @@ def iso(seconds: int) -> str:
     t = datetime.fromtimestamp(seconds, timezone.utc)
     return t.strftime("%Y-%m-%d") if t.time() == datetime.min.time() else \
         t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _first_reason(checks: list[tuple[pa.Array, str]], rows: int) -> pa.Array:
+    """Per row, the text of the first check whose mask is set; null where none is."""
+    reason = pa.nulls(rows, pa.string())
+    for mask, text in reversed(checks):
+        reason = pc.if_else(mask, text, reason)
+    return reason
 
 
 def validate_table(table: pa.Table, *, columns: Columns, rating_min: float,
@@ -293,10 +306,8 @@ def validate_table(table: pa.Table, *, columns: Columns, rating_min: float,
                           f"[{iso(timestamp_min)}, {iso(timestamp_max)}]"),
     ]
     any_rejected = any(pc.any(mask).as_py() for mask, _ in checks)
-    reason = pa.nulls(len(table), pa.string())
-    if any_rejected:
-        for mask, text in reversed(checks):
-            reason = pc.if_else(mask, text, reason)
+    reason = _first_reason(checks, len(table)) if any_rejected else \
+        pa.nulls(len(table), pa.string())
     rejected = pc.is_valid(reason)
 
     def raw_if_rejected(col: pa.Array) -> pa.Array:

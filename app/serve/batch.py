@@ -12,7 +12,6 @@ place and renamed into it when complete.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +26,12 @@ import pyarrow.parquet as pq
 from app.core import logs
 from app.core.config import Config
 from app.core.contracts import Contract
-from app.core.publish import OutputError, check_writable, current, local_dir, version_uri, writer
+from app.core.publish import OutputError, check_writable, local_dir, version_uri, writer
 from app.core.storage import is_remote, pack, resolve, unpack
 from app.data.dataset import SPLITS, DatasetError, load_vocab, read_manifest
 from app.data.validate import id_text
-from app.serve.core import Recommender, build_faiss, id_keys, lookup, rated_items, vocab_index  # noqa: F401
-from app.train.export import ModelError, read_model_json
+from app.serve.core import Recommender, build_faiss, id_keys, lookup, vocab_index  # noqa: F401
+from app.train.model_folder import ModelError, rated_items, resolve_model
 
 SUMMARY = "_summary.json"  # inside the output folder; Parquet readers skip "_" files
 
@@ -71,44 +70,6 @@ class RecommendationsSummary(Contract):
     input: Optional[str] = None
     unknown_user_rows: Optional[int] = None
     unknown_item_rows: Optional[int] = None
-
-
-def resolve_model(model: str, cfg: Config, cache_dir: Optional[str] = None) -> Path:
-    """A local model folder for ``model``: a folder path, a folder on an object store
-    (``s3://...``: its published version's copy in this node's cache), or an MLflow URI
-    (``models:/name/1``, ``models:/name@alias``, ``runs:/<id>/model``) whose artifacts are
-    downloaded.
-
-    Raises:
-        ModelError: nothing usable there.
-    """
-    if is_remote(model):
-        try:
-            path = local_dir(model)
-        except OutputError as e:
-            raise ModelError(f"--model {model}: {e}") from None
-        read_model_json(path)
-        return path
-    path = Path(model)
-    if path.exists():
-        path = current(path)  # a versioned folder: its published version
-        read_model_json(path)
-        return path
-    if ":/" not in model:
-        raise ModelError(f"--model {model}: no such folder, and not an MLflow model URI")
-    from mlflow.artifacts import download_artifacts
-
-    from app.core import tracking
-
-    tracking.configure(cfg.cluster)
-    local = Path(download_artifacts(artifact_uri=model,
-                                    dst_path=cache_dir or tempfile.mkdtemp(prefix="model-")))
-    # a model folder itself (runs:/<id>/model_folder), or the pyfunc model's copy of it
-    for candidate in [local, *sorted((local / "artifacts").glob("*"))]:
-        if (candidate / "model.json").is_file():
-            read_model_json(candidate)
-            return candidate
-    raise ModelError(f"--model {model}: downloaded to {local}, but it holds no model folder")
 
 
 def check_dataset_matches(model_dir: Path, data_dir: str) -> None:
@@ -384,7 +345,7 @@ def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, use
     data_dir = str(local_dir(data_uri))
     read_manifest(data_dir)
     init_ray(cfg.cluster)
-    model_dir = resolve_model(model, cfg)
+    model_dir = resolve_model(model, cfg.cluster)
     check_dataset_matches(model_dir, data_dir)
     inf = cfg.inference
     device, pool, resources = _device_and_pool(cfg)

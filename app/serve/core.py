@@ -24,9 +24,7 @@ known_user, known_item``.
 
 from __future__ import annotations
 
-import io
 import os
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -36,16 +34,16 @@ import pyarrow.compute as pc
 import torch
 
 from app.core.publish import local_dir
-from app.data.dataset import SPLITS, load_vocab, read_split_arrays
+from app.data.dataset import load_vocab
 from app.data.validate import id_text
-from app.train.export import (
-    RATED_FILE,
+from app.train.export import pair_probabilities
+from app.train.metrics import UserItems
+from app.train.model_folder import (
     item_popularity,
     load_exported,
-    pair_probabilities,
     read_model_json,
+    read_rated_items,
 )
-from app.train.metrics import UserItems
 
 
 def id_keys(values: Any) -> pd.Series:
@@ -82,37 +80,6 @@ def _column(values: Any) -> Any:
     if isinstance(values, (pd.Series, np.ndarray)):
         return values
     return pd.Series(list(values), dtype=object)
-
-
-def rated_items(data_dir: str | os.PathLike, splits: Sequence[str], num_users: int
-                ) -> UserItems:
-    """Each user's items in the given splits of a prepared dataset (what is left out)."""
-    users, items = [], []
-    for split in splits:
-        rows = read_split_arrays(Path(data_dir, split))
-        users.append(rows["user"].astype(np.int64))
-        items.append(rows["item"].astype(np.int64))
-    return UserItems.build(np.concatenate(users) if users else np.empty(0, np.int64),
-                           np.concatenate(items) if items else np.empty(0, np.int64),
-                           num_users)
-
-
-def write_rated_items(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
-                      num_users: int) -> None:
-    """The model folder's :data:`RATED_FILE`: every split's (user, item) pairs as CSR arrays."""
-    rated = rated_items(data_dir, SPLITS, num_users)
-    buf = io.BytesIO()
-    np.savez(buf, offsets=rated.offsets, items=rated.items.astype(np.int32))
-    Path(model_dir, RATED_FILE).write_bytes(buf.getvalue())
-
-
-def read_rated_items(model_dir: str | os.PathLike) -> Optional[UserItems]:
-    """The model folder's rated items (None for a folder without them); plain arrays only."""
-    path = Path(model_dir, RATED_FILE)
-    if not path.is_file():
-        return None
-    with np.load(path, allow_pickle=False) as z:
-        return UserItems(z["offsets"].astype(np.int64), z["items"].astype(np.int64))
 
 
 def mips_augment(items: np.ndarray) -> np.ndarray:

@@ -148,11 +148,10 @@ class ModelSource:
     """
 
     def __init__(self, model: str, cfg: Config) -> None:
-        self.model, self.cfg = model, cfg
-        self.mlflow = model.startswith(("models:/", "runs:/"))
-        self.alias = None
-        if model.startswith("models:/") and "@" in model:
-            self.name, self.alias = model[len("models:/"):].rsplit("@", 1)
+        from app.train.model_folder import ModelRef
+
+        self.model, self.cfg, self.ref = model, cfg, ModelRef(model)
+        self.mlflow, self.name, self.alias = self.ref.mlflow, self.ref.name, self.ref.alias
 
     @property
     def follows(self) -> bool:
@@ -161,7 +160,7 @@ class ModelSource:
     def version(self) -> str:
         """The version to serve now: ``name/N`` for a registered model, the published
         version's folder name for a folder."""
-        from app.train.export import ModelError
+        from app.train.model_folder import ModelError
 
         if self.alias is not None:
             import mlflow
@@ -176,8 +175,7 @@ class ModelSource:
                                  f"({str(e).splitlines()[0][:200]})") from None
             return f"{self.name}/{v.version}"
         if self.mlflow:
-            return self.model[len("models:/"):] if self.model.startswith("models:/") \
-                else self.model
+            return self.ref.label
         from app.core.publish import version_uri
 
         return version_uri(self.model).rstrip("/").rsplit("/", 1)[-1]
@@ -185,13 +183,13 @@ class ModelSource:
     def load(self, label: str, device: str) -> Any:
         """The serving core of version ``label`` (:meth:`version`), warmed."""
         from app.core.publish import version_uri
-        from app.serve.batch import resolve_model
         from app.serve.core import Recommender
+        from app.train.model_folder import resolve_model
 
         if self.alias is not None:
-            where = resolve_model(f"models:/{label}", self.cfg)
+            where = resolve_model(f"models:/{label}", self.cfg.cluster)
         elif self.mlflow:
-            where = resolve_model(self.model, self.cfg)
+            where = resolve_model(self.model, self.cfg.cluster)
         else:
             where = version_uri(self.model)
             if not where.rstrip("/").endswith(label):
@@ -368,7 +366,7 @@ def check_model(model: str, cfg: Config) -> str:
     Raises:
         ModelError: naming what is missing.
     """
-    from app.train.export import read_model_json
+    from app.train.model_folder import ModelError, read_model_json
 
     source = ModelSource(model, cfg)
     label = source.version()
@@ -376,14 +374,13 @@ def check_model(model: str, cfg: Config) -> str:
         from app.core.publish import local_dir
 
         read_model_json(local_dir(model))
-    elif model.startswith("models:/") and source.alias is None:
+    elif source.ref.registered and source.alias is None:
         import mlflow
 
         from app.core import tracking
-        from app.train.export import ModelError
 
         tracking.connect(cfg.cluster)
-        name, _, version = model[len("models:/"):].partition("/")
+        name, version = source.ref.name, source.ref.version
         try:
             mlflow.MlflowClient().get_model_version(name, version)
         except Exception:  # noqa: BLE001
@@ -437,10 +434,13 @@ def run(cfg: Config, model: str, *, block: bool = True, say: Any = print) -> str
 
     s = cfg.serve
     setup = init_ray(cfg.cluster)
-    if model.startswith(("models:/", "runs:/")) and not cfg.cluster.mlflow_tracking_uri:
+    from app.train.model_folder import ModelRef
+
+    mlflow_model = ModelRef(model).mlflow
+    if mlflow_model and not cfg.cluster.mlflow_tracking_uri:
         # the replicas read the same store, wherever their working directory is
         cfg.cluster.mlflow_tracking_uri = tracking.tracking_uri(cfg.cluster)
-    if model and "://" not in model and not model.startswith(("models:/", "runs:/")):
+    if model and "://" not in model and not mlflow_model:
         model = os.path.abspath(model)
     label = check_model(model, cfg)
     check_fits(cfg)

@@ -1,10 +1,10 @@
 """The registered MLflow model, logged as code (MLflow's models-from-code).
 
-:func:`app.core.tracking.log_trained_model` logs this file as the model: MLflow copies it beside the
-model and runs it on load (``mlflow.models.set_model`` names the model), with the project's
-``app/`` package from the model's ``code/`` folder on ``sys.path``. Nothing is pickled or
-unpickled; the weights load through :func:`app.train.export.load_exported` (``weights_only``, sha256
-checked) from the model folder logged as the ``model_dir`` artifact.
+:func:`app.train.registry.log_trained_model` logs this file as the model: MLflow copies it
+beside the model and runs it on load (``mlflow.models.set_model`` names the model), with the
+project's ``app/`` package from the model's ``code/`` folder on ``sys.path``. Nothing is pickled
+or unpickled; the weights load through :func:`app.train.model_folder.load_exported`
+(``weights_only``, sha256 checked) from the model folder logged as the ``model_dir`` artifact.
 """
 
 from __future__ import annotations

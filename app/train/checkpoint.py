@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import io
 import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -24,7 +25,9 @@ from torch.distributed.checkpoint.default_planner import (
     _EmptyStateDictLoadPlanner,
 )
 
+from app.core.contracts import Contract
 from app.core.errors import CheckpointError  # noqa: F401  (raised here, importable from here)
+from app.core.storage import Location, resolve
 
 # the globals a DCP .metadata pickle refers to; nothing else is resolved
 _METADATA_GLOBALS = {
@@ -159,3 +162,66 @@ def load_full(checkpoint_dir: str | Path) -> dict[str, Any]:
     _load_state_dict(state, storage_reader=SafeReader(str(checkpoint_dir)),
                      planner=_SafeEmptyPlanner(), no_dist=True)
     return state
+
+
+# ---------------------------------------------------------------- the training state
+
+STATE_FILE = "state.json"
+
+
+@dataclass
+class CheckpointState(Contract):
+    """``state.json`` of a training checkpoint (rank 0 writes it beside the shards): where the
+    run is and what it has seen. A resumed run continues from it."""
+
+    FILE = STATE_FILE
+    SCHEMA_VERSION = 1
+    Error = CheckpointError
+    REDO = "; train again without --resume"
+
+    schema_version: int = 1
+    epoch: int = 0                                # epochs completed
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per epoch
+    resumed_at_epochs: list[int] = field(default_factory=list)   # epochs a restart resumed at
+    best_epoch: int = 0                           # the epoch to export
+    best_value: Optional[float] = None            # its validation metric (early stopping)
+    stopped_early: bool = False
+
+    def improved(self, value: float) -> bool:
+        """True when ``value`` beats the best validation value so far."""
+        return self.best_value is None or value > self.best_value
+
+
+def epoch_of(checkpoint: Any) -> int:
+    """The epoch a checkpoint (a folder or a Ray Train ``Checkpoint``) was written after."""
+    if isinstance(checkpoint, Location):
+        return CheckpointState.read(checkpoint).epoch
+    with checkpoint.as_directory() as d:
+        return CheckpointState.read(d).epoch
+
+
+def complete_checkpoints(run_dir: Any) -> dict[int, Location]:
+    """Epoch -> checkpoint folder, for the complete ones under a Ray Train run folder (a path
+    or URI): rank 0's state file and every shard file the metadata names."""
+    root = resolve(run_dir)
+    found = {}
+    for name in root.children():
+        folder = root.join(name)
+        if not name.startswith("checkpoint_") or not folder.is_dir() \
+                or not is_complete(folder):
+            continue
+        if not CheckpointState.path(folder).is_file():
+            continue  # rank 0's files not there: incomplete
+        found[CheckpointState.read(folder).epoch] = folder
+    return found
+
+
+def checkpoint_of_epoch(run_dir: Any, epoch: int) -> Optional[Location]:
+    """The complete checkpoint written after ``epoch`` under a Ray Train run folder, or None."""
+    return complete_checkpoints(run_dir).get(epoch)
+
+
+def latest_checkpoint(run_dir: Any) -> Optional[Location]:
+    """The complete checkpoint with the most epochs under a Ray Train run folder, or None."""
+    found = complete_checkpoints(run_dir)
+    return found[max(found)] if found else None

@@ -20,6 +20,7 @@ import posixpath
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,19 +41,28 @@ from app.core.publish import (
 from app.core.redact import redact_values
 from app.core.storage import Location, local_copy, ray_storage, resolve
 from app.data.dataset import SPLITS, DatasetError, Manifest, read_manifest
-from app.data.history import HISTORY_FILE
 from app.train import registry
-from app.train.loop import (
-    PLAN_FILE,
-    POPULARITY_FILE,
-    STATE_FILE,
-    checkpoint_of_epoch,
-    item_features,
-    latest_checkpoint,
-    model_spec,
-    train_loop,
-)
+from app.train.checkpoint import CheckpointState, checkpoint_of_epoch, latest_checkpoint
+from app.train.inputs import item_features, model_spec
+from app.train.loop import WorkerArgs, train_loop
+from app.train.model_folder import MLFLOW_FILE, MODEL_JSON
 from app.train.placement import placement, wait_for_placement
+from app.train.registry import RegisteredModel
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced (:func:`train`'s return value)."""
+
+    model_dir: str                  # the published version of the model folder
+    metrics: dict[str, Any]         # the folder's metrics.json (see final_metrics)
+    history: list[dict[str, Any]]   # one entry per epoch: train_loss, val_*, test_*, baselines
+    mlflow: RegisteredModel         # the MLflow run and the registered version
+    checkpoint: str                 # the run's last checkpoint (path or URI)
+    seconds: float
+    placement: str                  # where the workers ran, in words
+    refit: bool
+    training_rows: int              # rows of one epoch
 
 
 def run_name(output: Any) -> str:
@@ -80,8 +90,8 @@ def calibrate(model_dir: Path, data_dir: str, objective: str,
     import torch
 
     from app.data.dataset import read_split_arrays
-    from app.train.export import load_exported
     from app.train.metrics import fit_platt
+    from app.train.model_folder import load_exported
 
     rows = read_split_arrays(Path(data_dir, "val"))
     pick = np.random.default_rng(0).permutation(len(rows["user"]))[:max_pairs]
@@ -217,11 +227,10 @@ def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Any,
     storage_path, storage_fs = ray_storage(storage)
     return _trainer_class()(
         train_loop,
-        train_loop_config={"config": cfg.to_dict(), "data_dir": data_dir,
-                           "mlflow": mlflow_info,
-                           "run_dir": storage.join(name).uri,
-                           "splits": list(SPLITS) if refit else ["train"],
-                           "evaluate": not refit, "baselines": baselines or {}},
+        train_loop_config=WorkerArgs(
+            config=cfg.to_dict(), data_dir=data_dir, mlflow=mlflow_info,
+            run_dir=storage.join(name).uri, splits=tuple(SPLITS) if refit else ("train",),
+            evaluate=not refit, baselines=baselines or {}).to_dict(),
         scaling_config=place.scaling_config(),
         torch_config=torch_config(place.backend),
         run_config=RunConfig(name=name, storage_path=storage_path,
@@ -238,14 +247,13 @@ def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Any,
 def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, lease: Lease, *, spec: Any,
                     manifest: Manifest, run_dir: Location, refit: bool,
                     baselines: dict[str, Any], data_root: str, data_version: Optional[str],
-                    register: Any, say: Any) -> tuple[dict, Path, dict, dict]:
+                    register: Any, say: Any
+                    ) -> tuple[CheckpointState, Location, dict[str, Any], RegisteredModel]:
     """Fit, then publish the best epoch's model folder as a new version of the output;
     returns (state, checkpoint, metrics, registered). Nothing is published or registered when
     the dataset was replaced while training (see :mod:`app.core.publish`)."""
-    import torch
-
-    from app.serve.core import write_rated_items
-    from app.train.export import WEIGHTS, export_state_dict, write_model_json
+    from app.train.export import export_state_dict
+    from app.train.model_folder import write_model_folder
 
     try:
         result = trainer.fit()
@@ -256,39 +264,32 @@ def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, lease: Lease, *, s
     if result.checkpoint is None:
         raise TrainError("training finished without a checkpoint")
     ckpt = run_dir.join(posixpath.basename(result.checkpoint.path.rstrip("/")))
-    state = json.loads(ckpt.join(STATE_FILE).read_text())
-    if state["epoch"] != cfg.train.epochs and not state.get("stopped_early"):
-        raise TrainError(f"training stopped after {state['epoch']} of {cfg.train.epochs} "
+    state = CheckpointState.read(ckpt)
+    if state.epoch != cfg.train.epochs and not state.stopped_early:
+        raise TrainError(f"training stopped after {state.epoch} of {cfg.train.epochs} "
                          f"epochs; --resume continues it from {ckpt}")
-    best_epoch = state["best_epoch"]
-    best_ckpt = checkpoint_of_epoch(run_dir, best_epoch) if best_epoch != state["epoch"] \
+    best_epoch = state.best_epoch
+    best_ckpt = checkpoint_of_epoch(run_dir, best_epoch) if best_epoch != state.epoch \
         else ckpt
     if best_ckpt is None:
         raise TrainError(f"the checkpoint of the best epoch ({best_epoch}) is not under "
                          f"{run_dir}")
-    if best_epoch != state["epoch"] and not state.get("stopped_early"):
+    if best_epoch != state.epoch and not state.stopped_early:
         # (after an early stop the workers' last line named the best epoch already)
-        say(f"exporting epoch {best_epoch}, the best on validation, of {state['epoch']}")
+        say(f"exporting epoch {best_epoch}, the best on validation, of {state.epoch}")
+    metrics = (final_metrics(state.history, best_epoch, baselines) if not refit
+               else {"epochs": state.epoch, "best_epoch": best_epoch, "refit": True,
+                     "train_loss": state.history[-1]["train_loss"]})
+    metrics["resumed_at_epochs"] = state.resumed_at_epochs
     with lease.staged() as tmp:
         best_local = local_copy(best_ckpt)  # on an object store: a copy in this node's cache
-        torch.save(export_state_dict(consolidate(best_local)), tmp / WEIGHTS)
+        weights = export_state_dict(consolidate(best_local))
         if best_ckpt.remote:
             shutil.rmtree(best_local, ignore_errors=True)
-        shutil.copytree(Path(data_dir, "vocab"), tmp / "vocab")
-        for name in (HISTORY_FILE, PLAN_FILE, POPULARITY_FILE):
-            (tmp / name).write_bytes(ckpt.join(name).read_bytes())
-        write_rated_items(tmp, data_dir, spec.num_users)  # what serving leaves out
-        # model.json records every loaded file's sha256 (load_exported checks them)
-        sealed = write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest)
-        write_model_json(tmp, spec, data_dir=data_dir, manifest=manifest, sha256=sealed,
-                         calibration=calibrate(tmp, data_dir, spec.objective))
-        cfg.dump_yaml(tmp / "config.yaml")
-        metrics = (final_metrics(state["history"], best_epoch, baselines) if not refit
-                   else {"epochs": state["epoch"], "best_epoch": best_epoch, "refit": True,
-                         "train_loss": state["history"][-1]["train_loss"]})
-        metrics["resumed_at_epochs"] = state["resumed_at_epochs"]
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        (tmp / "history.json").write_text(json.dumps(state["history"], indent=1) + "\n")
+        write_model_folder(tmp, weights=weights, data_dir=data_dir, checkpoint=ckpt, spec=spec,
+                           manifest=manifest, config=cfg, metrics=metrics,
+                           history=state.history,
+                           calibrate=lambda folder: calibrate(folder, data_dir, spec.objective))
         now = version_of(data_root)
         if now != data_version:
             raise TrainError(f"{data_root} was replaced while training (version {data_version} "
@@ -299,7 +300,7 @@ def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, lease: Lease, *, s
 
 
 def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True,
-          refit: bool = False, tags: Optional[dict[str, str]] = None) -> dict[str, Any]:
+          refit: bool = False, tags: Optional[dict[str, str]] = None) -> TrainResult:
     """Train on a prepared dataset and write the model folder ``output``.
 
     Args:
@@ -314,11 +315,11 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True,
         tags: extra MLflow run tags.
 
     Returns:
-        A summary: metrics, paths, MLflow run and model version, seconds.
+        What the run produced: the model folder, its metrics, the MLflow run and version.
     """
     tag = "refit" if refit else "train"
     out = resolve(output)
-    check_writable(out, "model folder", "model.json")
+    check_writable(out, "model folder", MODEL_JSON)
     with logs.stage(tag), writer(out, tag, timeout=cfg.cluster.lease_timeout,
                                  say=lambda msg: logs.say(tag, msg)) as lease:
         return _train(cfg, data_dir, lease, verbose=verbose, refit=refit, tags=tags)
@@ -339,7 +340,7 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
     data_dir = str(local_dir(data_uri))
     manifest = read_manifest(data_dir)
     for split in SPLITS:
-        if manifest.counts["splits"][split] == 0:
+        if manifest.counts.splits[split] == 0:
             raise DatasetError(f"{data_dir}: the {split} split is empty; training needs rows "
                                f"in train, val and test")
     out = lease.out
@@ -374,8 +375,8 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
         resume_from = latest_checkpoint(run_dir)
         if resume_from is None:
             raise TrainError(f"--resume: no checkpoint of this output under {run_dir}")
-        state = json.loads(resume_from.join(STATE_FILE).read_text())
-        say(f"resuming after epoch {state['epoch']} from {resume_from}")
+        state = CheckpointState.read(resume_from)
+        say(f"resuming after epoch {state.epoch} from {resume_from}")
     else:
         run_dir.delete()
 
@@ -388,10 +389,10 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
     trainer = make_trainer(cfg, data_uri, name=name, storage=storage, mlflow_info=mlflow_info,
                            refit=refit, baselines=baselines)
     try:
-        def register(folder: Path) -> dict[str, Any]:
-            registered = registry.log_trained_model(cfg, run_id, folder, manifest.vocab)
-            (folder / "mlflow.json").write_text(json.dumps(  # no credentials saved
-                redact_values({**registered, **mlflow_info}), indent=2) + "\n")
+        def register(folder: Path) -> RegisteredModel:
+            registered = registry.log_trained_model(cfg, run_id, folder, manifest.vocab.to_dict())
+            (folder / MLFLOW_FILE).write_text(json.dumps(  # no credentials saved
+                redact_values({**registered.to_dict(), **mlflow_info}), indent=2) + "\n")
             return registered
 
         state, ckpt, metrics, registered = _fit_and_export(
@@ -407,9 +408,9 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
     tracking.end_run(cfg, run_id)
     seconds = round(time.perf_counter() - t0, 1)
     say(f"model folder {current(out)}; MLflow run {run_id}, registered "
-        f"{registered['registered_uri']}; {seconds}s")
-    return {"model_dir": str(current(out)), "metrics": metrics, "history": state["history"],
-            "mlflow": registered, "checkpoint": ckpt.uri, "seconds": seconds,
-            "placement": place.describe(), "refit": refit,
-            "training_rows": sum(manifest.counts["splits"][s] for s in
-                                 (SPLITS if refit else ("train",)))}
+        f"{registered.registered_uri}; {seconds}s")
+    return TrainResult(model_dir=str(current(out)), metrics=metrics, history=state.history,
+                       mlflow=registered, checkpoint=ckpt.uri, seconds=seconds,
+                       placement=place.describe(), refit=refit,
+                       training_rows=sum(manifest.counts.splits[s] for s in
+                                         (SPLITS if refit else ("train",))))

@@ -1,51 +1,24 @@
-"""The model folder contract and the serving form of the two-tower model.
-
-A model folder holds::
-
-    model.json                 schema version, ModelSpec, objective, dataset it was trained on
-    config.yaml                the resolved configuration of the run
-    weights.pt                 consolidated weights of :class:`ExportedTwoTower` (plain torch)
-    vocab/users.parquet        the dataset's vocabularies (index <-> id, item metadata)
-    vocab/items.parquet
-    item_popularity.npy        positives per item index in the training split
-    rated_items.npz            each user's rated items in every split (what serving leaves out)
-    sharding_plan.json         where each embedding table was placed during training
-    metrics.json               final metrics: {"model": {"val": ..., "test": ...},
-                                               "popularity": {"val": ..., "test": ...}}
-    history.json               per-epoch metrics
+"""The serving form of the two-tower model, in plain PyTorch.
 
 :class:`ExportedTwoTower` is the same function as :class:`app.train.model.TwoTower` written with
 ``nn.EmbeddingBag`` and ``nn.Linear`` only, so one process loads it with ``torch.load`` and no
-TorchRec runtime; :func:`export_state_dict` maps a training state dict onto it.
+TorchRec runtime; :func:`export_state_dict` maps a training state dict onto it. The folder it is
+saved in is :mod:`app.train.model_folder`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import pickle
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from app.core.contracts import Contract
 from app.core.errors import ModelError  # noqa: F401  (raised here, importable from here)
-from app.core.publish import local_dir
-from app.data.dataset import ItemFeatures, Manifest
-from app.data.history import HISTORY_FILE, UserHistory
+from app.data.dataset import ItemFeatures
+from app.data.history import UserHistory
 from app.train.model import MEAN_POOLED, TABLES, ModelSpec
-
-MODEL_SCHEMA_VERSION = 3  # 2: history bag, item year, normalised towers; 3: sha256 of files
-MODEL_JSON = "model.json"
-WEIGHTS = "weights.pt"
-RATED_FILE = "rated_items.npz"  # written by app.serve.core.write_rated_items
-
-
 
 
 class ExportedTower(nn.Module):
@@ -200,145 +173,6 @@ def export_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sealed_files(model_dir: str | os.PathLike) -> list[str]:
-    """The files a loader reads besides model.json: the weights, the users' histories, the
-    item popularity, the rated items and the vocabularies (paths relative to the folder)."""
-    root = Path(model_dir)
-    names = [WEIGHTS, HISTORY_FILE, "item_popularity.npy", RATED_FILE]
-    names += sorted(str(p.relative_to(root)) for p in (root / "vocab").rglob("*") if p.is_file())
-    return [n for n in names if (root / n).is_file()]
-
-
-@dataclass
-class ModelInfo(Contract):
-    """``model.json`` of a model folder: the shape of the model (``spec``, a
-    :class:`ModelSpec` as a dict), the dataset it was trained on (``dataset``: path,
-    created_unix, vocab, splits), the calibration of pair probabilities (``sigmoid(a * score
-    + b)``) and the sha256 of every file a loader reads."""
-
-    FILE = MODEL_JSON
-    SCHEMA_VERSION = MODEL_SCHEMA_VERSION
-    Error = ModelError
-    REDO = "; export or train it again"
-
-    schema_version: int
-    spec: dict[str, Any]
-    dataset: dict[str, Any]
-    calibration: dict[str, Any] = field(default_factory=lambda: {"a": 1.0, "b": 0.0})
-    sha256: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def missing(cls, folder: str) -> str:
-        return f"{folder} is not a model folder (no {MODEL_JSON})"
-
-    @property
-    def weights_sha256(self) -> str:
-        return self.sha256.get(WEIGHTS, "")
-
-
-def write_model_json(model_dir: str | os.PathLike, spec: ModelSpec, *,
-                     data_dir: str, manifest: Manifest,
-                     calibration: Optional[dict[str, float]] = None,
-                     sha256: Optional[dict[str, str]] = None) -> dict[str, str]:
-    """The folder's contract file: schema version, spec, the dataset it was trained on, the
-    calibration of pair probabilities (``sigmoid(a * score + b)``) and the sha256 of every
-    file a loader reads (write those first; ``sha256``: checksums already computed for the
-    same files). Returns the checksums."""
-    if sha256 is None:
-        sha256 = {name: _sha256(Path(model_dir, name)) for name in sealed_files(model_dir)}
-    ModelInfo(schema_version=MODEL_SCHEMA_VERSION, spec=spec.to_dict(),
-              dataset={"path": str(Path(data_dir).resolve()),
-                       "created_unix": manifest.created_unix,
-                       "vocab": manifest.vocab, "splits": manifest.counts["splits"]},
-              calibration=calibration or {"a": 1.0, "b": 0.0}, sha256=sha256).write(model_dir)
-    return sha256
-
-
-def verify_files(model_dir: str | os.PathLike, info: ModelInfo) -> None:
-    """Check every file model.json seals against its sha256.
-
-    Raises:
-        ModelError: one line naming the first file that is missing or differs (changed,
-            truncated or damaged after export).
-    """
-    for name, want in sorted(info.sha256.items(),
-                             key=lambda kv: (kv[0] != WEIGHTS, kv[0])):
-        path = Path(model_dir, name)
-        if not path.is_file():
-            raise ModelError(f"{path}: missing (model.json records its sha256)")
-        have = _sha256(path)
-        if have != want:
-            raise ModelError(f"{path}: sha256 {have[:12]}... differs from the {want[:12]}... "
-                             f"that model.json records: the file changed or was damaged "
-                             f"after export")
-
-
-def read_model_json(model_dir: str | os.PathLike) -> ModelInfo:
-    """Load and check ``model.json`` of a model folder's published version.
-
-    Raises:
-        ModelError: no model folder there, or a schema version this code cannot read.
-    """
-    folder = local_dir(model_dir)
-    if not (folder / MODEL_JSON).is_file():
-        raise ModelError(ModelInfo.missing(str(model_dir)))
-    return ModelInfo.read(folder)
-
-
-def load_exported(model_dir: str | os.PathLike,
-                  map_location: str | torch.device = "cpu") -> ExportedTwoTower:
-    """The serving model of a model folder, in eval mode.
-
-    Raises:
-        ModelError: missing files, or weights that do not match the folder's spec.
-    """
-    model_dir = local_dir(model_dir)  # its published version, read once (on S3: a copy)
-    info = read_model_json(model_dir)
-    verify_files(model_dir, info)
-    spec = ModelSpec.from_dict(info.spec)
-    model = ExportedTwoTower(spec, model_features(model_dir, spec), user_history(model_dir))
-    weights = Path(model_dir, WEIGHTS)
-    if not weights.is_file():
-        raise ModelError(f"{model_dir}: no {WEIGHTS}")
-    try:  # tensors only: a file that would run code (a pickled payload) is refused
-        state = torch.load(weights, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{weights}: refused to load: not a file of tensors that loads "
-                         f"without running code, or damaged ({first[:200]})") from None
-    try:
-        model.load_state_dict({**state, **model.buffers_for()})
-    except RuntimeError as e:
-        raise ModelError(f"{weights} does not match {MODEL_JSON}: {e}") from None
-    return model.to(map_location).eval()
-
-
-def model_features(model_dir: str | os.PathLike, spec: ModelSpec) -> list[ItemFeatures]:
-    """The item features a model uses, read from its folder's vocabulary."""
-    readers = {"item_genres": ItemFeatures.genres, "item_year": ItemFeatures.years}
-    out = []
-    for name in spec.candidate_features()[1:]:
-        feature = readers[name](model_dir)
-        if feature is None:
-            raise ModelError(f"{model_dir}: the model uses {name}, which its vocabulary lacks")
-        out.append(feature)
-    return out
-
-
-def user_history(model_dir: str | os.PathLike) -> Optional[UserHistory]:
-    """The users' positives the model was trained with (None for a folder without them)."""
-    path = Path(model_dir, HISTORY_FILE)
-    return UserHistory.from_bytes(path.read_bytes()) if path.is_file() else None
-
-
 def pair_probabilities(scores: np.ndarray, known: np.ndarray, calibration: dict[str, float]
                        ) -> tuple[np.ndarray, Any]:
     """(prediction_prob, predicted_class) of pair scores under the model's calibration
@@ -351,6 +185,3 @@ def pair_probabilities(scores: np.ndarray, known: np.ndarray, calibration: dict[
     return prob, cls
 
 
-def item_popularity(model_dir: str | os.PathLike) -> np.ndarray:
-    """Positives per item index in the training split (index 0 = unknown, always 0)."""
-    return np.load(Path(model_dir, "item_popularity.npy"))

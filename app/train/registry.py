@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import mlflow
 
@@ -23,6 +24,20 @@ from app.data.dataset import load_vocab
 APP_DIR = Path(__file__).resolve().parents[1]  # the whole app package travels as code
 # MLflow runs this file to build the model when it loads it, so nothing is unpickled
 MODEL_CODE = APP_DIR / "serve" / "pyfunc_model.py"
+
+
+@dataclass
+class RegisteredModel:
+    """A model folder logged to an MLflow run and registered (``mlflow.json`` of the folder)."""
+
+    run_id: str
+    model_uri: str                  # the logged pyfunc model (runs:/... or models:/m-...)
+    registered_model: str           # the registered model's name
+    version: Optional[int]          # its registered version (None: not registered)
+    registered_uri: str             # models:/name/version
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def signature(user_type: str, item_type: str) -> Any:
@@ -69,7 +84,7 @@ def _requirements() -> list[str]:
 
 
 def log_trained_model(cfg: Config, run_id: str, model_dir: str | os.PathLike,
-                      vocab_types: dict[str, str]) -> dict[str, Any]:
+                      vocab_types: dict[str, str]) -> RegisteredModel:
     """Log the model folder as artifacts and as a pyfunc model, and register it.
 
     The pyfunc model is logged as code (:data:`MODEL_CODE`), not pickled: the model folder is
@@ -77,7 +92,7 @@ def log_trained_model(cfg: Config, run_id: str, model_dir: str | os.PathLike,
     process with MLflow's pickle loading switched off.
 
     Returns:
-        ``{"run_id", "model_uri", "registered_model", "version"}``.
+        The run, the logged model's URI and the registered version.
     """
     configure(cfg.cluster)
     # MLflow prints its registration notices to stderr itself; the caller reports the version
@@ -93,7 +108,8 @@ def log_trained_model(cfg: Config, run_id: str, model_dir: str | os.PathLike,
             pip_requirements=_requirements(),
             registered_model_name=cfg.cluster.registered_model_name)
     version = info.registered_model_version
-    return {"run_id": run_id, "model_uri": info.model_uri,
-            "registered_model": cfg.cluster.registered_model_name,
-            "version": int(version) if version is not None else None,
-            "registered_uri": f"models:/{cfg.cluster.registered_model_name}/{version}"}
+    return RegisteredModel(run_id=run_id, model_uri=info.model_uri,
+                           registered_model=cfg.cluster.registered_model_name,
+                           version=int(version) if version is not None else None,
+                           registered_uri=f"models:/{cfg.cluster.registered_model_name}/"
+                                          f"{version}")

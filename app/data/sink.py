@@ -1,0 +1,135 @@
+"""Where the encoded rows land: MDS shards per split and quarantined rejects.
+
+:class:`InteractionSink` is the one Ray Data write of the data stage; :func:`merge_split_index`
+joins its tasks' shard indexes; :func:`index_rows` and :func:`rejects_rows` count what is on
+disk, which the driver checks against what the tasks reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data import Datasink
+from ray.data.block import Block
+
+from app.core.storage import Location, resolve
+from app.data.blocks import REJECTED
+from app.data.dataset import SPLITS
+from app.data.mds import write_mds_columns
+from app.data.validate import Columns
+
+
+class InteractionSink(Datasink):
+    """Writes each split as MDS shards (one folder per write task) plus quarantined rejects.
+
+    ``on_write_complete`` (on the driver) merges each split's per-task ``index.json`` files
+    into one and adds up what the tasks wrote into :attr:`written`: rows per split and
+    ``rejected``, and positives per split as ``<split>_positives``.
+    """
+
+    def __init__(self, root: str, *, columns: Columns, size_limit: int) -> None:
+        self.root = root  # a local path or a URI (app.core.storage): every node writes there
+        self.columns = columns
+        self.size_limit = size_limit
+        self.written: Counter = Counter()
+
+    def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, int]:
+        tables = [b for b in blocks if b.num_rows]
+        counts: dict[str, int] = {}
+        if not tables:
+            return counts
+        table = pa.concat_tables(tables)
+        code = table["split"].to_numpy()
+        part = f"part-{ctx.task_idx:05d}"
+        root = resolve(self.root)
+        for sid, name in enumerate(SPLITS):
+            idx = np.flatnonzero(code == sid)
+            if len(idx):
+                t = table.take(pa.array(idx))
+                with _local_folder(root.join(name, part)) as folder:
+                    write_mds_columns(str(folder), {
+                        "user": t["user_idx"].to_numpy(), "item": t["item_idx"].to_numpy(),
+                        "label": t["label"].to_numpy(), "rating": t["rating32"].to_numpy(),
+                        "timestamp": t["timestamp"].to_numpy()}, size_limit=self.size_limit)
+                counts[name] = len(idx)
+                counts[f"{name}_positives"] = int(t["label"].to_numpy().sum())
+        rejected = np.flatnonzero(code == REJECTED)
+        if len(rejected):
+            t = table.take(pa.array(rejected))
+            c = self.columns
+            target = root.join("rejects", f"{part}.parquet")
+            if not root.remote:
+                os.makedirs(os.path.dirname(target.path), exist_ok=True)
+            pq.write_table(pa.table({c.user: t["user"], c.item: t["item"],
+                                     c.rating: t["rating_raw"], c.timestamp: t["timestamp_raw"],
+                                     "reason": t["reason"]}), target.path, filesystem=root.fs)
+            counts["rejected"] = len(rejected)
+        return counts
+
+    def on_write_complete(self, write_result: Any) -> None:
+        for counts in write_result.write_returns:
+            self.written.update(counts)
+        for name in SPLITS:
+            merge_split_index(resolve(self.root).join(name))
+
+
+@contextlib.contextmanager
+def _local_folder(target: Location) -> Iterator[Path]:
+    """A local folder to write ``target``'s files into: itself, or a temporary folder
+    uploaded to ``target`` (an object store) when the block succeeds."""
+    if not target.remote:
+        yield target.local_path()
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="part-"))
+    try:
+        yield tmp / "out"
+        target.upload(tmp / "out")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def merge_split_index(split_dir: Union[str, os.PathLike, Location]) -> None:
+    """One ``index.json`` for a split (a path or URI) from its per-task folders, in task order.
+
+    The same merge as ``streaming.base.util.merge_index`` (shard entries of each part, basenames
+    prefixed by the part folder), done here so the driver need not import streaming (and torch).
+    An empty split gets a valid index with no shards.
+    """
+    if not isinstance(split_dir, Location):
+        split_dir = resolve(split_dir)
+    shards = []
+    for folder in split_dir.children():
+        if not folder.startswith("part-"):
+            continue
+        for shard in json.loads(split_dir.join(folder, "index.json").read_text())["shards"]:
+            for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
+                if shard.get(key):
+                    shard[key]["basename"] = f"{folder}/{shard[key]['basename']}"
+            shards.append(shard)
+    split_dir.join("index.json").write_text(json.dumps({"version": 2, "shards": shards}))
+
+
+def index_rows(split_dir: Location) -> int:
+    """Rows of a split by its merged ``index.json``."""
+    index = json.loads(split_dir.join("index.json").read_text())
+    return sum(s["samples"] for s in index["shards"])
+
+
+def rejects_rows(rejects_dir: Location) -> int:
+    """Rows of the rejects folder's Parquet files, from their footers."""
+    total = 0
+    for name, _ in rejects_dir.files():
+        if name.endswith(".parquet"):
+            with rejects_dir.fs.open_input_file(rejects_dir.join(name).path) as f:
+                total += pq.read_metadata(f).num_rows
+    return total

@@ -1,0 +1,174 @@
+"""Evaluation during training: full-catalog ranking metrics computed jointly by all ranks,
+the validation loss, and the popularity and driver-side baselines on the same users.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from app.data.dataset import read_split_arrays
+from app.data.reader import InteractionStream
+from app.train.inputs import BATCH_COLUMNS, equal_share
+from app.train.metrics import UserItems, binary_auroc, finish, popularity_scores, ranking_sums
+from app.train.model import BatchMaker, ModelSpec, TwoTower
+
+
+class Evaluator:
+    """Full-catalog retrieval metrics, computed jointly by all ranks.
+
+    Item embeddings: each rank runs the candidate tower on a slice of the catalog and the
+    slices are all-gathered. Users: each rank ranks the catalog for its share of the users;
+    metric sums are all-reduced. Every rank runs the same number of sharded forward calls.
+    """
+
+    def __init__(self, data_dir: str, spec: ModelSpec, maker: BatchMaker,
+                 train_rows: dict[str, np.ndarray], ks: list[int], device: torch.device) -> None:
+        self.spec, self.maker, self.ks, self.device = spec, maker, [int(k) for k in ks], device
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.exclude = UserItems.build(train_rows["user"].astype(np.int64),
+                                       train_rows["item"].astype(np.int64), spec.num_users)
+        self.positives: dict[str, UserItems] = {}
+        for split in ("val", "test"):
+            rows = read_split_arrays(Path(data_dir, split))
+            pos = rows["label"] > 0
+            self.positives[split] = UserItems.build(rows["user"][pos].astype(np.int64),
+                                                    rows["item"][pos].astype(np.int64),
+                                                    spec.num_users)
+        # each user scored at once: (users, items) floats, kept to ~64 MB
+        self.chunk = int(max(1, min(2048, (1 << 24) // spec.num_items)))
+
+    def _my_users(self, split: str) -> np.ndarray:
+        users = np.flatnonzero(self.positives[split].counts() > 0)
+        return users[self.rank::self.world]
+
+    def _n_chunks(self, n: int, chunk: int) -> int:
+        t = torch.tensor([(n + chunk - 1) // chunk], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def _reduce(self, sums: dict[str, float]) -> dict[str, float]:
+        keys = sorted(sums)
+        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return finish(dict(zip(keys, t.cpu().tolist())))
+
+    @torch.no_grad()
+    def item_embeddings(self, model: TwoTower) -> torch.Tensor:
+        """(num_items, D) candidate-tower outputs for every item index, on every rank."""
+        n = self.spec.num_items
+        per = (n + self.world - 1) // self.world
+        mine = np.arange(self.rank * per, min(n, (self.rank + 1) * per))
+        out = []
+        chunk = 8192
+        for c in range(self._n_chunks(len(mine), chunk)):
+            part = mine[c * chunk:(c + 1) * chunk]
+            items = part if len(part) else np.zeros(1, np.int64)  # keep collectives in step
+            emb = model.candidate(self.maker.candidate(items).to(self.device))
+            out.append(emb[: len(part)])
+        local = torch.cat(out) if out else torch.empty(0, self.spec.output_dim,
+                                                       device=self.device)
+        padded = torch.zeros(per, self.spec.output_dim, device=self.device)
+        padded[: len(local)] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        return torch.cat(parts)[:n]
+
+    @torch.no_grad()
+    def ranking(self, model: TwoTower, split: str, items: torch.Tensor) -> dict[str, float]:
+        """Recall@K / NDCG@K of the model on a split's positives (this rank's users, reduced)."""
+        users = self._my_users(split)
+        sums: dict[str, float] = {}
+        for c in range(self._n_chunks(len(users), self.chunk)):
+            part = users[c * self.chunk:(c + 1) * self.chunk]
+            # the query tower reads each user's latest training positives
+            q = model.query(self.maker.query(part if len(part) else np.zeros(1, np.int64))
+                            .to(self.device))
+            if not len(part):
+                continue
+            scores = (q @ items.T).cpu()                                      # (U, num_items)
+            for k, v in ranking_sums(scores, part, exclude=self.exclude,
+                                     positives=self.positives[split], ks=self.ks).items():
+                sums[k] = sums.get(k, 0.0) + v
+        return self._reduce(sums or {"users": 0.0, **{f"{m}@{k}": 0.0 for k in self.ks
+                                                      for m in ("recall", "ndcg")}})
+
+    def popularity(self, split: str, positive_counts: np.ndarray) -> dict[str, float]:
+        """The same metrics for the popularity baseline (no model involved)."""
+        users = self._my_users(split)
+        sums: dict[str, float] = {"users": 0.0, **{f"{m}@{k}": 0.0 for k in self.ks
+                                                    for m in ("recall", "ndcg")}}
+        for start in range(0, len(users), self.chunk):
+            part = users[start:start + self.chunk]
+            for k, v in ranking_sums(popularity_scores(positive_counts, len(part)), part,
+                                     exclude=self.exclude, positives=self.positives[split],
+                                     ks=self.ks).items():
+                sums[k] += v
+        return self._reduce(sums)
+
+
+def validation_loss(dmp: Any, stream: InteractionStream, maker: BatchMaker,
+                     batch_size: int, device: torch.device, objective: str
+                     ) -> dict[str, float]:
+    """Mean validation loss (weighted by rows, or positives for softmax); AUROC for bce."""
+    ids = equal_share(stream.epoch_sample_ids(epoch=0), device)
+    total, weight = 0.0, 0.0
+    scores, labels = [], []
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            batch = maker(stream.gather(ids[start:start + batch_size], BATCH_COLUMNS)
+                          ).to(device)
+            loss, (_, s, y) = dmp(batch)
+            w = float(len(y)) if objective == "bce" else float((y > 0).sum())
+            total += float(loss) * w
+            weight += w
+            if objective == "bce":
+                scores.append(s.cpu().numpy())
+                labels.append(y.cpu().numpy())
+    t = torch.tensor([total, weight], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    out = {"val_loss": float(t[0] / max(float(t[1]), 1.0))}
+    if objective == "bce":
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (np.concatenate(scores) if scores else np.empty(0),
+                                          np.concatenate(labels) if labels else np.empty(0)))
+        out["val_auroc"] = binary_auroc(np.concatenate([g[0] for g in gathered]),
+                                        np.concatenate([g[1] for g in gathered]))
+    return out
+
+
+def prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}_{k}": v for k, v in metrics.items() if k != "users"}
+
+
+def baseline_metrics(baselines: dict[str, Any]) -> dict[str, float]:
+    """Flat ``<baseline>_<split>_<metric>`` entries of baselines computed by the driver."""
+    out: dict[str, float] = {}
+    for name, result in baselines.items():
+        for split in ("val", "test"):
+            out.update(prefixed(f"{name}_{split}", result.get(split, {})))
+    return out
+
+
+def popularity_metrics(evaluator: Evaluator, positive_counts: np.ndarray
+                         ) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for split in ("val", "test"):
+        out.update(prefixed(f"popularity_{split}", evaluator.popularity(split, positive_counts)))
+    return out
+
+
+def epoch_line(m: dict[str, Any], best_epoch: int) -> str:
+    """One line per epoch: losses, validation Recall@20 of the model and the baselines."""
+    key = "recall@20" if "val_recall@20" in m else next(
+        k[4:] for k in m if k.startswith("val_recall@"))
+    base = ", ".join(f"{name} {m[f'{prefix}_val_{key}']:.4f}"
+                     for name, prefix in (("popularity", "popularity"), ("EASE", "ease"))
+                     if f"{prefix}_val_{key}" in m)
+    return (f"epoch {m['epoch']}: train_loss {m['train_loss']:.4f} val_loss "
+            f"{m['val_loss']:.4f} val {key} {m[f'val_{key}']:.4f} ({base})"
+            + (f"; best epoch {best_epoch}" if best_epoch else ""))
