@@ -1,6 +1,6 @@
 """Benchmark: real-time serving latency and throughput, beside the framework's floor.
 
-    .venv/bin/python bench/serve.py [--model DIR] [--requests 3000] [--seconds 20]
+    .venv/bin/python bench/serve.py [--model DIR] [--requests 3000] [--seconds 20] [--smoke]
 
 Trains a movielens-small model with the defaults (once, cached under ``.bench/``; ``--model``
 gives one) and starts, on one local Ray, two Serve applications side by side:
@@ -17,6 +17,11 @@ A closed-loop load generator (asyncio + aiohttp on 127.0.0.1, in this process) k
 figures are medians over rounds (machines here are noisy). Also times the serving core in this
 process (one user, and a batch of 16 users in one call). Prints p50/p99 latency and QPS for
 both, and ends with one JSON line.
+
+``--smoke``: the model trained for one epoch on a 20,000-row synthetic dataset (unless
+``--model`` gives one), 100 requests or 3 seconds per level, one round, everything written in
+a temporary folder (removed after): the same code and the same JSON keys, to check that the
+benchmark runs.
 """
 
 import argparse
@@ -29,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,13 +42,18 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from app.core.config import load_config  # noqa: E402
+from bench.smoke import sandbox  # noqa: E402
 
 LEVELS = (1, 16, 64)
 K = 20
+# --smoke's sizes (flags given explicitly still win), and its model's data and training
+SMOKE = {"requests": 100, "seconds": 3.0, "rounds": 1}
+SMOKE_MODEL = {"dataset": "synthetic", "rows": 20_000, "epochs": 1}
 
 
-def trained_model(cache: Path) -> Path:
-    """A movielens-small model with the default settings, trained once under ``cache``."""
+def trained_model(cache: Path, overrides: Optional[dict[str, Any]] = None) -> Path:
+    """A movielens-small model with the default settings, trained once under ``cache``
+    (``overrides``: other data or training settings, e.g. --smoke's)."""
     from app.core.publish import current
     from app.data.prepare import prepare_dataset
     from app.train.driver import train
@@ -53,13 +63,14 @@ def trained_model(cache: Path) -> Path:
         return current(model)
     data = cache / "serve-data"
     if not (current(data) / "manifest.json").is_file():
-        prepare_dataset(load_config(overrides={"overwrite": True}).data, str(data),
-                        verbose=False)
+        prepare_dataset(load_config(overrides={**(overrides or {}), "overwrite": True}).data,
+                        str(data), verbose=False)
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     try:
-        cfg = load_config(overrides={"workdir": str(work), "num_workers": 2,
-                                     "registered_model_name": "bench-serve"})
-        print("training a movielens-small model with the defaults (once) ...", flush=True)
+        cfg = load_config(overrides={**(overrides or {}), "workdir": str(work),
+                                     "num_workers": 2, "registered_model_name": "bench-serve"})
+        print(f"training a {cfg.data.dataset} model with the defaults"
+              f"{f' and {overrides}' if overrides else ''} (once) ...", flush=True)
         train(cfg, str(current(data)), str(model), verbose=False)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -155,8 +166,19 @@ def main() -> None:
     p.add_argument("--cache", default=str(ROOT / ".bench"))
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a serving setting for the app, e.g. --set batch_wait_ms=0")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes in a temporary folder: checks the benchmark runs")
     args = p.parse_args()
+    if args.smoke:
+        p.set_defaults(**SMOKE)
+        args = p.parse_args()
+    with sandbox(args.smoke) as tmp:
+        if tmp is not None:
+            args.cache = str(tmp / "cache")
+        run_bench(args)
 
+
+def run_bench(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
@@ -169,7 +191,8 @@ def main() -> None:
     init_ray(load_config(overrides={"num_cpus": max(2, os.cpu_count() or 2)}).cluster)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        model_dir = Path(args.model) if args.model else trained_model(Path(args.cache))
+        model_dir = (Path(args.model) if args.model else
+                     trained_model(Path(args.cache), SMOKE_MODEL if args.smoke else None))
         users = load_vocab(model_dir)["users"]["id"].to_pylist()
         rng = np.random.default_rng(0)
         bodies = [json.dumps({"user_id": str(u), "k": K}).encode()

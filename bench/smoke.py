@@ -32,7 +32,7 @@ def sandbox(enabled: bool) -> Iterator[Optional[Path]]:
     if not enabled:
         yield None
         return
-    root = Path(tempfile.mkdtemp(prefix="bsmoke-"))
+    root = Path(tempfile.mkdtemp(prefix="bs-"))
     saved = {name: os.environ.get(name) for name in _ENV}
     os.environ["TMPDIR"] = os.environ["RAY_TMPDIR"] = str(root)
     os.environ.pop("RAY_ADDRESS", None)

@@ -55,7 +55,7 @@ from bench.smoke import sandbox  # noqa: E402
 BATCH_SIZE = 8192
 WARMUP = 2
 # --smoke's sizes (flags given explicitly still win)
-SMOKE = {"rows": 20_000, "repeats": 1, "steps": 3, "memory_batches": 2, "seed_batches": 2,
+SMOKE = {"rows": 20_000, "repeats": 1, "steps": 3, "memory_batches": 2, "seed_batches": 1,
          "objective_items": 2_000, "objective_steps": 3, "batch_size": 1024}
 
 
@@ -79,7 +79,7 @@ def _seed_batch(batch: dict[str, Any], genre_lists: Any) -> Any:
     import torch
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from app.train.model import TwoTowerBatch
+    from app.train.batches import TwoTowerBatch
 
     user_values, user_lengths = [], []
     item_values, item_lengths = [], []

@@ -219,7 +219,8 @@ def test_duplicates_are_merged_before_the_mean_label_and_reported(ray_local, tmp
 # ---------------------------------------------------------------- batch inference
 
 def test_inference_id_keys_follow_the_data_stage_rule():
-    from app.serve.batch import _with_history_users, id_keys, lookup, vocab_index
+    from app.serve.core import id_keys, lookup, vocab_index
+    from app.serve.inputs import with_history_users
 
     index = vocab_index(pa.array([7, 12], pa.int64()))  # an int64 vocabulary: its ids' text
     keys = id_keys(pd.Series(["007", "7", " 12 ", None]))
@@ -229,9 +230,9 @@ def test_inference_id_keys_follow_the_data_stage_rule():
     assert lookup(index, id_keys(pa.array([12], pa.int32()))).tolist() == [2]
     # users only a history names join an int64 vocabulary as integers when they are ones
     ids = pa.array([7, 12], pa.int64())
-    assert _with_history_users(ids, {"12": None, "30": None}).to_pylist() == [7, 12, 30]
-    assert _with_history_users(ids, {"007": None}).to_pylist() == ["7", "12", "007"]
-    assert _with_history_users(pa.array(["a"]), {"a": None}).to_pylist() == ["a"]
+    assert with_history_users(ids, {"12": None, "30": None}).to_pylist() == [7, 12, 30]
+    assert with_history_users(ids, {"007": None}).to_pylist() == ["7", "12", "007"]
+    assert with_history_users(pa.array(["a"]), {"a": None}).to_pylist() == ["a"]
 
 
 

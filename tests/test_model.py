@@ -9,17 +9,15 @@ import torch
 from app.core.config import load_config
 from app.data.dataset import ItemFeatures
 from app.data.history import UserHistory
+from app.train.batches import BatchMaker, query_kjt
 from app.train.export import ExportedTwoTower, ModelError, export_state_dict
 from app.train.metrics import UserItems, binary_auroc, finish, ranking_sums
-from app.train.model import (
-    BatchMaker,
-    ModelSpec,
-    TwoTower,
+from app.train.model import ModelSpec, TwoTower
+from app.train.objectives import (
     TwoTowerTrainTask,
     bce_loss,
     catalog_softmax_loss,
     mixed_softmax_loss,
-    query_kjt,
     sampled_softmax_loss,
 )
 from app.train.placement import Placement, ResourceError, check_resources, placement

@@ -11,7 +11,7 @@ import torch
 
 from app.data.dataset import read_split_arrays
 from app.data.reader import InteractionStream, ItemFeatures
-from app.train.model import candidate_kjt, query_kjt
+from app.train.batches import candidate_kjt, query_kjt
 
 
 def test_batches_cover_the_split_once_per_epoch_and_reshuffle(movielens_dir):

@@ -125,25 +125,32 @@ class FileStore:
             return _file_tag(held, os.fstat(f.fileno()))
 
     def replace(self, tag: str, body: bytes) -> Optional[str]:
-        """Under the ``O_EXCL`` marker, so of several contenders only one replaces the record
-        (the others find it changed, or the marker taken)."""
+        """Write ``body`` into the ``O_EXCL`` marker, then rename it over the record: of
+        several contenders only the marker's creator replaces it, and there is no moment
+        without a record in which a new writer could create one."""
         try:
-            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             with contextlib.suppress(FileNotFoundError):  # left by a crashed contender
                 if time.time() - self.marker.stat().st_mtime > self.stale_after:
                     self.marker.unlink()
             return None
+        renamed = False
         try:
-            held = self.read()
-            if held is None or held.tag != tag:
-                return None
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            return self.create(body)
+            with os.fdopen(fd, "wb") as f:
+                held = self.read()
+                if held is None or held.tag != tag:
+                    return None
+                f.write(body)
+                f.flush()
+                new = _file_tag(body, os.fstat(fd))  # a rename keeps the file's times
+            os.replace(self.marker, self.path)
+            renamed = True
+            return new
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                self.marker.unlink()
+            if not renamed:  # (once renamed, a marker there is another contender's)
+                with contextlib.suppress(FileNotFoundError):
+                    self.marker.unlink()
 
     def delete(self, tag: str) -> None:
         held = self.read()

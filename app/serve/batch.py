@@ -13,9 +13,9 @@ place and renamed into it when complete.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -29,8 +29,8 @@ from app.core.contracts import Contract
 from app.core.publish import OutputError, check_writable, local_dir, version_uri, writer
 from app.core.storage import is_remote, pack, resolve, unpack
 from app.data.dataset import SPLITS, DatasetError, load_vocab, read_manifest
-from app.data.validate import id_text
-from app.serve.core import Recommender, build_faiss, id_keys, lookup, vocab_index  # noqa: F401
+from app.serve.core import Recommender, build_faiss, id_keys
+from app.serve.inputs import read_histories, read_table, unique_users, with_history_users
 from app.train.model_folder import ModelError, rated_items, resolve_model
 
 SUMMARY = "_summary.json"  # inside the output folder; Parquet readers skip "_" files
@@ -158,137 +158,6 @@ def _device_and_pool(cfg: Config) -> tuple[str, int, dict[str, Any]]:
     return ("cuda" if use_gpu else "cpu"), size, resources
 
 
-def _parquet_rows(folder: Path) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in folder.glob("*.parquet"))
-
-
-def _read_table(path: str, columns: list[str]) -> Any:
-    """A Ray dataset of a CSV or Parquet file/folder, checked to have the columns.
-
-    CSV columns named in ``columns`` are read as text, so ids stay as written (``007``).
-    """
-    import ray
-
-    loc = resolve(path)  # a local path or a URI (app.core.storage)
-    if not loc.exists():
-        raise DatasetError(f"{path}: no such file or folder")
-    sizes = dict(loc.files()) if loc.is_dir() else {loc.name: loc.info().size}
-    if not sizes or not any(sizes.values()):
-        raise DatasetError(f"{path}: empty (no header, no rows); expected the columns "
-                           f"{', '.join(columns)}")
-    parquet = any(f.endswith(".parquet") for f in sizes)
-    try:
-        if parquet:
-            ds = ray.data.read_parquet(loc.path, filesystem=loc.fs)
-        else:
-            import pyarrow.csv as pacsv
-
-            from app.data.sources import delimiter_of
-
-            ds = ray.data.read_csv(
-                loc.path, filesystem=loc.fs,
-                parse_options=pacsv.ParseOptions(delimiter=delimiter_of(sorted(sizes))),
-                convert_options=pacsv.ConvertOptions(
-                    column_types={c: pa.string() for c in columns}))
-        schema = ds.schema()
-        if schema is None:  # Ray Data has no block, hence no schema, for a header only
-            raise DatasetError(f"{path}: holds no rows (a header only?)")
-        names = schema.names
-        missing = [c for c in columns if c not in names]
-        if missing:
-            raise DatasetError(f"{path}: missing column(s) {', '.join(missing)} "
-                               f"(has {', '.join(names)})")
-        # read to the end before the actor pool starts: actors that hold every CPU would
-        # leave the read tasks none (a deadlock on a small cluster)
-        ds = ds.select_columns(columns).materialize()
-        rows = ds.count()
-    except DatasetError:
-        raise
-    except Exception as e:  # noqa: BLE001 (what the reader says, in one line)
-        cause = getattr(e, "cause", None) or e
-        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        raise DatasetError(f"{path}: could not be read as {'Parquet' if parquet else 'CSV'} "
-                           f"({first[:300]})") from None
-    if rows == 0:
-        raise DatasetError(f"{path}: holds no rows (a header only?)")
-    return ds
-
-
-def _unique_users(ds: Any, path: str) -> tuple[pa.Array, int]:
-    """The user ids of a users file, each once (in the order of first occurrence), and how
-    many repeats were dropped.
-
-    Ids are exact (:func:`app.data.validate.id_text`): text stays text, trimmed; integer columns
-    stay integers, integral floats become int64 (``1.0`` -> 1).
-
-    Raises:
-        DatasetError: a missing id or a non-integral float id (``1.5``), naming ``path``.
-    """
-    import ray
-
-    ids = pa.concat_tables(ray.get(ds.to_arrow_refs()))["userId"].combine_chunks()
-    text, bad = id_text(ids)
-    unusable = int(pc.sum(pc.or_(pc.is_null(text), bad)).as_py() or 0)
-    if unusable:
-        raise DatasetError(f"{path}: {unusable} row(s) with a missing or non-integral float "
-                           f"userId")
-    if pa.types.is_floating(ids.type):
-        ids = pc.cast(text, pa.int64())
-    elif not pa.types.is_integer(ids.type):
-        ids = text
-    unique = pc.unique(ids)
-    return unique, len(ids) - len(unique)
-
-
-def _with_history_users(ids: pa.Array, given: dict[str, np.ndarray]) -> pa.Array:
-    """The vocabulary's user ids, then those only the history names (keys: exact text). An
-    int64 vocabulary stays int64 when every new id is an integer as int64 writes it; else the
-    ids become text."""
-    have = set(pc.cast(ids, pa.string()).to_pylist())
-    new = pa.array([u for u in given if u not in have], pa.string())
-    if not len(new):
-        return ids
-    if pa.types.is_integer(ids.type):
-        try:
-            as_int = pc.cast(new, ids.type)
-            if pc.all(pc.equal(pc.cast(as_int, pa.string()), new)).as_py():
-                return pa.concat_arrays([ids, as_int])
-        except pa.ArrowInvalid:
-            pass
-        ids = pc.cast(ids, pa.string())
-    return pa.concat_arrays([ids, new])
-
-
-def read_histories(path: str, vocab: dict[str, Any], n: int) -> tuple[dict[str, np.ndarray],
-                                                                      dict[str, int]]:
-    """Users' recent items from a CSV/Parquet file with ``userId, movieId`` rows (oldest first;
-    sorted by ``timestamp`` when the file has one): user id -> the latest ``n`` item indices.
-
-    Item ids the model does not know are ignored and counted; users may be in the model's
-    vocabulary (their given history replaces the stored one) or new.
-
-    Returns:
-        (histories keyed by the exact id text (:func:`id_keys`), counts: rows, users,
-        unknown_item_rows).
-    """
-    ds = _read_table(path, ["userId", "movieId"])
-    names = ds.schema().names
-    df = ds.to_pandas()
-    if "timestamp" in names:
-        df = df.sort_values("timestamp", kind="stable")
-    users = id_keys(df["userId"])
-    items = lookup(vocab_index(vocab["items"]["id"]), id_keys(df["movieId"]))
-    if users.isna().any():
-        raise DatasetError(f"{path}: {int(users.isna().sum())} row(s) with a missing or "
-                           f"non-integral float userId")
-    known = items > 0
-    frame = pd.DataFrame({"user": users[known].to_numpy(), "item": items[known]})
-    out = {u: g["item"].to_numpy()[-n:] for u, g in frame.groupby("user", sort=False)}
-    for u in users[~known].unique():  # a user whose items are all unknown: an empty history
-        out.setdefault(u, np.empty(0, np.int64))
-    return out, {"rows": len(df), "users": len(out), "unknown_item_rows": int((~known).sum())}
-
-
 def exact_recall(shared: dict[str, Any], model_dir: Path, users: np.ndarray, k: int,
                  ef_search: int) -> float:
     """Recall@k of the FAISS index against exact top-k on the given users (same exclusions)."""
@@ -307,6 +176,10 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
                     ) -> RecommendationsSummary:
     """Write recommendations (or pair scores) for a prepared dataset's users to ``output``.
 
+    Recipe: check the dataset and the model -> the job (:func:`recommend_job` or
+    :func:`pairs_job`) -> one actor pool writes the version's Parquet files
+    (:func:`write_with_actors`) -> the counts read back -> ``_summary.json`` -> publish.
+
     Args:
         cfg: the resolved configuration (``cfg.inference``).
         model: a model folder or an MLflow model URI.
@@ -324,133 +197,187 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
         The summary (also written to the version's ``_summary.json``).
     """
     with logs.stage("infer"):
-        return _batch_inference(cfg, model, data_dir, output, users=users, pairs=pairs,
-                                history=history, verbose=verbose)
+        say = (lambda msg: logs.say("infer", msg)) if verbose else (lambda msg: None)
+        t0 = time.perf_counter()
+        out = resolve(output)
+        check_writable(out, "batch inference output", SUMMARY)
+        ctx = open_context(cfg, model, data_dir)
+        with writer(out, "batch_inference", timeout=cfg.cluster.lease_timeout,
+                    say=say) as lease, lease.staged() as tmp:
+            summary: dict[str, Any] = {
+                "model": model if ":/" in model and not is_remote(model) else version_uri(model),
+                "device": ctx.device, "dataset": ctx.data_uri, "actors": ctx.pool}
+            job = pairs_job(ctx, pairs, say) if pairs is not None \
+                else recommend_job(ctx, users, history, say)
+            summary.update(job.fields)
+            summary.update(job.summarize(write_with_actors(ctx, job, lease.target)))
+            summary["seconds"] = round(time.perf_counter() - t0, 2)
+            done = RecommendationsSummary(
+                schema_version=RecommendationsSummary.SCHEMA_VERSION, **summary)
+            done.write(tmp)
+        done.output = version_uri(out)  # the version just published
+        what = (f"{done.users:,} users x {done.k} = {done.rows:,} rows"
+                if done.mode == "recommend" else f"{done.rows:,} pairs")
+        say(f"{what} in {done.seconds:.1f}s ({ctx.pool} {ctx.device} actor(s)) -> {done.output}")
+        return done
 
 
-def _batch_inference(cfg: Config, model: str, data_dir: str, output: str, *, users: str,
-                     pairs: Optional[str], history: Optional[str],
-                     verbose: bool) -> RecommendationsSummary:
+@dataclass
+class Context:
+    """What every job of one batch inference run shares: the checked model and dataset, the
+    configuration, and the actor pool's device, size and resources."""
+
+    cfg: Config
+    model_dir: Path                        # the model folder on this machine
+    model_ref: list                        # [ref] of the packed folder, for the actors
+    data_dir: str                          # the dataset version on this machine
+    data_uri: str                          # the dataset version read throughout
+    vocab: dict[str, Any]
+    device: str
+    pool: int
+    resources: dict[str, Any]
+
+
+@dataclass
+class Job:
+    """One job over the actor pool: the rows in, the actor that maps a batch of them, its
+    arguments, the summary fields known up front, and what the summary reads back from the
+    written files."""
+
+    rows: Any                              # a Ray dataset
+    actor: type                            # TopK or PairScores
+    kwargs: dict[str, Any]                 # the actor's arguments besides the model and device
+    columns: list[str]                     # the written columns the summary counts
+    summarize: Callable[[pa.Table], dict[str, Any]]
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+def open_context(cfg: Config, model: str, data_dir: str) -> Context:
+    """One version of the dataset throughout (on an object store: its copy on this machine),
+    Ray, the model resolved and checked against the dataset, and the pool's shape."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     from app.core.cluster import init_ray
 
-    say = (lambda msg: logs.say("infer", msg)) if verbose else (lambda msg: None)
-    t0 = time.perf_counter()
-    out = resolve(output)
-    check_writable(out, "batch inference output", SUMMARY)
-    # one version of the dataset throughout (on an object store: its copy on this machine)
     data_uri = version_uri(data_dir)
-    data_dir = str(local_dir(data_uri))
-    read_manifest(data_dir)
+    local = str(local_dir(data_uri))
+    read_manifest(local)
     init_ray(cfg.cluster)
     model_dir = resolve_model(model, cfg.cluster)
-    check_dataset_matches(model_dir, data_dir)
-    inf = cfg.inference
+    check_dataset_matches(model_dir, local)
     device, pool, resources = _device_and_pool(cfg)
-    vocab = load_vocab(model_dir)
-    with writer(out, "batch_inference", timeout=cfg.cluster.lease_timeout, say=say) as lease, \
-            lease.staged() as tmp:
-        target = lease.target  # the version's folder: the actors write their files there
-        summary: dict[str, Any] = {"model": model if ":/" in model and not is_remote(model)
-                                   else version_uri(model), "device": device,
-                                   "dataset": data_uri, "actors": pool}
-        # the model folder travels to the actors through the object store
-        model_ref = [ray.put(pack(model_dir))]
+    # the model folder travels to the actors through the object store
+    return Context(cfg=cfg, model_dir=model_dir, model_ref=[ray.put(pack(model_dir))],
+                   data_dir=local, data_uri=data_uri, vocab=load_vocab(model_dir),
+                   device=device, pool=pool, resources=resources)
 
-        if pairs is not None:
-            ds = _read_table(pairs, ["userId", "movieId"])
-            result = ds.map_batches(PairScores, batch_format="pandas",
-                                    batch_size=inf.inference_batch_size,
-                                    fn_constructor_kwargs={"model_dir": model_ref,
-                                                           "device": device},
-                                    compute=ActorPoolStrategy(size=pool), **resources)
-            with logs.native_notices_filtered():
-                result.write_parquet(target.path, filesystem=target.fs)
-            written = pq.read_table(target.path, filesystem=target.fs,
-                                    columns=["known_user", "known_item"])
-            n = written.num_rows
-            unknown_users = n - int(pc.sum(written["known_user"]).as_py() or 0)
-            unknown_items = n - int(pc.sum(written["known_item"]).as_py() or 0)
-            summary.update(mode="pairs", input=str(pairs), rows=n, unknown_user_rows=unknown_users,
-                           unknown_item_rows=unknown_items)
-            if unknown_items or unknown_users:
-                say(f"pairs with unknown ids (kept, score NaN, known_* False): {unknown_users:,} "
-                    f"unknown users, {unknown_items:,} unknown items")
-        else:
-            core = Recommender(model_dir, rated=None)  # every item's embedding, once
-            exported, items = core.model, core.item_embeddings.numpy()
-            n_items = exported.spec.num_items
-            exclude = {"all": SPLITS, "train": ("train",), "none": ()}[inf.exclude_rated]
-            rated = rated_items(data_dir, exclude, exported.spec.num_users) if exclude else None
-            given = None
-            if history is not None:
-                if not exported.spec.history_length:
-                    raise ModelError(f"--history {history}: this model has no history feature "
-                                     f"(trained with --history-length 0)")
-                given, counts = read_histories(history, vocab, exported.spec.history_length)
-                summary["history"] = {"input": str(history), **counts}
-                say(f"histories: {counts['users']:,} users from {counts['rows']:,} rows; "
-                    f"{counts['unknown_item_rows']:,} row(s) with items the model does not know "
-                    f"(ignored)")
-            shared: dict[str, Any] = {"items": items, "rated": rated, "given": given,
-                                      "faiss": None}
-            k = min(inf.top_k, n_items - 1)
-            if inf.index == "faiss":
-                import faiss
 
-                index = build_faiss(items, inf.faiss_m, inf.faiss_ef_search)
-                shared["faiss"] = faiss.serialize_index(index)
-                sample = np.arange(1, exported.spec.num_users)
-                sample = np.random.default_rng(0).permutation(sample)[:1000]
-                recall = exact_recall(shared, model_dir, sample, k, inf.faiss_ef_search)
-                summary["faiss_recall_vs_exact"] = recall
-                say(f"FAISS HNSW (M={inf.faiss_m}, efSearch={inf.faiss_ef_search}): recall@{k} "
-                    f"against exact top-{k} on {len(sample):,} users: {recall:.4f}")
-            if users == "all":
-                ids = vocab["users"]["id"]
-                if given:  # and the users that only the history file names
-                    ids = _with_history_users(ids, given)
-            else:
-                ids, duplicates = _unique_users(_read_table(users, ["userId"]), users)
-                summary["duplicate_users_dropped"] = duplicates
-                if duplicates:
-                    say(f"{users}: {duplicates:,} repeated user id(s) dropped (each user gets "
-                        f"one list)")
-            step = max(inf.inference_batch_size, 1)
-            ds = ray.data.from_arrow([pa.table({"userId": ids.slice(s, step)})
-                                      for s in range(0, len(ids), step)])
-            ref = ray.put(shared)
-            result = ds.map_batches(TopK, batch_format="pandas",
-                                    batch_size=inf.inference_batch_size,
-                                    fn_constructor_kwargs={"model_dir": model_ref,
-                                                           "shared": [ref], "k": k,
-                                                           "device": device,
-                                                           "ef_search": inf.faiss_ef_search},
-                                    compute=ActorPoolStrategy(size=pool), **resources)
-            with logs.native_notices_filtered():
-                result.write_parquet(target.path, filesystem=target.fs)
-            written = pq.read_table(target.path, filesystem=target.fs,
-                                    columns=["userId", "rank", "fallback", "source"])
-            n = written.num_rows
-            n_users = pc.count_distinct(written["userId"]).as_py()
-            firsts = pc.equal(written["rank"], 1)
-            n_fallback = int(pc.sum(pc.and_(firsts, written["fallback"])).as_py() or 0)
-            n_history = int(pc.sum(pc.and_(firsts, pc.equal(written["source"], "history")))
-                            .as_py() or 0)
-            summary.update(mode="recommend", users=n_users, k=k, rows=n,
-                           short_lists=n_users * k - n, fallback_users=n_fallback,
-                           history_users=n_history,
-                           exclude_rated=inf.exclude_rated, index=inf.index)
-            if n_users != int(pc.sum(firsts).as_py() or 0):
-                raise ModelError("the written lists do not start at rank 1 once per user")
-        summary["seconds"] = round(time.perf_counter() - t0, 2)
-        done = RecommendationsSummary(schema_version=RecommendationsSummary.SCHEMA_VERSION,
-                                      **summary)
-        done.write(tmp)
-    done.output = version_uri(out)  # the version just published
-    what = (f"{done.users:,} users x {done.k} = {done.rows:,} rows"
-            if done.mode == "recommend" else f"{done.rows:,} pairs")
-    say(f"{what} in {done.seconds:.1f}s ({pool} {device} actor(s)) -> {done.output}")
-    return done
+def write_with_actors(ctx: Context, job: Job, target: Any) -> pa.Table:
+    """The job's rows through ``map_batches`` on one actor pool, written as Parquet into the
+    version's folder ``target``; returns the written ``job.columns``, read back."""
+    from ray.data import ActorPoolStrategy
+
+    result = job.rows.map_batches(
+        job.actor, batch_format="pandas", batch_size=ctx.cfg.inference.inference_batch_size,
+        fn_constructor_kwargs={"model_dir": ctx.model_ref, **job.kwargs, "device": ctx.device},
+        compute=ActorPoolStrategy(size=ctx.pool), **ctx.resources)
+    with logs.native_notices_filtered():
+        result.write_parquet(target.path, filesystem=target.fs)
+    return pq.read_table(target.path, filesystem=target.fs, columns=job.columns)
+
+
+def pairs_job(ctx: Context, pairs: str, say: Callable[[str], None]) -> Job:
+    """Scores of the (userId, movieId) pairs of a file; unknown ids are kept and counted."""
+    def summarize(written: pa.Table) -> dict[str, Any]:
+        n = written.num_rows
+        unknown_users = n - int(pc.sum(written["known_user"]).as_py() or 0)
+        unknown_items = n - int(pc.sum(written["known_item"]).as_py() or 0)
+        if unknown_items or unknown_users:
+            say(f"pairs with unknown ids (kept, score NaN, known_* False): {unknown_users:,} "
+                f"unknown users, {unknown_items:,} unknown items")
+        return {"rows": n, "unknown_user_rows": unknown_users,
+                "unknown_item_rows": unknown_items}
+
+    return Job(rows=read_table(pairs, ["userId", "movieId"]), actor=PairScores, kwargs={},
+               columns=["known_user", "known_item"], summarize=summarize,
+               fields={"mode": "pairs", "input": str(pairs)})
+
+
+def recommend_job(ctx: Context, users: str, history: Optional[str],
+                  say: Callable[[str], None]) -> Job:
+    """Top-K lists for every user of the vocabulary (or of a users file), with the item
+    embeddings, exclusions, histories and FAISS index shared through the object store."""
+    import ray
+
+    inf = ctx.cfg.inference
+    fields: dict[str, Any] = {"mode": "recommend", "exclude_rated": inf.exclude_rated,
+                              "index": inf.index}
+    shared, k = shared_state(ctx, history, fields, say)
+    ids = user_ids(ctx, users, shared["given"], fields, say)
+    step = max(inf.inference_batch_size, 1)
+    rows = ray.data.from_arrow([pa.table({"userId": ids.slice(s, step)})
+                                for s in range(0, len(ids), step)])
+
+    def summarize(written: pa.Table) -> dict[str, Any]:
+        n = written.num_rows
+        n_users = pc.count_distinct(written["userId"]).as_py()
+        firsts = pc.equal(written["rank"], 1)
+        if n_users != int(pc.sum(firsts).as_py() or 0):
+            raise ModelError("the written lists do not start at rank 1 once per user")
+        return {"users": n_users, "k": k, "rows": n, "short_lists": n_users * k - n,
+                "fallback_users": int(pc.sum(pc.and_(firsts, written["fallback"])).as_py() or 0),
+                "history_users": int(pc.sum(pc.and_(
+                    firsts, pc.equal(written["source"], "history"))).as_py() or 0)}
+
+    return Job(rows=rows, actor=TopK,
+               kwargs={"shared": [ray.put(shared)], "k": k, "ef_search": inf.faiss_ef_search},
+               columns=["userId", "rank", "fallback", "source"], summarize=summarize,
+               fields=fields)
+
+
+def shared_state(ctx: Context, history: Optional[str], fields: dict[str, Any],
+                 say: Callable[[str], None]) -> tuple[dict[str, Any], int]:
+    """What every TopK actor shares: every item's embedding (computed once), the rated items
+    left out, the histories given and the FAISS index; and the list length k."""
+    inf = ctx.cfg.inference
+    core = Recommender(ctx.model_dir, rated=None)  # every item's embedding, once
+    spec, items = core.model.spec, core.item_embeddings.numpy()
+    exclude = {"all": SPLITS, "train": ("train",), "none": ()}[inf.exclude_rated]
+    shared: dict[str, Any] = {
+        "items": items, "faiss": None, "given": None,
+        "rated": rated_items(ctx.data_dir, exclude, spec.num_users) if exclude else None}
+    if history is not None:
+        if not spec.history_length:
+            raise ModelError(f"--history {history}: this model has no history feature "
+                             f"(trained with --history-length 0)")
+        shared["given"], counts = read_histories(history, ctx.vocab, spec.history_length)
+        fields["history"] = {"input": str(history), **counts}
+        say(f"histories: {counts['users']:,} users from {counts['rows']:,} rows; "
+            f"{counts['unknown_item_rows']:,} row(s) with items the model does not know "
+            f"(ignored)")
+    k = min(inf.top_k, spec.num_items - 1)
+    if inf.index == "faiss":
+        import faiss
+
+        shared["faiss"] = faiss.serialize_index(
+            build_faiss(items, inf.faiss_m, inf.faiss_ef_search))
+        sample = np.random.default_rng(0).permutation(np.arange(1, spec.num_users))[:1000]
+        recall = exact_recall(shared, ctx.model_dir, sample, k, inf.faiss_ef_search)
+        fields["faiss_recall_vs_exact"] = recall
+        say(f"FAISS HNSW (M={inf.faiss_m}, efSearch={inf.faiss_ef_search}): recall@{k} "
+            f"against exact top-{k} on {len(sample):,} users: {recall:.4f}")
+    return shared, k
+
+
+def user_ids(ctx: Context, users: str, given: Optional[dict[str, np.ndarray]],
+             fields: dict[str, Any], say: Callable[[str], None]) -> pa.Array:
+    """The users to recommend for: the vocabulary's (and those only a history names), or a
+    users file's, each once."""
+    if users == "all":
+        ids = ctx.vocab["users"]["id"]
+        return with_history_users(ids, given) if given else ids
+    ids, duplicates = unique_users(read_table(users, ["userId"]), users)
+    fields["duplicate_users_dropped"] = duplicates
+    if duplicates:
+        say(f"{users}: {duplicates:,} repeated user id(s) dropped (each user gets one list)")
+    return ids

@@ -26,224 +26,26 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Literal, Optional, Union
+from typing import Any, Union
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from fastapi import HTTPException
+from pydantic import StrictInt, StrictStr
 from ray import serve
 
 from app.core.config import Config, load_config
+from app.serve.api import (
+    Health,
+    RecommendRequest,
+    RecommendResponse,
+    ScoreRequest,
+    ScoreResponse,
+    VersionInfo,
+    api,
+)
+from app.serve.source import ModelSource, recommend_many, score_many
 
 APP_NAME = "two-tower"
 Id = Union[StrictStr, StrictInt]
-
-
-# ---------------------------------------------------------------- the API, described once
-
-class RecommendRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    user_id: Id = Field(description="the user's id, as in the ratings (text or integer)")
-    k: StrictInt = Field(20, description="how many items (1 to the server's max_k)")
-    history: Optional[list[Id]] = Field(
-        None, description="the user's recent item ids, oldest first: a new user is "
-                          "recommended from them, a known user's replace the stored ones")
-    exclude_rated: StrictBool = Field(
-        True, description="leave out the items the user rated and the history's items")
-
-
-class Item(BaseModel):
-    item_id: str
-    score: float
-    title: Optional[str] = None
-
-
-class RecommendResponse(BaseModel):
-    model_version: str
-    user_known: bool
-    source: Literal["model", "history", "popularity"] = Field(
-        description="model: the user's stored profile; history: the given history; "
-                    "popularity: neither (the most popular items, score = positives)")
-    items: list[Item]
-
-
-class Pair(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    user_id: Id
-    item_id: Id
-
-
-class ScoreRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    pairs: list[Pair] = Field(min_length=1, description="pairs to score (at most max_pairs)")
-
-
-class PairScore(BaseModel):
-    user_id: str
-    item_id: str
-    score: Optional[float] = Field(description="the towers' dot product; null for an "
-                                               "unknown id")
-    probability: Optional[float] = Field(description="calibrated probability of a positive")
-    known_user: bool
-    known_item: bool
-
-
-class ScoreResponse(BaseModel):
-    model_version: str
-    pairs: list[PairScore]
-
-
-class Health(BaseModel):
-    status: Literal["ready"]
-    model_version: str
-
-
-class VersionInfo(BaseModel):
-    model_version: str
-    model: str = Field(description="what the app serves: a folder, or an MLflow model URI")
-    weights_sha256: str
-    users: int
-    items: int
-    loaded_unix: float
-    swaps: int = Field(description="model versions swapped in since the replica started")
-
-
-api = FastAPI(title="Two-tower recommender",
-              description="Top-K recommendations and pair scores from a two-tower model.")
-
-
-def _one_line(exc: RequestValidationError) -> str:
-    errors = exc.errors()
-    if not errors:
-        return "invalid request"
-    e = errors[0]
-    if e.get("type") == "json_invalid":
-        return f"malformed JSON: {e.get('ctx', {}).get('error', e.get('msg'))}"
-    if tuple(e.get("loc", ())) == ("body",) and e.get("type") == "model_attributes_type":
-        return ("the body must be a JSON object, sent with the header Content-Type: "
-                "application/json")
-    where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where}: {e.get('msg')}{more}"
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse(status_code=422, content={"error": _one_line(exc)})
-
-
-@api.exception_handler(HTTPException)
-async def _refused(request: Request, exc: HTTPException) -> JSONResponse:
-    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)})
-
-
-# ---------------------------------------------------------------- where the model comes from
-
-class ModelSource:
-    """The model the app serves and how to tell its version now.
-
-    ``models:/name@alias`` follows the alias; ``models:/name/N`` and ``runs:/...`` are fixed;
-    a folder or URI follows its ``CURRENT`` published version.
-    """
-
-    def __init__(self, model: str, cfg: Config) -> None:
-        from app.train.model_folder import ModelRef
-
-        self.model, self.cfg, self.ref = model, cfg, ModelRef(model)
-        self.mlflow, self.name, self.alias = self.ref.mlflow, self.ref.name, self.ref.alias
-
-    @property
-    def follows(self) -> bool:
-        return self.alias is not None or not self.mlflow
-
-    def version(self) -> str:
-        """The version to serve now: ``name/N`` for a registered model, the published
-        version's folder name for a folder."""
-        from app.train.model_folder import ModelError
-
-        if self.alias is not None:
-            import mlflow
-
-            from app.core import tracking
-
-            tracking.connect(self.cfg.cluster)
-            try:
-                v = mlflow.MlflowClient().get_model_version_by_alias(self.name, self.alias)
-            except Exception as e:  # noqa: BLE001 (MLflow's own errors vary by store)
-                raise ModelError(f"{self.model}: no version has the alias {self.alias!r} "
-                                 f"({str(e).splitlines()[0][:200]})") from None
-            return f"{self.name}/{v.version}"
-        if self.mlflow:
-            return self.ref.label
-        from app.core.publish import version_uri
-
-        return version_uri(self.model).rstrip("/").rsplit("/", 1)[-1]
-
-    def load(self, label: str, device: str) -> Any:
-        """The serving core of version ``label`` (:meth:`version`), warmed."""
-        from app.core.publish import version_uri
-        from app.serve.core import Recommender
-        from app.train.model_folder import resolve_model
-
-        if self.alias is not None:
-            where = resolve_model(f"models:/{label}", self.cfg.cluster)
-        elif self.mlflow:
-            where = resolve_model(self.model, self.cfg.cluster)
-        else:
-            where = version_uri(self.model)
-            if not where.rstrip("/").endswith(label):
-                raise RuntimeError(f"{self.model}: CURRENT moved while loading {label}")
-        core = Recommender(where, device, version=label)
-        warm(core)
-        return core
-
-
-def warm(core: Any) -> None:
-    """One request of each kind, so the first real one pays no first-call costs."""
-    first = core.user_ids.iloc[:1].tolist()
-    core.recommend(first + ["\x00unknown"], k=10)
-    core.score_pairs(first, core.item_ids.iloc[:1].tolist())
-
-
-def recommend_many(core: Any, requests: list[RecommendRequest]) -> list[dict[str, Any]]:
-    """Answers to several requests by one ranking of the catalog (one model version)."""
-    import numpy as np
-
-    users = core.user_indices([str(r.user_id) for r in requests])
-    histories = [[str(i) for i in r.history] if r.history else None for r in requests]
-    given, _ = core.histories(histories)
-    k = max(r.k for r in requests)
-    scores, items, source = core.top_k(users, k, given,
-                                       np.array([r.exclude_rated for r in requests]))
-    out = []
-    for row, r in enumerate(requests):
-        n = min(r.k, scores.shape[1])
-        keep = np.isfinite(scores[row, :n]) & (items[row, :n] > 0)
-        idx, sc = items[row, :n][keep], scores[row, :n][keep]
-        titles = core.titles[idx - 1] if core.titles is not None else [None] * len(idx)
-        out.append({"model_version": core.version, "user_known": bool(users[row] > 0),
-                    "source": str(source[row]),
-                    "items": [{"item_id": core.item_id_text[i - 1], "score": float(v),
-                               "title": t} for i, v, t in zip(idx.tolist(), sc.tolist(),
-                                                              titles)]})
-    return out
-
-
-def score_many(core: Any, pairs: list[Pair]) -> dict[str, Any]:
-    import math
-
-    df = core.score_pairs([str(p.user_id) for p in pairs], [str(p.item_id) for p in pairs])
-    rows = []
-    for u, i, s, prob, ku, ki in zip(df["userId"], df["movieId"], df["score"].tolist(),
-                                     df["prediction_prob"].tolist(), df["known_user"],
-                                     df["known_item"]):
-        known = bool(ku and ki)
-        rows.append({"user_id": u, "item_id": i,
-                     "score": s if known and not math.isnan(s) else None,
-                     "probability": prob if known and not math.isnan(prob) else None,
-                     "known_user": bool(ku), "known_item": bool(ki)})
-    return {"model_version": core.version, "pairs": rows}
 
 
 # ---------------------------------------------------------------- the deployment

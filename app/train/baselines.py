@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from app.core.config import Config
+from app.data.dataset import read_split_arrays
 from app.train.metrics import UserItems, finish, ranking_sums
 
 
@@ -144,3 +147,25 @@ def ease_baseline(train_users: np.ndarray, train_items: np.ndarray, *,
             out[split] = evaluate(split, best)
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out
+
+
+def driver_baselines(cfg: Config, data_dir: str, num_users: int, num_items: int
+                     ) -> dict[str, Any]:
+    """Baselines that need the whole training matrix at once (EASE), fitted here once per run
+    and handed to the workers, which report them beside the model every epoch."""
+    tr = read_split_arrays(Path(data_dir, "train"))
+    pos = tr["label"] > 0
+    positives = {}
+    for split in ("val", "test"):
+        rows = read_split_arrays(Path(data_dir, split))
+        keep = rows["label"] > 0
+        positives[split] = UserItems.build(rows["user"][keep].astype(np.int64),
+                                           rows["item"][keep].astype(np.int64), num_users)
+    ease = ease_baseline(tr["user"][pos].astype(np.int64), tr["item"][pos].astype(np.int64),
+                         exclude=UserItems.build(tr["user"].astype(np.int64),
+                                                 tr["item"].astype(np.int64), num_users),
+                         positives=positives, num_users=num_users, num_items=num_items,
+                         ks=cfg.train.eval_ks(),
+                         lambdas=[float(x) for x in cfg.train.ease_lambdas],
+                         max_dim=cfg.train.ease_max_dim)
+    return {"ease": ease}

@@ -8,7 +8,7 @@ model folder and the MLflow run.
 2. runs the workers under Ray Train with a ``FailureConfig`` (a failed worker group restarts
    from the latest epoch checkpoint); ``--resume`` continues a stopped run of the same output;
 3. consolidates the last sharded checkpoint into plain weights (one process, no TorchRec
-   runtime) and publishes the model folder atomically (see :mod:`app.train.export`);
+   runtime) and publishes the model folder atomically (see :mod:`app.train.model_folder`);
 4. logs the folder to MLflow and registers the pyfunc model.
 """
 
@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -42,7 +42,9 @@ from app.core.redact import redact_values
 from app.core.storage import Location, local_copy, ray_storage, resolve
 from app.data.dataset import SPLITS, DatasetError, Manifest, read_manifest
 from app.train import registry
+from app.train.baselines import driver_baselines
 from app.train.checkpoint import CheckpointState, checkpoint_of_epoch, latest_checkpoint
+from app.train.evaluate import calibrate, final_metrics
 from app.train.inputs import item_features, model_spec
 from app.train.loop import WorkerArgs, train_loop
 from app.train.model_folder import MLFLOW_FILE, MODEL_JSON
@@ -79,75 +81,6 @@ def consolidate(checkpoint_dir: Path) -> dict[str, Any]:
     from app.train.checkpoint import load_full
 
     return load_full(checkpoint_dir)["model"]
-
-
-def calibrate(model_dir: Path, data_dir: str, objective: str,
-              max_pairs: int = 500_000) -> dict[str, float]:
-    """Pair probabilities: ``bce`` logits are probabilities already (a=1, b=0); a ``softmax``
-    model's dot products are mapped by Platt scaling fitted on validation pairs."""
-    if objective == "bce":
-        return {"a": 1.0, "b": 0.0}
-    import torch
-
-    from app.data.dataset import read_split_arrays
-    from app.train.metrics import fit_platt
-    from app.train.model_folder import load_exported
-
-    rows = read_split_arrays(Path(data_dir, "val"))
-    pick = np.random.default_rng(0).permutation(len(rows["user"]))[:max_pairs]
-    model = load_exported(model_dir)
-    with torch.no_grad():
-        scores = model.score(torch.from_numpy(rows["user"][pick].astype(np.int64)),
-                             torch.from_numpy(rows["item"][pick].astype(np.int64))).numpy()
-    a, b = fit_platt(scores, rows["label"][pick])
-    return {"a": a, "b": b, "fitted_on": "val", "pairs": int(len(pick))}
-
-
-def final_metrics(history: list[dict[str, Any]], best_epoch: int,
-                  baselines: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """The ``metrics.json`` shape: the model (its exported epoch), popularity and EASE, each
-    on val and test; ``epochs`` trained and the ``best_epoch`` exported."""
-    best = next(h for h in history if h["epoch"] == best_epoch)
-
-    def pick(prefix: str) -> dict[str, float]:
-        return {k[len(prefix):]: v for k, v in best.items() if k.startswith(prefix)}
-
-    out: dict[str, Any] = {"model": {"val": pick("val_"), "test": pick("test_")},
-                           "popularity": {"val": pick("popularity_val_"),
-                                          "test": pick("popularity_test_")}}
-    ease = (baselines or {}).get("ease")
-    if ease is not None:
-        out["ease"] = ({"val": pick("ease_val_"), "test": pick("ease_test_"),
-                        "lambda": ease["lambda"], "seconds": ease["seconds"]}
-                       if "skipped" not in ease else {"skipped": ease["skipped"]})
-    out.update({"epochs": history[-1]["epoch"], "best_epoch": best_epoch})
-    return out
-
-
-def driver_baselines(cfg: Config, data_dir: str, num_users: int, num_items: int
-                     ) -> dict[str, Any]:
-    """Baselines that need the whole training matrix at once (EASE), fitted here once per run
-    and handed to the workers, which report them beside the model every epoch."""
-    from app.data.dataset import read_split_arrays
-    from app.train.baselines import ease_baseline
-    from app.train.metrics import UserItems
-
-    tr = read_split_arrays(Path(data_dir, "train"))
-    pos = tr["label"] > 0
-    positives = {}
-    for split in ("val", "test"):
-        rows = read_split_arrays(Path(data_dir, split))
-        keep = rows["label"] > 0
-        positives[split] = UserItems.build(rows["user"][keep].astype(np.int64),
-                                           rows["item"][keep].astype(np.int64), num_users)
-    ease = ease_baseline(tr["user"][pos].astype(np.int64), tr["item"][pos].astype(np.int64),
-                         exclude=UserItems.build(tr["user"].astype(np.int64),
-                                                 tr["item"].astype(np.int64), num_users),
-                         positives=positives, num_users=num_users, num_items=num_items,
-                         ks=cfg.train.eval_ks(),
-                         lambdas=[float(x) for x in cfg.train.ease_lambdas],
-                         max_dim=cfg.train.ease_max_dim)
-    return {"ease": ease}
 
 
 def _epoch_logger_base() -> type:
@@ -325,17 +258,82 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True,
         return _train(cfg, data_dir, lease, verbose=verbose, refit=refit, tags=tags)
 
 
+@dataclass
+class RunInputs:
+    """One training run's checked inputs: one version of the dataset throughout (publishing
+    checks it is still the current one; the workers read ``data_uri``, on an object store each
+    node its own copy, the driver ``data_dir``, that version's local folder), the model's shape
+    and the workers' placement."""
+
+    data_version: Optional[str]
+    data_uri: str
+    data_dir: str
+    manifest: Manifest
+    spec: Any                              # ModelSpec
+    place: Any                             # Placement
+
+
 def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: bool,
-           tags: Optional[dict[str, str]]) -> dict[str, Any]:
+           tags: Optional[dict[str, str]]) -> TrainResult:
+    """check inputs -> baselines -> run folder -> MLflow run -> fit and export -> result."""
     from app.core import tracking
-    from app.core.cluster import init_ray
 
     tag = "refit" if refit else "train"
     say = (lambda msg: logs.say(tag, msg)) if verbose else (lambda msg: None)
     t0 = time.perf_counter()
-    # one version of the dataset throughout; publishing checks it is still the current one.
-    # The workers read data_uri (on an object store, each node its own copy), the driver
-    # data_dir (that version's local folder)
+    run = check_inputs(cfg, data_root, refit=refit, say=say)
+    baselines: dict[str, Any] = {}
+    if not refit:
+        baselines = driver_baselines(cfg, run.data_dir, run.spec.num_users, run.spec.num_items)
+        ease = baselines["ease"]
+        say(f"EASE: {ease['skipped']}" if "skipped" in ease else
+            f"EASE: lambda {ease['lambda']:g} (chosen on val), val recall@20 "
+            f"{ease['val'].get('recall@20', float('nan')):.4f}, {ease['seconds']}s")
+    storage, name = run_folder(cfg, lease.out, refit=refit, say=say)
+    run_id = tracking.start_run(
+        cfg, run_name=tracking.run_label(tag, cfg, run.manifest.source.get("dataset")),
+        tags={"stage": tag, "dataset": run.data_uri, "output": str(lease.out),
+              "refit": str(refit).lower(), **(tags or {})})
+    mlflow_info = {"tracking_uri": tracking.tracking_uri(cfg.cluster), "run_id": run_id}
+    # the workers start from the latest checkpoint in the run folder: --resume keeps it
+    trainer = make_trainer(cfg, run.data_uri, name=name, storage=storage,
+                           mlflow_info=mlflow_info, refit=refit, baselines=baselines)
+
+    def register(folder: Path) -> RegisteredModel:
+        registered = registry.log_trained_model(cfg, run_id, folder,
+                                                run.manifest.vocab.to_dict())
+        (folder / MLFLOW_FILE).write_text(json.dumps(  # no credentials saved
+            redact_values({**registered.to_dict(), **mlflow_info}), indent=2) + "\n")
+        return registered
+
+    try:
+        state, ckpt, metrics, registered = _fit_and_export(
+            cfg, trainer, run.data_dir, lease, spec=run.spec, manifest=run.manifest,
+            run_dir=storage.join(name), refit=refit, baselines=baselines, data_root=data_root,
+            data_version=run.data_version, register=register, say=say)
+    except BaseException as e:
+        killed = isinstance(e, KeyboardInterrupt)  # SIGINT or SIGTERM (app.core.logs)
+        if killed:
+            trainer.abort()
+        tracking.end_run(cfg, run_id, status="KILLED" if killed else "FAILED")
+        raise
+    tracking.end_run(cfg, run_id)
+    seconds = round(time.perf_counter() - t0, 1)
+    say(f"model folder {current(lease.out)}; MLflow run {run_id}, registered "
+        f"{registered.registered_uri}; {seconds}s")
+    return TrainResult(model_dir=str(current(lease.out)), metrics=metrics,
+                       history=state.history, mlflow=registered, checkpoint=ckpt.uri,
+                       seconds=seconds, placement=run.place.describe(), refit=refit,
+                       training_rows=sum(run.manifest.counts.splits[s] for s in
+                                         (SPLITS if refit else ("train",))))
+
+
+def check_inputs(cfg: Config, data_root: str, *, refit: bool,
+                 say: Callable[[str], None]) -> RunInputs:
+    """The dataset version (every split non-empty), the model's shape, Ray, and workers the
+    cluster can place (fails at once with what is missing); one line says what will run."""
+    from app.core.cluster import init_ray
+
     data_version, data_uri = version_of(data_root), version_uri(data_root)
     data_dir = str(local_dir(data_uri))
     manifest = read_manifest(data_dir)
@@ -343,11 +341,10 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
         if manifest.counts.splits[split] == 0:
             raise DatasetError(f"{data_dir}: the {split} split is empty; training needs rows "
                                f"in train, val and test")
-    out = lease.out
     spec = model_spec(cfg, manifest, item_features(cfg.model, data_dir))
-
     init_ray(cfg.cluster)
     place = placement(cfg.train)
+    tag = "refit" if refit else "train"
     wait_for_placement(place, cfg.cluster.autoscale_timeout, say=lambda m: logs.say(tag, m))
     if refit:  # the same model as the evaluated run's: one line of what differs
         say(f"placement {place.describe()}; every split, {cfg.train.epochs} epoch(s)")
@@ -358,59 +355,23 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
             + (f" ({spec.negatives} negatives)" if spec.objective == "softmax" else "")
             + f", history {spec.history_length}, user id "
             + ("on" if spec.use_user_id else "off"))
-    baselines: dict[str, Any] = {}
-    if not refit:
-        baselines = driver_baselines(cfg, data_dir, spec.num_users, spec.num_items)
-        ease = baselines["ease"]
-        say(f"EASE: {ease['skipped']}" if "skipped" in ease else
-            f"EASE: lambda {ease['lambda']:g} (chosen on val), val recall@20 "
-            f"{ease['val'].get('recall@20', float('nan')):.4f}, {ease['seconds']}s")
+    return RunInputs(data_version, data_uri, data_dir, manifest, spec, place)
 
+
+def run_folder(cfg: Config, out: Location, *, refit: bool,
+               say: Callable[[str], None]) -> tuple[Location, str]:
+    """The Ray Train storage and run name of this output's checkpoints: kept with --resume
+    (which needs one), else emptied. Returns (storage, name)."""
     storage = resolve(cfg.cluster.storage_path
                       or f"{str(cfg.cluster.workdir).rstrip('/')}/checkpoints")
     name = run_name(out) + ("-refit" if refit else "")
     run_dir = storage.join(name)
-    resume_from = None
     if cfg.train.resume:
         resume_from = latest_checkpoint(run_dir)
         if resume_from is None:
             raise TrainError(f"--resume: no checkpoint of this output under {run_dir}")
-        state = CheckpointState.read(resume_from)
-        say(f"resuming after epoch {state.epoch} from {resume_from}")
+        say(f"resuming after epoch {CheckpointState.read(resume_from).epoch} from "
+            f"{resume_from}")
     else:
         run_dir.delete()
-
-    run_id = tracking.start_run(cfg, run_name=tracking.run_label(tag, cfg, manifest.source.get("dataset")),
-                                tags={"stage": tag, "dataset": data_uri,
-                                      "output": str(out), "refit": str(refit).lower(),
-                                      **(tags or {})})
-    mlflow_info = {"tracking_uri": tracking.tracking_uri(cfg.cluster), "run_id": run_id}
-    # the workers start from the latest checkpoint in the run folder: --resume keeps it
-    trainer = make_trainer(cfg, data_uri, name=name, storage=storage, mlflow_info=mlflow_info,
-                           refit=refit, baselines=baselines)
-    try:
-        def register(folder: Path) -> RegisteredModel:
-            registered = registry.log_trained_model(cfg, run_id, folder, manifest.vocab.to_dict())
-            (folder / MLFLOW_FILE).write_text(json.dumps(  # no credentials saved
-                redact_values({**registered.to_dict(), **mlflow_info}), indent=2) + "\n")
-            return registered
-
-        state, ckpt, metrics, registered = _fit_and_export(
-            cfg, trainer, data_dir, lease, spec=spec, manifest=manifest, run_dir=run_dir,
-            refit=refit, baselines=baselines, data_root=data_root, data_version=data_version,
-            register=register, say=say)
-    except BaseException as e:
-        killed = isinstance(e, KeyboardInterrupt)  # SIGINT or SIGTERM (app.core.logs)
-        if killed:
-            trainer.abort()
-        tracking.end_run(cfg, run_id, status="KILLED" if killed else "FAILED")
-        raise
-    tracking.end_run(cfg, run_id)
-    seconds = round(time.perf_counter() - t0, 1)
-    say(f"model folder {current(out)}; MLflow run {run_id}, registered "
-        f"{registered.registered_uri}; {seconds}s")
-    return TrainResult(model_dir=str(current(out)), metrics=metrics, history=state.history,
-                       mlflow=registered, checkpoint=ckpt.uri, seconds=seconds,
-                       placement=place.describe(), refit=refit,
-                       training_rows=sum(manifest.counts.splits[s] for s in
-                                         (SPLITS if refit else ("train",))))
+    return storage, name

@@ -5,7 +5,7 @@ the validation loss, and the popularity and driver-side baselines on the same us
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -13,9 +13,18 @@ import torch.distributed as dist
 
 from app.data.dataset import read_split_arrays
 from app.data.reader import InteractionStream
+from app.train.batches import BatchMaker
 from app.train.inputs import BATCH_COLUMNS, equal_share
-from app.train.metrics import UserItems, binary_auroc, finish, popularity_scores, ranking_sums
-from app.train.model import BatchMaker, ModelSpec, TwoTower
+from app.train.metrics import (
+    UserItems,
+    binary_auroc,
+    finish,
+    fit_platt,
+    popularity_scores,
+    ranking_sums,
+)
+from app.train.model import ModelSpec, TwoTower
+from app.train.model_folder import load_exported
 
 
 class Evaluator:
@@ -172,3 +181,46 @@ def epoch_line(m: dict[str, Any], best_epoch: int) -> str:
     return (f"epoch {m['epoch']}: train_loss {m['train_loss']:.4f} val_loss "
             f"{m['val_loss']:.4f} val {key} {m[f'val_{key}']:.4f} ({base})"
             + (f"; best epoch {best_epoch}" if best_epoch else ""))
+
+
+# ---------------------------------------------------------------- the exported model
+
+def final_metrics(history: list[dict[str, Any]], best_epoch: int,
+                  baselines: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The ``metrics.json`` shape: the model (its exported epoch), popularity and EASE, each
+    on val and test; ``epochs`` trained and the ``best_epoch`` exported."""
+    best = next(h for h in history if h["epoch"] == best_epoch)
+
+    def pick(prefix: str) -> dict[str, float]:
+        return {k[len(prefix):]: v for k, v in best.items() if k.startswith(prefix)}
+
+    out: dict[str, Any] = {"model": {"val": pick("val_"), "test": pick("test_")},
+                           "popularity": {"val": pick("popularity_val_"),
+                                          "test": pick("popularity_test_")}}
+    ease = (baselines or {}).get("ease")
+    if ease is not None:
+        out["ease"] = ({"val": pick("ease_val_"), "test": pick("ease_test_"),
+                        "lambda": ease["lambda"], "seconds": ease["seconds"]}
+                       if "skipped" not in ease else {"skipped": ease["skipped"]})
+    out.update({"epochs": history[-1]["epoch"], "best_epoch": best_epoch})
+    return out
+
+
+def calibrate(model_dir: Path, data_dir: str, objective: str,
+              max_pairs: int = 500_000) -> dict[str, float]:
+    """Pair probabilities: ``bce`` logits are probabilities already (a=1, b=0); a ``softmax``
+    model's dot products are mapped by Platt scaling fitted on validation pairs."""
+    if objective == "bce":
+        return {"a": 1.0, "b": 0.0}
+    import torch
+
+    from app.data.dataset import read_split_arrays
+
+    rows = read_split_arrays(Path(data_dir, "val"))
+    pick = np.random.default_rng(0).permutation(len(rows["user"]))[:max_pairs]
+    model = load_exported(model_dir)
+    with torch.no_grad():
+        scores = model.score(torch.from_numpy(rows["user"][pick].astype(np.int64)),
+                             torch.from_numpy(rows["item"][pick].astype(np.int64))).numpy()
+    a, b = fit_platt(scores, rows["label"][pick])
+    return {"a": a, "b": b, "fitted_on": "val", "pairs": int(len(pick))}

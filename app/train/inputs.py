@@ -23,7 +23,8 @@ from app.core.config import Config
 from app.data.dataset import Manifest, read_split_arrays
 from app.data.history import UserHistory
 from app.data.reader import InteractionStream, ItemFeatures
-from app.train.model import BatchMaker, ModelSpec
+from app.train.batches import BatchMaker
+from app.train.model import ModelSpec
 
 BATCH_COLUMNS = ("user", "item", "label", "timestamp")  # what a training batch reads
 

@@ -32,6 +32,7 @@ from app.core import logs
 from app.core.config import Config
 from app.core.publish import local_dir
 from app.data.reader import InteractionStream
+from app.train.batches import BatchMaker
 from app.train.checkpoint import (
     CheckpointState,
     epoch_of,
@@ -47,7 +48,6 @@ from app.train.evaluate import (
     validation_loss,
 )
 from app.train.inputs import TrainingInputs, epoch_batches, training_inputs
-from app.train.model import BatchMaker
 from app.train.model_folder import HISTORY_FILE, PLAN_FILE, POPULARITY_FILE
 from app.train.sharding import build_sharded, plan_rows, plan_summary, train_step
 

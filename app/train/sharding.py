@@ -15,13 +15,8 @@ import torch
 import torch.distributed as dist
 
 from app.core.config import Config
-from app.train.model import (
-    TABLES,
-    ModelSpec,
-    TwoTower,
-    TwoTowerTrainTask,
-    log_sampling_probability,
-)
+from app.train.model import TABLES, ModelSpec, TwoTower
+from app.train.objectives import TwoTowerTrainTask, log_sampling_probability
 
 
 def sharding_constraints(cfg: Config, spec: ModelSpec, on_gpu: bool) -> dict[str, Any]:

@@ -1,0 +1,428 @@
+"""The sections of the configuration: one dataclass per concern, each field with its default,
+a one-line help text (``--help``) and the checks of :meth:`validate`, which name the flag.
+
+:class:`app.core.config.Config` holds one of each; load and override it there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal, Optional
+
+from app.core.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a one-line help text (shown by ``--help``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+WORKDIR_ENV = "TWOTOWER_WORKDIR"  # the default --workdir of a cluster's jobs
+DATASETS = ("movielens-small", "lfs", "csv", "parquet", "synthetic")
+LFS_URL = "https://files.grouplens.org/datasets/learning-from-sets-2019/learning-from-sets-2019.zip"
+
+
+@dataclass
+class DataConfig:
+    """Where ratings come from and how they become a prepared dataset."""
+
+    dataset: Literal["movielens-small", "lfs", "csv", "parquet", "synthetic"] = _f(
+        "movielens-small", "data source")
+    input: Optional[str] = _f(None, "file, folder, glob or URI to read (lfs, csv, parquet)")
+    output: Optional[str] = _f(None, "prepared dataset folder (default: <workdir>/data)")
+    overwrite: bool = _f(False, "replace an existing prepared dataset at --output")
+    download_url: str = _f(LFS_URL, "where --dataset lfs downloads from when --input is not given")
+    user_col: str = _f("userId", "user id column in the raw ratings")
+    item_col: str = _f("movieId", "item id column in the raw ratings")
+    rating_col: str = _f("rating", "rating column in the raw ratings")
+    timestamp_col: str = _f("timestamp", "timestamp column: epoch numbers (see --timestamp-unit) "
+                                         "or ISO-8601 date-times (UTC unless they carry Z or an "
+                                         "offset)")
+    timestamp_unit: Literal["auto", "s", "ms", "us", "ns"] = _f(
+        "auto", "unit of numeric timestamps; auto reads it per value from the digits: up to 12 "
+                "seconds, 13-15 milliseconds, 16-18 microseconds, more nanoseconds")
+    timestamp_min: str = _f("1970-01-01", "earliest plausible timestamp (ISO-8601 date or "
+                                          "date-time, UTC); rows before it are quarantined")
+    timestamp_max: str = _f("2100-01-01", "latest plausible timestamp (ISO-8601 date or "
+                                          "date-time, UTC); rows after it are quarantined")
+    duplicates: Literal["latest", "max", "mean", "keep"] = _f(
+        "latest", "rows repeating a (user, item) pair: keep the latest (ties: the higher "
+                  "rating), the highest rating (ties: the latest), one row with the mean rating "
+                  "and the latest time, or keep every row")
+    rating_min: float = _f(0.5, "smallest valid rating (inclusive)")
+    rating_max: float = _f(5.0, "largest valid rating (inclusive)")
+    label_rule: Literal["threshold", "mean"] = _f(
+        "threshold", "label = rating >= threshold, or >= the mean accepted rating")
+    label_threshold: float = _f(4.0, "rating at or above which an interaction is positive")
+    split: Literal["random", "temporal"] = _f(
+        "random", "random (seeded, per row) or temporal (per user, latest held out)")
+    val_fraction: float = _f(0.2, "share of interactions in the validation split")
+    test_fraction: float = _f(0.1, "share of interactions in the test split")
+    seed: int = _f(42, "seed for the random split and the synthetic generator")
+    rows: int = _f(1_000_000, "rows to generate (synthetic)")
+    synthetic_users: int = _f(0, "users to generate (synthetic; 0 = rows / 50)")
+    synthetic_items: int = _f(0, "items to generate (synthetic; 0 = rows / 200, at least 100)")
+    shard_size_limit: int = _f(1 << 26, "bytes per MDS shard file")
+    read_block_size: int = _f(16 << 20, "bytes of CSV input per Ray Data block")
+
+    def validate(self) -> None:
+        _check(self.dataset in DATASETS, "dataset", f"must be one of {', '.join(DATASETS)}",
+               self.dataset)
+        _check(self.dataset not in ("csv", "parquet") or bool(self.input), "input",
+               f"is required with --dataset {self.dataset}", self.input)
+        _check(self.rating_min < self.rating_max, "rating_min",
+               f"must be below --rating-max ({self.rating_max})", self.rating_min)
+        _check(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)", self.val_fraction)
+        _check(0 <= self.test_fraction < 1, "test_fraction", "must be in [0, 1)",
+               self.test_fraction)
+        _check(self.val_fraction + self.test_fraction < 1, "test_fraction",
+               "plus --val-fraction must leave a non-empty training split",
+               self.test_fraction)
+        _check(self.rows > 0, "rows", "must be positive", self.rows)
+        _check(self.synthetic_users >= 0, "synthetic_users", "must be >= 0",
+               self.synthetic_users)
+        _check(self.synthetic_items >= 0, "synthetic_items", "must be >= 0",
+               self.synthetic_items)
+        _check(1 << 16 <= self.shard_size_limit < 1 << 32, "shard_size_limit",
+               "must be in [64 KiB, 4 GiB)", self.shard_size_limit)
+        _check(self.read_block_size >= 1 << 20, "read_block_size", "must be at least 1 MiB",
+               self.read_block_size)
+        for name in ("user_col", "item_col", "rating_col", "timestamp_col"):
+            _check(bool(getattr(self, name)), name, "must not be empty", getattr(self, name))
+        _check(self.timestamp_unit in ("auto", "s", "ms", "us", "ns"), "timestamp_unit",
+               "must be one of auto, s, ms, us, ns", self.timestamp_unit)
+        _check(self.duplicates in ("latest", "max", "mean", "keep"), "duplicates",
+               "must be one of latest, max, mean, keep", self.duplicates)
+        low, high = (_epoch_seconds(self.timestamp_min, "timestamp_min"),
+                     _epoch_seconds(self.timestamp_max, "timestamp_max"))
+        _check(low < high, "timestamp_min", f"must be before --timestamp-max "
+                                            f"({self.timestamp_max})", self.timestamp_min)
+
+    def timestamp_bounds(self) -> tuple[int, int]:
+        """The plausible timestamp range, inclusive, as epoch seconds."""
+        return (_epoch_seconds(self.timestamp_min, "timestamp_min"),
+                _epoch_seconds(self.timestamp_max, "timestamp_max"))
+
+    @property
+    def train_fraction(self) -> float:
+        return 1.0 - self.val_fraction - self.test_fraction
+
+
+@dataclass
+class ModelConfig:
+    """The two-tower model."""
+
+    embedding_dim: int = _f(64, "embedding table dimension")
+    tower_layers: list = _f([64], "MLP layer sizes per tower; the last is the output dim (one "
+                                  "size: a linear projection, no hidden layer)")
+    objective: Literal["bce", "softmax"] = _f("softmax", "training objective")
+    negatives: Literal["auto", "catalog", "mixed", "in_batch"] = _f(
+        "auto", "softmax negatives: the whole catalog, a fixed mix of in-batch and uniformly "
+                "sampled items, or the batch's positives; auto: catalog up to "
+                "--catalog-max-items items, else mixed")
+    catalog_max_items: int = _f(20000, "largest catalog that auto trains with a full softmax")
+    in_batch_negatives: int = _f(512, "mixed negatives: in-batch positives used per batch")
+    sampled_negatives: int = _f(512, "mixed negatives: uniformly sampled items per batch")
+    temperature: float = _f(0.2, "softmax temperature (divides the dot products)")
+    normalize: bool = _f(True, "L2-normalise both towers' outputs (dot product = cosine)")
+    history_length: int = _f(50, "recent positive items of the user in the query tower's "
+                                 "history bag (0: no history feature)")
+    use_user_id: bool = _f(True, "user id embedding in the query tower")
+    use_genres: bool = _f(True, "add item genres to the candidate tower when the dataset has "
+                                "item metadata")
+    use_year: bool = _f(True, "add the release year to the candidate tower when the item "
+                              "metadata has one (a year column or a title ending in (YYYY))")
+
+    def validate(self) -> None:
+        _check(self.embedding_dim > 0, "embedding_dim", "must be positive", self.embedding_dim)
+        _check(len(self.tower_layers) > 0 and all(int(x) > 0 for x in self.tower_layers),
+               "tower_layers", "must be a non-empty list of positive sizes", self.tower_layers)
+        _check(self.objective in ("bce", "softmax"), "objective", "must be bce or softmax",
+               self.objective)
+        _check(self.negatives in ("auto", "catalog", "mixed", "in_batch"), "negatives",
+               "must be one of auto, catalog, mixed, in_batch", self.negatives)
+        _check(self.catalog_max_items >= 0, "catalog_max_items", "must be >= 0",
+               self.catalog_max_items)
+        _check(self.in_batch_negatives >= 0, "in_batch_negatives", "must be >= 0",
+               self.in_batch_negatives)
+        _check(self.sampled_negatives >= 0, "sampled_negatives", "must be >= 0",
+               self.sampled_negatives)
+        _check(self.temperature > 0, "temperature", "must be positive", self.temperature)
+        _check(self.history_length >= 0, "history_length", "must be >= 0",
+               self.history_length)
+        _check(self.use_user_id or self.history_length > 0, "use_user_id",
+               "can be off only with --history-length above 0 (the query tower needs a "
+               "feature)", self.use_user_id)
+
+    def resolved_negatives(self, num_items: int) -> str:
+        """The negatives training uses for a catalog of ``num_items`` items."""
+        if self.negatives != "auto":
+            return self.negatives
+        return "catalog" if num_items <= self.catalog_max_items else "mixed"
+
+
+@dataclass
+class TrainConfig:
+    """Distributed training."""
+
+    topology: Literal["cpu", "snsg", "snmg", "mnmg"] = _f("cpu", "worker placement")
+    num_workers: int = _f(2, "training workers: CPU workers (cpu) or GPUs in all (snmg, mnmg); "
+                                 "snsg is always 1")
+    epochs: int = _f(30, "most passes over the training split (early stopping may end sooner)")
+    patience: int = _f(3, "stop after this many epochs without a better validation metric "
+                          "and keep the best epoch's model (0: no early stopping)")
+    select_metric: str = _f("recall@20", "validation metric of early stopping and of the "
+                                         "best epoch (recall@K or ndcg@K)")
+    batch_size: int = _f(2048, "samples per batch per worker")
+    embedding_lr: float = _f(0.05, "learning rate of the fused embedding optimizer")
+    dense_lr: float = _f(1e-3, "learning rate of the dense (MLP) optimizer")
+    eval_k: list = _f([10, 20, 50], "cut-offs K of the Recall@K and NDCG@K evaluated")
+    history_dropout: float = _f(0.9, "share of history items dropped at random from each "
+                                     "training batch (denoising)")
+    user_id_dropout: float = _f(0.1, "share of training rows whose user id is hidden (the "
+                                     "query tower learns to serve new users from history)")
+    ease_lambdas: list = _f([50, 100, 200, 400, 800, 1600],
+                            "EASE baseline: L2 penalties tried, chosen on validation")
+    ease_max_dim: int = _f(10000, "EASE baseline: largest min(users, items) it is fitted for "
+                                  "(an eigendecomposition of that size); skipped above")
+    accelerator: Literal["gpu", "cpu"] = _f(
+        "gpu", "device of snsg/snmg/mnmg workers; cpu places the same topology on CPU workers")
+    cpus_per_worker: int = _f(1, "CPUs reserved per training worker")
+    sharding: Literal["auto", "table_wise", "column_wise", "row_wise", "table_row_wise",
+                      "data_parallel"] = _f(
+        "auto", "sharding of the id tables; auto lets the planner choose a model-parallel type")
+    max_failures: int = _f(1, "restarts of the worker group from the latest checkpoint")
+    keep_checkpoints: int = _f(2, "epoch checkpoints kept on storage")
+    log_every: int = _f(20, "steps between progress lines on rank 0")
+    train_seed: int = _f(0, "seed of model initialisation and data order")
+    resume: bool = _f(False, "continue the run of this output folder from its latest checkpoint")
+
+    def eval_ks(self) -> list[int]:
+        """Cut-offs evaluated: --eval-k and the K of --select-metric."""
+        return sorted({int(k) for k in self.eval_k} | {int(self.select_metric.split("@")[1])})
+
+    def validate(self) -> None:
+        _check(self.topology in ("cpu", "snsg", "snmg", "mnmg"), "topology",
+               "must be one of cpu, snsg, snmg, mnmg", self.topology)
+        _check(self.num_workers > 0, "num_workers", "must be positive", self.num_workers)
+        _check(self.epochs > 0, "epochs", "must be positive", self.epochs)
+        _check(self.patience >= 0, "patience", "must be >= 0", self.patience)
+        _check(0 <= self.history_dropout < 1, "history_dropout", "must be in [0, 1)",
+               self.history_dropout)
+        _check(0 <= self.user_id_dropout < 1, "user_id_dropout", "must be in [0, 1)",
+               self.user_id_dropout)
+        m = self.select_metric.split("@")
+        _check(len(m) == 2 and m[0] in ("recall", "ndcg") and m[1].isdigit() and int(m[1]) > 0,
+               "select_metric", "must be recall@K or ndcg@K", self.select_metric)
+        _check(len(self.ease_lambdas) > 0 and all(float(x) > 0 for x in self.ease_lambdas),
+               "ease_lambdas", "must be a non-empty list of positive numbers",
+               self.ease_lambdas)
+        _check(self.ease_max_dim >= 0, "ease_max_dim", "must be >= 0", self.ease_max_dim)
+        _check(self.batch_size > 0, "batch_size", "must be positive", self.batch_size)
+        _check(self.embedding_lr > 0, "embedding_lr", "must be positive", self.embedding_lr)
+        _check(self.dense_lr > 0, "dense_lr", "must be positive", self.dense_lr)
+        _check(len(self.eval_k) > 0 and all(int(k) > 0 for k in self.eval_k), "eval_k",
+               "must be a non-empty list of positive integers", self.eval_k)
+        _check(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive",
+               self.cpus_per_worker)
+        _check(self.max_failures >= -1, "max_failures", "must be >= -1 (-1: no limit)",
+               self.max_failures)
+        _check(self.keep_checkpoints > 0, "keep_checkpoints", "must be positive",
+               self.keep_checkpoints)
+        _check(self.log_every > 0, "log_every", "must be positive", self.log_every)
+
+
+DEFAULT_SEARCH_SPACE = {  # around the defaults that bench/quality.py measured best
+    "embedding_dim": {"choice": [32, 64, 128]},
+    "embedding_lr": {"loguniform": [0.01, 0.1]},
+    "dense_lr": {"loguniform": [3e-4, 3e-3]},
+    "temperature": {"loguniform": [0.1, 0.4]},
+    "history_dropout": {"uniform": [0.5, 0.95]},
+    "user_id_dropout": {"uniform": [0.0, 0.3]},
+}
+SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+def trial_fields() -> set[str]:
+    """The settings a sweep may vary: the model's and training's."""
+    return {f.name for c in (ModelConfig, TrainConfig) for f in dataclasses.fields(c)}
+
+
+@dataclass
+class TuneConfig:
+    """Hyperparameter sweeps."""
+
+    num_samples: int = _f(8, "trials to sample (each grid point is run this many times)")
+    max_concurrent: int = _f(1, "trials running at once (each with its own training workers)")
+    search_alg: Literal["random", "optuna"] = _f(
+        "optuna", "how trials are chosen: random sampling or Optuna's TPE")
+    scheduler: Literal["asha", "none"] = _f(
+        "asha", "early stopping of weak trials (ASHA), or run every trial to the end")
+    tune_metric: str = _f("val_recall@20", "metric the sweep maximises (reported per epoch)")
+    grace_period: int = _f(1, "epochs every trial runs before ASHA may stop it")
+    reduction_factor: int = _f(2, "ASHA keeps 1 / reduction_factor of the trials per rung")
+    tune_seed: int = _f(0, "seed of the search algorithm")
+    search_space: dict = _f(DEFAULT_SEARCH_SPACE,
+                            "setting -> {sampler: args}; samplers: " + ", ".join(SAMPLERS))
+
+    def validate(self) -> None:
+        _check(self.num_samples > 0, "num_samples", "must be positive", self.num_samples)
+        _check(self.max_concurrent > 0, "max_concurrent", "must be positive",
+               self.max_concurrent)
+        _check(self.grace_period > 0, "grace_period", "must be positive", self.grace_period)
+        _check(self.reduction_factor > 1, "reduction_factor", "must be at least 2",
+               self.reduction_factor)
+        _check(bool(self.search_space), "search_space", "must not be empty", self.search_space)
+        for name, spec in self.search_space.items():
+            _check(name in trial_fields(), "search_space",
+                   f"names {name!r}, which is not a model or train setting", self.search_space)
+            _check(isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SAMPLERS,
+                   "search_space", f"entry {name} must be one {{sampler: args}} with a sampler "
+                   f"among {', '.join(SAMPLERS)}", spec)
+            kind, args = next(iter(spec.items()))
+            _check(isinstance(args, list) and len(args) > 0
+                   and (kind in ("choice", "grid") or len(args) == 2), "search_space",
+                   f"entry {name}: {kind} takes a list" + ("" if kind in ("choice", "grid")
+                                                             else " [low, high]"), spec)
+        _check(self.search_alg != "optuna" or not any(
+            "grid" in spec for spec in self.search_space.values()), "search_alg",
+            "optuna does not take grid entries in --search-space; use choice, or random",
+            self.search_alg)
+
+
+@dataclass
+class InferenceConfig:
+    """Batch inference."""
+
+    top_k: int = _f(100, "length of each user's recommendation list")
+    inference_batch_size: int = _f(1024, "users (or pairs) per map_batches call")
+    inference_actors: int = _f(0, "actors in the pool (0: one per GPU, else one per 2 CPUs)")
+    inference_device: Literal["auto", "cpu", "gpu"] = _f(
+        "auto", "where actors score: a GPU each when the cluster has GPUs (auto), or as given")
+    exclude_rated: Literal["all", "train", "none"] = _f(
+        "all", "items left out of a user's list: rated in any split, in train only, or none")
+    index: Literal["exact", "faiss"] = _f(
+        "exact", "exact top-K by matrix product, or an approximate FAISS inner-product index")
+    faiss_m: int = _f(32, "FAISS HNSW graph degree")
+    faiss_ef_search: int = _f(128, "FAISS HNSW search breadth (higher: better recall, slower)")
+
+    def validate(self) -> None:
+        _check(self.top_k > 0, "top_k", "must be positive", self.top_k)
+        _check(self.inference_batch_size > 0, "inference_batch_size", "must be positive",
+               self.inference_batch_size)
+        _check(self.inference_actors >= 0, "inference_actors", "must be >= 0",
+               self.inference_actors)
+        _check(self.faiss_m > 1, "faiss_m", "must be at least 2", self.faiss_m)
+        _check(self.faiss_ef_search > 0, "faiss_ef_search", "must be positive",
+               self.faiss_ef_search)
+
+
+@dataclass
+class ServeConfig:
+    """Real-time serving (the Ray Serve app)."""
+
+    host: str = _f("127.0.0.1", "address the HTTP server listens on (0.0.0.0: every interface)")
+    port: int = _f(8000, "HTTP port")
+    max_k: int = _f(1000, "largest k a request may ask for")
+    max_pairs: int = _f(10000, "most pairs one /score request may hold")
+    max_history: int = _f(1000, "most items one request's history may hold")
+    max_batch_size: int = _f(32, "requests answered by one matrix product (@serve.batch)")
+    batch_wait_ms: float = _f(2.0, "how long a batch waits to fill, in milliseconds")
+    replicas: int = _f(1, "replicas of the app (the least, when autoscaling)")
+    max_replicas: int = _f(0, "autoscale up to this many replicas (0: a fixed number)")
+    replica_cpus: float = _f(1.0, "CPUs per replica")
+    replica_gpus: float = _f(0.0, "GPUs per replica (the towers and the ranking then run there)")
+    reload_interval: float = _f(30.0, "seconds between checks for a new model version (the "
+                                      "alias of models:/name@alias, or a folder's CURRENT; 0: "
+                                      "never)")
+    promote: Literal["if-better", "always", "never"] = _f(
+        "if-better", "full run: point the champion alias at the new model if its test "
+                     "Recall@20 beats the champion's on the same dataset, always, or never")
+    champion_alias: str = _f("champion", "the registered-model alias that serving follows")
+
+    def validate(self) -> None:
+        _check(0 < self.port < 65536, "port", "must be in 1..65535", self.port)
+        for name in ("max_k", "max_pairs", "max_history", "max_batch_size", "replicas"):
+            _check(getattr(self, name) > 0, name, "must be positive", getattr(self, name))
+        _check(self.batch_wait_ms >= 0, "batch_wait_ms", "must be 0 or more", self.batch_wait_ms)
+        _check(self.max_replicas == 0 or self.max_replicas >= self.replicas, "max_replicas",
+               "must be 0 or at least --replicas", self.max_replicas)
+        _check(self.replica_cpus >= 0 and self.replica_gpus >= 0, "replica_cpus",
+               "and --replica-gpus must be 0 or more", (self.replica_cpus, self.replica_gpus))
+        _check(self.reload_interval >= 0, "reload_interval", "must be 0 or more",
+               self.reload_interval)
+        _check(bool(self.champion_alias.strip()), "champion_alias", "must not be empty",
+               self.champion_alias)
+
+
+@dataclass
+class ClusterConfig:
+    """Where Ray and MLflow run."""
+
+    address: Optional[str] = _f(None, "Ray cluster to join: host:6379, ray://host:10001, or "
+                                      "auto (the cluster started on this machine); default: "
+                                      "RAY_ADDRESS, else a new embedded local Ray")
+    ray_connect_timeout: float = _f(30.0, "seconds to wait for the Ray cluster of --address "
+                                          "before failing")
+    databricks: bool = _f(False, "start Ray on this Databricks cluster's Spark workers "
+                                 "(also when a Databricks runtime is detected)")
+    spark_worker_nodes: int = _f(2, "Ray worker nodes on Spark (Databricks)")
+    spark_cpus_per_node: Optional[int] = _f(None, "CPUs per Ray worker node on Spark "
+                                                  "(default: all of a Spark worker's)")
+    spark_gpus_per_node: Optional[int] = _f(None, "GPUs per Ray worker node on Spark "
+                                                  "(default: all of a Spark worker's)")
+    num_cpus: Optional[int] = _f(None, "CPUs for an embedded local Ray (default: all)")
+    workdir: str = _f("workdir", "folder or URI (s3://...) for the outputs of a full run "
+                                 "(default: $TWOTOWER_WORKDIR, else ./workdir)")
+    autoscale_timeout: float = _f(600.0, "seconds to wait for an autoscaling cluster to add "
+                                         "the nodes a topology needs (0: fail at once)")
+    lease_timeout: float = _f(60.0, "seconds without a heartbeat after which another run may "
+                                    "take over an output's writer lease")
+    storage_path: Optional[str] = _f(None, "Ray Train checkpoint storage, shared by all nodes "
+                                           "(default: <workdir>/checkpoints)")
+    mlflow_tracking_uri: Optional[str] = _f(
+        None, "MLflow tracking URI, e.g. databricks (default: sqlite:///<workdir>/mlflow.db)")
+    mlflow_registry_uri: Optional[str] = _f(
+        None, "MLflow model registry URI, e.g. databricks-uc (default: the tracking URI)")
+    mlflow_experiment: str = _f("two-tower", "MLflow experiment name (or workspace path)")
+    registered_model_name: str = _f("two-tower", "name of the registered MLflow model")
+
+    def validate(self) -> None:
+        _check(self.num_cpus is None or self.num_cpus > 0, "num_cpus", "must be positive",
+               self.num_cpus)
+        _check(self.spark_worker_nodes > 0, "spark_worker_nodes", "must be positive",
+               self.spark_worker_nodes)
+        _check(self.ray_connect_timeout > 0, "ray_connect_timeout", "must be positive",
+               self.ray_connect_timeout)
+        _check(self.lease_timeout > 0, "lease_timeout", "must be positive", self.lease_timeout)
+        _check(self.autoscale_timeout >= 0, "autoscale_timeout", "must be 0 or more",
+               self.autoscale_timeout)
+
+
+def _check(ok: bool, name: str, message: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{flag(name)} {message}, got {value!r}")
+
+
+def _epoch_seconds(text: str, name: str) -> int:
+    """An ISO-8601 date or date-time (UTC unless it carries Z or an offset) as epoch seconds.
+
+    Raises:
+        ConfigError: naming the flag ``name`` when ``text`` is not one.
+    """
+    try:
+        when = datetime.fromisoformat(str(text).strip())
+    except ValueError:
+        raise ConfigError(f"{flag(name)} must be an ISO-8601 date or date-time such as "
+                          f"2100-01-01, got {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return int(when.timestamp())
