@@ -1,10 +1,12 @@
 # make run   -- set up .venv and run the whole pipeline on the embedded default
-# make test  -- set up .venv and run the test suite
+# make test  -- set up .venv and run the whole test suite (what CI runs)
+# make test-fast -- the fast tier for daily work: no training runs, one shared local Ray, tiny
+#                   data, every benchmark's --smoke mode (a few minutes on 2 cores)
 PY := .venv/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench-prepare bench-train bench-inference bench-quality bench-serve
+.PHONY: setup run test test-fast bench-prepare bench-train bench-inference bench-quality bench-serve
 setup:
 	@bash scripts/setup_env.sh
 
@@ -13,6 +15,9 @@ run: setup
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not gpu and not slow" $(PYTEST_ARGS)
 
 bench-prepare: setup
 	$(PY) bench/prepare.py $(ARGS)

@@ -25,7 +25,7 @@ from app.core.publish import current, version_uri, writer
 from app.core.redact import redact, redact_values
 from app.core.report import examples, plot_history, render
 from app.core.storage import Location, resolve
-from app.data.dataset import Manifest, read_manifest
+from app.data.dataset import read_manifest
 
 STAGES = ("prepare", "train", "infer")
 SUMMARY_FILE = "summary.json"
@@ -137,8 +137,8 @@ def prepare_step(cfg: Config, workdir: Location, data_dir: Location) -> StageSum
                 data_dir.uri.startswith(workdir.uri.rstrip("/") + "/")
             manifest = prepare_dataset(cfg.data, data_dir.uri,
                                        lease_timeout=cfg.cluster.lease_timeout)
-    return StageSummary(seconds=round(time.perf_counter() - t0, 2), rows=_read_rows(manifest),
-                        counts=_counts(manifest), output=data_dir.uri)
+    return StageSummary(seconds=round(time.perf_counter() - t0, 2), rows=manifest.counts.read,
+                        counts=manifest.counts.to_dict(), output=data_dir.uri)
 
 
 def tune_step(cfg: Config, data_dir: Location, workdir: Location, summary: RunSummary
@@ -227,11 +227,3 @@ def refit_config(cfg: Config, epochs: int) -> Config:
     out = copy.deepcopy(cfg)
     out.train.epochs, out.train.patience, out.train.resume = max(1, int(epochs)), 0, False
     return out
-
-
-def _counts(manifest: Manifest) -> dict[str, Any]:
-    return manifest.counts.to_dict()  # plain JSON for the summary
-
-
-def _read_rows(manifest: Manifest) -> int:
-    return manifest.counts.read

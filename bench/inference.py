@@ -504,7 +504,8 @@ def run(args: argparse.Namespace) -> None:
           f"actor at most")
     print(f"actor start: imports in a fresh process {sum(imports.values()):.1f}s (numpy, "
           f"pandas, pyarrow, ray, torch {imports['libraries_s']:.1f}s; streaming, reached "
-          f"through app.train.export -> app.train.model -> app.data.reader, {imports['streaming_s']:.1f}s; "
+          f"through app.train.export -> app.train.model -> app.data.reader, "
+          f"{imports['streaming_s']:.1f}s; "
           f"the rest of app.serve.batch {imports['app_s']:.1f}s), TopK constructor "
           f"{parts['setup_s']:.2f}s")
     print(f"driver: set-up before the pool (dataset check, model, item embeddings) "

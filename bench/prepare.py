@@ -112,5 +112,6 @@ def run(args: argparse.Namespace) -> None:
                       "floor_rows_per_s": round(args.rows / f),
                       "time_ratio_vs_floor": round(pl / f, 3)}))
 
+
 if __name__ == "__main__":
     main()

@@ -128,7 +128,7 @@ def bench_worker(config: dict[str, Any]) -> None:
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.train_seed)
-    inputs = training_inputs(cfg, data_dir)
+    inputs = training_inputs(cfg.model, data_dir)
     genres = next((f for f in inputs.features if f.name == "item_genres"), None)
     maker = inputs.batch_maker(seed=1, history_dropout=cfg.train.history_dropout,
                                user_id_dropout=cfg.train.user_id_dropout)
@@ -136,7 +136,8 @@ def bench_worker(config: dict[str, Any]) -> None:
     def make_batch(rows: dict[str, Any]) -> Any:  # a training batch, as the epoch loop builds it
         return maker(rows, train=True)
 
-    dmp, optimizer, _ = build_sharded(cfg, inputs.spec, inputs.positive_counts, device=device,
+    dmp, optimizer, _ = build_sharded(cfg.train, inputs.spec, inputs.positive_counts,
+                                      device=device,
                                       local_world_size=ctx.get_local_world_size())
     dmp.train()
     bs = cfg.train.batch_size

@@ -23,6 +23,17 @@ from app.core.publish import current  # noqa: E402
 from app.data.prepare import prepare_dataset  # noqa: E402
 
 
+# Fixtures that train a model, run a sweep or start the serving app: a test that uses one is in
+# the slow tier whatever its own marks say (``make test-fast`` leaves it out).
+SLOW_FIXTURES = {"trained", "recommendations", "app_url", "swept"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def start_local_ray(**kwargs) -> None:
     """A local Ray as the pipeline starts one (2 CPUs unless given): every listener on
     loopback, with the dashboard, whose state API lets Ray Train release the placement group

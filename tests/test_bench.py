@@ -111,10 +111,14 @@ def test_inference_smoke():
                           "pipeline_exclude_all_users_per_s", "stage_ms_per_1000_users",
                           "actor_start_s", "seconds_total", *per_pool})
     assert (result["users"], result["items"], result["dim"], result["k"]) == (2000, 1000, 16, 10)
-    positive(result, "ceiling_users_per_s", "pipeline_users_per_s", "pipeline_vs_ceiling",
-             "pipeline_exclude_all_users_per_s", "actor_start_s", "seconds_total",
-             *sorted(per_pool))
-    ratio(result, "pipeline_vs_ceiling", "pipeline_users_per_s", "ceiling_users_per_s")
+    positive(result, "ceiling_users_per_s", "pipeline_users_per_s",
+             "pipeline_1_actors_users_per_s", "pipeline_2_actors_users_per_s",
+             "pipeline_exclude_all_users_per_s", "actor_start_s", "seconds_total")
+    # at these sizes the pipeline's fixed costs dwarf the ceiling's milliseconds: its share
+    # may round to 0.000, but it is the share of the figures beside it
+    for a in ("", "_1_actors", "_2_actors"):
+        ratio(result, f"pipeline{a}_vs_ceiling", f"pipeline{a}_users_per_s",
+              "ceiling_users_per_s")
     # the reported pipeline is the fastest pool size
     assert result["pipeline_actors"] in (1, 2)
     assert result["pipeline_users_per_s"] == max(result["pipeline_1_actors_users_per_s"],
@@ -136,24 +140,25 @@ def test_quality_smoke():
                           "ease_test_ndcg@20", "model_vs_ease", "model_vs_popularity"})
     assert result["dataset"] == "synthetic"
     names = [r["name"] for r in result["rungs"]]
-    assert names == ["today's defaults", "+ linear towers (defaults)", "+ refit"], names
-    *held_out, refit = result["rungs"]
-    for r in held_out:
-        for key in ("test_recall@20", "test_ndcg@20", "val_recall@20"):
-            assert 0 < r[key] <= 1, (key, r)
+    # --smoke trains the last rung (the defaults) and its refit
+    assert names == ["+ linear towers (defaults)", "+ refit"], names
+    model, refit = result["rungs"]
+    for key in ("test_recall@20", "test_ndcg@20", "val_recall@20"):
+        assert 0 < model[key] <= 1, (key, model)
+    for r in (model, refit):
         assert r["seconds"] > 0 and r["samples_per_s"] > 0, r
         assert 1 <= r["best_epoch"] <= r["epochs"], r
-    assert held_out[0]["epochs"] == 3  # the first release's fixed 3 epochs
-    assert held_out[1]["epochs"] <= 2  # --smoke's --max-epochs
-    assert refit["test_recall@20"] is None and refit["training_rows"] > 0, refit
-    assert refit["epochs"] == held_out[-1]["best_epoch"], refit
+    assert model["epochs"] <= 2  # --smoke's --max-epochs
+    assert refit["test_recall@20"] is None and refit["test_ndcg@20"] is None, refit
+    assert refit["epochs"] == model["best_epoch"], refit
+    assert refit["training_rows"] > 0, refit  # every split's rows
     for key in ("popularity_test_recall@20", "popularity_test_ndcg@20",
                 "ease_test_recall@20", "ease_test_ndcg@20"):
         assert 0 < result[key] <= 1, (key, result[key])
-    model = held_out[-1]["test_recall@20"]
+    recall = model["test_recall@20"]
     assert result["model_vs_popularity"] == pytest.approx(
-        model / result["popularity_test_recall@20"], rel=0.01)
-    assert result["model_vs_ease"] == pytest.approx(model / result["ease_test_recall@20"],
+        recall / result["popularity_test_recall@20"], rel=0.01)
+    assert result["model_vs_ease"] == pytest.approx(recall / result["ease_test_recall@20"],
                                                     rel=0.01)
 
 

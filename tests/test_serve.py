@@ -178,7 +178,7 @@ def _second_version(trained, tmp_path) -> tuple[Path, str]:
     run_id = tracking.start_run(cfg, run_name="second version")
     from app.train import registry
 
-    registered = registry.log_trained_model(cfg, run_id, folder, info["dataset"]["vocab"])
+    registered = registry.log_trained_model(cfg.cluster, run_id, folder, info["dataset"]["vocab"])
     tracking.end_run(cfg, run_id)
     return folder, f"{NAME}/{registered.version}"
 

@@ -43,7 +43,8 @@ def _part_fields(cls: type) -> dict[str, type]:
     the type hints, which ``from __future__ import annotations`` leaves as text)."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)
-            if isinstance(hints[f.name], type) and issubclass(hints[f.name], Part)}
+            if typing.get_origin(hints[f.name]) is None  # not dict[...], Optional[...]
+            and isinstance(hints[f.name], type) and issubclass(hints[f.name], Part)}
 
 
 def _required(f: dataclasses.Field) -> bool:

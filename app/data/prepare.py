@@ -36,9 +36,20 @@ from app.core.redact import redact, redact_values
 from app.core.storage import Location, resolve
 from app.data import duplicates
 from app.data.blocks import block_stats, encode_blocks, remote_block_stats, temporal_split
-from app.data.dataset import (MANIFEST, SCHEMA_VERSION, SPLITS, Counts, Duplicates, LabelRule,
-                              Manifest, SplitRule, Vocab, read_manifest)
+from app.data.dataset import (
+    MANIFEST,
+    SCHEMA_VERSION,
+    SPLITS,
+    Counts,
+    Duplicates,
+    LabelRule,
+    Manifest,
+    SplitRule,
+    Vocab,
+    read_manifest,
+)
 from app.data.mds import INTERACTION_COLUMNS
+
 # InteractionSink and merge_split_index: importable from here as before the sink had a module
 from app.data.sink import InteractionSink, index_rows, merge_split_index, rejects_rows  # noqa: F401
 from app.data.sources import DataError, Source, open_source

@@ -32,7 +32,7 @@ from fastapi import HTTPException
 from pydantic import StrictInt, StrictStr
 from ray import serve
 
-from app.core.config import Config, load_config
+from app.core.config import Config, ServeConfig, load_config
 from app.serve.api import (
     Health,
     RecommendRequest,
@@ -191,7 +191,7 @@ def check_model(model: str, cfg: Config) -> str:
     return label
 
 
-def check_fits(cfg: Config) -> None:
+def check_fits(s: ServeConfig) -> None:
     """The replicas' CPUs and GPUs must fit the cluster, or deploying would wait for ever.
 
     Raises:
@@ -199,9 +199,8 @@ def check_fits(cfg: Config) -> None:
     """
     import ray
 
-    from app.train.placement import ResourceError
+    from app.core.errors import ResourceError
 
-    s = cfg.serve
     have = ray.cluster_resources()
     n = max(s.replicas, 1)
     cpus, gpus = s.replica_cpus * n, s.replica_gpus * n
@@ -245,7 +244,7 @@ def run(cfg: Config, model: str, *, block: bool = True, say: Any = print) -> str
     if model and "://" not in model and not mlflow_model:
         model = os.path.abspath(model)
     label = check_model(model, cfg)
-    check_fits(cfg)
+    check_fits(cfg.serve)
     url = f"http://{s.host}:{s.port}"
     try:
         if setup.kind == "local" and not port_free(s.host, s.port):

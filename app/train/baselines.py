@@ -27,7 +27,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from app.core.config import Config
+from app.core.config import TrainConfig
 from app.data.dataset import read_split_arrays
 from app.train.metrics import UserItems, finish, ranking_sums
 
@@ -149,7 +149,7 @@ def ease_baseline(train_users: np.ndarray, train_items: np.ndarray, *,
     return out
 
 
-def driver_baselines(cfg: Config, data_dir: str, num_users: int, num_items: int
+def driver_baselines(train: TrainConfig, data_dir: str, num_users: int, num_items: int
                      ) -> dict[str, Any]:
     """Baselines that need the whole training matrix at once (EASE), fitted here once per run
     and handed to the workers, which report them beside the model every epoch."""
@@ -165,7 +165,7 @@ def driver_baselines(cfg: Config, data_dir: str, num_users: int, num_items: int
                          exclude=UserItems.build(tr["user"].astype(np.int64),
                                                  tr["item"].astype(np.int64), num_users),
                          positives=positives, num_users=num_users, num_items=num_items,
-                         ks=cfg.train.eval_ks(),
-                         lambdas=[float(x) for x in cfg.train.ease_lambdas],
-                         max_dim=cfg.train.ease_max_dim)
+                         ks=train.eval_ks(),
+                         lambdas=[float(x) for x in train.ease_lambdas],
+                         max_dim=train.ease_max_dim)
     return {"ease": ease}

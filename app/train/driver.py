@@ -284,7 +284,7 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
     run = check_inputs(cfg, data_root, refit=refit, say=say)
     baselines: dict[str, Any] = {}
     if not refit:
-        baselines = driver_baselines(cfg, run.data_dir, run.spec.num_users, run.spec.num_items)
+        baselines = driver_baselines(cfg.train, run.data_dir, run.spec.num_users, run.spec.num_items)
         ease = baselines["ease"]
         say(f"EASE: {ease['skipped']}" if "skipped" in ease else
             f"EASE: lambda {ease['lambda']:g} (chosen on val), val recall@20 "
@@ -300,7 +300,7 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
                            mlflow_info=mlflow_info, refit=refit, baselines=baselines)
 
     def register(folder: Path) -> RegisteredModel:
-        registered = registry.log_trained_model(cfg, run_id, folder,
+        registered = registry.log_trained_model(cfg.cluster, run_id, folder,
                                                 run.manifest.vocab.to_dict())
         (folder / MLFLOW_FILE).write_text(json.dumps(  # no credentials saved
             redact_values({**registered.to_dict(), **mlflow_info}), indent=2) + "\n")
@@ -341,7 +341,7 @@ def check_inputs(cfg: Config, data_root: str, *, refit: bool,
         if manifest.counts.splits[split] == 0:
             raise DatasetError(f"{data_dir}: the {split} split is empty; training needs rows "
                                f"in train, val and test")
-    spec = model_spec(cfg, manifest, item_features(cfg.model, data_dir))
+    spec = model_spec(cfg.model, manifest, item_features(cfg.model, data_dir))
     init_ray(cfg.cluster)
     place = placement(cfg.train)
     tag = "refit" if refit else "train"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from app.core.config import Config
+from app.core.config import ModelConfig
 from app.data.dataset import Manifest, read_split_arrays
 from app.data.history import UserHistory
 from app.data.reader import InteractionStream, ItemFeatures
@@ -37,11 +37,11 @@ def item_features(model_cfg: Any, data_dir: str | os.PathLike) -> list[ItemFeatu
     return [f for f in found if f is not None]
 
 
-def model_spec(cfg: Config, manifest: Manifest, features: list[ItemFeatures]
+def model_spec(m: ModelConfig, manifest: Manifest, features: list[ItemFeatures]
                ) -> ModelSpec:
-    """The model's shape from the config, the dataset's vocabularies and its item features."""
+    """The model's shape from the model settings, the dataset's vocabularies and its item
+    features."""
     rows = {f.name: len(f.vocab) for f in features}
-    m = cfg.model
     num_items = manifest.vocab.items + 1
     return ModelSpec(num_users=manifest.vocab.users + 1, num_items=num_items,
                      num_genres=rows.get("item_genres", 0), num_years=rows.get("item_year", 0),
@@ -76,15 +76,15 @@ def training_rows(data_dir: str, splits: tuple[str, ...]) -> dict[str, np.ndarra
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def training_inputs(cfg: Config, data_dir: str, splits: tuple[str, ...] = ("train",)
+def training_inputs(model: ModelConfig, data_dir: str, splits: tuple[str, ...] = ("train",)
                     ) -> TrainingInputs:
     """The model's shape, its item features, the training rows (of ``splits``: the train
     split, or every split for a refit), positives per item and the users' histories."""
     from app.data.dataset import read_manifest
 
     manifest = read_manifest(data_dir)
-    features = item_features(cfg.model, data_dir)
-    spec = model_spec(cfg, manifest, features)
+    features = item_features(model, data_dir)
+    spec = model_spec(model, manifest, features)
     rows = training_rows(data_dir, splits)
     pos = rows["label"] > 0
     counts = np.bincount(rows["item"][pos].astype(np.int64), minlength=spec.num_items)

@@ -160,8 +160,8 @@ def setup(args: WorkerArgs) -> Worker:
     device = ray.train.torch.get_device()
     tag = "train" if args.evaluate else "refit"
     torch.manual_seed(cfg.train.train_seed)
-    inputs = training_inputs(cfg, data_dir, args.splits)
-    dmp, optimizer, plan = build_sharded(cfg, inputs.spec, inputs.positive_counts,
+    inputs = training_inputs(cfg.model, data_dir, args.splits)
+    dmp, optimizer, plan = build_sharded(cfg.train, inputs.spec, inputs.positive_counts,
                                          device=device,
                                          local_world_size=ctx.get_local_world_size())
     rank_nodes: list[Any] = [None] * world

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import mlflow
 
 from app.core import logs
-from app.core.config import Config
+from app.core.config import ClusterConfig
 from app.core.tracking import configure
 from app.data.dataset import load_vocab
 
@@ -83,7 +83,7 @@ def _requirements() -> list[str]:
     return [f"{p}=={version(p)}" for p in ("torch", "numpy", "pandas", "pyarrow", "mlflow")]
 
 
-def log_trained_model(cfg: Config, run_id: str, model_dir: str | os.PathLike,
+def log_trained_model(cluster: ClusterConfig, run_id: str, model_dir: str | os.PathLike,
                       vocab_types: dict[str, str]) -> RegisteredModel:
     """Log the model folder as artifacts and as a pyfunc model, and register it.
 
@@ -94,7 +94,7 @@ def log_trained_model(cfg: Config, run_id: str, model_dir: str | os.PathLike,
     Returns:
         The run, the logged model's URI and the registered version.
     """
-    configure(cfg.cluster)
+    configure(cluster)
     # MLflow prints its registration notices to stderr itself; the caller reports the version
     chatter = (contextlib.nullcontext() if logs.level() == "verbose"
                else contextlib.redirect_stderr(io.StringIO()))
@@ -106,10 +106,10 @@ def log_trained_model(cfg: Config, run_id: str, model_dir: str | os.PathLike,
             signature=signature(vocab_types["user_id_type"], vocab_types["item_id_type"]),
             input_example=input_example(model_dir),
             pip_requirements=_requirements(),
-            registered_model_name=cfg.cluster.registered_model_name)
+            registered_model_name=cluster.registered_model_name)
     version = info.registered_model_version
     return RegisteredModel(run_id=run_id, model_uri=info.model_uri,
-                           registered_model=cfg.cluster.registered_model_name,
+                           registered_model=cluster.registered_model_name,
                            version=int(version) if version is not None else None,
-                           registered_uri=f"models:/{cfg.cluster.registered_model_name}/"
+                           registered_uri=f"models:/{cluster.registered_model_name}/"
                                           f"{version}")

@@ -14,19 +14,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from app.core.config import Config
+from app.core.config import TrainConfig
 from app.train.model import TABLES, ModelSpec, TwoTower
 from app.train.objectives import TwoTowerTrainTask, log_sampling_probability
 
 
-def sharding_constraints(cfg: Config, spec: ModelSpec, on_gpu: bool) -> dict[str, Any]:
+def sharding_constraints(train: TrainConfig, spec: ModelSpec, on_gpu: bool) -> dict[str, Any]:
     """Planner constraints per table: ``auto`` allows the model-parallel types the device
     supports for the id tables (row-wise types need a GPU) and lets a small genre table be
     replicated; an explicit ``--sharding`` applies to every table."""
     from torchrec.distributed.planner.types import ParameterConstraints
 
-    if cfg.train.sharding != "auto":
-        types = [cfg.train.sharding]
+    if train.sharding != "auto":
+        types = [train.sharding]
         return {TABLES[f]: ParameterConstraints(sharding_types=types) for f in spec.table_rows()}
     model_parallel = ["table_wise", "column_wise"] + (["row_wise", "table_row_wise"]
                                                       if on_gpu else [])
@@ -51,7 +51,7 @@ def plan_rows(plan: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def build_sharded(cfg: Config, spec: ModelSpec, positive_counts: np.ndarray, *,
+def build_sharded(train: TrainConfig, spec: ModelSpec, positive_counts: np.ndarray, *,
                   device: torch.device, local_world_size: int) -> tuple[Any, Any, Any]:
     """The sharded train task on this rank (call on every rank of an initialised process
     group): tables built on meta, planned by TorchRec's planner, materialised by
@@ -76,19 +76,19 @@ def build_sharded(cfg: Config, spec: ModelSpec, positive_counts: np.ndarray, *,
     apply_optimizer_in_backward(RowWiseAdagrad,
                                 list(model.query.ebc.parameters())
                                 + list(model.candidate.ebc.parameters()),
-                                {"lr": cfg.train.embedding_lr})
+                                {"lr": train.embedding_lr})
     topology = TopologyFactory.create_topology(
         TrainerConfig(world_size=dist.get_world_size(), local_world_size=local_world_size),
         kernel_config=KernelConfig(compute_device=device.type))
     # an explicit reservation (TorchRec's default heuristic is deprecated, with a warning)
     planner = EmbeddingShardingPlanner(
-        topology=topology, constraints=sharding_constraints(cfg, spec, device.type == "cuda"),
+        topology=topology, constraints=sharding_constraints(train, spec, device.type == "cuda"),
         storage_reservation=FixedPercentageStorageReservation(0.15))
     plan = planner.collective_plan(task, [EmbeddingBagCollectionSharder()],
                                    dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(task, device=device, plan=plan)
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                  lambda ps: torch.optim.Adam(ps, lr=cfg.train.dense_lr))
+                                  lambda ps: torch.optim.Adam(ps, lr=train.dense_lr))
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), plan
 
 
