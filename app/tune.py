@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from app.core import logs
-from app.core.config import Config, ConfigError, load_config
+from app.core.config import Config, ConfigError
 from app.core.publish import version_uri, write_success
 from app.core.redact import redact_values
 from app.core.storage import Location
@@ -73,10 +73,9 @@ def tune_space(space: dict[str, dict[str, list]]) -> dict[str, Any]:
 
 
 def trial_config(base: dict[str, Any], overrides: dict[str, Any]) -> Config:
-    """The base configuration with a trial's settings applied (validated)."""
-    flat = {k: v for section in base.values() for k, v in section.items()}
-    flat.update(overrides)
-    return load_config(overrides=flat)
+    """The base configuration (:meth:`Config.to_dict`) with a trial's settings applied
+    (validated)."""
+    return Config.from_dict(base, overrides)
 
 
 def check_sweep_fits(cfg: Config, nodes: list[dict[str, float]]) -> Placement:

@@ -81,3 +81,17 @@ def test_a_renamed_setting_names_its_new_name(tmp_path):
 def test_an_enumerated_value_from_a_file_is_checked_too():
     with pytest.raises(ConfigError, match="--dataset must be one of movielens-small"):
         load_config(overrides={"dataset": "excel"})
+
+
+def test_a_config_round_trips_through_its_dict_and_unknown_settings_are_refused():
+    from app.core.config import Config
+
+    cfg = load_config(overrides={"epochs": 3, "label_threshold": 3.5, "tower_layers": "32,16"})
+    again = Config.from_dict(cfg.to_dict(), {"embedding_dim": 16})
+    assert again.train.epochs == 3 and again.data.label_threshold == 3.5
+    assert list(again.model.tower_layers) == [32, 16] and again.model.embedding_dim == 16
+    assert Config.from_dict(again.to_dict()) == again
+    with pytest.raises(ConfigError, match="unknown setting train.nope"):
+        Config.from_dict({"train": {"nope": 1}})
+    with pytest.raises(ConfigError, match="--epochs"):
+        Config.from_dict({"train": {"epochs": "many"}})

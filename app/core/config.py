@@ -57,9 +57,11 @@ class Config:
         return self
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Config":
-        """The inverse of :meth:`to_dict` (section -> field -> value), checked and validated."""
-        return config_from_dict(data)
+    def from_dict(cls, data: dict[str, Any],
+                  overrides: Optional[dict[str, Any]] = None) -> "Config":
+        """The inverse of :meth:`to_dict` (section -> field -> value), then ``overrides``
+        (field name -> value); checked and validated."""
+        return config_from_dict(data, overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -248,11 +250,15 @@ def load_config(config_file: Optional[str] = None,
     return cfg.validate()
 
 
-def config_from_dict(data: dict[str, Any], origin: str = "a saved configuration") -> Config:
+def config_from_dict(data: dict[str, Any], overrides: Optional[dict[str, Any]] = None,
+                     origin: str = "a saved configuration") -> Config:
     """The configuration of :meth:`Config.to_dict`'s nested form (section -> field -> value)
-    over the defaults, checked as a YAML file is; validated."""
+    over the defaults, checked as a YAML file is, then ``overrides`` (field name -> value, e.g.
+    a trial's settings); validated."""
     cfg = Config()
     _apply_sections(cfg, data, origin)
+    for name, value in (overrides or {}).items():
+        _apply(cfg, name, value, "the overrides")
     return cfg.validate()
 
 
