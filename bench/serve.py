@@ -18,10 +18,12 @@ figures are medians over rounds (machines here are noisy). Also times the servin
 process (one user, and a batch of 16 users in one call). Prints p50/p99 latency and QPS for
 both, and ends with one JSON line.
 
-``--smoke``: the model trained for one epoch on a 20,000-row synthetic dataset (unless
-``--model`` gives one), 100 requests or 3 seconds per level, one round, everything written in
-a temporary folder (removed after): the same code and the same JSON keys, to check that the
-benchmark runs.
+``--smoke``: a model folder built without training (unless ``--model`` gives one): the
+synthetic model and dataset of bench/inference.py (``build_fixture``: random weights, a real
+sealed model folder over a prepared-format dataset; 2,000 users x 1,000 items, dim 32), so
+what is timed is serving alone, as in a full run; 100 requests or 3 seconds per level, one
+round, everything written in a temporary folder (removed after): the same code and the same
+JSON keys, to check that the benchmark runs.
 """
 
 import argparse
@@ -46,14 +48,21 @@ from bench.smoke import sandbox  # noqa: E402
 
 LEVELS = (1, 16, 64)
 K = 20
-# --smoke's sizes (flags given explicitly still win), and its model's data and training
+# --smoke's sizes (flags given explicitly still win), and its untrained model's
 SMOKE = {"requests": 100, "seconds": 3.0, "rounds": 1}
-SMOKE_MODEL = {"dataset": "synthetic", "rows": 20_000, "epochs": 1}
+SMOKE_MODEL = {"users": 2_000, "items": 1_000, "dim": 32, "rated": 5}
+
+
+def smoke_model(cache: Path) -> Path:
+    """--smoke's model folder: random weights over a synthetic dataset, no training."""
+    from bench.inference import build_fixture
+
+    return build_fixture(**SMOKE_MODEL, cache=cache)[0]
 
 
 def trained_model(cache: Path, overrides: Optional[dict[str, Any]] = None) -> Path:
     """A movielens-small model with the default settings, trained once under ``cache``
-    (``overrides``: other data or training settings, e.g. --smoke's)."""
+    (``overrides``: other data or training settings)."""
     from app.core.publish import current
     from app.data.prepare import prepare_dataset
     from app.train.driver import train
@@ -192,7 +201,8 @@ def run_bench(args: argparse.Namespace) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         model_dir = (Path(args.model) if args.model else
-                     trained_model(Path(args.cache), SMOKE_MODEL if args.smoke else None))
+                     smoke_model(Path(args.cache)) if args.smoke else
+                     trained_model(Path(args.cache)))
         users = load_vocab(model_dir)["users"]["id"].to_pylist()
         rng = np.random.default_rng(0)
         bodies = [json.dumps({"user_id": str(u), "k": K}).encode()

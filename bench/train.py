@@ -109,12 +109,29 @@ def _seed_batch(batch: dict[str, Any], genre_lists: Any) -> Any:
 
 
 def bench_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker: build the sharded model, time the requested modes, and (rank 0)
-    write ``{mode: [samples/s per worker, ...], ...}`` to ``config["out"]``."""
+    """Ray Train worker: run ``config["jobs"]`` one after the other in this worker group, and
+    (rank 0) write their figures, ``[{mode: [samples/s per worker, ...], ...}, ...]``, in
+    order to ``config["out"]``. Each job builds its own sharded model (the one before it
+    released) in the group's process group."""
+    import gc
     import logging
 
     for name in ("", "torchrec", "fbgemm_gpu", "streaming"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    import ray.train
+
+    results = []
+    for job in config["jobs"]:
+        t = time.perf_counter()
+        results.append({**measure(job), "seconds": time.perf_counter() - t})
+        gc.collect()  # the job's model, stream and batches gone before the next one's
+    if ray.train.get_context().get_world_rank() == 0:
+        Path(config["out"]).write_text(json.dumps(results))
+
+
+def measure(config: dict[str, Any]) -> dict[str, Any]:
+    """One job on this worker: build the sharded model of ``config["overrides"]``, time the
+    requested mode(s); its figures."""
     import ray.train
     import torch
 
@@ -125,7 +142,6 @@ def bench_worker(config: dict[str, Any]) -> None:
     cfg = load_config(overrides=config["overrides"])
     data_dir = config["data_dir"]
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.train_seed)
     inputs = training_inputs(cfg.model, data_dir)
@@ -240,24 +256,29 @@ def bench_worker(config: dict[str, Any]) -> None:
             out["ms_per_batch"] = {"gather": 1e3 * (t1 - t0) / k,
                                    "make_batch": 1e3 * (t2 - t1) / k,
                                    "step": 1e3 * (t3 - t2) / k}
-
-    if rank == 0:
-        Path(config["out"]).write_text(json.dumps(out))
+    return out
 
 
 # ---------------------------------------------------------------- driver side
 
-def run_group(workers: int, config: dict[str, Any], scratch: Path, tag: str) -> dict[str, Any]:
-    """Run ``bench_worker`` in a Ray Train worker group; rank 0's figures."""
+def run_group(workers: int, jobs: list[dict[str, Any]], scratch: Path, tag: str
+              ) -> list[dict[str, Any]]:
+    """Run ``jobs`` in order in one Ray Train worker group of ``workers``; rank 0's figures
+    of each, with its ``seconds`` (model build included, group start-up not)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     out = scratch / f"{tag}.json"
-    TorchTrainer(bench_worker, train_loop_config={**config, "out": str(out)},
+    t = time.perf_counter()
+    TorchTrainer(bench_worker, train_loop_config={"jobs": jobs, "out": str(out)},
                  scaling_config=ScalingConfig(num_workers=workers, use_gpu=False),
                  torch_config=TorchConfig(backend="gloo"),
                  run_config=RunConfig(name=tag, storage_path=str(scratch / "runs"))).fit()
-    return json.loads(out.read_text())
+    results = json.loads(out.read_text())
+    busy = sum(r["seconds"] for r in results)
+    print(f"{workers} worker(s), {len(jobs)} job(s): {time.perf_counter() - t:.0f}s "
+          f"({time.perf_counter() - t - busy:.0f}s of it the group's start and stop)")
+    return results
 
 
 def main() -> None:
@@ -290,6 +311,17 @@ def main() -> None:
         run(args)
 
 
+def show_data(rows: int, cache: Path, items: int = 0) -> Path:
+    """:func:`prepared`, and a line about it."""
+    t = time.perf_counter()
+    data_dir = prepared(rows, cache, items)
+    manifest = Manifest.read(data_dir).to_dict()  # plain JSON values, typed parts or not
+    print(f"data: {data_dir} ({manifest['counts']['splits']['train']:,} train rows, "
+          f"{manifest['vocab']['users']:,} users, {manifest['vocab']['items']:,} items; ready "
+          f"in {time.perf_counter() - t:.1f}s)", flush=True)
+    return data_dir
+
+
 def run(args: argparse.Namespace) -> None:
     # Ray workers start from the node's environment: let them import app from any cwd
     os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -297,12 +329,9 @@ def run(args: argparse.Namespace) -> None:
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
              _node_ip_address="127.0.0.1", log_to_driver=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
-    t = time.perf_counter()
-    data_dir = prepared(args.rows, Path(args.cache))
-    manifest = Manifest.read(data_dir).to_dict()  # plain JSON values, typed parts or not
-    train_rows = manifest["counts"]["splits"]["train"]
-    print(f"data: {data_dir} ({train_rows:,} train rows, {manifest['vocab']['users']:,} users, "
-          f"{manifest['vocab']['items']:,} items; ready in {time.perf_counter() - t:.1f}s)")
+    # the data paths' dataset, and the objective comparison's (--objective-items items)
+    data_dir = show_data(args.rows, Path(args.cache))
+    big = show_data(args.rows, Path(args.cache), items=args.objective_items)
 
     # the first release's model shape (user id only), so the data paths compare as before
     base = {"overrides": {"objective": "bce", "batch_size": args.batch_size,
@@ -313,32 +342,27 @@ def run(args: argparse.Namespace) -> None:
             "loader_workers": args.seed_loader_workers}
     # a smoke's small catalog would take a full softmax: keep the full run's mixed negatives
     smoke_model = {"catalog_max_items": args.objective_items // 2} if args.smoke else {}
+    # the default objective (and model) against bce, same batch and workers, 50k items
+    objective_jobs = [
+        {**base, "overrides": {"batch_size": args.batch_size, **smoke_model, **over},
+         "data_dir": str(big), "mode": "train", "modes": ["pipeline"], "repeats": 2,
+         "steps": args.objective_steps} for over in ({"objective": "bce"}, {})]
     scratch = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
-        t = time.perf_counter()
-        one = run_group(1, {**base, "mode": "train", "modes": ["ceiling", "pipeline"],
-                            "breakdown": True}, scratch, "one-worker")
-        print(f"ceiling + pipeline, 1 worker: {time.perf_counter() - t:.0f}s")
+        # two worker groups, each running its jobs in turn: 1 worker, then 2
+        one, seed = run_group(1, [{**base, "mode": "train", "modes": ["ceiling", "pipeline"],
+                                   "breakdown": True},
+                                  {**base, "mode": "seed"}], scratch, "one-worker")
+        print(f"  ceiling + pipeline, 1 worker: {one['seconds']:.0f}s")
         for r, (c, pl) in enumerate(zip(one["ceiling"], one["pipeline"])):
-            print(f"  run {r + 1}: ceiling {c:,.0f}  pipeline {pl:,.0f} samples/s")
-        t = time.perf_counter()
-        two = run_group(2, {**base, "mode": "train", "modes": ["pipeline"], "repeats": 1,
-                            "breakdown": True}, scratch, "two-workers")
-        print(f"pipeline, 2 workers: {time.perf_counter() - t:.0f}s")
-        t = time.perf_counter()
-        seed = run_group(1, {**base, "mode": "seed"}, scratch, "seed")
-        print(f"seed, 1 worker: {time.perf_counter() - t:.0f}s")
-        # the default objective (and model) against bce, same batch and workers, 50k items
-        t = time.perf_counter()
-        big = prepared(args.rows, Path(args.cache), items=args.objective_items)
-        objective = {}
-        for name, over in (("bce", {"objective": "bce"}), ("default", {})):
-            objective[name] = run_group(2, {
-                **base, "overrides": {"batch_size": args.batch_size, **smoke_model, **over},
-                "data_dir": str(big), "mode": "train", "modes": ["pipeline"],
-                "repeats": 2, "steps": args.objective_steps}, scratch, f"objective-{name}")
-        print(f"default objective vs bce, 2 workers, {args.objective_items:,} items: "
-              f"{time.perf_counter() - t:.0f}s")
+            print(f"    run {r + 1}: ceiling {c:,.0f}  pipeline {pl:,.0f} samples/s")
+        print(f"  seed, 1 worker: {seed['seconds']:.0f}s")
+        two, *objective = run_group(2, [{**base, "mode": "train", "modes": ["pipeline"],
+                                         "repeats": 1, "breakdown": True}, *objective_jobs],
+                                    scratch, "two-workers")
+        print(f"  pipeline, 2 workers: {two['seconds']:.0f}s")
+        print(f"  default objective vs bce, 2 workers, {args.objective_items:,} items: "
+              f"{sum(o['seconds'] for o in objective):.0f}s")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         ray.shutdown()
@@ -366,8 +390,8 @@ def run(args: argparse.Namespace) -> None:
               f"{wait:.1f}, step {st:.1f}")
     print(f"ms per batch (seed path): loader {sms['load']:.0f}, per-row KJT loop "
           f"{sms['kjt']:.0f}, step {sms['step']:.0f}")
-    d_bce = statistics.median(objective["bce"]["pipeline"])
-    d_def = statistics.median(objective["default"]["pipeline"])
+    d_bce = statistics.median(objective[0]["pipeline"])
+    d_def = statistics.median(objective[1]["pipeline"])
     defaults = load_config(overrides=smoke_model)
     print(f"default objective ({defaults.model.objective}, "
           f"{defaults.model.resolved_negatives(args.objective_items + 1)} negatives, history "

@@ -19,6 +19,8 @@ from app.core.config import load_config
 from app.train.placement import ResourceError, placement, wait_for_placement
 from tests.conftest import short_tmp, start_local_ray, user_shell_env
 
+pytestmark = pytest.mark.slow  # an autoscaling cluster
+
 
 def _free_port() -> int:
     import socket

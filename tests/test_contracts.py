@@ -104,8 +104,8 @@ def test_the_model_folder_and_the_recommendations_carry_typed_contracts(trained,
     info = read_model_json(trained["model_dir"])
     assert isinstance(info, ModelInfo) and len(info.weights_sha256) == 64
     manifest = read_manifest(movielens_dir)
-    assert info.dataset["vocab"] == manifest.vocab.to_dict()  # plain JSON in model.json
-    assert info.dataset["splits"] == manifest.counts.splits
+    assert info.dataset.vocab == manifest.vocab  # the same JSON object in model.json
+    assert info.dataset.splits == manifest.counts.splits
     cfg = load_config(overrides={"workdir": str(trained["work"]), "top_k": 3})
     done = batch_inference(cfg, str(trained["model_dir"]), str(movielens_dir),
                            str(tmp_path / "recs"), verbose=False)

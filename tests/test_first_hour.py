@@ -50,6 +50,7 @@ def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.Com
                           capture_output=True, text=True)
 
 
+@pytest.mark.slow  # a head node or a full run in a plain shell
 def test_a_stale_address_file_is_not_attached_to(ray_tmpdir, tmp_path):
     rt, dead = ray_tmpdir
     env = user_shell_env(RAY_TMPDIR=str(rt))
@@ -147,6 +148,7 @@ class _Lines:
         return "\n".join(self.lines)
 
 
+@pytest.mark.slow  # a head node or a full run in a plain shell
 def test_ctrl_c_during_training_stops_cleanly_and_says_how_to_continue(ray_tmpdir, tmp_path):
     rt, _ = ray_tmpdir
     wd = tmp_path / "wd"
@@ -183,6 +185,7 @@ FOREIGN = re.compile(r"^\(\w+ pid=|^\d{4}[-/]\d\d[-/]\d\d[ T]|^\[\d{4}-\d\d-\d\d
                      r"(Future|User|Deprecation|Runtime)Warning|^Traceback")
 
 
+@pytest.mark.slow  # a head node or a full run in a plain shell
 def test_default_full_run_prints_only_the_projects_lines(ray_tmpdir, tmp_path):
     rt, _ = ray_tmpdir
     wd = tmp_path / "wd"

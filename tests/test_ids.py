@@ -268,6 +268,7 @@ def test_users_file_ids_are_looked_up_exactly(trained, movielens_dir, tmp_path):
                         verbose=False)
 
 
+@pytest.mark.slow  # a training run
 def test_padded_ids_end_to_end_through_training(ray_local, tmp_path):
     """Prepare -> train -> batch inference on users 007, 7 and 0007: each gets its own list,
     the one the model computes for its own index."""

@@ -19,6 +19,8 @@ from app.data.dataset import SPLITS, DatasetError, read_split_arrays
 from app.serve.batch import batch_inference
 from app.train.model_folder import ModelError
 
+pytestmark = pytest.mark.slow  # batch inference on a trained model
+
 
 def inference_config(work: Path, **overrides):
     return load_config(overrides={"workdir": str(work), **overrides})

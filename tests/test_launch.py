@@ -142,6 +142,7 @@ def _stop_group(proc, timeout: float = 60.0) -> None:
         return
 
 
+@pytest.mark.slow  # ray job submit of a full run
 def test_ray_job_submit_runs_the_full_pipeline(ray_local, tmp_path):
     """The README's local head-node recipe from a user's shell (the environment the tests
     started with, the venv activated, a token in ~/.ray/auth_token): `export

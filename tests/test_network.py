@@ -16,8 +16,11 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.conftest import ROOT, short_tmp, user_shell_env
+
+pytestmark = pytest.mark.slow  # every listener of an embedded Ray and its apps
 
 # the pipeline's start, then real work, then hold the instance until told to stop
 CHILD = """

@@ -234,6 +234,7 @@ def test_readers_never_see_a_mix_of_versions_during_overwrites(ray_local, tmp_pa
     assert read_manifest(out).counts.accepted == 24_000
 
 
+@pytest.mark.slow  # training runs
 def test_training_does_not_publish_over_a_replaced_dataset(ray_local, tmp_path):
     from app.core.config import load_config
     from app.data.prepare import prepare_dataset
@@ -274,6 +275,7 @@ def test_training_does_not_publish_over_a_replaced_dataset(ray_local, tmp_path):
     assert not (tmp_path / "model").exists()  # no version, no partial folder, no lease
 
 
+@pytest.mark.slow  # training runs
 def test_a_second_full_run_on_the_same_workdir_fails_at_once(tmp_path):
     """Two jobs on one workdir: the second stops at once naming the first, which completes."""
     wd, rt1, rt2 = tmp_path / "wd", short_tmp(), short_tmp()

@@ -15,6 +15,8 @@ from app.core.config import load_config
 from app.core.publish import current
 from tests.conftest import exported_recall
 
+pytestmark = pytest.mark.slow  # training runs
+
 
 def _config(workdir: Path, **overrides):
     return load_config(overrides={"num_workers": 2, "workdir": str(workdir),

@@ -69,6 +69,7 @@ def _read_partition(config: dict) -> None:
         json.dumps({"pairs": list(zip(users, items)), "world": ctx.get_world_size()}))
 
 
+@pytest.mark.slow  # a Ray Train worker group
 def test_two_ray_train_workers_each_read_their_half(ray_local, movielens_dir, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

@@ -17,6 +17,8 @@ from app.data.dataset import SPLITS, read_manifest, read_split_arrays
 from app.data.prepare import prepare_dataset
 from tests.conftest import ROOT, data_config, write_lfs_csv
 
+pytestmark = pytest.mark.slow  # two-node runs from a bucket
+
 
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):

@@ -28,6 +28,8 @@ from app.serve.core import Recommender
 from app.train.model_folder import MODEL_JSON, WEIGHTS, sha256_of
 from tests.conftest import ROOT, short_tmp, user_shell_env
 
+pytestmark = pytest.mark.slow  # the Ray Serve app on a trained model
+
 NAME = "two-tower-test"  # registered by the `trained` fixture
 
 

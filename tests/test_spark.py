@@ -18,6 +18,8 @@ import pytest
 from app.core.storage import CACHE_ENV, resolve
 from tests.conftest import ROOT, short_tmp, user_shell_env
 
+pytestmark = pytest.mark.slow  # Ray on a local Spark
+
 # What a notebook cell on a Databricks cluster runs, after the session Databricks gives it
 # (made here: one Spark worker with 2 cores, the executors on this venv's Python)
 NOTEBOOK = """

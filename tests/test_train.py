@@ -20,6 +20,8 @@ from app.core.config import load_config
 from app.train.placement import ResourceError
 from tests.conftest import exported_recall
 
+pytestmark = pytest.mark.slow  # training runs
+
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 3  # as in conftest.trained
 
@@ -58,7 +60,7 @@ def test_model_folder_is_complete(trained):
                  "metrics.json", "history.json", "mlflow.json"):
         assert (model_dir / name).is_file(), name
     info = read_model_json(model_dir)
-    assert info.spec["num_items"] == info.dataset["vocab"]["items"] + 1
+    assert info.spec["num_items"] == info.dataset.vocab.items + 1
     assert not list(model_dir.parent.glob(".*partial*"))
 
 

@@ -231,6 +231,7 @@ def test_a_saved_config_holds_no_credential_and_loads_back_with_them(tmp_path):
     assert load_config(str(tmp_path / "c.yaml"), cfg.credentials()) == cfg
 
 
+@pytest.mark.slow  # a full run against an MLflow server
 def test_credentials_in_uris_are_used_but_never_printed_or_saved(ray_local, tmp_path, capfd):
     """A download URL with ``user:secret@`` and secret query parameters, a tracking URI of a
     real MLflow server with ``user:secret@`` and a Ray address with one: the download and

@@ -118,6 +118,7 @@ def test_resume_restores_a_finished_sweep_without_rerunning(swept, movielens_dir
     assert again.parent_run_id == summary.parent_run_id
 
 
+@pytest.mark.slow  # a sweep
 def test_a_sweep_that_cannot_fit_fails_at_once(ray_local, movielens_dir, tmp_path):
     from app.tune import sweep
 

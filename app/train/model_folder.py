@@ -40,11 +40,11 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from app.core.contracts import Contract
+from app.core.contracts import Contract, Part
 from app.core.errors import ModelError, OutputError
 from app.core.publish import current, local_dir
 from app.core.storage import Location, is_remote
-from app.data.dataset import SPLITS, ItemFeatures, Manifest, read_split_arrays
+from app.data.dataset import SPLITS, ItemFeatures, Manifest, Vocab, read_split_arrays
 from app.data.history import HISTORY_FILE, UserHistory
 from app.train.export import ExportedTwoTower
 from app.train.metrics import UserItems
@@ -88,6 +88,16 @@ def sealed_files(model_dir: str | os.PathLike) -> list[str]:
 
 
 @dataclass
+class TrainedOn(Part):
+    """The prepared dataset a model was trained on, as ``model.json`` records it."""
+
+    path: str                       # the dataset version's folder
+    created_unix: int               # when it was prepared
+    vocab: Vocab                    # its vocabularies (the model's rows are their indices)
+    splits: dict[str, int]          # rows per split
+
+
+@dataclass
 class ModelInfo(Contract):
     """``model.json`` of a model folder: the shape of the model (``spec``, a
     :class:`ModelSpec` as a dict), the dataset it was trained on (``dataset``: path,
@@ -100,8 +110,8 @@ class ModelInfo(Contract):
     REDO = "; export or train it again"
 
     schema_version: int
-    spec: dict[str, Any]
-    dataset: dict[str, Any]
+    spec: dict[str, Any]            # ModelSpec.to_dict(); read with ModelSpec.from_dict
+    dataset: TrainedOn
     calibration: dict[str, Any] = field(default_factory=lambda: {"a": 1.0, "b": 0.0})
     sha256: dict[str, str] = field(default_factory=dict)
 
@@ -125,9 +135,9 @@ def write_model_json(model_dir: str | os.PathLike, spec: ModelSpec, *,
     if sha256 is None:
         sha256 = {name: sha256_of(Path(model_dir, name)) for name in sealed_files(model_dir)}
     ModelInfo(schema_version=MODEL_SCHEMA_VERSION, spec=spec.to_dict(),
-              dataset={"path": str(Path(data_dir).resolve()),
-                       "created_unix": manifest.created_unix,
-                       "vocab": manifest.vocab.to_dict(), "splits": dict(manifest.counts.splits)},
+              dataset=TrainedOn(path=str(Path(data_dir).resolve()),
+                                created_unix=manifest.created_unix, vocab=manifest.vocab,
+                                splits=dict(manifest.counts.splits)),
               calibration=calibration or {"a": 1.0, "b": 0.0}, sha256=sha256).write(model_dir)
     return sha256
 
