@@ -1,7 +1,7 @@
 """Benchmark: recommendation quality of a ladder of model settings, beside popularity and EASE.
 
     .venv/bin/python bench/quality.py [--datasets movielens-small,synthetic] [--rows 300000]
-                                      [--rungs 0,-1] [--smoke]
+                                      [--rungs 0,-1] [--no-refit] [--smoke]
 
 Prepares movielens-small and a synthetic dataset (``--rows``, sized so that a rung takes a
 minute or two on 2 CPU cores), then trains each rung of the ladder with the
@@ -26,10 +26,11 @@ ends with one JSON line (the model = the default rung, the last held-out one).
 
 ``--rungs`` trains only the rungs named (indices into the ladder, -1 the last); the settings
 of the rungs in between still accumulate (each one's configuration is checked), and the refit
-always runs. ``--smoke``: a 20,000-row synthetic dataset, the last rung (the defaults, with
-every rung's settings checked on the way: ``--rungs -1``) for at most 2 epochs, and the refit,
-everything written in a temporary folder (removed after): the same code and the same JSON keys
-(one dataset: no ``others``), to check that the benchmark runs.
+runs unless ``--no-refit``. ``--smoke``: a 20,000-row synthetic dataset, the last rung (the
+defaults, with every rung's settings checked on the way: ``--rungs -1``) for at most 2 epochs,
+no refit (``--no-refit``: a second training run, as long as the first; ``--smoke --refit``
+adds it), everything written in a temporary folder (removed after): the same code and the
+same JSON keys (one dataset: no ``others``), to check that the benchmark runs.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ TODAY = {"epochs": 3, "patience": 0, "history_length": 0, "use_user_id": True,
          "history_dropout": 0.0, "user_id_dropout": 0.0, "embedding_dim": 64,
          "tower_layers": [128, 64], "batch_size": 8192}
 # --smoke's sizes (flags given explicitly still win)
-SMOKE = {"datasets": "synthetic", "rows": 20_000, "max_epochs": 2, "rungs": "-1"}
+SMOKE = {"datasets": "synthetic", "rows": 20_000, "max_epochs": 2, "rungs": "-1",
+         "refit": False}
 
 
 def ladder(max_epochs: int) -> list[tuple[str, dict[str, Any]]]:
@@ -121,9 +123,9 @@ def run_rung(overrides: dict[str, Any], data_dir: Path, work: Path, tag: str, *,
 
 
 def bench_dataset(name: str, data_dir: Path, work: Path, max_epochs: int,
-                  only: Optional[str] = None) -> dict[str, Any]:
+                  only: Optional[str] = None, refit: bool = True) -> dict[str, Any]:
     """The ladder on one dataset (``only``: the rungs to train, comma-separated indices; the
-    others' settings still accumulate), then the refit of the last."""
+    others' settings still accumulate), then (``refit``) the refit of the last."""
     manifest = Manifest.read(data_dir).to_dict()  # plain JSON values, typed parts or not
     print(f"\n== {name}: {manifest['counts']['splits']['train']:,} train rows, "
           f"{manifest['vocab']['users']:,} users, {manifest['vocab']['items']:,} items",
@@ -148,14 +150,17 @@ def bench_dataset(name: str, data_dir: Path, work: Path, max_epochs: int,
               f"{r['test_ndcg@20']:.4f} (val {r['val_recall@20']:.4f}; best epoch "
               f"{r['best_epoch']}/{r['epochs']}) {r['seconds']:.0f}s "
               f"{r['samples_per_s']:,} samples/s", flush=True)
-    refit = {**settings, "epochs": rungs[-1]["best_epoch"], "patience": 0}
-    r = run_rung(refit, data_dir, work, f"{name}-refit", refit=True)
-    rungs.append({"name": "+ refit", "test_recall@20": None, "test_ndcg@20": None, **r})
-    print(f"  {'+ refit':<34} trains on {r['training_rows']:,} rows (every split) for "
-          f"{r['epochs']} epoch(s): {r['seconds']:.0f}s {r['samples_per_s']:,} samples/s; "
-          f"no held-out split left to score", flush=True)
+    model = rungs[-1]  # the last held-out rung
+    if refit:
+        r = run_rung({**settings, "epochs": model["best_epoch"], "patience": 0}, data_dir,
+                     work, f"{name}-refit", refit=True)
+        rungs.append({"name": "+ refit", "test_recall@20": None, "test_ndcg@20": None, **r})
+        print(f"  {'+ refit':<34} trains on {r['training_rows']:,} rows (every split) for "
+              f"{r['epochs']} epoch(s): {r['seconds']:.0f}s {r['samples_per_s']:,} "
+              f"samples/s; no held-out split left to score", flush=True)
+    else:
+        print(f"  {'+ refit':<34} (not trained: --no-refit)", flush=True)
     pop, ease = baselines["popularity"], baselines["ease"]
-    model = rungs[-2]
     return {"dataset": name, "rungs": rungs,
             "popularity_test_recall@20": round(pop["recall@20"], 4),
             "popularity_test_ndcg@20": round(pop["ndcg@20"], 4),
@@ -195,6 +200,8 @@ def main() -> None:
                    help="upper bound of epochs from the early-stopping rung on")
     p.add_argument("--rungs", default=None,
                    help="ladder rungs to train, comma-separated indices (default: all)")
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
+                   help="retrain the last rung on every split (default; --no-refit skips it)")
     p.add_argument("--cache", default=str(ROOT / ".bench"))
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes in a temporary folder: checks the benchmark runs")
@@ -222,7 +229,8 @@ def run(args: argparse.Namespace) -> None:
     try:
         for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
             data_dir = prepare(name, args.rows, Path(args.cache))
-            results.append(bench_dataset(name, data_dir, work, args.max_epochs, args.rungs))
+            results.append(bench_dataset(name, data_dir, work, args.max_epochs, args.rungs,
+                                         refit=args.refit))
     finally:
         shutil.rmtree(work, ignore_errors=True)
         ray.shutdown()

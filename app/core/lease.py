@@ -90,15 +90,22 @@ class FileStore:
         return str(self.path)
 
     def create(self, body: bytes) -> Optional[str]:
+        """Write the record aside, then hard-link it into place: the link fails when a record
+        exists, and a reader never sees a record without its content."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        aside = self.path.with_name(f"{LEASE}.{uuid.uuid4().hex}")
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with open(aside, "wb") as f:
+                f.write(body)
+                f.flush()
+                tag = _file_tag(body, os.fstat(f.fileno()))
+            os.link(aside, self.path)
         except FileExistsError:
             return None
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-            f.flush()
-            return _file_tag(body, os.fstat(fd))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                aside.unlink()
+        return tag
 
     def read(self) -> Optional[Record]:
         # one open file for content and times, so the tag describes one file

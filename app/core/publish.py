@@ -282,7 +282,7 @@ def check_writable(out: Union[Path, str, Location], kind: str, marker: str) -> N
     if not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder")
     entries = [p for p in out.iterdir() if p.name not in (LEASE, TAKEOVER)
-               and not p.name.startswith(".partial-")]
+               and not p.name.startswith((".partial-", f"{LEASE}."))]  # (a record being made)
     if not entries:
         return
     what = f"a {kind} of an older layout" if (out / marker).exists() else \
