@@ -120,9 +120,9 @@ def run_trial(config: dict[str, Any], credentials: Optional[dict[str, str]] = No
     try:
         trainer.fit()
     except Exception:
-        tracking.end_run(cfg, run_id, status="FAILED")
+        tracking.end_run(cfg.cluster, run_id, status="FAILED")
         raise
-    tracking.end_run(cfg, run_id)
+    tracking.end_run(cfg.cluster, run_id)
 
 
 def _searcher(cfg: Config, metric: str) -> Optional[Any]:
@@ -367,7 +367,7 @@ def _publish(cfg: Config, out: Location, rows: list[Trial], best: Trial,
     with tempfile.TemporaryDirectory(prefix="sweep-results-") as tmp:
         write_results(Path(tmp), rows, best, base=plan.base, metric=metric)
         _close_child_runs(cfg, plan.parent_run_id, rows)
-        tracking.log_sweep(cfg, plan.parent_run_id, best=best.summary(), metric=metric,
+        tracking.log_sweep(cfg.cluster, plan.parent_run_id, best=best.summary(), metric=metric,
                            folder=tmp)
         files = {p.name: p.stat().st_size for p in sorted(Path(tmp).iterdir())}
         for name in files:

@@ -181,7 +181,7 @@ def _second_version(trained, tmp_path) -> tuple[Path, str]:
     from app.train import registry
 
     registered = registry.log_trained_model(cfg.cluster, run_id, folder, info["dataset"]["vocab"])
-    tracking.end_run(cfg, run_id)
+    tracking.end_run(cfg.cluster, run_id)
     return folder, f"{NAME}/{registered.version}"
 
 

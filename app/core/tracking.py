@@ -145,15 +145,15 @@ def start_run(cfg: Config, *, run_name: str, tags: Optional[dict[str, str]] = No
     return run.info.run_id
 
 
-def end_run(cfg: Config, run_id: str, status: str = "FINISHED") -> None:
-    configure(cfg.cluster)
+def end_run(cluster: ClusterConfig, run_id: str, status: str = "FINISHED") -> None:
+    configure(cluster)
     mlflow.MlflowClient().set_terminated(run_id, status=status)
 
 
-def log_sweep(cfg: Config, parent_run_id: str, *, best: dict[str, Any], metric: str,
+def log_sweep(cluster: ClusterConfig, parent_run_id: str, *, best: dict[str, Any], metric: str,
               folder: str | os.PathLike) -> None:
     """The sweep's parent run: the best trial's settings and metric, the result files."""
-    configure(cfg.cluster)
+    configure(cluster)
     client = mlflow.MlflowClient()
     client.log_batch(parent_run_id, params=[
         mlflow.entities.Param(f"best.{k}", str(v)[:500]) for k, v in best["params"].items()],

@@ -102,6 +102,8 @@ def recommend_many(core: Any, requests: list[RecommendRequest]) -> list[dict[str
 
 
 def score_many(core: Any, pairs: list[Pair]) -> dict[str, Any]:
+    """Scores and calibrated probabilities of the pairs of one request (one model version);
+    a pair with an unknown id has neither, and says which id is unknown."""
     import math
 
     df = core.score_pairs([str(p.user_id) for p in pairs], [str(p.item_id) for p in pairs])

@@ -315,9 +315,9 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
         killed = isinstance(e, KeyboardInterrupt)  # SIGINT or SIGTERM (app.core.logs)
         if killed:
             trainer.abort()
-        tracking.end_run(cfg, run_id, status="KILLED" if killed else "FAILED")
+        tracking.end_run(cfg.cluster, run_id, status="KILLED" if killed else "FAILED")
         raise
-    tracking.end_run(cfg, run_id)
+    tracking.end_run(cfg.cluster, run_id)
     seconds = round(time.perf_counter() - t0, 1)
     say(f"model folder {current(lease.out)}; MLflow run {run_id}, registered "
         f"{registered.registered_uri}; {seconds}s")
