@@ -118,8 +118,8 @@ def test_the_registered_model_is_code_not_a_pickle(trained):
     assert "python_model" not in flavor
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
     code = Path(flavor["model_code_path"]).name
-    assert (local / code).read_text() == (ROOT / "app" / "pyfunc_model.py").read_text()
-    assert (local / "code" / "app" / "serving.py").is_file()
+    assert (local / code).read_text() == (ROOT / "app" / "serve" / "pyfunc_model.py").read_text()
+    assert (local / "code" / "app" / "serve" / "core.py").is_file()
     assert (local / flavor["artifacts"]["model_dir"]["path"] / "weights.pt").is_file()
     pickles = [p for p in local.rglob("*") if p.suffix in (".pkl", ".pickle", ".cloudpickle")]
     assert not pickles

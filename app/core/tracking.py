@@ -17,9 +17,13 @@ from typing import Any, Optional
 
 import mlflow
 
+from app.core import logs
 from app.core.config import ClusterConfig, Config, ConfigError
 from app.core.redact import redact
 from app.core.storage import cache_root, is_remote, resolve
+
+# importing mlflow sets its loggers' levels: quiet them again (as the entry point asked)
+logs.quiet_third_party(logs.level())
 
 
 def tracking_uri(cluster: ClusterConfig) -> str:
