@@ -94,7 +94,7 @@ from app.train.model_folder import (  # noqa: E402
     write_model_json,
 )
 from app.train.model import ModelSpec  # noqa: E402
-from bench.smoke import sandbox  # noqa: E402
+from bench.smoke import parse_and_run  # noqa: E402
 
 ID_BASE = 1000          # id of vocabulary index i is ID_BASE + i
 SPLIT_FRACTIONS = (0.7, 0.2, 0.1)
@@ -383,14 +383,7 @@ def main() -> None:
     p.add_argument("--cache", default=str(ROOT / ".bench"))
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes in a temporary folder: checks the benchmark runs")
-    args = p.parse_args()
-    if args.smoke:
-        p.set_defaults(**SMOKE)
-        args = p.parse_args()
-    with sandbox(args.smoke) as tmp:
-        if tmp is not None:
-            args.cache = str(tmp / "cache")
-        run(args)
+    parse_and_run(p, SMOKE, run)
 
 
 def run(args: argparse.Namespace) -> None:

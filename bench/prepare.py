@@ -32,7 +32,7 @@ import ray  # noqa: E402
 from app.core.config import load_config  # noqa: E402
 from app.data.prepare import prepare_dataset  # noqa: E402
 from app.data.synthetic import generate_chunk, num_chunks  # noqa: E402
-from bench.smoke import sandbox  # noqa: E402
+from bench.smoke import parse_and_run  # noqa: E402
 
 SMOKE = {"rows": 20_000, "repeats": 1}  # --smoke's sizes (flags given explicitly still win)
 
@@ -75,14 +75,7 @@ def main() -> None:
     p.add_argument("--cache", default=str(Path(__file__).resolve().parents[1] / ".bench"))
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny sizes ({SMOKE}) in a temporary folder: checks the benchmark runs")
-    args = p.parse_args()
-    if args.smoke:
-        p.set_defaults(**SMOKE)
-        args = p.parse_args()
-    with sandbox(args.smoke) as tmp:
-        if tmp is not None:
-            args.cache = str(tmp / "cache")
-        run(args)
+    parse_and_run(p, SMOKE, run)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.core.config import load_config  # noqa: E402
 from app.data.dataset import Manifest  # noqa: E402
-from bench.smoke import sandbox  # noqa: E402
+from bench.smoke import parse_and_run  # noqa: E402
 
 # The first release's settings, spelled out (the defaults have moved on since).
 TODAY = {"epochs": 3, "patience": 0, "history_length": 0, "use_user_id": True,
@@ -205,14 +205,7 @@ def main() -> None:
     p.add_argument("--cache", default=str(ROOT / ".bench"))
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes in a temporary folder: checks the benchmark runs")
-    args = p.parse_args()
-    if args.smoke:
-        p.set_defaults(**SMOKE)
-        args = p.parse_args()
-    with sandbox(args.smoke) as tmp:
-        if tmp is not None:
-            args.cache = str(tmp / "cache")
-        run(args)
+    parse_and_run(p, SMOKE, run)
 
 
 def run(args: argparse.Namespace) -> None:

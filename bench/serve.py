@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from app.core.config import load_config  # noqa: E402
-from bench.smoke import sandbox  # noqa: E402
+from bench.smoke import parse_and_run  # noqa: E402
 
 LEVELS = (1, 16, 64)
 K = 20
@@ -177,14 +177,7 @@ def main() -> None:
                    help="a serving setting for the app, e.g. --set batch_wait_ms=0")
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes in a temporary folder: checks the benchmark runs")
-    args = p.parse_args()
-    if args.smoke:
-        p.set_defaults(**SMOKE)
-        args = p.parse_args()
-    with sandbox(args.smoke) as tmp:
-        if tmp is not None:
-            args.cache = str(tmp / "cache")
-        run_bench(args)
+    parse_and_run(p, SMOKE, run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ inherited by every process Ray starts).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import os
@@ -19,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 _ENV = ("TMPDIR", "RAY_TMPDIR", "RAY_ADDRESS")
 
@@ -58,3 +59,18 @@ def sandbox(enabled: bool) -> Iterator[Optional[Path]]:
         # the run is over: without this, the interpreter's exit collects the whole heap that
         # torch, Ray, MLflow and the rest left behind, seconds of a smoke that takes seconds
         gc.freeze()
+
+
+def parse_and_run(p: argparse.ArgumentParser, smoke_sizes: dict[str, Any],
+                  run: Callable[[argparse.Namespace], None]) -> None:
+    """A benchmark's ``main``: parse its flags (``--smoke`` applies ``smoke_sizes``; flags
+    given explicitly still win) and call ``run``, inside a :func:`sandbox` for a smoke (its
+    ``--cache`` pointed into the sandbox)."""
+    args = p.parse_args()
+    if args.smoke:
+        p.set_defaults(**smoke_sizes)
+        args = p.parse_args()
+    with sandbox(args.smoke) as tmp:
+        if tmp is not None:
+            args.cache = str(tmp / "cache")
+        run(args)

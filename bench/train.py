@@ -50,7 +50,7 @@ from app.core.config import load_config  # noqa: E402
 from app.core.publish import current  # noqa: E402
 from app.data.dataset import Manifest  # noqa: E402
 from app.data.prepare import prepare_dataset  # noqa: E402
-from bench.smoke import sandbox  # noqa: E402
+from bench.smoke import parse_and_run  # noqa: E402
 
 BATCH_SIZE = 8192
 WARMUP = 2
@@ -303,14 +303,7 @@ def main() -> None:
     p.add_argument("--cache", default=str(ROOT / ".bench"))
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes in a temporary folder: checks the benchmark runs")
-    args = p.parse_args()
-    if args.smoke:
-        p.set_defaults(**SMOKE)
-        args = p.parse_args()
-    with sandbox(args.smoke) as tmp:
-        if tmp is not None:
-            args.cache = str(tmp / "cache")
-        run(args)
+    parse_and_run(p, SMOKE, run)
 
 
 def show_data(rows: int, cache: Path, items: int = 0) -> Path:
