@@ -42,9 +42,11 @@ constructor); the driver's set-up before the pool and its read-back of the outpu
 the parts do not account for is Ray Data's own (scheduling, pool teardown, output that could
 not overlap the scoring). Prints users/s side by side, the ratio against the target, and one
 JSON line. At the defaults on 2 cores the whole run takes about 3 minutes.
-``--smoke``: 2,000 users x 1,000 items (dim 16, top-10, batches of 256, both pool sizes),
-everything written in a temporary folder (removed after): the same code and the same JSON
-keys in well under a minute, to check that the benchmark runs.
+``--smoke``: 2,000 users x 1,000 items (dim 16, top-10, batches of 256), one pool size (1
+actor: each pool size is one more run, most of it actor start-up; the keys per pool size are
+those of ``--actors 1``), everything written in a temporary folder (removed after): the same
+code and the same JSON keys otherwise, in well under a minute, to check that the benchmark
+runs.
 """
 
 from __future__ import annotations
@@ -101,8 +103,8 @@ SPLIT_FRACTIONS = (0.7, 0.2, 0.1)
 SAMPLE_USERS = 200      # users whose pipeline lists are compared with the ceiling's
 TARGET = 0.5
 # --smoke's sizes (flags given explicitly still win)
-SMOKE = {"users": 2_000, "items": 1_000, "dim": 16, "k": 10, "batch_sizes": [256],
-         "rated": 5, "stage_batches": 1, "repeats": 1}
+SMOKE = {"users": 2_000, "items": 1_000, "dim": 16, "k": 10, "actors": [1],
+         "batch_sizes": [256], "rated": 5, "stage_batches": 1, "repeats": 1}
 
 
 # ---------------------------------------------------------------- synthetic model and dataset

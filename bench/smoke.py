@@ -6,7 +6,9 @@ file it writes lands in one temporary folder that is removed afterwards: the ben
 (its ``--cache`` is pointed there), Ray's session files (``RAY_TMPDIR``; with it, an embedded
 Ray of its own, never a Ray already running on the machine: ``RAY_ADDRESS`` is dropped too),
 and whatever this process, Ray's workers and the libraries put in the temp dir (``TMPDIR``,
-inherited by every process Ray starts).
+inherited by every process Ray starts). Ray Train's controller polls its workers every 0.2 s
+instead of 2 s (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``): a worker group's start, its reports
+and its end are noticed sooner, seconds of a smoke's training run; nothing else changes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-_ENV = ("TMPDIR", "RAY_TMPDIR", "RAY_ADDRESS")
+_ENV = ("TMPDIR", "RAY_TMPDIR", "RAY_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
 
 
 @contextlib.contextmanager
@@ -38,6 +40,7 @@ def sandbox(enabled: bool) -> Iterator[Optional[Path]]:
     saved = {name: os.environ.get(name) for name in _ENV}
     os.environ["TMPDIR"] = os.environ["RAY_TMPDIR"] = str(root)
     os.environ.pop("RAY_ADDRESS", None)
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"  # Ray Train's default: 2 s
     tempfile.tempdir = None  # tempfile reads TMPDIR again
     try:
         yield root
