@@ -164,6 +164,10 @@ def test_malformed_rows_are_quarantined_with_reasons(ray_local, tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("userId,movieId,timestamp\n1,2,3\n", "missing required column 'rating'"),
+    # a stray space in the header is shown, quoted, and named as the near miss
+    ("userId ,movieId,rating,timestamp\n1,2,3,4\n",
+     "missing required column 'userId' (found: 'userId ', 'movieId', 'rating', 'timestamp'); "
+     "'userId ' differs from it only in spaces or case"),
     ("", "file is empty"),
     ("userId,movieId,rating,timestamp\n", "no valid rows"),
     (None, "no such file or directory"),

@@ -155,10 +155,14 @@ def _csv_header(path: str, fs: pafs.FileSystem, delimiter: str = ",") -> list[st
 
 
 def _require(found: list[str], columns: Columns, path: str) -> None:
+    """Every required column is in the header, by its exact name. The names found are shown
+    quoted, so a stray space is visible; one that differs only in spaces or case is named."""
     for name in columns.required():
         if name not in found:
+            near = [f for f in found if f.strip().lower() == name.lower()]
+            hint = f"; {near[0]!r} differs from it only in spaces or case" if near else ""
             raise DataError(f"{path}: missing required column {name!r} "
-                            f"(found: {', '.join(found) or 'none'})")
+                            f"(found: {', '.join(map(repr, found)) or 'none'}){hint}")
 
 
 def read_csv_files(files: list[str], fs: pafs.FileSystem, columns: Columns, *,
