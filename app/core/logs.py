@@ -79,6 +79,9 @@ def quiet_third_party(lvl: Level) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if lvl == "verbose":
         return
+    # MLflow sets its loggers' level on every import from this variable (INFO when unset): a
+    # process that imports it later (a Ray worker, the Serve replica) stays quiet too
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     _filter_warnings()
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -100,8 +103,10 @@ def runtime_env(lvl: Level) -> dict[str, Any]:
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    return {"worker_process_setup_hook": worker_setup,
-            "env_vars": {LEVEL_ENV: lvl, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}}
+    env = {LEVEL_ENV: lvl, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    if lvl != "verbose":
+        env["MLFLOW_LOGGING_LEVEL"] = os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING")
+    return {"worker_process_setup_hook": worker_setup, "env_vars": env}
 
 
 def setup(lvl: Level) -> None:
