@@ -5,6 +5,7 @@ stop cleanly on Ctrl-C, print only the project's lines, and list and check their
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -148,6 +149,27 @@ class _Lines:
         return "\n".join(self.lines)
 
 
+def _processes_of(rt: Path) -> list[str]:
+    """Every process on the machine whose RAY_TMPDIR is ``rt`` (a Ray instance's processes,
+    workers too, whatever their process title says)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "name"]):
+        with contextlib.suppress(psutil.Error):
+            if p.environ().get("RAY_TMPDIR") == str(rt) and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(f"{p.pid} {p.info['name']}")
+    return found
+
+
+def _none_left(rt: Path, within: float) -> None:
+    """No process of the Ray instance started under ``rt`` is left ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while (left := _processes_of(rt)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left == [], f"still running {within:.0f}s after the command ended: {left}"
+
+
 @pytest.mark.slow  # a head node or a full run in a plain shell
 def test_ctrl_c_during_training_stops_cleanly_and_says_how_to_continue(ray_tmpdir, tmp_path):
     rt, _ = ray_tmpdir
@@ -163,6 +185,7 @@ def test_ctrl_c_during_training_stops_cleanly_and_says_how_to_continue(ray_tmpdi
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130
         text = lines.rest(timeout=10)
+        _none_left(rt, within=10)  # the workers, the raylet's agents: every Ray process of ours
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -267,3 +290,50 @@ def test_flags_keep_one_meaning_and_stay_in_their_section():
     for title in ("data preparation [data]", "training [train]", "batch inference [inference]",
                   "Ray and MLflow [cluster]", "output:", "stages:"):
         assert title in help_text
+
+
+@pytest.mark.slow  # a trained model, batch inference in a plain shell
+@pytest.mark.parametrize("sig, after", [(signal.SIGTERM, "starting"), (signal.SIGINT, "scoring")])
+def test_a_signal_during_batch_inference_leaves_no_ray_process(trained, movielens_dir, tmp_path,
+                                                               sig, after):
+    """SIGTERM while Ray starts, or SIGINT while the actor pool scores (the driver alone gets
+    it, as from ``kill``): the command ends with the signal's exit code and one line, and
+    within 10 s no process of its Ray is left (the raylet's agents used to linger a minute)."""
+    rt = Path(short_tmp())
+    out = tmp_path / "recs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.batch_inference", "--model",
+         str(trained["model_dir"]), "--data", str(movielens_dir), "--output", str(out)],
+        cwd=ROOT, env=user_shell_env(RAY_TMPDIR=str(rt)), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        lines = _Lines(proc)
+        if after == "starting":  # the first line is printed before Ray starts
+            lines.wait_for(r"^config", timeout=120)
+        else:
+            deadline = time.monotonic() + 120
+            while not any("MapWorker" in title for title in _ray_titles(rt)):
+                assert time.monotonic() < deadline and proc.poll() is None, lines.rest(1)
+                time.sleep(0.2)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 128 + sig, lines.rest(timeout=5)
+        text = lines.rest(timeout=5)
+        _none_left(rt, within=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(rt, ignore_errors=True)
+    assert "Traceback" not in text, text[-3000:]
+    assert not (out.exists() and any(out.iterdir())), sorted(out.iterdir())
+
+
+def _ray_titles(rt: Path) -> list[str]:
+    """The process titles (``ray::MapWorker(...)``, ``ray::IDLE``) of the instance under rt."""
+    import psutil
+
+    titles = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if p.environ().get("RAY_TMPDIR") == str(rt):
+                titles.append(" ".join(p.info["cmdline"] or []))
+    return titles

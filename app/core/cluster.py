@@ -209,6 +209,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_stop_registered: list[bool] = []
+
+
 def start_embedded(**kwargs: Any) -> None:
     """``ray.init`` of a new local Ray, on loopback only (:func:`loopback_only`), whose
     processes find its state API by address.
@@ -221,6 +224,9 @@ def start_embedded(**kwargs: Any) -> None:
     """
     import ray
 
+    if not _stop_registered:  # (also when interrupted inside ray.init) it runs before Ray's
+        atexit.register(stop_embedded)  # own exit hook, registered when Ray was imported
+        _stop_registered.append(True)
     port = kwargs.pop("dashboard_port", None) or _free_port()
     saved = os.environ.get(_API_SERVER_ENV)
     os.environ[_API_SERVER_ENV] = f"http://127.0.0.1:{port}"
@@ -232,6 +238,36 @@ def start_embedded(**kwargs: Any) -> None:
             os.environ.pop(_API_SERVER_ENV, None)
         else:
             os.environ[_API_SERVER_ENV] = saved
+
+
+def stop_embedded(grace: float = 5.0) -> None:
+    """``ray.shutdown`` of the embedded Ray, then SIGTERM (SIGKILL after ``grace`` seconds)
+    to whatever process it started still runs.
+
+    Ray's shutdown stops the GCS and the raylet, but the raylet's agents (dashboard agent,
+    runtime-env agent) and a worker busy in a task notice their parent's death only after a
+    minute or more, after Ctrl-C or SIGTERM in particular. The processes are this process's
+    descendants, listed before the shutdown (psutil checks a pid's start time, so a reused
+    pid is never touched); nothing else on the machine is.
+    """
+    import psutil
+    import ray
+
+    try:
+        ours = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        ours = []
+    ray.shutdown()
+    alive = []
+    for p in ours:
+        with contextlib.suppress(psutil.Error):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                p.terminate()
+                alive.append(p)
+    _, left = psutil.wait_procs(alive, timeout=grace)
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
 
 
 
