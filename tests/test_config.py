@@ -42,9 +42,16 @@ def test_saved_yaml_round_trips(tmp_path):
     (["--dataset", "csv"], "--input is required with --dataset csv"),
     (["--rating-min", "5", "--rating-max", "1"], "--rating-min must be below --rating-max"),
     (["--epochs", "0"], "--epochs must be positive"),
+    (["--epochs", "1e-3"], "--epochs expects int, got '1e-3'"),
+    (["--embedding-lr", "inf"], "--embedding-lr must be a finite number, got 'inf'"),
+    (["--label-threshold", "nan"], "--label-threshold must be a finite number, got 'nan'"),
+    (["--batch-wait-ms", "5000"], "--batch-wait-ms must be in [0, 1,000] ms, got 5000.0"),
+    (["--lease-timeout", "1e6"], "--lease-timeout must be in (0, 86,400] seconds"),
+    (["--eval-k", "10,nan"], "--eval-k must hold finite numbers, got '10,nan'"),
 ])
 def test_invalid_values_name_the_flag(argv, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")
+                       .replace("(", r"\(")):
         parse(argv)
 
 
@@ -95,3 +102,10 @@ def test_a_config_round_trips_through_its_dict_and_unknown_settings_are_refused(
         Config.from_dict({"train": {"nope": 1}})
     with pytest.raises(ConfigError, match="--epochs"):
         Config.from_dict({"train": {"epochs": "many"}})
+
+
+def test_a_yaml_boolean_is_not_a_number(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: true\n")
+    with pytest.raises(ConfigError, match="--epochs expects int, got True"):
+        load_config(str(f))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from typing import Callable, Optional
+from typing import Callable, NoReturn, Optional
 
 from app.core import logs
 from app.core.config import add_arguments
@@ -34,14 +34,24 @@ CONTINUE = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr and exit 2, as every other
+    error of an entry point (argparse's own prints the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.endswith("expected one argument"):  # argparse reads -1e9 or -inf as a flag
+            message += " (a value starting with '-' goes after '=', e.g. --rating-min=-1e9)"
+        self.exit(EXIT_ERROR, f"error: {message} (see {self.prog} --help)\n")
+
+
 def parser(prog: str, doc: Optional[str], sections: Optional[list[str]] = None, *,
            required: str = "") -> argparse.ArgumentParser:
     """An entry point's parser: its description, ``--quiet`` / ``--verbose``, and the config
     flags of ``sections`` (default: all), grouped by section. The entry point's own flags,
     added after, are listed first."""
-    p = argparse.ArgumentParser(prog=prog, description=doc,
-                                usage=f"{prog} {required + ' ' if required else ''}[options]",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog=prog, description=doc,
+                usage=f"{prog} {required + ' ' if required else ''}[options]",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     out = p.add_argument_group("output")
     level = out.add_mutually_exclusive_group()
     level.add_argument("--quiet", action="store_true",

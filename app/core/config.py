@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import math
+import numbers
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +24,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from app.core.errors import ConfigError  # noqa: F401  (raised here, importable from here)
+from app.core.errors import StorageError
 from app.core.sections import (  # noqa: F401  (the sections are importable from here)
     DATASETS,
     DEFAULT_SEARCH_SPACE,
@@ -35,6 +40,7 @@ from app.core.sections import (  # noqa: F401  (the sections are importable from
     TuneConfig,
     _check,
     _epoch_seconds,
+    brief,
     flag,
 )
 
@@ -52,8 +58,14 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> "Config":
+        """Every value of its field's type (a value set in code never met :func:`_coerce`),
+        then each section's checks, then the values a sweep may try; returns ``self``."""
         for section in _sections(self):
-            getattr(self, section).validate()
+            values = getattr(self, section)
+            for name, hint in _hints(type(values)).items():
+                _coerce(name, hint, getattr(values, name))
+            values.validate()
+        _check_search_space(self)
         return self
 
     @classmethod
@@ -138,8 +150,18 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(section_type: type) -> dict[str, Any]:
+    """Field name -> type of a section (resolved once: validation runs per trial too)."""
+    return typing.get_type_hints(section_type)
+
+
 def _coerce(name: str, tp: Any, value: Any) -> Any:
-    """Convert a YAML or CLI value to the field's type, or raise ConfigError naming the flag."""
+    """Convert a YAML or CLI value to the field's type, or raise ConfigError naming the flag.
+
+    Numbers are finite and never booleans (YAML ``true`` is not 1, ``nan`` compares false with
+    every bound); a text setting is never a YAML list, mapping or boolean (``host: yes``).
+    """
     optional = typing.get_origin(tp) in (typing.Union, types.UnionType)
     base = _base_type(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("", "none")):
@@ -151,7 +173,7 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
             choices = typing.get_args(base)
             if value not in choices:
                 raise ConfigError(f"{flag(name)} must be one of {', '.join(choices)}, "
-                                  f"got {value!r}")
+                                  f"got {brief(value)}")
             return value
         if base is bool:
             if isinstance(value, bool):
@@ -169,20 +191,90 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
             return parsed
         if base is list:
             items = value if isinstance(value, list) else str(value).split(",")
-            return [int(x) if str(x).strip().lstrip("-").isdigit() else float(x) for x in items]
-        if base is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() \
-                else int(value)
-        if base is float:
-            return float(value)
+            try:
+                return [_number(name, int if _integral(x) else float, x) for x in items]
+            except (TypeError, ValueError, OverflowError):  # ConfigError too
+                raise ConfigError(f"{flag(name)} must hold finite numbers, "
+                                  f"got {brief(value)}") from None
+        if base in (int, float):
+            return _number(name, base, value)
+        if isinstance(value, (bool, list, dict)):
+            raise ValueError(value)
         return str(value)
     except ConfigError:
         raise
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{flag(name)} expects {getattr(base, '__name__', base)}, "
-                          f"got {value!r}") from None
+                          f"got {brief(value)}") from None
+
+
+def _integral(value: Any) -> bool:
+    """A list item written as an integer (``64``, ``"64"``): kept an int, others are floats."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, numbers.Integral) or str(value).strip().lstrip("+-").isdigit()
+
+
+def _number(name: str, base: type, value: Any) -> int | float:
+    """``value`` as an int or float setting: a number or its text, finite, never a boolean.
+
+    Raises:
+        ValueError: not a number of that type (the caller names the flag).
+        ConfigError: naming the flag, for nan and infinities (``1e400`` is one too).
+    """
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+        raise ValueError(value)
+    if isinstance(value, numbers.Integral):  # numpy's too: a sweep's randint draws them
+        return int(value) if base is int else float(value)
+    if base is int and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    number = float(value)
+    if not math.isfinite(number):
+        raise ConfigError(f"{flag(name)} must be a finite number, got {brief(value)}")
+    if base is int:
+        if not number.is_integer():  # 1e-3 is not an integer; 1e9 is
+            raise ValueError(value)
+        return int(number)
+    return number
+
+
+def _check_search_space(cfg: Config) -> None:
+    """Every value a sweep may give a setting is valid for it: each choice and grid point, and
+    both ends of a range (a trial would otherwise fail only once the sweep runs).
+
+    Raises:
+        ConfigError: ``--search-space entry NAME: ...``, with the setting's own message.
+    """
+    for name, spec in cfg.tune.search_space.items():
+        kind, args = next(iter(spec.items()))
+        try:
+            _check_sweep_values(cfg, name, kind, args)
+        except ConfigError as e:
+            raise ConfigError(f"{flag('search_space')} entry {name}: {e}") from None
+
+
+def _check_sweep_values(cfg: Config, name: str, kind: str, args: list) -> None:
+    """One entry of the search space (its shape is checked by :meth:`TuneConfig.validate`)."""
+    section = getattr(cfg, FIELDS[name][0])
+    hint = _hints(type(section))[name]
+    if kind in ("uniform", "loguniform", "randint"):
+        want = int if kind == "randint" else float
+        if _base_type(hint) is not want:
+            raise ConfigError(f"{kind} draws {want.__name__}s, but {flag(name)} is not a "
+                              f"{want.__name__} setting (use choice)")
+        try:
+            low, high = (_number(name, want, x) for x in args)
+        except (ValueError, OverflowError):
+            raise ConfigError(f"{kind} takes two {want.__name__}s [low, high], "
+                              f"got {brief(args)}") from None
+        if not low < high or (kind == "loguniform" and low <= 0):
+            raise ConfigError(f"{kind} needs low < high" + (" and low > 0" if kind ==
+                              "loguniform" else "") + f", got {brief(args)}")
+        args = [low, high - 1 if kind == "randint" else high]  # randint draws from [low, high)
+    for value in args:
+        trial = dataclasses.replace(section)
+        setattr(trial, name, _coerce(name, hint, value))
+        trial.validate()
 
 
 SECTION_TITLES = {"data": "data preparation", "model": "model", "train": "training",
@@ -197,7 +289,7 @@ def add_arguments(parser: argparse.ArgumentParser, sections: Optional[list[str]]
     grouped by section; enumerated settings list their choices and are checked at parse time.
     :func:`config_from_args` applies only the flags added here."""
     parser.add_argument("--config", help="YAML file whose values override the defaults")
-    hints = {s: typing.get_type_hints(type(getattr(Config(), s))) for s in _sections(Config())}
+    hints = {s: _hints(type(getattr(Config(), s))) for s in _sections(Config())}
     groups: dict[str, Any] = {}
     added = []
     for name, (section, f) in FIELDS.items():
@@ -245,8 +337,8 @@ def load_config(config_file: Optional[str] = None,
     if config_file:
         _apply_sections(cfg, _read_yaml(config_file), f"--config {config_file}")
     for name, value in (overrides or {}).items():
-        if value is not None and name in FIELDS:
-            _apply(cfg, name, value, "the command line")
+        if value is not None:
+            _apply(cfg, name, value, "the overrides")
     return cfg.validate()
 
 
@@ -262,26 +354,99 @@ def config_from_dict(data: dict[str, Any], overrides: Optional[dict[str, Any]] =
     return cfg.validate()
 
 
-def _read_yaml(config_file: str) -> dict[str, Any]:
-    from app.core.storage import resolve  # a path or a URI (a sweep's best_config.yaml)
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few KiB; anything near this is another file
+# a YAML tag in a parse error: 'tag:yaml.org,2002:python/object/apply:os.system' or '!foo'
+_TAG = re.compile(r"tag '([^']*)'")
 
-    path = resolve(config_file)
-    if not path.is_file():
-        raise ConfigError(f"--config {config_file}: no such file")
-    raw = yaml.safe_load(path.read_text()) or {}
+
+def _read_yaml(config_file: str) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file (a path or URI: a sweep's
+    best_config.yaml may be on an object store).
+
+    An empty file (or one with only comments) is refused: it is more often the wrong file or a
+    truncated copy than a wish for the defaults, which running without ``--config`` gives.
+
+    Raises:
+        ConfigError: one line naming the path and what is wrong with it.
+    """
+    where = f"--config {config_file}"
+    raw = _parse_yaml(_read_config_text(config_file, where), where)
+    if raw is None:
+        raise ConfigError(f"{where}: the file holds no settings (empty, or only comments); "
+                          f"leave out --config to run with the defaults")
     if not isinstance(raw, dict):
-        raise ConfigError(f"--config {config_file}: expected a mapping of sections")
+        raise ConfigError(f"{where}: expected a mapping of sections (data:, train:, ...), "
+                          f"got a {type(raw).__name__}: {brief(raw)}")
     return raw
 
 
-def _apply_sections(cfg: Config, raw: dict[str, Any], origin: str) -> None:
-    """Set every ``section: {name: value}`` of ``raw`` on ``cfg``, refusing unknown ones."""
-    hints = {s: typing.get_type_hints(type(getattr(cfg, s))) for s in _sections(cfg)}
+def _read_config_text(config_file: str, where: str) -> str:
+    """The text of a config file, refusing what is not a small readable UTF-8 file: a folder,
+    a device (``/dev/null``, ``/dev/zero`` would never end) or a pipe, a huge file."""
+    from pyarrow.fs import FileType
+
+    from app.core.storage import resolve
+
+    try:
+        path = resolve(config_file)
+        info = path.info()
+        if info.type == FileType.NotFound:
+            raise ConfigError(f"{where}: no such file")
+        if info.type == FileType.Directory:
+            raise ConfigError(f"{where}: is a folder, not a YAML file")
+        if info.type != FileType.File:
+            raise ConfigError(f"{where}: not a regular file (a device, pipe or socket)")
+        if info.size is not None and info.size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{where}: {info.size:,} bytes, too large for a config file "
+                              f"(at most {MAX_CONFIG_BYTES:,})")
+        return path.read_bytes().decode("utf-8")
+    except ConfigError:
+        raise
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: not UTF-8 text (a binary file?)") from None
+    except (OSError, StorageError) as e:  # permissions, an unreachable object store
+        reason = "permission denied" if isinstance(e, PermissionError) or \
+            "permission denied" in str(e).lower() else " ".join(str(e).split())[:160]
+        raise ConfigError(f"{where}: cannot be read ({reason})") from None
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load``, its errors as one line with the line number. A tag such as
+    ``!!python/object/apply`` is refused by the safe loader before anything is built."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        at = f" line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        tag = _TAG.search(problem) if isinstance(e, yaml.constructor.ConstructorError) else None
+        if tag:
+            name = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+            raise ConfigError(f"{where}{at}: YAML tag {name} refused (a config holds only "
+                              f"mappings, lists, text and numbers; nothing was run)") from None
+        context = " ".join(str(getattr(e, "context", None) or "").split())
+        raise ConfigError(f"{where}{at}: not valid YAML: "
+                          + (f"{context}: " if context else "") + problem) from None
+
+
+def _apply_sections(cfg: Config, raw: Any, origin: str) -> None:
+    """Set every ``section: {name: value}`` of ``raw`` on ``cfg``, refusing unknown ones and
+    sections that are not mappings (an empty section, ``train:``, sets nothing)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections, got {brief(raw)}")
+    hints = {s: _hints(type(getattr(cfg, s))) for s in _sections(cfg)}
     for section, values in raw.items():
         if section not in hints:
             raise ConfigError(f"{origin}: unknown section {section!r} "
                               f"(sections: {', '.join(hints)})")
-        for name, value in (values or {}).items():
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: section {section} must be a mapping of settings "
+                              f"(name: value), got a {type(values).__name__}: {brief(values)}")
+        for name, value in values.items():
             if name not in hints[section]:
                 renamed = RENAMED.get((section, name))
                 raise ConfigError(f"{origin}: unknown setting {section}.{name}"
@@ -293,7 +458,7 @@ def _apply(cfg: Config, name: str, value: Any, origin: str) -> None:
     if name not in FIELDS:
         raise ConfigError(f"unknown setting {name!r} in {origin}")
     section, _ = FIELDS[name]
-    hint = typing.get_type_hints(type(getattr(cfg, section)))[name]
+    hint = _hints(type(getattr(cfg, section)))[name]
     setattr(getattr(cfg, section), name, _coerce(name, hint, value))
 
 
@@ -302,5 +467,5 @@ def config_from_args(args: argparse.Namespace) -> Config:
     point's own flags, e.g. ``train --output``, are not settings)."""
     fields = getattr(args, "_config_fields", None)
     given = vars(args)
-    overrides = {k: v for k, v in given.items() if fields is None or k in fields}
+    overrides = {k: v for k, v in given.items() if k in (FIELDS if fields is None else fields)}
     return load_config(getattr(args, "config", None), overrides)

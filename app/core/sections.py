@@ -7,6 +7,8 @@ a one-line help text (``--help``) and the checks of :meth:`validate`, which name
 from __future__ import annotations
 
 import dataclasses
+import numbers
+import reprlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, Optional
@@ -26,6 +28,18 @@ def flag(name: str) -> str:
 
 
 WORKDIR_ENV = "TWOTOWER_WORKDIR"  # the default --workdir of a cluster's jobs
+
+# Upper bounds of the settings that could hang a process or exhaust a machine: generous, far
+# beyond any real use, so that a typo (1e9 for 1e3) fails at parse time instead of at run time.
+MAX_SEED = 2**32 - 1  # numpy's and mosaicml's seeds are 32-bit
+MAX_PROCS = 1024  # workers, actors, replicas, trials at once, CPUs of one worker or node
+MAX_GPUS = 16  # GPUs of one replica or Spark node: more than any machine has
+MAX_BATCH = 1 << 20  # samples or users in one batch
+MAX_DIM = 8192  # embedding and layer sizes
+MAX_K = 10_000  # cut-offs and list lengths
+MAX_EPOCHS = 10_000
+DAY_S = 86_400  # timeouts and intervals, in seconds
+MAX_BATCH_WAIT_MS = 1000  # a batch waits at most this long for requests to fill it
 DATASETS = ("movielens-small", "lfs", "csv", "parquet", "synthetic")
 LFS_URL = "https://files.grouplens.org/datasets/learning-from-sets-2019/learning-from-sets-2019.zip"
 
@@ -80,21 +94,26 @@ class DataConfig:
                f"is required with --dataset {self.dataset}", self.input)
         _check(self.rating_min < self.rating_max, "rating_min",
                f"must be below --rating-max ({self.rating_max})", self.rating_min)
+        # outside the accepted ratings, every row or no row would be positive
+        _check(self.label_rule != "threshold"
+               or self.rating_min <= self.label_threshold <= self.rating_max, "label_threshold",
+               f"must be within [--rating-min, --rating-max] ({self.rating_min}, "
+               f"{self.rating_max})", self.label_threshold)
+        _check(0 <= self.seed <= MAX_SEED, "seed", f"must be in [0, {MAX_SEED}]", self.seed)
         _check(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)", self.val_fraction)
         _check(0 <= self.test_fraction < 1, "test_fraction", "must be in [0, 1)",
                self.test_fraction)
         _check(self.val_fraction + self.test_fraction < 1, "test_fraction",
                "plus --val-fraction must leave a non-empty training split",
                self.test_fraction)
-        _check(self.rows > 0, "rows", "must be positive", self.rows)
-        _check(self.synthetic_users >= 0, "synthetic_users", "must be >= 0",
-               self.synthetic_users)
-        _check(self.synthetic_items >= 0, "synthetic_items", "must be >= 0",
-               self.synthetic_items)
+        _check(0 < self.rows <= 10**10, "rows", "must be in [1, 10,000,000,000]", self.rows)
+        for name in ("synthetic_users", "synthetic_items"):
+            _check(0 <= getattr(self, name) <= 10**8, name, "must be in [0, 100,000,000]",
+                   getattr(self, name))
         _check(1 << 16 <= self.shard_size_limit < 1 << 32, "shard_size_limit",
                "must be in [64 KiB, 4 GiB)", self.shard_size_limit)
-        _check(self.read_block_size >= 1 << 20, "read_block_size", "must be at least 1 MiB",
-               self.read_block_size)
+        _check(1 << 20 <= self.read_block_size <= 1 << 30, "read_block_size",
+               "must be in [1 MiB, 1 GiB]", self.read_block_size)
         for name in ("user_col", "item_col", "rating_col", "timestamp_col"):
             _check(bool(getattr(self, name)), name, "must not be empty", getattr(self, name))
         _check(self.timestamp_unit in ("auto", "s", "ms", "us", "ns"), "timestamp_unit",
@@ -142,21 +161,23 @@ class ModelConfig:
                               "metadata has one (a year column or a title ending in (YYYY))")
 
     def validate(self) -> None:
-        _check(self.embedding_dim > 0, "embedding_dim", "must be positive", self.embedding_dim)
-        _check(len(self.tower_layers) > 0 and all(int(x) > 0 for x in self.tower_layers),
-               "tower_layers", "must be a non-empty list of positive sizes", self.tower_layers)
+        _check(0 < self.embedding_dim <= MAX_DIM, "embedding_dim",
+               f"must be in [1, {MAX_DIM}]", self.embedding_dim)
+        _check(len(self.tower_layers) > 0 and all(_count(x, MAX_DIM) for x in self.tower_layers),
+               "tower_layers", f"must be a non-empty list of sizes in [1, {MAX_DIM}]",
+               self.tower_layers)
         _check(self.objective in ("bce", "softmax"), "objective", "must be bce or softmax",
                self.objective)
         _check(self.negatives in ("auto", "catalog", "mixed", "in_batch"), "negatives",
                "must be one of auto, catalog, mixed, in_batch", self.negatives)
-        _check(self.catalog_max_items >= 0, "catalog_max_items", "must be >= 0",
-               self.catalog_max_items)
-        _check(self.in_batch_negatives >= 0, "in_batch_negatives", "must be >= 0",
-               self.in_batch_negatives)
-        _check(self.sampled_negatives >= 0, "sampled_negatives", "must be >= 0",
-               self.sampled_negatives)
+        # a full softmax holds batch x catalog logits: 2048 x 1,000,000 floats is 8 GB
+        _check(0 <= self.catalog_max_items <= 1_000_000, "catalog_max_items",
+               "must be in [0, 1,000,000]", self.catalog_max_items)
+        for name in ("in_batch_negatives", "sampled_negatives"):
+            _check(0 <= getattr(self, name) <= 100_000, name, "must be in [0, 100,000]",
+                   getattr(self, name))
         _check(self.temperature > 0, "temperature", "must be positive", self.temperature)
-        _check(self.history_length >= 0, "history_length", "must be >= 0",
+        _check(0 <= self.history_length <= MAX_K, "history_length", f"must be in [0, {MAX_K:,}]",
                self.history_length)
         _check(self.use_user_id or self.history_length > 0, "use_user_id",
                "can be off only with --history-length above 0 (the query tower needs a "
@@ -212,32 +233,42 @@ class TrainConfig:
     def validate(self) -> None:
         _check(self.topology in ("cpu", "snsg", "snmg", "mnmg"), "topology",
                "must be one of cpu, snsg, snmg, mnmg", self.topology)
-        _check(self.num_workers > 0, "num_workers", "must be positive", self.num_workers)
+        _check(0 < self.num_workers <= MAX_PROCS, "num_workers", f"must be in [1, {MAX_PROCS}]",
+               self.num_workers)
         _check(self.epochs > 0, "epochs", "must be positive", self.epochs)
-        _check(self.patience >= 0, "patience", "must be >= 0", self.patience)
+        _check(self.epochs <= MAX_EPOCHS, "epochs", f"must be at most {MAX_EPOCHS:,}",
+               self.epochs)
+        _check(0 <= self.patience <= MAX_EPOCHS, "patience", f"must be in [0, {MAX_EPOCHS:,}]",
+               self.patience)
         _check(0 <= self.history_dropout < 1, "history_dropout", "must be in [0, 1)",
                self.history_dropout)
         _check(0 <= self.user_id_dropout < 1, "user_id_dropout", "must be in [0, 1)",
                self.user_id_dropout)
         m = self.select_metric.split("@")
-        _check(len(m) == 2 and m[0] in ("recall", "ndcg") and m[1].isdigit() and int(m[1]) > 0,
-               "select_metric", "must be recall@K or ndcg@K", self.select_metric)
-        _check(len(self.ease_lambdas) > 0 and all(float(x) > 0 for x in self.ease_lambdas),
+        _check(len(m) == 2 and m[0] in ("recall", "ndcg") and m[1].isdigit()
+               and 0 < int(m[1]) <= MAX_K, "select_metric",
+               f"must be recall@K or ndcg@K with K in [1, {MAX_K:,}]", self.select_metric)
+        _check(len(self.ease_lambdas) > 0 and all(x > 0 for x in self.ease_lambdas),
                "ease_lambdas", "must be a non-empty list of positive numbers",
                self.ease_lambdas)
-        _check(self.ease_max_dim >= 0, "ease_max_dim", "must be >= 0", self.ease_max_dim)
-        _check(self.batch_size > 0, "batch_size", "must be positive", self.batch_size)
+        # EASE inverts a dense dim x dim matrix: 50,000 is 20 GB in float64
+        _check(0 <= self.ease_max_dim <= 50_000, "ease_max_dim", "must be in [0, 50,000]",
+               self.ease_max_dim)
+        _check(0 < self.batch_size <= MAX_BATCH, "batch_size", f"must be in [1, {MAX_BATCH:,}]",
+               self.batch_size)
         _check(self.embedding_lr > 0, "embedding_lr", "must be positive", self.embedding_lr)
         _check(self.dense_lr > 0, "dense_lr", "must be positive", self.dense_lr)
-        _check(len(self.eval_k) > 0 and all(int(k) > 0 for k in self.eval_k), "eval_k",
-               "must be a non-empty list of positive integers", self.eval_k)
-        _check(self.cpus_per_worker > 0, "cpus_per_worker", "must be positive",
-               self.cpus_per_worker)
-        _check(self.max_failures >= -1, "max_failures", "must be >= -1 (-1: no limit)",
-               self.max_failures)
-        _check(self.keep_checkpoints > 0, "keep_checkpoints", "must be positive",
+        _check(len(self.eval_k) > 0 and all(_count(k, MAX_K) for k in self.eval_k), "eval_k",
+               f"must be a non-empty list of integers in [1, {MAX_K:,}]", self.eval_k)
+        _check(0 < self.cpus_per_worker <= MAX_PROCS, "cpus_per_worker",
+               f"must be in [1, {MAX_PROCS}]", self.cpus_per_worker)
+        _check(-1 <= self.max_failures <= 1000, "max_failures",
+               "must be in [-1, 1000] (-1: no limit)", self.max_failures)
+        _check(0 < self.keep_checkpoints <= 1000, "keep_checkpoints", "must be in [1, 1000]",
                self.keep_checkpoints)
         _check(self.log_every > 0, "log_every", "must be positive", self.log_every)
+        _check(0 <= self.train_seed <= MAX_SEED, "train_seed", f"must be in [0, {MAX_SEED}]",
+               self.train_seed)
 
 
 DEFAULT_SEARCH_SPACE = {  # around the defaults that bench/quality.py measured best
@@ -274,12 +305,16 @@ class TuneConfig:
                             "setting -> {sampler: args}; samplers: " + ", ".join(SAMPLERS))
 
     def validate(self) -> None:
-        _check(self.num_samples > 0, "num_samples", "must be positive", self.num_samples)
-        _check(self.max_concurrent > 0, "max_concurrent", "must be positive",
-               self.max_concurrent)
-        _check(self.grace_period > 0, "grace_period", "must be positive", self.grace_period)
+        _check(0 < self.num_samples <= 100_000, "num_samples", "must be in [1, 100,000]",
+               self.num_samples)
+        _check(0 < self.max_concurrent <= MAX_PROCS, "max_concurrent",
+               f"must be in [1, {MAX_PROCS}]", self.max_concurrent)
+        _check(0 < self.grace_period <= MAX_EPOCHS, "grace_period",
+               f"must be in [1, {MAX_EPOCHS:,}]", self.grace_period)
         _check(self.reduction_factor > 1, "reduction_factor", "must be at least 2",
                self.reduction_factor)
+        _check(0 <= self.tune_seed <= MAX_SEED, "tune_seed", f"must be in [0, {MAX_SEED}]",
+               self.tune_seed)
         _check(bool(self.search_space), "search_space", "must not be empty", self.search_space)
         for name, spec in self.search_space.items():
             _check(name in trial_fields(), "search_space",
@@ -315,14 +350,14 @@ class InferenceConfig:
     faiss_ef_search: int = _f(128, "FAISS HNSW search breadth (higher: better recall, slower)")
 
     def validate(self) -> None:
-        _check(self.top_k > 0, "top_k", "must be positive", self.top_k)
-        _check(self.inference_batch_size > 0, "inference_batch_size", "must be positive",
-               self.inference_batch_size)
-        _check(self.inference_actors >= 0, "inference_actors", "must be >= 0",
-               self.inference_actors)
-        _check(self.faiss_m > 1, "faiss_m", "must be at least 2", self.faiss_m)
-        _check(self.faiss_ef_search > 0, "faiss_ef_search", "must be positive",
-               self.faiss_ef_search)
+        _check(0 < self.top_k <= MAX_K, "top_k", f"must be in [1, {MAX_K:,}]", self.top_k)
+        _check(0 < self.inference_batch_size <= MAX_BATCH, "inference_batch_size",
+               f"must be in [1, {MAX_BATCH:,}]", self.inference_batch_size)
+        _check(0 <= self.inference_actors <= MAX_PROCS, "inference_actors",
+               f"must be in [0, {MAX_PROCS}]", self.inference_actors)
+        _check(2 <= self.faiss_m <= 1024, "faiss_m", "must be in [2, 1024]", self.faiss_m)
+        _check(0 < self.faiss_ef_search <= 1 << 16, "faiss_ef_search",
+               f"must be in [1, {1 << 16:,}]", self.faiss_ef_search)
 
 
 @dataclass
@@ -350,15 +385,24 @@ class ServeConfig:
 
     def validate(self) -> None:
         _check(0 < self.port < 65536, "port", "must be in 1..65535", self.port)
-        for name in ("max_k", "max_pairs", "max_history", "max_batch_size", "replicas"):
-            _check(getattr(self, name) > 0, name, "must be positive", getattr(self, name))
-        _check(self.batch_wait_ms >= 0, "batch_wait_ms", "must be 0 or more", self.batch_wait_ms)
-        _check(self.max_replicas == 0 or self.max_replicas >= self.replicas, "max_replicas",
-               "must be 0 or at least --replicas", self.max_replicas)
+        # what one request may ask for, and what one replica holds at once
+        for name, high in (("max_k", MAX_K), ("max_pairs", 1_000_000), ("max_history", MAX_K),
+                           ("max_batch_size", 4096), ("replicas", MAX_PROCS)):
+            _check(0 < getattr(self, name) <= high, name, f"must be in [1, {high:,}]",
+                   getattr(self, name))
+        # every request waits up to this long for its batch: 1e9 would hang all of them
+        _check(0 <= self.batch_wait_ms <= MAX_BATCH_WAIT_MS, "batch_wait_ms",
+               f"must be in [0, {MAX_BATCH_WAIT_MS:,}] ms", self.batch_wait_ms)
+        _check(self.max_replicas == 0 or self.replicas <= self.max_replicas <= MAX_PROCS,
+               "max_replicas", f"must be 0 or in [--replicas, {MAX_PROCS}]", self.max_replicas)
         _check(self.replica_cpus >= 0 and self.replica_gpus >= 0, "replica_cpus",
                "and --replica-gpus must be 0 or more", (self.replica_cpus, self.replica_gpus))
-        _check(self.reload_interval >= 0, "reload_interval", "must be 0 or more",
-               self.reload_interval)
+        _check(self.replica_cpus <= MAX_PROCS, "replica_cpus", f"must be at most {MAX_PROCS}",
+               self.replica_cpus)
+        _check(self.replica_gpus <= MAX_GPUS, "replica_gpus", f"must be at most {MAX_GPUS}",
+               self.replica_gpus)
+        _check(0 <= self.reload_interval <= DAY_S, "reload_interval",
+               f"must be in [0, {DAY_S:,}] seconds", self.reload_interval)
         _check(bool(self.champion_alias.strip()), "champion_alias", "must not be empty",
                self.champion_alias)
 
@@ -386,6 +430,8 @@ class ClusterConfig:
                                          "the nodes a topology needs (0: fail at once)")
     lease_timeout: float = _f(60.0, "seconds without a heartbeat after which another run may "
                                     "take over an output's writer lease")
+    storage_timeout: float = _f(10.0, "seconds to wait for a storage endpoint (S3 API) to "
+                                      "answer when every URI is checked before Ray starts")
     storage_path: Optional[str] = _f(None, "Ray Train checkpoint storage, shared by all nodes "
                                            "(default: <workdir>/checkpoints)")
     mlflow_tracking_uri: Optional[str] = _f(
@@ -396,20 +442,47 @@ class ClusterConfig:
     registered_model_name: str = _f("two-tower", "name of the registered MLflow model")
 
     def validate(self) -> None:
-        _check(self.num_cpus is None or self.num_cpus > 0, "num_cpus", "must be positive",
-               self.num_cpus)
-        _check(self.spark_worker_nodes > 0, "spark_worker_nodes", "must be positive",
-               self.spark_worker_nodes)
-        _check(self.ray_connect_timeout > 0, "ray_connect_timeout", "must be positive",
-               self.ray_connect_timeout)
-        _check(self.lease_timeout > 0, "lease_timeout", "must be positive", self.lease_timeout)
-        _check(self.autoscale_timeout >= 0, "autoscale_timeout", "must be 0 or more",
-               self.autoscale_timeout)
+        for name, low, high in (("num_cpus", 1, MAX_PROCS), ("spark_worker_nodes", 1, MAX_PROCS),
+                                ("spark_cpus_per_node", 1, MAX_PROCS),
+                                ("spark_gpus_per_node", 0, MAX_GPUS)):
+            value = getattr(self, name)  # None: the default of the machine
+            _check(value is None or low <= value <= high, name, f"must be in [{low}, {high}]",
+                   value)
+        # a timeout of 0 fails at once; above a day it is a hang in all but name
+        for name in ("ray_connect_timeout", "lease_timeout", "storage_timeout"):
+            _check(0 < getattr(self, name) <= DAY_S, name,
+                   f"must be in (0, {DAY_S:,}] seconds", getattr(self, name))
+        _check(0 <= self.autoscale_timeout <= DAY_S, "autoscale_timeout",
+               f"must be in [0, {DAY_S:,}] seconds", self.autoscale_timeout)
 
 
 def _check(ok: bool, name: str, message: str, value: Any) -> None:
     if not ok:
-        raise ConfigError(f"{flag(name)} {message}, got {value!r}")
+        raise ConfigError(f"{flag(name)} {message}, got {brief(value)}")
+
+
+def _bounded_repr() -> reprlib.Repr:
+    """A repr that stops early: a YAML file's aliases can nest a small text into an
+    exponentially large value, whose full repr would never end."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple = 3, 8, 8, 8
+    r.maxstring, r.maxother, r.maxlong = 120, 120, 60
+    return r
+
+
+_REPR = _bounded_repr()
+
+
+def brief(value: Any, limit: int = 160) -> str:
+    """``repr(value)`` for an error message: one line, at most ``limit`` characters."""
+    text = " ".join(_REPR.repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _count(value: Any, high: int) -> bool:
+    """An integer in [1, high] (a size or cut-off in a list setting; 64.0 is not one)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) \
+        and 0 < value <= high
 
 
 def _epoch_seconds(text: str, name: str) -> int:
