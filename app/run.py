@@ -21,6 +21,7 @@ from app.core.cluster import init_ray
 from app.core.config import Config, load_config
 from app.core.contracts import Contract
 from app.core.errors import DatasetError, OutputError
+from app.core.preflight import check_run
 from app.core.publish import current, version_uri, writer
 from app.core.redact import redact, redact_values
 from app.core.report import examples, plot_history, render
@@ -100,6 +101,7 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False,
             the registered model and the recommendations come from the refit, the held-out
             metrics from the evaluated run (its folder: ``model-heldout/``).
     """
+    check_run(cfg, stages)  # every location, before the workdir's lease and Ray
     workdir = resolve(cfg.cluster.workdir)  # a local path or a URI (app.core.storage)
     # one full run per workdir at a time (each stage also holds its own output's lease)
     with writer(workdir, "full_run", timeout=cfg.cluster.lease_timeout,

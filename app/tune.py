@@ -23,7 +23,7 @@ from app.core import logs
 from app.core.config import Config, ConfigError
 from app.core.publish import version_uri, write_success
 from app.core.redact import redact_values
-from app.core.storage import Location
+from app.core.storage import FileSum, Location
 from app.train.placement import Placement, ResourceError, check_resources, cluster_nodes, placement
 
 EXPERIMENT = "sweep"
@@ -223,9 +223,11 @@ def sweep(cfg: Config, data_dir: str, output: str, *, verbose: bool = True) -> S
     Returns:
         The trials (best first), the best one, and where its results were written.
     """
+    from app.core.preflight import check_tune
     from app.core.publish import writer
     from app.core.storage import is_remote
 
+    check_tune(cfg.cluster, data_dir, output)  # before the lease, the dataset and Ray
     target = output if is_remote(output) else Path(output).resolve()
     with logs.stage("tune"), writer(target, "tune", timeout=cfg.cluster.lease_timeout,
                                     say=lambda msg: logs.say("tune", msg)):
@@ -369,9 +371,11 @@ def _publish(cfg: Config, out: Location, rows: list[Trial], best: Trial,
         _close_child_runs(cfg, plan.parent_run_id, rows)
         tracking.log_sweep(cfg.cluster, plan.parent_run_id, best=best.summary(), metric=metric,
                            folder=tmp)
-        files = {p.name: p.stat().st_size for p in sorted(Path(tmp).iterdir())}
-        for name in files:
-            out.join(name).write_bytes(Path(tmp, name).read_bytes())
+        files = {}
+        for p in sorted(Path(tmp).iterdir()):
+            data = p.read_bytes()
+            out.join(p.name).write_bytes(data)
+            files[p.name] = FileSum.of(data)  # hashed from the bytes written, not read back
     write_success(out, files, stage="tune")
 
 

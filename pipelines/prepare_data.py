@@ -21,11 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> None:
         from app.core.cluster import init_ray
         from app.core.config import config_from_args
+        from app.core.preflight import check_prepare
         from app.data.prepare import prepare_dataset
 
         cfg = config_from_args(args)
         output = cfg.data.output or str(Path(cfg.cluster.workdir) / "data")
         print(cfg.describe(), flush=True)
+        check_prepare(cfg.data, output, cfg.cluster)
         init_ray(cfg.cluster)
         manifest = prepare_dataset(cfg.data, output, lease_timeout=cfg.cluster.lease_timeout)
         counts = manifest.counts

@@ -111,4 +111,4 @@ def test_the_model_folder_and_the_recommendations_carry_typed_contracts(trained,
                            str(tmp_path / "recs"), verbose=False)
     written = RecommendationsSummary.read(current(tmp_path / "recs"))
     assert done.mode == written.mode == "recommend" and written.rows == done.rows == 671 * 3
-    assert written.output is None and done.output == str(current(tmp_path / "recs"))
+    assert written.output == done.output == str(current(tmp_path / "recs"))

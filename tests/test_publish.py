@@ -5,6 +5,7 @@ dataset replaced under it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import socket
@@ -28,7 +29,7 @@ from app.core.publish import (
     write_success,
     writer,
 )
-from app.core.storage import resolve
+from app.core.storage import FileSum, resolve
 from app.data.dataset import SPLITS, read_manifest
 from tests.conftest import ROOT, data_config, short_tmp, user_shell_env
 
@@ -181,10 +182,11 @@ def test_a_folder_published_in_place_reads_through_the_same_readers(where):
     out = resolve(f"{where}/results")
     out.join("results.txt").write_text("best\n")
     out.join("sub").join("plot.png").write_bytes(b"\x89PNG")
-    write_success(out, {"results.txt": 5, "sub/plot.png": 4}, stage="tune")
+    sums = {"results.txt": FileSum.of(b"best\n"), "sub/plot.png": FileSum.of(b"\x89PNG")}
+    write_success(out, sums, stage="tune")
     folder = current(out.uri)
     assert version_of(out.uri) is None and version_uri(out.uri) == str(folder)
-    assert read_success(resolve(folder)) == {"results.txt": 5, "sub/plot.png": 4}
+    assert read_success(resolve(folder)) == sums
     assert (local_dir(out.uri) / "sub" / "plot.png").read_bytes() == b"\x89PNG"
     if out.remote:  # there readers check every listed file
         out.join("results.txt").write_text("other\n!")
@@ -196,6 +198,61 @@ def test_a_folder_published_in_place_reads_through_the_same_readers(where):
     if out.remote:
         with pytest.raises(OutputError, match=f"{SUCCESS}: not a file list"):
             current(out.uri)
+
+
+def test_success_lists_each_files_size_and_sha256_and_reads_the_sizes_only_format(where):
+    """write_success records size and sha256 per file; read_success returns them, and
+    still reads a record of the older format (sizes only: no sha256 to check)."""
+    out = resolve(f"{where}/done")
+    data = {"a.bin": b"\x00" * 10, "sub/b.txt": b"hello"}
+    for name, body in data.items():
+        out.join(name).write_bytes(body)
+    write_success(out, {n: FileSum.of(b) for n, b in data.items()}, stage="test")
+    record = json.loads(out.join(SUCCESS).read_text())
+    assert record["files"] == {"a.bin": 10, "sub/b.txt": 5}  # the sizes, where they were
+    assert record["sha256"] == {n: hashlib.sha256(b).hexdigest() for n, b in data.items()}
+    assert read_success(out) == {n: FileSum(len(b), hashlib.sha256(b).hexdigest())
+                                 for n, b in data.items()}
+
+    out.join(SUCCESS).write_text(json.dumps({"files": {"a.bin": 10, "sub/b.txt": 5}}))
+    assert read_success(out) == {"a.bin": FileSum(10), "sub/b.txt": FileSum(5)}
+
+    out.join(SUCCESS).write_text(json.dumps({"files": {"a.bin": 10, "sub/b.txt": 5},
+                                             "sha256": {"a.bin": "00"}}))
+    with pytest.raises(OutputError, match=f"{SUCCESS}: no sha256 for sub/b.txt"):
+        read_success(out)
+    with pytest.raises(ValueError, match="no sha256 for a.bin"):
+        write_success(out, {"a.bin": FileSum(10)}, stage="test")
+
+
+def test_a_version_lists_the_sha256_of_staged_recorded_and_unrecorded_files(s3):
+    """Publishing on a bucket lists every file's sha256, whoever wrote it: the driver's
+    staged files (hashed before upload), files written straight into the version and
+    recorded with their sums, and a file nobody recorded (read back)."""
+    out = f"{s3}/mixed"
+    with writer(out, "test") as lease, lease.staged() as tmp:
+        (tmp / "staged.txt").write_text("from the driver")
+        recorded = b"from a task" * 100
+        lease.target.join("part", "task.bin").write_bytes(recorded)
+        lease.record({"part/task.bin": FileSum.of(recorded)})
+        lease.target.join("library.bin").write_bytes(b"by a library")
+        name = lease.version.name
+    version = current(out)
+    assert version.name == name  # the name known while writing is the one published
+    listed = read_success(version)
+    assert set(listed) == {"staged.txt", "part/task.bin", "library.bin"}
+    for rel, want in listed.items():
+        body = version.join(rel).read_bytes()
+        assert want == FileSum(len(body), hashlib.sha256(body).hexdigest()), rel
+
+
+def test_a_local_version_has_no_success_record(tmp_path):
+    """Locally one rename publishes a version and readers read it in place: no _SUCCESS."""
+    out = tmp_path / "out"
+    with writer(out, "test") as lease, lease.staged() as tmp:
+        (tmp / "a.txt").write_text("a")
+        assert lease.version.uri == str(out / lease.version.name)
+    assert sorted(p.name for p in current(out).iterdir()) == ["a.txt"]
 
 
 def test_readers_never_see_a_mix_of_versions_during_overwrites(ray_local, tmp_path):

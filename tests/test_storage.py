@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -16,10 +17,20 @@ from app.core.publish import (
     check_writable,
     current,
     is_published,
+    local_dir,
+    read_success,
     version_of,
     writer,
 )
-from app.core.storage import StorageError, component_env, is_remote, resolve
+from app.core.storage import (
+    CACHE_ENV,
+    FileSum,
+    StorageError,
+    component_env,
+    is_remote,
+    local_copy,
+    resolve,
+)
 
 
 def test_paths_and_uris_resolve_to_one_kind_of_location(tmp_path, monkeypatch):
@@ -157,3 +168,126 @@ def test_a_bucket_prefix_holding_other_things_is_refused(s3):
     (resolve(f"{s3}/mixed") / "notes.txt").write_text("mine")
     with pytest.raises(OutputError, match="holds something other than a dataset"):
         check_writable(f"{s3}/mixed", "dataset", "manifest.json")
+
+
+def _flip_one_byte(s3_server, obj: "Location", at: int = -20) -> None:  # noqa: F821
+    """Change one byte of an object in place, keeping its size, as a bad copy or a stray
+    write would: a PUT of the changed bytes through boto3 (not through the project's code)."""
+    import boto3
+
+    data = bytearray(obj.read_bytes())
+    data[at] ^= 0xFF
+    bucket, key = obj.path.split("/", 1)
+    boto3.client("s3", endpoint_url=s3_server.endpoint).put_object(
+        Bucket=bucket, Key=key, Body=bytes(data))
+    assert obj.info().size == len(data)
+
+
+def _cache_entries(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+
+
+def test_a_same_size_byte_flip_is_refused_when_copied_into_the_cache(s3_server, s3, tmp_path,
+                                                                     monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    out = f"{s3}/dataset"
+    _publish(out, "rows " * 1000)
+    version = current(out)
+    _flip_one_byte(s3_server, version / "data" / "rows.txt")
+    current(out)  # sizes still match: the version looks complete
+    with pytest.raises(StorageError) as e:
+        local_dir(out)
+    msg = str(e.value)
+    assert msg == (f"{version}: data/rows.txt: sha256 differs from the version's _SUCCESS "
+                   f"(changed or corrupted after publishing); republish it")
+    assert "\n" not in msg
+    assert _cache_entries(cache) == []  # no partial copy left behind
+
+    _publish(out, "rows again")  # a new version reads
+    assert (local_dir(out) / "data" / "rows.txt").read_text() == "rows again"
+
+
+def test_a_copy_holds_only_the_listed_files_each_checked(s3, tmp_path, monkeypatch):
+    """The copy is of what _SUCCESS lists (nothing unchecked); a listed file gone or of
+    another size is refused naming it, before anything lands in the cache."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    out = f"{s3}/listed"
+    _publish(out, "complete")
+    version = current(out)
+    (version / "extra.txt").write_text("added after publishing")
+    copy = local_dir(out)
+    assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*") if p.is_file()) == [
+        ".complete", "data/rows.txt", "manifest.json"]
+    listed = read_success(version)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "fresh"))  # not the complete copy above
+    with pytest.raises(StorageError, match=r": data/rows.txt: 8 bytes where the version's "
+                                           r"_SUCCESS lists 9 \(changed or truncated"):
+        local_copy(version, {**listed, "data/rows.txt": FileSum(9, None)})
+    with pytest.raises(StorageError, match=r": gone.txt: missing, though the version's "
+                                           r"_SUCCESS lists it; republish it"):
+        local_copy(version, {**listed, "gone.txt": FileSum(1, "0" * 64)})
+    assert _cache_entries(tmp_path / "fresh") == []
+
+
+def test_a_version_with_an_old_sizes_only_success_still_reads(s3, tmp_path, monkeypatch):
+    """Outputs published before hashes were listed keep working: their sizes are checked."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    out = f"{s3}/old"
+    _publish(out, "written long ago")
+    version = current(out)
+    sizes = {f: s.size for f, s in read_success(version).items()}
+    (version / SUCCESS).write_text(json.dumps({"files": sizes, "written": "then",
+                                               "stage": "test"}))
+    assert all(s.sha256 is None for s in read_success(version).values())
+    assert (local_dir(out) / "data" / "rows.txt").read_text() == "written long ago"
+
+
+def test_a_storage_error_is_one_line_and_exit_code_2(capsys):
+    from app.core.cli import EXIT_ERROR, main, parser
+
+    def body(args):
+        raise StorageError("s3://b/data/v-1: vocab/users.parquet: sha256 differs")
+
+    assert main(parser("prog", None, []), body, []) == EXIT_ERROR == 2
+    err = capsys.readouterr().err
+    assert err == "error: s3://b/data/v-1: vocab/users.parquet: sha256 differs\n"
+
+
+@pytest.mark.slow
+def test_a_prepared_dataset_changed_in_the_bucket_is_refused_by_its_readers(
+        ray_local, s3_server, s3, tmp_path, monkeypatch):
+    """A real dataset prepared into the bucket lists every file's true sha256 (hashed by
+    the tasks and the driver as they wrote); one byte of vocab/users.parquet flipped in
+    place, keeping its size, is refused as training and inference open it (a fresh node
+    cache), one line naming the file, and nothing is left in the cache."""
+    from app.data.dataset import read_manifest
+    from app.data.prepare import prepare_dataset
+    from tests.conftest import data_config, write_lfs_csv
+
+    src = tmp_path / "ratings.csv"
+    write_lfs_csv(src, rows=5000)
+    with src.open("a") as f:
+        f.write("u1,2,99.0,2020-01-01 00:00:00\n")  # a rating out of range: a task's rejects
+        f.write("u1,2,3.0,2020-01-01 00:00:00,extra\n")  # unreadable: the driver's rejects
+    out = f"{s3}/data"
+    prepare_dataset(data_config(dataset="csv", input=str(src)), out, verbose=False)
+    version = current(out)
+    listed = read_success(version)
+    assert {"manifest.json", "vocab/users.parquet", "train/index.json",
+            "rejects/malformed-lines.parquet"} <= set(listed)
+    assert any(f.startswith("train/part-") and f.endswith(".mds") for f in listed)
+    assert any(f.startswith("rejects/part-") for f in listed)
+    for rel, want in listed.items():  # the sums taken while writing are those of the bytes
+        body = (version / rel).read_bytes()
+        assert want == FileSum(len(body), hashlib.sha256(body).hexdigest()), rel
+
+    _flip_one_byte(s3_server, version / "vocab" / "users.parquet", at=100)
+    cache = tmp_path / "empty-cache"
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    with pytest.raises(StorageError) as e:
+        read_manifest(out)  # what training and batch inference open first
+    assert str(e.value) == (f"{version}: vocab/users.parquet: sha256 differs from the "
+                            f"version's _SUCCESS (changed or corrupted after publishing); "
+                            f"republish it")
+    assert _cache_entries(cache) == []

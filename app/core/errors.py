@@ -49,6 +49,6 @@ class ModelError(ValueError):
     """A model folder is missing, incomplete, or does not match what the caller expects."""
 
 
-# what an entry point reports as one line (StorageError is reported by the stage that hits it)
+# what an entry point reports as one line
 KNOWN = (ConfigError, DataError, DatasetError, ModelError, ResourceError, TrainError,
-         ClusterError, CheckpointError, OutputError)
+         ClusterError, CheckpointError, OutputError, StorageError)

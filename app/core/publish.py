@@ -20,10 +20,18 @@ Readers resolve the version once (:func:`current`) and read every file from that
 reader never mixes files of two versions. A folder without ``CURRENT`` is read as it is.
 
 On an object store (``s3://``; see :mod:`app.core.storage`) there is no rename: a version is
-uploaded file by file, then its ``_SUCCESS`` object (:func:`write_success`: every file and its
-size) is written last, then ``CURRENT``. Readers refuse a version without ``_SUCCESS``, or
-whose files do not match it, naming what is missing. Every folder that writes a ``_SUCCESS``
-(the sweep's results folder too) writes it through :func:`write_success`.
+uploaded file by file, then its ``_SUCCESS`` object (:func:`write_success`: every file, its
+size and its sha256) is written last, then ``CURRENT``. Readers refuse a version without
+``_SUCCESS``, or whose files do not match it, naming what is missing; the copy a node makes of
+a version (:func:`local_dir`) checks every file's sha256 as it arrives, so bytes changed after
+publishing are refused, never read. Every folder that writes a ``_SUCCESS`` (the sweep's
+results folder too) writes it through :func:`write_success`.
+
+The hashes are taken where the bytes are: the driver's staged files before upload, files that
+tasks write straight into the version by those tasks (handed over with :meth:`Lease.record`);
+only a file nobody recorded (one a library wrote for us, such as Ray Data's
+``write_parquet``) is read back to hash it. A local version gets no ``_SUCCESS``: the rename
+publishes it whole, and readers read it in place, with no copy at which to check it.
 """
 
 from __future__ import annotations
@@ -34,36 +42,47 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
 
 from app.core.errors import OutputError  # noqa: F401  (raised here, importable from here)
 from app.core.lease import LEASE, TAKEOVER, WriterLease, describe_holder  # noqa: F401
 from app.core.lease import now as _now
-from app.core.storage import Location, cache_root, is_remote, local_copy, resolve
+from app.core.storage import FileSum, Location, cache_root, is_remote, local_copy, resolve
 
 POINTER = "CURRENT"
-SUCCESS = "_SUCCESS"  # written last in a folder, listing its files and their sizes
+SUCCESS = "_SUCCESS"  # written last in a folder, listing its files, their sizes and sha256
 VERSION_PREFIX = "v-"
 KEEP_VERSIONS = 2  # the current one and the one before it (a reader may still be on it)
 
 
-def write_success(folder: Location, files: Mapping[str, int], *, stage: str) -> None:
-    """Write ``folder``'s completion record, last: ``{"files": {name: size}, "written": ...,
-    "stage": ...}``, the one ``_SUCCESS`` format that :func:`current` checks.
+def write_success(folder: Location, files: Mapping[str, FileSum], *, stage: str) -> None:
+    """Write ``folder``'s completion record, last: ``{"files": {name: size}, "sha256": {name:
+    hex}, "written": ..., "stage": ...}``, the one ``_SUCCESS`` format that :func:`current`
+    and :func:`local_dir` check. (Sizes keep their own map so that readers of the older,
+    sizes-only format still read it.)
 
     Args:
         folder: a version being published, or a folder published in place (a sweep's).
-        files: path relative to ``folder`` -> size in bytes, for every file a reader needs.
+        files: path relative to ``folder`` -> size and sha256, for every file a reader needs.
         stage: who wrote it.
+
+    Raises:
+        ValueError: a file without its sha256 (every record written now carries them).
     """
-    folder.join(SUCCESS).write_text(json.dumps({"files": dict(files), "written": _now(),
-                                                "stage": stage}))
+    unhashed = sorted(name for name, s in files.items() if not s.sha256)
+    if unhashed:
+        raise ValueError(f"{folder}: no sha256 for {', '.join(unhashed[:3])}")
+    folder.join(SUCCESS).write_text(json.dumps({
+        "files": {name: s.size for name, s in files.items()},
+        "sha256": {name: s.sha256 for name, s in files.items()},
+        "written": _now(), "stage": stage}))
 
 
-def read_success(folder: Location) -> dict[str, int]:
-    """The files ``folder``'s ``_SUCCESS`` lists (name -> size).
+def read_success(folder: Location) -> dict[str, FileSum]:
+    """The files ``folder``'s ``_SUCCESS`` lists, with their size and sha256 (None for each
+    file of a record in the older, sizes-only format).
 
     Raises:
         FileNotFoundError: ``folder`` has no ``_SUCCESS``.
@@ -71,12 +90,19 @@ def read_success(folder: Location) -> dict[str, int]:
     """
     text = folder.join(SUCCESS).read_text()
     try:
-        listed = json.loads(text)["files"]
-    except (ValueError, KeyError, TypeError):
-        listed = None
-    if not isinstance(listed, dict) or not all(isinstance(n, int) for n in listed.values()):
+        record = json.loads(text)
+        sizes, hashes = record["files"], record.get("sha256", {})
+    except (ValueError, KeyError, TypeError, AttributeError):
+        sizes = hashes = None
+    if not (isinstance(sizes, dict) and all(isinstance(n, int) for n in sizes.values())
+            and isinstance(hashes, dict) and set(hashes) <= set(sizes)
+            and all(isinstance(h, str) for h in hashes.values())):
         raise OutputError(f"{folder}/{SUCCESS}: not a file list; write the output again")
-    return listed
+    if hashes and set(hashes) != set(sizes):
+        missing = sorted(set(sizes) - set(hashes))
+        raise OutputError(f"{folder}/{SUCCESS}: no sha256 for {', '.join(missing[:3])}; "
+                          f"write the output again")
+    return {name: FileSum(size, hashes.get(name)) for name, size in sizes.items()}
 
 
 def _complete(version: Location) -> Location:
@@ -87,7 +113,7 @@ def _complete(version: Location) -> Location:
         raise OutputError(f"{version}: has no {SUCCESS}, so it was not completely written "
                           f"(its writer stopped); write the output again") from None
     held = dict(version.files())
-    missing = sorted(f for f, size in listed.items() if held.get(f) != size)
+    missing = sorted(f for f, want in listed.items() if held.get(f) != want.size)
     if missing:
         raise OutputError(f"{version}: {len(missing)} file(s) listed in {SUCCESS} are missing "
                           f"or of another size ({', '.join(missing[:3])}); write the output "
@@ -136,13 +162,17 @@ def current(out: Union[str, os.PathLike, Location]) -> Any:
 
 def local_dir(out: Union[str, os.PathLike, Location]) -> Path:
     """A local folder holding the published version of ``out``: the version folder itself,
-    or on an object store its checked copy in this node's cache
-    (:func:`app.core.storage.local_copy`)."""
+    or on an object store its copy in this node's cache, every file checked against the
+    version's ``_SUCCESS`` (:func:`app.core.storage.local_copy`).
+
+    Raises:
+        StorageError: a listed file is missing or differs (size, or sha256 when listed).
+    """
     folder = current(out)
     if not isinstance(folder, Location):
         return folder
     listed = read_success(folder)
-    return local_copy(folder, {f: n for f, n in listed.items() if f != SUCCESS})
+    return local_copy(folder, {f: s for f, s in listed.items() if f != SUCCESS})
 
 
 def version_uri(out: Union[str, os.PathLike, Location]) -> str:
@@ -202,6 +232,16 @@ class Lease(WriterLease):
 
     # inside staged(): where the version being written lies, for writers on other nodes
     target: Optional[Location] = None
+    # inside staged(): the version's folder once published (its name is known up front)
+    version: Optional[Location] = None
+    # files written straight into ``target`` -> their sums as written (:meth:`record`)
+    written: dict[str, FileSum] = field(default_factory=dict)
+
+    def record(self, files: Mapping[str, FileSum]) -> None:
+        """The size and sha256 of files written straight into :attr:`target` (paths relative
+        to it), taken by whoever wrote their bytes: publishing lists them without reading
+        them back."""
+        self.written.update(files)
 
     @contextlib.contextmanager
     def staged(self, keep: int = KEEP_VERSIONS) -> Iterator[Path]:
@@ -212,6 +252,7 @@ class Lease(WriterLease):
         out = resolve(self.out)
         version = _version_name(max(map(_number, _versions(out)), default=0) + 1)
         tmp, self.target = _staging(out, version)
+        self.version, self.written = out.join(version), {}
         try:
             yield tmp
             self.check()
@@ -229,13 +270,35 @@ class Lease(WriterLease):
 
     def _commit(self, tmp: Path, version: Location) -> None:
         """Make the staged files the complete ``version``: one rename locally; on an object
-        store, upload them beside the tasks' files, then ``_SUCCESS`` listing every file."""
+        store, upload them beside the tasks' files, then ``_SUCCESS`` listing every file with
+        its size and sha256."""
         if not version.remote:
             os.replace(tmp, version.local_path())
             return
+        staged = {str(p.relative_to(tmp)): FileSum.of_file(p)  # hashed before upload
+                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         version.upload(tmp)
-        write_success(version, dict(version.files()), stage=self.stage)
+        write_success(version, self._sums(version, staged), stage=self.stage)
         self.check()
+
+    def _sums(self, version: Location, staged: Mapping[str, FileSum]) -> dict[str, FileSum]:
+        """Every file of the uploaded ``version`` with its sum: the staged files' and the
+        recorded ones' as taken when written; any other file (one a library wrote for us,
+        e.g. Ray Data's ``write_parquet``, whose bytes we never held) read back to hash it.
+
+        Raises:
+            OutputError: a file's size differs from its sum taken when it was written.
+        """
+        sums = {}
+        for rel, size in version.files():
+            known = staged.get(rel) or self.written.get(rel)
+            if known is None:
+                known = version.join(rel).read_sum()  # read back: see the docstring
+            if known.size != size:
+                raise OutputError(f"{version}: {rel}: {size} bytes after upload, {known.size} "
+                                  f"when written; write the output again")
+            sums[rel] = known
+        return sums
 
 
 @contextlib.contextmanager

@@ -33,8 +33,39 @@ from app.core.errors import StorageError  # noqa: F401  (raised here, importable
 
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss")
 CACHE_ENV = "TWOTOWER_CACHE_DIR"
+_CHUNK = 8 << 20  # bytes per read when hashing or copying a file as a stream
 
 
+@dataclass(frozen=True)
+class FileSum:
+    """A file's size and the sha256 (hex) of its bytes, as a version's ``_SUCCESS`` lists
+    them (:mod:`app.core.publish`). ``sha256`` is None only in a ``_SUCCESS`` of the older,
+    sizes-only format."""
+
+    size: int
+    sha256: Optional[str] = None
+
+    @classmethod
+    def of(cls, data: bytes) -> "FileSum":
+        """The sum of bytes about to be written (hashed once, where they are made)."""
+        return cls(len(data), hashlib.sha256(data).hexdigest())
+
+    @classmethod
+    def of_file(cls, path: str | os.PathLike) -> "FileSum":
+        """The sum of a local file, read once as a stream."""
+        with open(path, "rb") as f:
+            return _stream_sum(f)
+
+
+def _stream_sum(src: Any, copy: Any = None) -> FileSum:
+    """Read ``src`` to its end in chunks, hashing it (and writing each chunk to ``copy``)."""
+    digest, size = hashlib.sha256(), 0
+    while chunk := src.read(_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+        if copy is not None:
+            copy.write(chunk)
+    return FileSum(size, digest.hexdigest())
 
 
 def is_uri(target: str | os.PathLike) -> bool:
@@ -150,6 +181,30 @@ class Location:
     def read_text(self) -> str:
         return self.read_bytes().decode()
 
+    def read_sum(self) -> FileSum:
+        """The size and sha256 of this file, read back as a stream (for files a library
+        wrote for us, whose bytes we never held)."""
+        with self.fs.open_input_stream(self.path) as f:
+            return _stream_sum(f)
+
+    def copy_to(self, dest: str | os.PathLike) -> FileSum:
+        """Copy this file to a local path in one pass, hashing the bytes as they arrive (the
+        copy is checked without reading it a second time).
+
+        Raises:
+            FileNotFoundError: this file does not exist.
+        """
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            src = self.fs.open_input_stream(self.path)
+        except OSError as e:
+            if isinstance(e, FileNotFoundError) or "not found" in str(e).lower():
+                raise FileNotFoundError(self.uri) from None
+            raise
+        with src, dest.open("wb") as out:
+            return _stream_sum(src, out)
+
     def files(self) -> Iterator[tuple[str, int]]:
         """(path relative to this folder, size) of every file under it, sorted."""
         base = self.path.rstrip("/") + "/"
@@ -255,7 +310,7 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir(), "twotower-cache"))
 
 
-def local_copy(version: Location, expected: Optional[dict[str, int]] = None) -> Path:
+def local_copy(version: Location, expected: Optional[Mapping[str, FileSum]] = None) -> Path:
     """A local folder holding the files of an immutable published version: the folder itself
     when it is local, else its copy in this node's cache (downloaded once; several processes
     of a node may ask at once: the first complete copy wins).
@@ -263,7 +318,12 @@ def local_copy(version: Location, expected: Optional[dict[str, int]] = None) -> 
     Args:
         version: a published version (never rewritten in place: its name changes when the
             output is written again).
-        expected: file -> size the copy must hold (the version's completion record).
+        expected: file -> size and sha256 (the version's ``_SUCCESS``): only these files are
+            copied, each checked as it arrives; a sizes-only record checks sizes.
+
+    Raises:
+        StorageError: one line naming the first listed file that is missing, or whose size or
+            sha256 differs; nothing is left in the cache then.
     """
     if not version.remote:
         return version.local_path()
@@ -273,14 +333,12 @@ def local_copy(version: Location, expected: Optional[dict[str, int]] = None) -> 
         return dest
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        version.download(tmp)
-        if expected is not None:
-            got = {str(p.relative_to(tmp)): p.stat().st_size
-                   for p in tmp.rglob("*") if p.is_file()}
-            wrong = sorted(f for f, n in expected.items() if got.get(f) != n)
-            if wrong:
-                raise StorageError(f"{version}: the copy differs from what the version lists "
-                                   f"({', '.join(wrong[:3])}); was it rewritten in place?")
+        if expected is None:
+            version.download(tmp)
+        else:
+            tmp.mkdir(parents=True)
+            for rel, want in sorted(expected.items()):
+                _checked_copy(version, rel, want, tmp / rel)
         (tmp / ".complete").write_text(version.uri + "\n")
         try:
             os.rename(tmp, dest)
@@ -290,6 +348,23 @@ def local_copy(version: Location, expected: Optional[dict[str, int]] = None) -> 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _checked_copy(version: Location, rel: str, want: FileSum, dest: Path) -> None:
+    """Copy one listed file of ``version`` to ``dest``; refuse it unless it is what
+    ``_SUCCESS`` lists."""
+    redo = "; republish it"
+    try:
+        got = version.join(rel).copy_to(dest)
+    except FileNotFoundError:
+        raise StorageError(f"{version}: {rel}: missing, though the version's _SUCCESS lists "
+                           f"it{redo}") from None
+    if got.size != want.size:
+        raise StorageError(f"{version}: {rel}: {got.size} bytes where the version's _SUCCESS "
+                           f"lists {want.size} (changed or truncated after publishing){redo}")
+    if want.sha256 is not None and got.sha256 != want.sha256:
+        raise StorageError(f"{version}: {rel}: sha256 differs from the version's _SUCCESS "
+                           f"(changed or corrupted after publishing){redo}")
 
 
 def pack(folder: str | os.PathLike) -> dict[str, bytes]:

@@ -6,7 +6,9 @@ of a sample in name order, little-endian, with no per-sample header when every c
 fixed-size. :func:`write_mds_columns` writes shards and ``index.json`` exactly as ``MDSWriter``
 does for the same rows (byte for byte, tested), without importing ``streaming``: that import
 pulls in torch and torchvision, seconds per Ray worker process, which would dominate the write.
-Reading stays with ``streaming.StreamingDataset``.
+Reading stays with ``streaming.StreamingDataset``. :func:`write_mds_files` also returns each
+file's size and sha256, hashed from the bytes as they are written (no second read), for the
+version's ``_SUCCESS`` (:mod:`app.core.publish`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import shutil
 from typing import Any, Mapping
 
 import numpy as np
+
+from app.core.storage import FileSum
 
 # The MDS columns of every split of a prepared dataset: name -> MDS encoding.
 INTERACTION_COLUMNS: dict[str, str] = {
@@ -55,6 +59,19 @@ def shard_config(columns: Mapping[str, str], size_limit: int) -> dict[str, Any]:
 def write_mds_columns(out: str, columns: Mapping[str, np.ndarray], *,
                       encodings: Mapping[str, str] = INTERACTION_COLUMNS,
                       size_limit: int = 1 << 26) -> int:
+    """Write one MDS directory (``shard.NNNNN.mds`` files and ``index.json``) holding the rows
+    (:func:`write_mds_files`).
+
+    Returns:
+        The number of rows written.
+    """
+    write_mds_files(out, columns, encodings=encodings, size_limit=size_limit)
+    return len(columns[record_dtype(encodings).names[0]])
+
+
+def write_mds_files(out: str, columns: Mapping[str, np.ndarray], *,
+                    encodings: Mapping[str, str] = INTERACTION_COLUMNS,
+                    size_limit: int = 1 << 26) -> dict[str, FileSum]:
     """Write one MDS directory (``shard.NNNNN.mds`` files and ``index.json``) holding the rows.
 
     Args:
@@ -64,7 +81,7 @@ def write_mds_columns(out: str, columns: Mapping[str, np.ndarray], *,
         size_limit: shard size limit in bytes, as ``MDSWriter``'s ``size_limit``.
 
     Returns:
-        The number of rows written.
+        Each file written (name inside ``out``) -> its size and sha256.
     """
     record = record_dtype(encodings)
     n = len(columns[record.names[0]])
@@ -80,7 +97,7 @@ def write_mds_columns(out: str, columns: Mapping[str, np.ndarray], *,
 
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
-    shards = []
+    shards, sums = [], {}
     for i, start in enumerate(range(0, n, per_shard)):
         part = records[start:start + per_shard]
         k = len(part)
@@ -92,9 +109,12 @@ def write_mds_columns(out: str, columns: Mapping[str, np.ndarray], *,
         basename = f"shard.{i:05}.mds"
         with open(os.path.join(out, basename), "wb") as f:
             f.write(raw)
+        sums[basename] = FileSum.of(raw)
         shards.append({"samples": k, "raw_data": {"basename": basename, "bytes": len(raw),
                                                   "hashes": {}},
                        "zip_data": None, **config})
-    with open(os.path.join(out, "index.json"), "w") as f:
-        json.dump({"version": 2, "shards": shards}, f, sort_keys=True)
-    return n
+    index = json.dumps({"version": 2, "shards": shards}, sort_keys=True).encode()
+    with open(os.path.join(out, "index.json"), "wb") as f:
+        f.write(index)
+    sums["index.json"] = FileSum.of(index)
+    return sums

@@ -10,18 +10,22 @@ Recipe (:func:`prepare_dataset`; the steps of :func:`_build`):
        per split + quarantined rejects (:mod:`app.data.sink`)                     _write
     -> merged index.json per split, checked against what the tasks wrote          _splits_written
     -> manifest.json -> atomic rename into place (:mod:`app.core.publish`).
+
+Every file is hashed where its bytes are written (the tasks' shards and rejects by the tasks,
+the merged indexes and the unreadable lines' rejects by the driver, handed to the lease; the
+vocabularies and manifest when the staging folder is published), so the version's
+``_SUCCESS`` lists each file's sha256 without reading the dataset back.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +37,7 @@ from app.core import logs
 from app.core.config import DataConfig
 from app.core.publish import check_writable, is_published, writer
 from app.core.redact import redact, redact_values
-from app.core.storage import Location, resolve
+from app.core.storage import FileSum, Location, resolve
 from app.data import duplicates
 from app.data.blocks import block_stats, encode_blocks, remote_block_stats, temporal_split
 from app.data.dataset import (
@@ -51,7 +55,13 @@ from app.data.dataset import (
 from app.data.mds import INTERACTION_COLUMNS
 
 # InteractionSink and merge_split_index: importable from here as before the sink had a module
-from app.data.sink import InteractionSink, index_rows, merge_split_index, rejects_rows  # noqa: F401
+from app.data.sink import (  # noqa: F401
+    InteractionSink,
+    index_rows,
+    merge_split_index,
+    put_parquet,
+    rejects_rows,
+)
 from app.data.sources import DataError, Source, open_source
 from app.data.validate import VALIDATED_SCHEMA, Columns, first_repeated, validate_table
 
@@ -86,14 +96,17 @@ def prepare_dataset(cfg: DataConfig, output: str, *, verbose: bool = True,
                                        say=say) as lease:
         _check_output(out, cfg.overwrite)  # again, under the lease: another run may have won
         with lease.staged() as tmp:
-            manifest = _build(cfg, tmp, lease.target, verbose=verbose)
+            manifest = _build(cfg, tmp, lease.target, record=lease.record, verbose=verbose)
             shutil.rmtree(tmp / "_scratch", ignore_errors=True)
     return manifest
 
 
-def _build(cfg: DataConfig, tmp: Path, target: Location, *, verbose: bool) -> Manifest:
+def _build(cfg: DataConfig, tmp: Path, target: Location, *,
+           record: Callable[[Mapping[str, FileSum]], None], verbose: bool) -> Manifest:
     """Prepare into a version being staged: the driver's files (vocabularies, manifest) go
-    to ``tmp``, the tasks' (shards, rejects) to ``target``, the same folder when local."""
+    to ``tmp``, the tasks' (shards, rejects) to ``target``, the same folder when local;
+    ``record`` gets the sums of the files written straight into ``target``
+    (:meth:`app.core.publish.Lease.record`)."""
     t0 = time.perf_counter()
     say, detail = _printers(t0, verbose)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -102,7 +115,7 @@ def _build(cfg: DataConfig, tmp: Path, target: Location, *, verbose: bool) -> Ma
     validated = _validated(source, cfg)
     detail(f"validated {validated.num_blocks()} blocks")
     blocks = validated.to_arrow_refs()
-    tally = _tally(blocks, source, target.join("rejects"))
+    tally = _tally(blocks, source, target)
     where = redact(source.description.get("input") or source.description["dataset"])
     say(f"read {tally.read:,} rows from {where}: {tally.accepted:,} accepted, "
         f"{tally.rejected:,} rejected")
@@ -115,8 +128,9 @@ def _build(cfg: DataConfig, tmp: Path, target: Location, *, verbose: bool) -> Ma
     label = _label_rule(cfg, tally, merge)
     say(f"vocabularies: {vocab.part.users:,} users, {vocab.part.items:,} items; label: "
         f"rating >= {label.threshold:.4g} ({label.rule})")
-    written = _write(cfg, blocks, vocab, merge, threshold=label.threshold,
-                     columns=source.columns, target=target)
+    written, files = _write(cfg, blocks, vocab, merge, threshold=label.threshold,
+                            columns=source.columns, target=target)
+    record({**tally.files, **files})
     dup = Duplicates(policy=cfg.duplicates, rows_merged=merge.rows_merged, pairs=merge.pairs)
     validated = blocks = merge = None  # release the materialised blocks
     detail("wrote MDS shards")
@@ -185,6 +199,7 @@ class _Tally:
     stats: pa.Table     # one row per block (:func:`app.data.blocks.block_stats`)
     accepted: int
     by_reason: Counter  # rejected rows by reason, unreadable lines included
+    files: dict[str, FileSum]  # what it wrote into the version (the unreadable lines' rejects)
 
     @property
     def rejected(self) -> int:
@@ -201,9 +216,9 @@ class _Tally:
                          f"{reasons or 'no data rows'})")
 
 
-def _tally(blocks: list, source: Source, rejects_dir: Location) -> _Tally:
+def _tally(blocks: list, source: Source, target: Location) -> _Tally:
     """Summarise every validated block (a task each) and count the source's unreadable lines,
-    which go to ``rejects_dir`` as they are."""
+    which go to the rejects of the version ``target`` as they are."""
     summaries = ray.get([remote_block_stats.remote(ref) for ref in blocks])
     # the empty summary first keeps the table typed when there are no blocks at all
     stats = pa.concat_tables([block_stats(VALIDATED_SCHEMA.empty_table())] + summaries)
@@ -211,16 +226,23 @@ def _tally(blocks: list, source: Source, rejects_dir: Location) -> _Tally:
     by_reason: Counter = Counter()
     for text in stats["rejected"].to_pylist():
         by_reason.update(json.loads(text))
-    by_reason.update(_malformed_rejects(source, rejects_dir))
-    return _Tally(stats=stats, accepted=accepted, by_reason=by_reason)
+    malformed, files = _malformed_rejects(source, target)
+    by_reason.update(malformed)
+    return _Tally(stats=stats, accepted=accepted, by_reason=by_reason, files=files)
 
 
-def _malformed_rejects(source: Source, rejects_dir: Location) -> Counter:
-    """Turn recorded unreadable CSV lines into a rejects Parquet file; count them. The
-    records are removed once they are in it."""
+def _malformed_rejects(source: Source, target: Location
+                       ) -> tuple[Counter, dict[str, FileSum]]:
+    """Turn recorded unreadable CSV lines into a rejects Parquet file of the version
+    ``target``; count them. The records are removed once they are in it.
+
+    Returns:
+        (rows by reason, the file written -> its size and sha256)
+    """
     counts: Counter = Counter()
+    files: dict[str, FileSum] = {}
     if not source.malformed_dir:
-        return counts
+        return counts, files
     recorded = resolve(source.malformed_dir)
     records = []
     for f, _ in recorded.files():
@@ -228,15 +250,13 @@ def _malformed_rejects(source: Source, rejects_dir: Location) -> Counter:
                     if line]
     if records:
         records.sort(key=lambda r: (r["line"] is None, r["line"] or 0, r["text"]))
-        target = rejects_dir.join("malformed-lines.parquet")
-        if not target.remote:
-            os.makedirs(rejects_dir.path, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(records, schema=pa.schema(
+        rel = "rejects/malformed-lines.parquet"
+        files[rel] = put_parquet(pa.Table.from_pylist(records, schema=pa.schema(
             [("line", pa.int64()), ("text", pa.string()), ("reason", pa.string())])),
-            target.path, filesystem=target.fs)
+            target.join(rel))
         counts.update(r["reason"] for r in records)
     recorded.delete()
-    return counts
+    return counts, files
 
 
 @dataclass
@@ -333,12 +353,14 @@ def _label_rule(cfg: DataConfig, tally: _Tally, merge: duplicates.Plan) -> Label
 
 
 def _write(cfg: DataConfig, blocks: list, vocab: _Vocabularies, merge: duplicates.Plan, *,
-           threshold: float, columns: Columns, target: Location) -> Counter:
+           threshold: float, columns: Columns, target: Location
+           ) -> tuple[Counter, dict[str, FileSum]]:
     """Encode every block (ids, label, split code), apply the temporal split if asked, and
     write the splits' MDS shards and the rejects under ``target`` in one Ray Data write.
 
     Returns:
-        What the write tasks wrote (:attr:`InteractionSink.written`).
+        What the write tasks wrote (:attr:`InteractionSink.written`), and every file written
+        with its size and sha256 (:attr:`InteractionSink.files`).
     """
     # A dataset of block numbers, so each task meets its block's indices and decisions.
     encoded = ray.data.range(len(blocks), override_num_blocks=max(1, len(blocks))).map_batches(
@@ -354,7 +376,7 @@ def _write(cfg: DataConfig, blocks: list, vocab: _Vocabularies, merge: duplicate
                                         test_fraction=cfg.test_fraction))
     sink = InteractionSink(target.uri, columns=columns, size_limit=cfg.shard_size_limit)
     encoded.write_datasink(sink)
-    return sink.written
+    return sink.written, sink.files
 
 
 def _splits_written(target: Location, written: Counter, *, kept: int,

@@ -2,7 +2,9 @@
 
 :class:`InteractionSink` is the one Ray Data write of the data stage; :func:`merge_split_index`
 joins its tasks' shard indexes; :func:`index_rows` and :func:`rejects_rows` count what is on
-disk, which the driver checks against what the tasks reported.
+disk, which the driver checks against what the tasks reported. Every file is hashed by whoever
+writes its bytes (a task, or the driver for the merged indexes) and its sum collected in
+:attr:`InteractionSink.files`, for the version's ``_SUCCESS`` (:mod:`app.core.publish`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Union
 
@@ -22,11 +25,20 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import Block
 
-from app.core.storage import Location, resolve
+from app.core.storage import FileSum, Location, resolve
 from app.data.blocks import REJECTED
 from app.data.dataset import SPLITS
-from app.data.mds import write_mds_columns
+from app.data.mds import write_mds_files
 from app.data.validate import Columns
+
+
+@dataclass
+class TaskWritten:
+    """What one write task returns: its counts, and each file it wrote (path under the
+    sink's root) with the size and sha256 of the bytes it wrote."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    files: dict[str, FileSum] = field(default_factory=dict)
 
 
 class InteractionSink(Datasink):
@@ -34,7 +46,8 @@ class InteractionSink(Datasink):
 
     ``on_write_complete`` (on the driver) merges each split's per-task ``index.json`` files
     into one and adds up what the tasks wrote into :attr:`written`: rows per split and
-    ``rejected``, and positives per split as ``<split>_positives``.
+    ``rejected``, and positives per split as ``<split>_positives``; :attr:`files` gets every
+    file written under the root (the merged indexes too) with its size and sha256.
     """
 
     def __init__(self, root: str, *, columns: Columns, size_limit: int) -> None:
@@ -42,12 +55,14 @@ class InteractionSink(Datasink):
         self.columns = columns
         self.size_limit = size_limit
         self.written: Counter = Counter()
+        self.files: dict[str, FileSum] = {}
 
-    def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, int]:
+    def write(self, blocks: Iterable[Block], ctx: Any) -> TaskWritten:
         tables = [b for b in blocks if b.num_rows]
-        counts: dict[str, int] = {}
+        out = TaskWritten()
+        counts = out.counts
         if not tables:
-            return counts
+            return out
         table = pa.concat_tables(tables)
         code = table["split"].to_numpy()
         part = f"part-{ctx.task_idx:05d}"
@@ -57,30 +72,40 @@ class InteractionSink(Datasink):
             if len(idx):
                 t = table.take(pa.array(idx))
                 with _local_folder(root.join(name, part)) as folder:
-                    write_mds_columns(str(folder), {
+                    sums = write_mds_files(str(folder), {
                         "user": t["user_idx"].to_numpy(), "item": t["item_idx"].to_numpy(),
                         "label": t["label"].to_numpy(), "rating": t["rating32"].to_numpy(),
                         "timestamp": t["timestamp"].to_numpy()}, size_limit=self.size_limit)
+                out.files.update({f"{name}/{part}/{f}": s for f, s in sums.items()})
                 counts[name] = len(idx)
                 counts[f"{name}_positives"] = int(t["label"].to_numpy().sum())
         rejected = np.flatnonzero(code == REJECTED)
         if len(rejected):
             t = table.take(pa.array(rejected))
             c = self.columns
-            target = root.join("rejects", f"{part}.parquet")
-            if not root.remote:
-                os.makedirs(os.path.dirname(target.path), exist_ok=True)
-            pq.write_table(pa.table({c.user: t["user"], c.item: t["item"],
-                                     c.rating: t["rating_raw"], c.timestamp: t["timestamp_raw"],
-                                     "reason": t["reason"]}), target.path, filesystem=root.fs)
+            rel = f"rejects/{part}.parquet"
+            out.files[rel] = put_parquet(pa.table({
+                c.user: t["user"], c.item: t["item"], c.rating: t["rating_raw"],
+                c.timestamp: t["timestamp_raw"], "reason": t["reason"]}), root.join(rel))
             counts["rejected"] = len(rejected)
-        return counts
+        return out
 
     def on_write_complete(self, write_result: Any) -> None:
-        for counts in write_result.write_returns:
-            self.written.update(counts)
+        for task in write_result.write_returns:
+            self.written.update(task.counts)
+            self.files.update(task.files)
         for name in SPLITS:
-            merge_split_index(resolve(self.root).join(name))
+            self.files[f"{name}/index.json"] = merge_split_index(resolve(self.root).join(name))
+
+
+def put_parquet(table: pa.Table, target: Location) -> FileSum:
+    """Write ``table`` as one Parquet file at ``target`` (one PUT on an object store),
+    hashing the bytes written rather than reading the file back. Returns their sum."""
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    data = buf.getvalue().to_pybytes()
+    target.write_bytes(data)
+    return FileSum.of(data)
 
 
 @contextlib.contextmanager
@@ -98,12 +123,15 @@ def _local_folder(target: Location) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def merge_split_index(split_dir: Union[str, os.PathLike, Location]) -> None:
+def merge_split_index(split_dir: Union[str, os.PathLike, Location]) -> FileSum:
     """One ``index.json`` for a split (a path or URI) from its per-task folders, in task order.
 
     The same merge as ``streaming.base.util.merge_index`` (shard entries of each part, basenames
     prefixed by the part folder), done here so the driver need not import streaming (and torch).
     An empty split gets a valid index with no shards.
+
+    Returns:
+        The size and sha256 of the ``index.json`` written.
     """
     if not isinstance(split_dir, Location):
         split_dir = resolve(split_dir)
@@ -116,7 +144,9 @@ def merge_split_index(split_dir: Union[str, os.PathLike, Location]) -> None:
                 if shard.get(key):
                     shard[key]["basename"] = f"{folder}/{shard[key]['basename']}"
             shards.append(shard)
-    split_dir.join("index.json").write_text(json.dumps({"version": 2, "shards": shards}))
+    data = json.dumps({"version": 2, "shards": shards}).encode()
+    split_dir.join("index.json").write_bytes(data)
+    return FileSum.of(data)
 
 
 def index_rows(split_dir: Location) -> int:

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from app.core import logs
 from app.core.config import Config
 from app.core.contracts import Contract
+from app.core.preflight import check_infer
 from app.core.publish import OutputError, check_writable, local_dir, version_uri, writer
 from app.core.storage import is_remote, pack, resolve, unpack
 from app.data.dataset import SPLITS, DatasetError, load_vocab, read_manifest
@@ -199,6 +200,7 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
     with logs.stage("infer"):
         say = (lambda msg: logs.say("infer", msg)) if verbose else (lambda msg: None)
         t0 = time.perf_counter()
+        check_infer(cfg.cluster, model, data_dir, output, users, pairs, history)
         out = resolve(output)
         check_writable(out, "batch inference output", SUMMARY)
         ctx = open_context(cfg, model, data_dir)
@@ -212,10 +214,11 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
             summary.update(job.fields)
             summary.update(job.summarize(write_with_actors(ctx, job, lease.target)))
             summary["seconds"] = round(time.perf_counter() - t0, 2)
+            # the version this block publishes: its name is chosen before it is written
+            summary["output"] = lease.version.uri
             done = RecommendationsSummary(
                 schema_version=RecommendationsSummary.SCHEMA_VERSION, **summary)
             done.write(tmp)
-        done.output = version_uri(out)  # the version just published
         what = (f"{done.users:,} users x {done.k} = {done.rows:,} rows"
                 if done.mode == "recommend" else f"{done.rows:,} pairs")
         say(f"{what} in {done.seconds:.1f}s ({ctx.pool} {ctx.device} actor(s)) -> {done.output}")
@@ -281,6 +284,8 @@ def write_with_actors(ctx: Context, job: Job, target: Any) -> pa.Table:
         job.actor, batch_format="pandas", batch_size=ctx.cfg.inference.inference_batch_size,
         fn_constructor_kwargs={"model_dir": ctx.model_ref, **job.kwargs, "device": ctx.device},
         compute=ActorPoolStrategy(size=ctx.pool), **ctx.resources)
+    # Ray Data writes these files itself, so we never hold their bytes: publishing hashes them
+    # for _SUCCESS by reading them back (app.core.publish.Lease._sums), once.
     with logs.native_notices_filtered():
         result.write_parquet(target.path, filesystem=target.fs)
     return pq.read_table(target.path, filesystem=target.fs, columns=job.columns)

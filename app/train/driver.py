@@ -29,6 +29,7 @@ import numpy as np
 from app.core import logs
 from app.core.config import Config
 from app.core.errors import TrainError  # noqa: F401  (raised here, importable from here)
+from app.core.preflight import check_train
 from app.core.publish import (
     Lease,
     check_writable,
@@ -251,6 +252,7 @@ def train(cfg: Config, data_dir: str, output: str, *, verbose: bool = True,
         What the run produced: the model folder, its metrics, the MLflow run and version.
     """
     tag = "refit" if refit else "train"
+    check_train(cfg.cluster, data_dir, output)  # before the lease, the dataset and Ray
     out = resolve(output)
     check_writable(out, "model folder", MODEL_JSON)
     with logs.stage(tag), writer(out, tag, timeout=cfg.cluster.lease_timeout,
