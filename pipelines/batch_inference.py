@@ -38,10 +38,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args: argparse.Namespace) -> None:
         from app.core.config import config_from_args
+
+        cfg = config_from_args(args)  # a bad setting is refused before the heavy imports
+        print(cfg.describe(), flush=True)
         from app.serve.batch import batch_inference
 
-        cfg = config_from_args(args)
-        print(cfg.describe(), flush=True)
         batch_inference(cfg, args.model, args.data, args.output, users=args.users,
                         pairs=args.pairs, history=args.history)
 

@@ -4,6 +4,7 @@ movielens-small|lfs|csv|parquet|synthetic [--input PATH] --output DIR [--overwri
 from __future__ import annotations
 
 import argparse
+import posixpath
 import sys
 from pathlib import Path
 
@@ -19,20 +20,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
 
     def body(args: argparse.Namespace) -> None:
-        from app.core.cluster import init_ray
         from app.core.config import config_from_args
+        from app.core.storage import is_uri
+
+        cfg = config_from_args(args)  # a bad setting is refused before the heavy imports
+        output = cfg.data.output or posixpath.join(cfg.cluster.workdir, "data")
+        print(cfg.describe(), flush=True)
+        from app.core.cluster import init_ray
         from app.core.preflight import check_prepare
         from app.data.prepare import prepare_dataset
 
-        cfg = config_from_args(args)
-        output = cfg.data.output or str(Path(cfg.cluster.workdir) / "data")
-        print(cfg.describe(), flush=True)
         check_prepare(cfg.data, output, cfg.cluster)
         init_ray(cfg.cluster)
         manifest = prepare_dataset(cfg.data, output, lease_timeout=cfg.cluster.lease_timeout)
         counts = manifest.counts
         merged = counts.duplicates
-        print(f"prepared dataset: {Path(output).absolute()} ({sum(counts.splits.values()):,} "
+        where = output if is_uri(output) else Path(output).absolute()
+        print(f"prepared dataset: {where} ({sum(counts.splits.values()):,} "
               f"rows: " + ", ".join(f"{k} {v:,}" for k, v in counts.splits.items())
               + f"; {counts.rejected:,} rejected"
               + (f"; {merged.rows_merged:,} repeated (user, item) rows merged "

@@ -35,10 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> None:
         from app.core import logs
         from app.core.config import config_from_args
+
+        cfg = config_from_args(args)  # a bad setting is refused before the heavy imports
+        print(cfg.describe(), flush=True)
         from app.serve.http import run
 
-        cfg = config_from_args(args)
-        print(cfg.describe(), flush=True)
         with logs.stage("serve"):
             run(cfg, args.model, say=lambda msg: logs.say("serve", msg))
 

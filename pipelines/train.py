@@ -24,10 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> None:
         from app.core.config import config_from_args
         from app.core.report import comparison
+
+        cfg = config_from_args(args)  # a bad setting is refused before the heavy imports
+        print(cfg.describe(), flush=True)
         from app.train.driver import train
 
-        cfg = config_from_args(args)
-        print(cfg.describe(), flush=True)
         summary = train(cfg, args.data, args.output)
         print("\n".join(comparison(summary.metrics)))
 

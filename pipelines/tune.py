@@ -31,10 +31,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args: argparse.Namespace) -> None:
         from app.core.config import config_from_args
+
+        cfg = config_from_args(args)  # a bad setting is refused before the heavy imports
+        print(cfg.describe(), flush=True)
         from app.tune import sweep
 
-        cfg = config_from_args(args)
-        print(cfg.describe(), flush=True)
         sweep(cfg, args.data, args.output)
 
     return cli.main(parser, body, argv)

@@ -256,14 +256,15 @@ def test_a_storage_error_is_one_line_and_exit_code_2(capsys):
 
 @pytest.mark.slow
 def test_a_prepared_dataset_changed_in_the_bucket_is_refused_by_its_readers(
-        ray_local, s3_server, s3, tmp_path, monkeypatch):
-    """A real dataset prepared into the bucket lists every file's true sha256 (hashed by
+        ray_local, s3_server, s3, tmp_path, monkeypatch, capsys):
+    """A real dataset prepared into the bucket (by the entry point, which names the bucket's
+    folder as it is) lists every file's true sha256 (hashed by
     the tasks and the driver as they wrote); one byte of vocab/users.parquet flipped in
     place, keeping its size, is refused as training and inference open it (a fresh node
     cache), one line naming the file, and nothing is left in the cache."""
     from app.data.dataset import read_manifest
-    from app.data.prepare import prepare_dataset
-    from tests.conftest import data_config, write_lfs_csv
+    from pipelines import prepare_data
+    from tests.conftest import write_lfs_csv
 
     src = tmp_path / "ratings.csv"
     write_lfs_csv(src, rows=5000)
@@ -271,7 +272,10 @@ def test_a_prepared_dataset_changed_in_the_bucket_is_refused_by_its_readers(
         f.write("u1,2,99.0,2020-01-01 00:00:00\n")  # a rating out of range: a task's rejects
         f.write("u1,2,3.0,2020-01-01 00:00:00,extra\n")  # unreadable: the driver's rejects
     out = f"{s3}/data"
-    prepare_dataset(data_config(dataset="csv", input=str(src)), out, verbose=False)
+    assert prepare_data.main(["--dataset", "csv", "--input", str(src), "--output", out]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("prepared dataset:")]
+    assert len(said) == 1 and said[0].startswith(f"prepared dataset: {out} ("), said
     version = current(out)
     listed = read_success(version)
     assert {"manifest.json", "vocab/users.parquet", "train/index.json",
