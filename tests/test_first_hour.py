@@ -337,3 +337,35 @@ def _ray_titles(rt: Path) -> list[str]:
             if p.environ().get("RAY_TMPDIR") == str(rt):
                 titles.append(" ".join(p.info["cmdline"] or []))
     return titles
+
+
+@pytest.mark.parametrize("where, said", [
+    ("inside", "interrupted by SIGINT during prepare: nothing was published (a prepared "
+               "dataset appears only when complete); run the same command again"),
+    ("between", "interrupted by SIGINT after prepare: what the finished stages published is "
+                "kept; run the same command again to go on from there"),
+    ("before", "interrupted by SIGINT during start-up: nothing was published; run the same "
+               "command again"),
+])
+def test_an_interrupt_says_where_it_came_and_how_to_go_on(capsys, where, said):
+    """Between two stages of a full run (a finished prepare, the training not begun) the
+    line says the finished stages are kept, not that nothing was published."""
+    import argparse
+
+    from app.core import cli, logs
+
+    def body(args: argparse.Namespace) -> None:
+        if where != "before":
+            with logs.stage("prepare"):
+                if where == "inside":
+                    raise KeyboardInterrupt
+        raise KeyboardInterrupt
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = cli.main(cli.parser("prog", None, []), body, [])
+    finally:
+        for sig, handler in saved.items():  # cli.main set its own, then the defaults
+            signal.signal(sig, handler)
+    assert code == 130
+    assert capsys.readouterr().err.strip() == said

@@ -32,6 +32,9 @@ CONTINUE = {
     "tune": "the trials were stopped; run the same command with --resume to continue the sweep",
     "infer": "no recommendations were published; run the same command again",
 }
+NOTHING = "nothing was published; run the same command again"
+BETWEEN = ("what the finished stages published is kept; run the same command again to go on "
+           "from there")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,6 +73,7 @@ def main(p: argparse.ArgumentParser, body: Callable[[argparse.Namespace], None],
     args = p.parse_args(argv)
     logs.setup("quiet" if args.quiet else "verbose" if args.verbose else "normal")
     logs.install_signal_handlers()
+    logs.reset_stages()
     try:
         body(args)
     except KNOWN as e:
@@ -80,8 +84,9 @@ def main(p: argparse.ArgumentParser, body: Callable[[argparse.Namespace], None],
             signal.signal(sig, signal.SIG_DFL)
         signum = logs.received_signal()
         stage = logs.current_stage()
-        print(f"interrupted by {signal.Signals(signum).name} during {stage}: "
-              f"{CONTINUE.get(stage, 'nothing was published; run the same command again')}",
+        when = stage if stage.startswith("after ") else f"during {stage}"
+        print(f"interrupted by {signal.Signals(signum).name} {when}: "
+              f"{CONTINUE.get(stage, BETWEEN if stage.startswith('after ') else NOTHING)}",
               file=sys.stderr, flush=True)
         return 128 + signum
     return 0

@@ -243,6 +243,7 @@ def install_signal_handlers() -> None:
 
 _stages: list[str] = []
 _unwound: list[str] = []  # the innermost stage an exception left
+_finished: list[str] = []  # stages that ended normally, in order
 
 
 @contextlib.contextmanager
@@ -257,10 +258,19 @@ def stage(name: str) -> Iterator[None]:
         raise
     finally:
         _stages.pop()
+    _finished.append(name)
+
+
+def reset_stages() -> None:
+    """Forget earlier stages (a new command in the same process)."""
+    _stages.clear(), _unwound.clear(), _finished.clear()
 
 
 def current_stage() -> str:
-    """The stage running now, or the one the exception being handled came out of."""
+    """The stage running now, or the one the exception being handled came out of; between
+    two stages ``"after <the last finished one>"``; ``"start-up"`` before any."""
     if _stages:
         return _stages[-1]
-    return _unwound[0] if _unwound else "start-up"
+    if _unwound:
+        return _unwound[0]
+    return f"after {_finished[-1]}" if _finished else "start-up"
