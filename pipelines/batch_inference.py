@@ -38,9 +38,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args: argparse.Namespace) -> None:
         from app.core.config import config_from_args
+        from app.core.preflight import check_infer
 
         cfg = config_from_args(args)  # a bad setting is refused before the heavy imports
         print(cfg.describe(), flush=True)
+        check_infer(cfg.cluster, args.model, args.data, args.output, users=args.users,
+                    pairs=args.pairs, history=args.history)  # and storage, before them too
         from app.serve.batch import batch_inference
 
         batch_inference(cfg, args.model, args.data, args.output, users=args.users,

@@ -35,9 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> None:
         from app.core import logs
         from app.core.config import config_from_args
+        from app.core.preflight import check_serve
 
         cfg = config_from_args(args)  # a bad setting is refused before the heavy imports
         print(cfg.describe(), flush=True)
+        check_serve(cfg.cluster, args.model)  # and storage, before them too
         from app.serve.http import run
 
         with logs.stage("serve"):

@@ -23,10 +23,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args: argparse.Namespace) -> None:
         from app.core.config import config_from_args
+        from app.core.preflight import check_train
         from app.core.report import comparison
 
         cfg = config_from_args(args)  # a bad setting is refused before the heavy imports
         print(cfg.describe(), flush=True)
+        check_train(cfg.cluster, args.data, args.output)  # and storage, before them too
         from app.train.driver import train
 
         summary = train(cfg, args.data, args.output)

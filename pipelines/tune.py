@@ -31,9 +31,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(args: argparse.Namespace) -> None:
         from app.core.config import config_from_args
+        from app.core.preflight import check_tune
 
         cfg = config_from_args(args)  # a bad setting is refused before the heavy imports
         print(cfg.describe(), flush=True)
+        check_tune(cfg.cluster, args.data, args.output)  # and storage, before them too
         from app.tune import sweep
 
         sweep(cfg, args.data, args.output)
