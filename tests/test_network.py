@@ -1,7 +1,8 @@
 """What the embedded Ray exposes: started as the pipeline starts it (``app.core.cluster.init_ray``
 without an address, in a plain shell), every socket its processes listen on is on loopback,
 and it still runs tasks, actors, the state API (also beside another Ray instance) and a
-2-worker gloo process group set up as training sets it up (``app.train.rendezvous``)."""
+2-worker gloo process group set up as training sets it up (``app.train.rendezvous``); and the
+serving app, started as users start it, listens on loopback only too."""
 
 from __future__ import annotations
 
@@ -163,3 +164,36 @@ def test_the_embedded_ray_listens_on_loopback_only(ray_local):
             except psutil.Error:
                 pass
         shutil.rmtree(rt, ignore_errors=True)
+
+
+def test_the_serving_app_listens_on_loopback_only(trained):
+    """``python -m pipelines.serve`` as users start it (its own embedded Ray): every TCP
+    listener and bound UDP socket of its processes, the Serve controller, proxy and replica
+    among them (the replica's inter-deployment gRPC server, which Ray binds to ``[::]``, is
+    moved to loopback), is on loopback while it answers requests."""
+    import requests
+
+    from tests.test_serve_entry import ServeProcess
+
+    app = ServeProcess(trained["model_dir"].parent)
+    try:
+        app.wait_line("[serve] serving until")
+        body = requests.post(app.url + "/recommend", json={"user_id": "1", "k": 3},
+                             timeout=30).json()
+        assert len(body["items"]) == 3, body
+        bound: set[tuple[int, str, str, int]] = set()
+        for _ in range(4):  # listeners come up over a few seconds
+            bound |= _bound(app.remember_tree())
+            time.sleep(1)
+        names = {name for _, name, _, _ in bound}
+        assert {"gcs_server", "raylet"} <= names, names
+        assert [b for b in bound if b[3] == app.port], bound  # the HTTP proxy was seen
+        assert any("ServeRepli" in name for name in names), names  # ... and the replica
+        exposed = sorted(b for b in bound if not _loopback(b[2]))
+        assert not exposed, "listening outside loopback:\n" + "\n".join(
+            f"  {name} (pid {pid}) on {ip}:{port}" for pid, name, ip, port in exposed)
+        again = requests.post(app.url + "/recommend", json={"user_id": "1", "k": 3},
+                              timeout=30).json()
+        assert again["items"] == body["items"]
+    finally:
+        app.close()

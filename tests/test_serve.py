@@ -161,6 +161,59 @@ def test_bad_requests_get_4xx_with_a_reason_and_unknown_ids_are_flagged(app_url)
     assert requests.get(url + "/docs", timeout=30).status_code == 200
 
 
+def test_a_history_of_unknown_items_is_no_history_and_is_counted(app_url, trained):
+    url = app_url["url"]
+    core = Recommender(trained["model_dir"])
+    known_user = str(core.user_ids.iloc[7])
+    popular = post(url, "/recommend", {"user_id": "new", "k": 10}).json()
+    stored = post(url, "/recommend", {"user_id": known_user, "k": 10}).json()
+    for user, want in (("new", popular), (known_user, stored)):
+        body = post(url, "/recommend", {"user_id": user, "k": 10,
+                                        "history": ["nope", "no-such-item"]}).json()
+        assert body["source"] == want["source"] and body["items"] == want["items"], body
+        assert body["unknown_history_items"] == 2
+        assert want["unknown_history_items"] == 0
+    assert popular["source"] == "popularity" and stored["source"] == "model"
+    item = str(core.item_ids.iloc[3])
+    some = post(url, "/recommend", {"user_id": "new", "k": 10,
+                                    "history": [item, "nope"]}).json()
+    assert some["source"] == "history" and some["unknown_history_items"] == 1
+    # the core behind batch inference and the pyfunc answers the same
+    mine = core.recommend(["new", known_user], k=10, histories=[["nope"], ["nope"]])
+    assert list(mine.groupby("userId", sort=False)["source"].first()) == ["popularity", "model"]
+    assert core.unknown_history_items == 2
+    assert mine[mine["userId"] == known_user]["movieId"].astype(str).tolist() == \
+        [i["item_id"] for i in stored["items"]]
+
+
+def test_every_refusal_over_http_has_the_one_error_shape(app_url):
+    url = app_url["url"]
+
+    def refused(r: requests.Response, status: int, reason: str) -> None:
+        assert r.status_code == status, (r.status_code, r.text[:300])
+        assert r.headers["content-type"] == "application/json", r.headers
+        body = r.json()
+        assert set(body) == {"error"} and reason in body["error"], body
+
+    refused(post(url, "/recommend", {"user_id": "", "k": 5}), 422, "user_id: must not be empty")
+    refused(post(url, "/recommend", {"user_id": " ", "k": 5}), 422, "user_id: must not be empty")
+    refused(post(url, "/recommend", '{"user_id": "\\ud800", "k": 5}'), 422,
+            "user_id: contains a lone surrogate (U+D800)")
+    refused(post(url, "/recommend", '{"user_id": "1", "history": ["\\ud800"]}'), 422,
+            "history.0: contains a lone surrogate")
+    refused(post(url, "/score", '{"pairs": [{"user_id": "1", "item_id": "\\udc00"}]}'), 422,
+            "pairs.0.item_id: contains a lone surrogate")
+    refused(post(url, "/recommend", "[" * 100_000 + "]" * 100_000), 422,
+            "malformed JSON: nested too deeply")
+    refused(requests.get(url + "/recommend", timeout=30), 405, "GET /recommend")
+    refused(requests.put(url + "/healthz", timeout=30), 405, "PUT /healthz")
+    refused(requests.get(url + "/no/such/path", timeout=30), 404, "/no/such/path")
+    for path in ("/healthz", "/version", "/docs", "/openapi.json"):
+        head, get = requests.head(url + path, timeout=30), requests.get(url + path, timeout=30)
+        assert head.status_code == get.status_code == 200 and head.content == b"", path
+    assert requests.get(url + "/version", timeout=30).json()["pending"] is None
+
+
 def _second_version(trained, tmp_path) -> tuple[Path, str]:
     """A different model (item rows permuted) registered as a new version of NAME."""
     from app.core import tracking

@@ -27,7 +27,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Mapping, Optional
+from typing import Any, Iterator, Literal, Mapping, Optional, Sequence
 
 from app.core import logs
 from app.core.config import ClusterConfig, ConfigError
@@ -240,35 +240,49 @@ def start_embedded(**kwargs: Any) -> None:
             os.environ[_API_SERVER_ENV] = saved
 
 
-def stop_embedded(grace: float = 5.0) -> None:
+def descendants() -> list[Any]:
+    """This process's descendants now (for an embedded Ray: the GCS, the raylet, the
+    raylet's agents and workers, Serve's actors)."""
+    import psutil
+
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def stop_embedded(known: Sequence[Any] = (), grace: float = 5.0) -> None:
     """``ray.shutdown`` of the embedded Ray, then SIGTERM (SIGKILL after ``grace`` seconds)
     to whatever process it started still runs.
 
     Ray's shutdown stops the GCS and the raylet, but the raylet's agents (dashboard agent,
     runtime-env agent) and a worker busy in a task notice their parent's death only after a
     minute or more, after Ctrl-C or SIGTERM in particular. The processes are this process's
-    descendants, listed before the shutdown (psutil checks a pid's start time, so a reused
-    pid is never touched); nothing else on the machine is.
+    descendants, listed before the shutdown, with ``known`` (processes listed earlier, which
+    an early death of their parent may have orphaned) and their children; psutil checks a
+    pid's start time, so a reused pid is never touched, and nothing else on the machine is.
     """
     import psutil
     import ray
 
-    try:
-        ours = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        ours = []
+    ours = [*known, *descendants()]
     ray.shutdown()
-    alive = []
+    alive: dict[int, Any] = {}
     for p in ours:
         with contextlib.suppress(psutil.Error):
             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                p.terminate()
-                alive.append(p)
-    _, left = psutil.wait_procs(alive, timeout=grace)
+                alive[p.pid] = p
+                for child in p.children(recursive=True):
+                    alive.setdefault(child.pid, child)
+    procs = list(alive.values())
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, left = psutil.wait_procs(procs, timeout=grace)
     for p in left:
         with contextlib.suppress(psutil.Error):
             p.kill()
-
+    psutil.wait_procs(left, timeout=grace)
 
 
 def _shutdown_ray_on_spark() -> None:

@@ -12,8 +12,8 @@ app (:mod:`app.serve.http`). It
 - leaves out the items each user rated (``rated_items.npz`` of the model folder: every split
   of the dataset the model was trained on) and the items of a given history, unless asked not
   to (``exclude_rated=False``): the one default of every serving path;
-- recommends from a given history (``source`` "history"), and gives users neither known nor
-  with a history the most popular items (``source`` "popularity", ``fallback`` True);
+- recommends from a given history (``source`` "history"; one with no known item counts as
+  none), and gives users neither known nor with a history the most popular items (``source`` "popularity", ``fallback`` True);
 - scores (user, item) pairs with calibrated probabilities, unknown ids flagged
   (``known_user`` / ``known_item``), never dropped.
 
@@ -175,19 +175,27 @@ class Recommender:
         """Raw item ids (any type; matched by exact text) -> indices, 0 for unknown ids."""
         return lookup(self._item_index, id_keys(item_ids))
 
-    def histories(self, lists: Sequence[Any]) -> tuple[list, int]:
-        """Lists of raw item ids (or None) -> arrays of item indices (None where no list was
-        given), and the number of unknown item ids ignored."""
-        out, unknown = [], 0
-        for ids in lists:
+    def history_rows(self, lists: Sequence[Any]) -> tuple[list, np.ndarray]:
+        """Lists of raw item ids (or None) -> per row, the known items' indices, or None where
+        no list was given or none of its items is known (a history of unknown items says
+        nothing about the user: the stored profile, or popularity, answers); and per row the
+        number of unknown item ids ignored (U,)."""
+        out, unknown = [], np.zeros(len(lists), np.int64)
+        for row, ids in enumerate(lists):
             if ids is None or (not isinstance(ids, (list, tuple, np.ndarray))
                                and pd.isna(ids)):
                 out.append(None)
                 continue
             idx = self.item_indices(list(ids)) if len(ids) else np.empty(0, np.int64)
-            unknown += int((idx == 0).sum())
-            out.append(idx[idx > 0])
+            unknown[row] = int((idx == 0).sum())
+            known = idx[idx > 0]
+            out.append(known if len(known) else None)
         return out, unknown
+
+    def histories(self, lists: Sequence[Any]) -> tuple[list, int]:
+        """:meth:`history_rows` with the unknown item ids counted over all rows."""
+        out, unknown = self.history_rows(lists)
+        return out, int(unknown.sum())
 
     # ranking ----------------------------------------------------------------------------------
 
@@ -252,8 +260,9 @@ class Recommender:
               exclude_rated: Any = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scores (U, k), item indices (U, k), source (U,)) for user indices.
 
-        Rows with a ``given`` history (item indices) are queried with it; rows neither known
-        nor with a history get the most popular items (scores = training positives). Left-out
+        Rows with a ``given`` history (item indices) are queried with it (an empty one counts
+        as none); rows neither known nor with a history get the most popular items (scores =
+        training positives). Left-out
         items may leave a row short: its tail has score -inf and item 0.
 
         Args:
@@ -266,6 +275,8 @@ class Recommender:
         n = len(users)
         exclude = np.broadcast_to(np.asarray(exclude_rated, bool), (n,))
         k = min(k, self.num_items - 1)
+        if given is not None:  # an empty history (no known item) is no history
+            given = [g if g is not None and len(g) else None for g in given]
         has_history = (np.array([g is not None for g in given], bool) if given is not None
                        else np.zeros(n, bool))
         if not self.model.spec.history_length:
@@ -298,7 +309,8 @@ class Recommender:
             histories: per user, a list of raw item ids it interacted with recently (oldest
                 first) or None. A user with one is recommended from it (``source``
                 "history"); unknown item ids are ignored (counted in
-                ``self.unknown_history_items``).
+                ``self.unknown_history_items``), and a history with no known item is no
+                history (the stored profile of a known user, popularity for a new one).
             exclude_rated: leave out each user's rated items and its history's items.
             given: histories already as item indices (instead of ``histories``).
 

@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from fastapi import HTTPException
 from pydantic import StrictInt, StrictStr
@@ -42,10 +42,17 @@ from app.serve.api import (
     VersionInfo,
     api,
 )
+from app.serve import loopback
 from app.serve.source import ModelSource, recommend_many, score_many
 
 APP_NAME = "two-tower"
 Id = Union[StrictStr, StrictInt]
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 # ---------------------------------------------------------------- the deployment
@@ -58,12 +65,17 @@ class RecommenderServer:
     """One replica: the current serving core, a follower thread that swaps in new versions."""
 
     def __init__(self, model: str, cfg: Config) -> None:
+        loopback.require_pinned()  # before Serve binds the replica's gRPC server
         self.cfg, s = cfg, cfg.serve
         self.device = "cuda" if s.replica_gpus > 0 else "cpu"
         self.source = ModelSource(model, cfg)
         label = self.source.version()
         self.current = self.source.load(label, self.device)  # swapped by one assignment
         self.loaded_unix, self.swaps = time.time(), 0
+        # a newer version refused: {"version", "error"} (None when none), and the
+        # fingerprint of its files (ModelSource.fingerprint), not tried again until it changes
+        self.pending: Optional[dict[str, Any]] = None
+        self._refused: Optional[str] = None
         self._recommend_batch.set_max_batch_size(s.max_batch_size)
         self._recommend_batch.set_batch_wait_timeout_s(s.batch_wait_ms / 1000.0)
         self._stop = threading.Event()
@@ -71,22 +83,44 @@ class RecommenderServer:
             threading.Thread(target=self._follow, name="model-follower", daemon=True).start()
 
     def _follow(self) -> None:
-        log = logging.getLogger("ray.serve")
         while not self._stop.wait(self.cfg.serve.reload_interval):
-            try:
-                label = self.source.version()
-                if label == self.current.version:
-                    continue
-                log.warning("loading model version %s (serving %s)", label,
-                            self.current.version)
-                fresh = self.source.load(label, self.device)  # loaded and warmed aside
-                self.current, self.loaded_unix = fresh, time.time()
-                self.swaps += 1
-                log.warning("now serving model version %s", label)
-            except Exception as e:  # noqa: BLE001 (keep serving the loaded version)
-                log.warning("model follower: %s: %s (still serving %s)", type(e).__name__,
-                            str(e).splitlines()[0][:300] if str(e) else "",
-                            self.current.version)
+            self.follow_once()
+
+    def follow_once(self) -> None:
+        """Load the version to serve now if it is new, then swap it in by one assignment. A
+        version that fails to load (a corrupt file, a missing one) is recorded as pending
+        with its reason, and not tried again until its files change; the loaded version
+        keeps serving."""
+        log = logging.getLogger("ray.serve")
+        try:
+            label = self.source.version()
+        except Exception as e:  # noqa: BLE001 (keep serving the loaded version)
+            self.pending = {"version": None, "error": _reason(e)}
+            return
+        if label == self.current.version:
+            self.pending, self._refused = None, None
+            return
+        try:
+            key = self.source.fingerprint(label)
+            if key == self._refused:
+                return
+            log.warning("loading model version %s (serving %s)", label, self.current.version)
+            fresh = self.source.load(label, self.device)  # loaded and warmed aside
+        except Exception as e:  # noqa: BLE001 (keep serving the loaded version)
+            self.pending, self._refused = {"version": label, "error": _reason(e)}, key
+            log.warning("model version %s refused: %s (still serving %s)", label,
+                        self.pending["error"], self.current.version)
+            return
+        self.current, self.loaded_unix = fresh, time.time()
+        self.swaps += 1
+        self.pending, self._refused = None, None
+        log.warning("now serving model version %s", label)
+
+    def pending_reload(self) -> Optional[dict[str, Any]]:
+        """The newer version this replica refused, why, and the version it serves instead;
+        None when nothing is pending (for the console)."""
+        pending = self.pending
+        return None if pending is None else {**pending, "serving": self.current.version}
 
     def __del__(self) -> None:
         self._stop.set()
@@ -97,6 +131,8 @@ class RecommenderServer:
 
     @api.get("/healthz", response_model=Health)
     async def healthz(self) -> dict[str, Any]:
+        if self.current is None:
+            raise HTTPException(503, "no model loaded")
         return {"status": "ready", "model_version": self.current.version}
 
     @api.get("/version", response_model=VersionInfo)
@@ -105,7 +141,7 @@ class RecommenderServer:
         return {"model_version": core.version, "model": self.source.model,
                 "weights_sha256": core.info.weights_sha256,
                 "users": len(core.user_ids), "items": len(core.item_ids),
-                "loaded_unix": self.loaded_unix, "swaps": self.swaps}
+                "loaded_unix": self.loaded_unix, "swaps": self.swaps, "pending": self.pending}
 
     @api.post("/recommend", response_model=RecommendResponse)
     async def recommend(self, request: RecommendRequest) -> dict[str, Any]:
@@ -133,10 +169,20 @@ class RecommenderServer:
 # ---------------------------------------------------------------- building and running the app
 
 def application(model: str, cfg: Config) -> Any:
-    """The Serve application for ``model`` with the settings of ``cfg.serve``."""
+    """The Serve application for ``model`` with the settings of ``cfg.serve``. On the
+    embedded Ray (a loopback node address) its replicas keep their gRPC server on loopback
+    (:mod:`app.serve.loopback`).
+
+    Raises:
+        LoopbackError: on the embedded Ray, when this Ray's replica code cannot be kept on
+            loopback.
+    """
     s = cfg.serve
+    actor: dict[str, Any] = {"num_cpus": s.replica_cpus, "num_gpus": s.replica_gpus}
+    if loopback.embedded_cluster():
+        actor["runtime_env"] = loopback.runtime_env(actor.get("runtime_env"))
     options: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": s.replica_cpus, "num_gpus": s.replica_gpus},
+        "ray_actor_options": actor,
         # enough requests in flight per replica to fill a batch while one is computed
         "max_ongoing_requests": max(4 * s.max_batch_size, 16),
         "health_check_period_s": 10,
@@ -223,18 +269,55 @@ def port_free(host: str, port: int) -> bool:
 
 def run(cfg: Config, model: str, *, block: bool = True, say: Any = print) -> str:
     """Deploy the app on the resolved Ray cluster and (``block``) serve until SIGINT or
-    SIGTERM, then delete it (and shut down an embedded Ray this call started).
+    SIGTERM, then delete it (and stop the embedded Ray this call started, every process of
+    it: :func:`app.core.cluster.stop_embedded`).
 
     Returns:
         The base URL.
+
+    Raises:
+        KeyboardInterrupt: a signal arrived before the app was serving (after the cleanup).
     """
     import ray
 
+    from app.core.cluster import stop_embedded
+
+    started_ray = not ray.is_initialized()
+    ours: list[Any] = []  # this call's Ray processes, to stop when it ends
+    setup = None
+    serving = False
+    try:
+        setup, url = _deploy(cfg, model, say, ours if started_ray and block else None)
+        if not block:
+            return url
+        serving = True
+        say("serving until Ctrl-C (SIGINT) or SIGTERM")
+        _serve_forever(cfg.serve, say)
+    except KeyboardInterrupt:
+        if not serving:
+            raise  # the entry point says which stage was interrupted
+        say("stopping: deleting the app")
+        return f"http://{cfg.serve.host}:{cfg.serve.port}"
+    finally:
+        if block:
+            if ray.is_initialized():
+                stop()
+            if started_ray and (setup is None or setup.kind == "local"):
+                stop_embedded(ours)  # the embedded Ray this call started, Serve's actors too
+            if serving:
+                say("stopped")
+
+
+def _deploy(cfg: Config, model: str, say: Any, ours: Optional[list[Any]]) -> tuple[Any, str]:
+    """Start or join Ray, check the model and the resources, deploy; returns (the Ray setup,
+    the base URL). ``ours``, when given, collects the Ray processes this process starts."""
     from app.core import logs, tracking
-    from app.core.cluster import ClusterError, init_ray
+    from app.core.cluster import ClusterError, descendants, init_ray
 
     s = cfg.serve
     setup = init_ray(cfg.cluster)
+    if ours is not None:
+        ours.extend(descendants())
     from app.train.model_folder import ModelRef
 
     mlflow_model = ModelRef(model).mlflow
@@ -246,38 +329,57 @@ def run(cfg: Config, model: str, *, block: bool = True, say: Any = print) -> str
     label = check_model(model, cfg)
     check_fits(cfg.serve)
     url = f"http://{s.host}:{s.port}"
+    if setup.kind == "local" and not port_free(s.host, s.port):
+        raise ClusterError(f"--port {s.port}: {s.host}:{s.port} is in use by another "
+                           f"program; pick another --port")
+    if not logs.level() == "verbose":
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    app = application(model, cfg)  # (checks the loopback bind before anything starts)
+    serve.start(http_options={"host": s.host, "port": s.port})
+    if ours is not None:
+        ours.extend(descendants())
+    say(f"deploying {model} (version {label}) at {url} ...")
+    t0 = time.perf_counter()
     try:
-        if setup.kind == "local" and not port_free(s.host, s.port):
-            raise ClusterError(f"--port {s.port}: {s.host}:{s.port} is in use by another "
-                               f"program; pick another --port")
-        if not logs.level() == "verbose":
-            logging.getLogger("ray.serve").setLevel(logging.WARNING)
-        serve.start(http_options={"host": s.host, "port": s.port})
-        say(f"deploying {model} (version {label}) at {url} ...")
-        t0 = time.perf_counter()
-        try:
-            serve.run(application(model, cfg), name=APP_NAME, route_prefix="/",
-                      logging_config={"enable_access_log": False, "log_level": "WARNING"})
-        except RuntimeError as e:  # Serve gave up on the app (its replicas failed to start)
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ClusterError(f"the app did not deploy: {first[:300]} (the replicas' "
-                               f"logs: {logs.log_dir()}/serve)") from None
-        say(f"ready in {time.perf_counter() - t0:.1f}s: POST {url}/recommend, POST "
-            f"{url}/score, GET {url}/healthz, GET {url}/version; API page {url}/docs")
-        if not block:
-            return url
-        say("serving until Ctrl-C (SIGINT) or SIGTERM")
-        while True:
-            time.sleep(1.0)
+        serve.run(app, name=APP_NAME, route_prefix="/",
+                  logging_config={"enable_access_log": False, "log_level": "WARNING"})
+    except RuntimeError as e:  # Serve gave up on the app (its replicas failed to start)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ClusterError(f"the app did not deploy: {first[:300]} (the replicas' "
+                           f"logs: {logs.log_dir()}/serve)") from None
+    say(f"ready in {time.perf_counter() - t0:.1f}s: POST {url}/recommend, POST "
+        f"{url}/score, GET {url}/healthz, GET {url}/version; API page {url}/docs")
+    return setup, url
+
+
+def _serve_forever(s: ServeConfig, say: Any) -> None:
+    """Wait for a signal; meanwhile print each refused model version once (the replicas
+    keep serving the loaded one and say why in ``/version``)."""
+    handle = serve.get_app_handle(APP_NAME)
+    seen: set[tuple[Optional[str], str]] = set()
+    every = max(float(s.reload_interval), 1.0)
+    next_look = time.monotonic() + every
+    while True:
+        time.sleep(0.5)
+        if s.reload_interval > 0 and time.monotonic() >= next_look:
+            next_look = time.monotonic() + every
+            report_refused(handle, seen, say)
+
+
+def report_refused(handle: Any, seen: set[tuple[Optional[str], str]], say: Any) -> None:
+    """One console line per refused version and reason (``seen`` holds those printed)."""
+    try:
+        pending = handle.pending_reload.remote().result(timeout_s=10)
     except KeyboardInterrupt:
-        say("stopping: deleting the app")
-        return url
-    finally:
-        if block:
-            stop()
-            if setup.kind == "local":
-                ray.shutdown()  # the embedded Ray this call started, Serve's actors with it
-            say("stopped")
+        raise
+    except Exception:  # noqa: BLE001 (a replica restarting: look again next time)
+        return
+    if not pending or (pending["version"], pending["error"]) in seen:
+        return
+    seen.add((pending["version"], pending["error"]))
+    what = f"model version {pending['version']}" if pending["version"] else "the model"
+    say(f"{what} refused: {pending['error']} (still serving {pending['serving']}; it is "
+        f"tried again when its files change)")
 
 
 def stop() -> None:

@@ -51,6 +51,22 @@ class ModelSource:
 
         return version_uri(self.model).rstrip("/").rsplit("/", 1)[-1]
 
+    def fingerprint(self, label: str) -> str:
+        """What identifies version ``label``'s files: a registered version is fixed (its
+        label); a folder's version, the names, sizes and modification times of its files, so
+        a version refused for its files is tried again once they change."""
+        if self.mlflow:
+            return label
+        import pyarrow.fs as pafs
+
+        from app.core.publish import version_uri
+        from app.core.storage import resolve
+
+        where = resolve(version_uri(self.model))
+        infos = where.fs.get_file_info(pafs.FileSelector(where.path, recursive=True))
+        return label + "|" + ";".join(sorted(f"{i.path}:{i.size}:{i.mtime_ns}" for i in infos
+                                             if i.type == pafs.FileType.File))
+
     def load(self, label: str, device: str) -> Any:
         """The serving core of version ``label`` (:meth:`version`), warmed."""
         from app.core.publish import version_uri
@@ -83,7 +99,7 @@ def recommend_many(core: Any, requests: list[RecommendRequest]) -> list[dict[str
 
     users = core.user_indices([str(r.user_id) for r in requests])
     histories = [[str(i) for i in r.history] if r.history else None for r in requests]
-    given, _ = core.histories(histories)
+    given, unknown = core.history_rows(histories)
     k = max(r.k for r in requests)
     scores, items, source = core.top_k(users, k, given,
                                        np.array([r.exclude_rated for r in requests]))
@@ -94,7 +110,7 @@ def recommend_many(core: Any, requests: list[RecommendRequest]) -> list[dict[str
         idx, sc = items[row, :n][keep], scores[row, :n][keep]
         titles = core.titles[idx - 1] if core.titles is not None else [None] * len(idx)
         out.append({"model_version": core.version, "user_known": bool(users[row] > 0),
-                    "source": str(source[row]),
+                    "source": str(source[row]), "unknown_history_items": int(unknown[row]),
                     "items": [{"item_id": core.item_id_text[i - 1], "score": float(v),
                                "title": t} for i, v, t in zip(idx.tolist(), sc.tolist(),
                                                               titles)]})
