@@ -85,7 +85,7 @@ def test_new_users_are_recommended_from_their_history(trained, movielens_dir, tm
 
     rec = Recommender(trained["model_dir"])
     vocab = load_vocab(movielens_dir)
-    user_ids, item_ids = vocab["users"]["id"].to_numpy(), vocab["items"]["id"].to_numpy()
+    item_ids = vocab["items"]["id"].to_numpy()
     tr, va = read_split_arrays(movielens_dir / "train"), read_split_arrays(movielens_dir / "val")
     users = np.unique(va["user"][va["label"] > 0])[::2]
     histories, wanted = [], []

@@ -4,7 +4,6 @@ keeps answering, and a signal at any point stops every Ray process it started wi
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal

@@ -301,7 +301,8 @@ def add_arguments(parser: argparse.ArgumentParser, sections: Optional[list[str]]
                 f"{SECTION_TITLES.get(section, section)} [{section}]", doc)
         group = groups[section]
         base = _base_type(hints[section][name])
-        help_text = f"{f.metadata.get('help', '')} (default: {_default(f)!r})"
+        # argparse formats help with %: a literal one (a share, "10%") must be doubled
+        help_text = f"{f.metadata.get('help', '')} (default: {_default(f)!r})".replace("%", "%%")
         added.append(name)
         if base is bool:
             group.add_argument(flag(name), dest=name, default=None,

@@ -59,8 +59,10 @@ class Use:
 
 
 def check_prepare(data: DataConfig, output: str, cluster: ClusterConfig) -> None:
-    """``pipelines.prepare_data``: the raw input (``--input``) and the dataset folder."""
-    check([*_raw_input(data), Use(output, "--output")], timeout=cluster.storage_timeout)
+    """``pipelines.prepare_data``: the raw input (``--input``), the base dataset (``--base``)
+    and the dataset folder."""
+    check([*_raw_input(data), *_base(data), Use(output, "--output")],
+          timeout=cluster.storage_timeout)
 
 
 def check_train(cluster: ClusterConfig, data_dir: str, output: str) -> None:
@@ -100,7 +102,7 @@ def check_run(cfg: Config, stages: Iterable[str] = ("prepare", "train", "infer")
     c = cfg.cluster
     data_dir = cfg.data.output or _under(c.workdir, "data")
     training = "train" in stages
-    check([*_raw_input(cfg.data),
+    check([*_raw_input(cfg.data), *_base(cfg.data),
            Use(c.workdir, "--workdir"), Use(data_dir, "--output"),
            *([_checkpoints(c), *_mlflow_artifacts(c)] if training else [])],
           timeout=c.storage_timeout)
@@ -111,6 +113,11 @@ def _raw_input(data: DataConfig) -> list[Use]:
     if data.input and data.dataset in ("lfs", "csv", "parquet"):
         return [Use(data.input, "--input", read=True)]
     return []
+
+
+def _base(data: DataConfig) -> list[Use]:
+    """``--base``: the prepared dataset whose vocabularies the new one extends."""
+    return [Use(data.base, "--base", read=True)] if data.base else []
 
 
 def _checkpoints(cluster: ClusterConfig) -> Use:

@@ -1,6 +1,6 @@
-"""The closing report of a full run: a stage table, the model against the popularity and EASE
-baselines (with a verdict), example recommendations, where every output is, and a plot of
-validation metrics per epoch."""
+"""The closing report of a full run: a stage table, the model against the popularity, EASE and
+iALS baselines (with a verdict against the best that ran), example recommendations, where every
+output is, and a plot of validation metrics per epoch."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import pandas as pd
 
 UNITS = {"prepare": "rows", "tune": "trials", "train": "samples", "refit": "samples",
          "infer": "users"}
-BASELINES = (("popularity", "popularity"), ("ease", "EASE"))
+BASELINES = (("popularity", "popularity"), ("ease", "EASE"), ("ials", "iALS"))
 
 
 def plot_history(history: list[dict[str, Any]], path: Any, ks: list[int]) -> None:
-    """Validation Recall@K and NDCG@K per epoch; the popularity baseline dashed, EASE dotted.
+    """Validation Recall@K and NDCG@K per epoch; the popularity baseline dashed, EASE dotted,
+    iALS dash-dotted (those that ran).
     ``path``: a PNG file's path or URI."""
     import io
 
@@ -31,7 +32,7 @@ def plot_history(history: list[dict[str, Any]], path: Any, ks: list[int]) -> Non
         for k in ks:
             line, = ax.plot(epochs, [h.get(f"val_{name}@{k}") for h in history], marker="o",
                             label=f"model {name}@{k}")
-            for (key, label), style in zip(BASELINES, ("--", ":")):
+            for (key, label), style in zip(BASELINES, ("--", ":", "-.")):
                 value = history[-1].get(f"{key}_val_{name}@{k}")
                 if value is not None:
                     ax.axhline(value, linestyle=style, color=line.get_color(), alpha=0.7,
@@ -40,7 +41,7 @@ def plot_history(history: list[dict[str, Any]], path: Any, ks: list[int]) -> Non
         ax.set_ylabel(f"validation {name}@K")
         ax.set_xticks(epochs)
         ax.legend(fontsize=7)
-    fig.suptitle("two-tower model vs popularity and EASE (validation split)")
+    fig.suptitle("two-tower model vs the baselines (validation split)")
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
@@ -71,13 +72,16 @@ def examples(recommendations: Any, users: int = 3, k: int = 5) -> str:
 
 
 def comparison(m: dict[str, Any], split: str = "test") -> list[str]:
-    """The model beside popularity and EASE on one split, with ratios, and a verdict line
-    against the best baseline on Recall@20 (or the first Recall@K)."""
+    """The model beside popularity, EASE and iALS on one split, with ratios, and a verdict line
+    against the best baseline that ran on Recall@20 (or the first Recall@K); a skipped one
+    says why."""
     bases = [(key, label) for key, label in BASELINES if m.get(key, {}).get(split)]
     head = f"  {'metric':<10}{'model':>8}" + "".join(f"{label:>12}{'ratio':>8}"
                                                    for _, label in bases)
-    out = [f"{split} split, full-catalog ranking (best epoch {m.get('best_epoch', '?')} of "
-           f"{m.get('epochs', '?')}): the model vs the baselines", head]
+    users = m["model"][split].get("users")
+    out = [f"{split} split, full-catalog ranking" + (f" over {users:,} users" if users else "")
+           + f" (best epoch {m.get('best_epoch', '?')} of {m.get('epochs', '?')}): the model "
+           f"vs the baselines", head]
     keys = sorted((k for k in m["model"][split] if "@" in k),
                   key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
     for key in keys:
@@ -87,8 +91,9 @@ def comparison(m: dict[str, Any], split: str = "test") -> list[str]:
             b = m[base][split].get(key, float("nan"))
             row += f"{b:>12.4f}{(f'{model / b:.2f}x' if b else '-'):>8}"
         out.append(row)
-    if m.get("ease", {}).get("skipped"):
-        out.append(f"  EASE skipped: {m['ease']['skipped']}")
+    for base, label in BASELINES:
+        if m.get(base, {}).get("skipped"):
+            out.append(f"  {label} skipped: {m[base]['skipped']}")
     key = "recall@20" if "recall@20" in m["model"][split] else next(
         (k for k in keys if k.startswith("recall@")), None)
     if key and bases:

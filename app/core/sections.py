@@ -52,6 +52,8 @@ class DataConfig:
         "movielens-small", "data source")
     input: Optional[str] = _f(None, "file, folder, glob or URI to read (lfs, csv, parquet)")
     output: Optional[str] = _f(None, "prepared dataset folder (default: <workdir>/data)")
+    base: Optional[str] = _f(None, "prepared dataset (folder or URI) whose vocabularies this "
+                                   "one extends: its ids keep their rows, new ids follow")
     overwrite: bool = _f(False, "replace an existing prepared dataset at --output")
     download_url: str = _f(LFS_URL, "where --dataset lfs downloads from when --input is not given")
     user_col: str = _f("userId", "user id column in the raw ratings")
@@ -124,6 +126,8 @@ class DataConfig:
                      _epoch_seconds(self.timestamp_max, "timestamp_max"))
         _check(low < high, "timestamp_min", f"must be before --timestamp-max "
                                             f"({self.timestamp_max})", self.timestamp_min)
+        _check(self.base is None or bool(self.base.strip()), "base",
+               "must name a prepared dataset folder or URI", self.base)
 
     def timestamp_bounds(self) -> tuple[int, int]:
         """The plausible timestamp range, inclusive, as epoch seconds."""
@@ -206,6 +210,11 @@ class TrainConfig:
     embedding_lr: float = _f(0.05, "learning rate of the fused embedding optimizer")
     dense_lr: float = _f(1e-3, "learning rate of the dense (MLP) optimizer")
     eval_k: list = _f([10, 20, 50], "cut-offs K of the Recall@K and NDCG@K evaluated")
+    val_sample_users: int = _f(
+        5000, "validation users ranked after every epoch (early stopping, the epoch line): a "
+              "fixed seeded draw of those with validation positives, the same every epoch; "
+              "the exported epoch is then scored once on every user. 5,000 keeps an "
+              "evaluation under ~10% of an epoch from 1M rows up (0: every user)")
     history_dropout: float = _f(0.9, "share of history items dropped at random from each "
                                      "training batch (denoising)")
     user_id_dropout: float = _f(0.1, "share of training rows whose user id is hidden (the "
@@ -213,13 +222,30 @@ class TrainConfig:
     ease_lambdas: list = _f([50, 100, 200, 400, 800, 1600],
                             "EASE baseline: L2 penalties tried, chosen on validation")
     ease_max_dim: int = _f(10000, "EASE baseline: largest min(users, items) it is fitted for "
-                                  "(an eigendecomposition of that size); skipped above")
+                                  "(a dense matrix of that size); skipped above")
+    baseline_select_users: int = _f(
+        5000, "EASE and iALS baselines: validation users (a fixed seeded draw) their settings "
+              "are chosen on; val and test are then scored on every user (0: every user)")
+    baselines: Literal["all", "ease", "ials", "none"] = _f(
+        "all", "driver-side baselines beside popularity: all = EASE (where it fits under "
+               "--ease-max-dim) and iALS")
+    ials_factors: list = _f([32, 64], "iALS baseline: latent factors tried, chosen on "
+                                      "validation")
+    ials_regularization: list = _f([10, 100], "iALS baseline: L2 penalties tried with each "
+                                              "--ials-factors, chosen on validation")
+    ials_alpha: float = _f(10.0, "iALS baseline: confidence weight of a training positive")
+    ials_iterations: int = _f(15, "iALS baseline: alternating passes of every fit")
     accelerator: Literal["gpu", "cpu"] = _f(
         "gpu", "device of snsg/snmg/mnmg workers; cpu places the same topology on CPU workers")
     cpus_per_worker: int = _f(1, "CPUs reserved per training worker")
     sharding: Literal["auto", "table_wise", "column_wise", "row_wise", "table_row_wise",
                       "data_parallel"] = _f(
         "auto", "sharding of the id tables; auto lets the planner choose a model-parallel type")
+    table_memory_gb: float = _f(
+        0.0, "memory per worker for the embedding tables and their optimizer state, in GB "
+             "(GPU memory on GPU workers); a table larger than it is split by rows over the "
+             "workers (on GPU also cached from host memory); 0: a third of the host's memory "
+             "over its workers on CPU, the GPU's memory on GPU")
     max_failures: int = _f(1, "restarts of the worker group from the latest checkpoint")
     keep_checkpoints: int = _f(2, "epoch checkpoints kept on storage")
     log_every: int = _f(20, "steps between progress lines on rank 0")
@@ -254,12 +280,29 @@ class TrainConfig:
         # EASE inverts a dense dim x dim matrix: 50,000 is 20 GB in float64
         _check(0 <= self.ease_max_dim <= 50_000, "ease_max_dim", "must be in [0, 50,000]",
                self.ease_max_dim)
+        # more users than any dataset has: 0 asks for all of them
+        _check(0 <= self.baseline_select_users <= 100_000_000, "baseline_select_users",
+               "must be in [0, 100,000,000] (0: every user)", self.baseline_select_users)
+        _check(len(self.ials_factors) > 0 and all(_count(f, MAX_DIM) for f in self.ials_factors),
+               "ials_factors", f"must be a non-empty list of integers in [1, {MAX_DIM:,}]",
+               self.ials_factors)
+        # penalties and weights far above the counts of a binary matrix only flatten the model
+        _check(len(self.ials_regularization) > 0
+               and all(0 < x <= 1e6 for x in self.ials_regularization), "ials_regularization",
+               "must be a non-empty list of numbers in (0, 1,000,000]", self.ials_regularization)
+        _check(0 < self.ials_alpha <= 1e6, "ials_alpha", "must be in (0, 1,000,000]",
+               self.ials_alpha)
+        _check(0 < self.ials_iterations <= 1000, "ials_iterations", "must be in [1, 1000]",
+               self.ials_iterations)
         _check(0 < self.batch_size <= MAX_BATCH, "batch_size", f"must be in [1, {MAX_BATCH:,}]",
                self.batch_size)
         _check(self.embedding_lr > 0, "embedding_lr", "must be positive", self.embedding_lr)
         _check(self.dense_lr > 0, "dense_lr", "must be positive", self.dense_lr)
         _check(len(self.eval_k) > 0 and all(_count(k, MAX_K) for k in self.eval_k), "eval_k",
                f"must be a non-empty list of integers in [1, {MAX_K:,}]", self.eval_k)
+        # more users than any dataset has: 0 asks for all of them
+        _check(0 <= self.val_sample_users <= 100_000_000, "val_sample_users",
+               "must be in [0, 100,000,000] (0: every user)", self.val_sample_users)
         _check(0 < self.cpus_per_worker <= MAX_PROCS, "cpus_per_worker",
                f"must be in [1, {MAX_PROCS}]", self.cpus_per_worker)
         _check(-1 <= self.max_failures <= 1000, "max_failures",
@@ -269,6 +312,9 @@ class TrainConfig:
         _check(self.log_every > 0, "log_every", "must be positive", self.log_every)
         _check(0 <= self.train_seed <= MAX_SEED, "train_seed", f"must be in [0, {MAX_SEED}]",
                self.train_seed)
+        # a petabyte per worker is beyond any machine; 0 asks for the automatic share
+        _check(0 <= self.table_memory_gb <= 1_000_000, "table_memory_gb",
+               "must be in [0, 1,000,000] (0: automatic)", self.table_memory_gb)
 
 
 DEFAULT_SEARCH_SPACE = {  # around the defaults that bench/quality.py measured best

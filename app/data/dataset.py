@@ -15,10 +15,11 @@ streaming, so Ray workers of the data stage stay light; the training-side reader
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,7 +29,8 @@ import pyarrow.parquet as pq
 
 from app.core.contracts import Contract, Part
 from app.core.errors import DatasetError  # noqa: F401  (raised here, importable from here)
-from app.core.publish import local_dir
+from app.core.errors import OutputError, StorageError
+from app.core.publish import local_dir, version_of, version_uri
 from app.data.mds import INTERACTION_COLUMNS, record_dtype
 
 SCHEMA_VERSION = 1
@@ -79,6 +81,20 @@ class SplitRule(Part):
 
 
 @dataclass
+class VocabBase(Part):
+    """The prepared dataset whose vocabularies these extend (``--base``): each of its ids keeps
+    its index, ids new here follow its last one. Empty (None and zeros) without a base."""
+
+    uri: Optional[str] = None              # the base's published version (path or URI)
+    version: Optional[str] = None          # its version name (v-...); None if not versioned
+    manifest_sha256: Optional[str] = None  # its fingerprint: sha256 of its manifest.json
+    new_users: int = 0     # user ids of this data that the base lacks (indices after its own)
+    new_items: int = 0
+    absent_users: int = 0  # base user ids with no row in this data (their indices kept)
+    absent_items: int = 0
+
+
+@dataclass
 class Vocab(Part):
     """The id vocabularies (``vocab/users.parquet``, ``vocab/items.parquet``)."""
 
@@ -88,6 +104,7 @@ class Vocab(Part):
     user_id_type: str   # the ids' Arrow type as saved: int64 or string
     item_id_type: str
     item_metadata: list[str]  # item columns beside the id (title, year, genres)
+    base: VocabBase = field(default_factory=VocabBase)  # what they extend (--base)
 
 
 @dataclass
@@ -115,6 +132,14 @@ class Manifest(Contract):
     vocab: Vocab
     config: dict[str, Any]
     seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`Part.to_dict`, but ``vocab.base`` only when there is a base: a dataset
+        prepared without ``--base`` has the manifest it had before the field existed."""
+        data = super().to_dict()
+        if self.vocab.base == VocabBase():
+            del data["vocab"]["base"]
+        return data
 
     @classmethod
     def missing(cls, folder: str) -> str:
@@ -157,6 +182,68 @@ def load_vocab(data_dir: str | os.PathLike) -> dict[str, Any]:
             raise DatasetError(f"{root / (kind + '.parquet')}: id {repeated!r} occurs more "
                                f"than once; prepare the dataset again")
     return vocab
+
+
+def id_text(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Vocabulary ids as the text they were read from: an int64 vocabulary holds only integers
+    in their canonical form (``7``, never ``007``), so its decimal text is exactly its ids."""
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    return ids if pa.types.is_string(ids.type) else ids.cast(pa.string())
+
+
+def id_rows(data_dir: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """Each id of a prepared dataset -> its row (index) in that dataset's embedding tables:
+    ``{"users": {id: row}, "items": {id: row}}``, ids as text (:func:`id_text`), so rows of two
+    versions match by id whatever type each vocabulary was saved as."""
+    return {kind: dict(zip(id_text(table["id"]).to_pylist(), table["index"].to_pylist()))
+            for kind, table in load_vocab(data_dir).items()}
+
+
+@dataclass
+class BaseDataset:
+    """A prepared dataset read as the base of a new version's vocabularies (``--base``)."""
+
+    ref: VocabBase    # where it is and which version (the counts are the new version's)
+    vocab: Vocab      # its manifest's vocabulary record
+    users: pa.Table   # vocab/users.parquet: index 1..N in order, id
+    items: pa.Table   # vocab/items.parquet: index, id, item metadata
+
+
+def read_base(base: str) -> BaseDataset:
+    """The published version of the prepared dataset ``base`` (a folder or URI; on an object
+    store, read from this node's copy), checked for extending its vocabularies.
+
+    Raises:
+        DatasetError: one line naming ``--base`` and the dataset: not a prepared dataset, of
+            another schema version, unreadable, or with ids other than int64 or string.
+    """
+    try:
+        uri, version = version_uri(base), version_of(base)
+        folder = local_dir(uri)
+        manifest = read_manifest(folder)
+        vocab = load_vocab(folder)
+    except (DatasetError, OutputError, StorageError) as e:
+        raise DatasetError(f"--base: {e}") from None
+    except (OSError, pa.ArrowException) as e:  # a vocabulary file missing or not Parquet
+        raise DatasetError(f"--base: {base}: unreadable vocabulary ({e})") from None
+    for kind, size, kind_type in (("users", manifest.vocab.users, manifest.vocab.user_id_type),
+                                  ("items", manifest.vocab.items, manifest.vocab.item_id_type)):
+        _check_base_vocab(folder / "vocab" / f"{kind}.parquet", vocab[kind], size, kind_type)
+    sha = hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
+    return BaseDataset(VocabBase(uri=uri, version=version, manifest_sha256=sha),
+                       manifest.vocab, vocab["users"], vocab["items"])
+
+
+def _check_base_vocab(path: Path, table: pa.Table, size: int, kind_type: str) -> None:
+    """A base vocabulary can be extended: exact ids (int64 or string, as its manifest says,
+    none missing) at indices 1..N in order, N as its manifest says."""
+    ids, index = table["id"], table["index"].to_numpy()
+    if str(ids.type) not in ("int64", "string") or str(ids.type) != kind_type:
+        raise DatasetError(f"--base: {path}: ids of type {ids.type} (its manifest says "
+                           f"{kind_type}); only int64 or string ids can be extended")
+    if ids.null_count or len(table) != size or not np.array_equal(index, np.arange(1, size + 1)):
+        raise DatasetError(f"--base: {path}: not indices 1..{size} <-> one id each; prepare "
+                           f"the base again")
 
 
 def shard_records(path: str, columns: list[str], encodings: list[str]) -> np.ndarray:

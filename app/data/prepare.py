@@ -3,7 +3,7 @@
 Recipe (:func:`prepare_dataset`; the steps of :func:`_build`):
     read -> validate (bad rows tagged with a reason) -> materialise               _validated
     -> per-block statistics + unreadable lines -> counts by reason                _tally
-    -> id vocabularies (driver)                                                   _vocabularies
+    -> id vocabularies (driver), extending --base's if given                      _vocabularies
     -> repeated (user, item) rows resolved by --duplicates (:mod:`app.data.duplicates`)
     -> the label threshold (driver)                                               _label_rule
     -> encode ids, label, split (:mod:`app.data.blocks`) -> one write: MDS shards
@@ -44,12 +44,17 @@ from app.data.dataset import (
     MANIFEST,
     SCHEMA_VERSION,
     SPLITS,
+    BaseDataset,
     Counts,
+    DatasetError,
     Duplicates,
     LabelRule,
     Manifest,
     SplitRule,
     Vocab,
+    VocabBase,
+    id_text,
+    read_base,
     read_manifest,
 )
 from app.data.mds import INTERACTION_COLUMNS
@@ -109,6 +114,7 @@ def _build(cfg: DataConfig, tmp: Path, target: Location, *,
     (:meth:`app.core.publish.Lease.record`)."""
     t0 = time.perf_counter()
     say, detail = _printers(t0, verbose)
+    base = read_base(cfg.base) if cfg.base else None  # a bad base fails before any Ray work
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     source = open_source(cfg, scratch_dir=str(tmp / "_scratch"),
                          malformed_dir=str(target.join("_malformed")))
@@ -122,11 +128,12 @@ def _build(cfg: DataConfig, tmp: Path, target: Location, *,
     if tally.accepted == 0:
         raise tally.nothing_accepted(where)
 
-    vocab = _vocabularies(tally.stats, tmp / "vocab", item_metadata=source.item_metadata)
+    vocab = _vocabularies(tally.stats, tmp / "vocab", item_metadata=source.item_metadata,
+                          base=base)
     merge = _resolve_duplicates(blocks, vocab, accepted=tally.accepted, policy=cfg.duplicates,
                                 say=say)
     label = _label_rule(cfg, tally, merge)
-    say(f"vocabularies: {vocab.part.users:,} users, {vocab.part.items:,} items; label: "
+    say(f"vocabularies: {_vocab_sizes(vocab.part)}; label: "
         f"rating >= {label.threshold:.4g} ({label.rule})")
     written, files = _write(cfg, blocks, vocab, merge, threshold=label.threshold,
                             columns=source.columns, target=target)
@@ -268,27 +275,66 @@ class _Vocabularies:
     part: Vocab  # what the manifest says of them
 
 
-def _vocabularies(stats: pa.Table, folder: Path, *,
-                  item_metadata: Optional[pa.Table] = None) -> _Vocabularies:
-    """Build the user and item vocabularies from the blocks' distinct ids and save them to
-    ``folder`` (``users.parquet``, ``items.parquet`` with the item metadata columns)."""
-    users_text, users = _vocabulary(stats["users"])
-    items_text, items = _vocabulary(stats["items"])
+def _vocabularies(stats: pa.Table, folder: Path, *, item_metadata: Optional[pa.Table] = None,
+                  base: Optional[BaseDataset] = None) -> _Vocabularies:
+    """Build the user and item vocabularies from the blocks' distinct ids (after the ``base``
+    dataset's ids, at their indices, when given) and save them to ``folder``
+    (``users.parquet``, ``items.parquet`` with the item metadata columns)."""
     folder.mkdir()
-    _save_vocab(folder / "users.parquet", users)
-    _save_vocab(folder / "items.parquet", items, item_metadata, items_text)
-    metadata = item_metadata.column_names if item_metadata is not None else []
+    if base is None:
+        users_text, users = _vocabulary(stats["users"])
+        items_text, items = _vocabulary(stats["items"])
+        _save_vocab(folder / "users.parquet", users)
+        _save_vocab(folder / "items.parquet", items, item_metadata, items_text)
+        metadata = item_metadata.column_names if item_metadata is not None else []
+        ref = VocabBase()
+    else:
+        users_text, users, new_users, absent_users = _extended(stats["users"], base.users["id"])
+        items_text, items, new_items, absent_items = _extended(stats["items"], base.items["id"])
+        merged = _merged_metadata(items_text, item_metadata, base.items)
+        _save_vocab(folder / "users.parquet", users)
+        _save_vocab(folder / "items.parquet", items, merged, items_text)
+        metadata = merged.column_names if merged is not None else []
+        ref = VocabBase(uri=redact(base.ref.uri), version=base.ref.version,  # no credentials
+                        manifest_sha256=base.ref.manifest_sha256, new_users=new_users,
+                        new_items=new_items, absent_users=absent_users,
+                        absent_items=absent_items)
     return _Vocabularies(users_text, items_text, Vocab(
         users=len(users), items=len(items), unknown_index=0, user_id_type=str(users.type),
-        item_id_type=str(items.type), item_metadata=[c for c in metadata if c != "item"]))
+        item_id_type=str(items.type), item_metadata=[c for c in metadata if c != "item"],
+        base=ref))
+
+
+def _vocab_sizes(vocab: Vocab) -> str:
+    """``610 users, 9,000 items``; with a base, how many ids of each are new and how many only
+    in the base: ``610 users (12 new, 3 only in the base), ...``."""
+    b = vocab.base
+
+    def one(n: int, kind: str, new: int, absent: int) -> str:
+        extra = f" ({new:,} new, {absent:,} only in the base)" if b.uri else ""
+        return f"{n:,} {kind}{extra}"
+
+    return (one(vocab.users, "users", b.new_users, b.absent_users) + ", "
+            + one(vocab.items, "items", b.new_items, b.absent_items))
+
+
+def _integers(text: pa.Array) -> Optional[pa.Array]:
+    """``text`` as int64 when every id is an integer written as int64 writes it (``7``,
+    ``-3``; not ``007``, ``+7``, ``-0`` or beyond int64), else None."""
+    if not len(text) or not pc.all(pc.match_substring_regex(text, _INT_ID)).as_py():
+        return None
+    try:
+        return pc.cast(text, pa.int64())
+    except pa.ArrowInvalid:  # 19 digits beyond int64: the ids stay text
+        return None
 
 
 def _vocabulary(id_lists: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
     """Distinct ids in a stable order: numeric order when every id is an integer's own text.
 
     Ids are text and stay exact: the vocabulary is saved as int64 only when every id is an
-    integer written as int64 writes it (``7``, ``-3``; not ``007``, ``+7``, ``-0`` or beyond
-    int64), so an int64 vocabulary's decimal text is exactly its ids.
+    integer written as int64 writes it (:func:`_integers`), so an int64 vocabulary's decimal
+    text is exactly its ids.
 
     Args:
         id_lists: one list of distinct ids (text) per block.
@@ -297,16 +343,65 @@ def _vocabulary(id_lists: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
         (ids as text, for lookups; ids in their natural type, for the saved vocabulary)
     """
     text = pc.unique(pc.list_flatten(id_lists.combine_chunks()))
-    if len(text) and pc.all(pc.match_substring_regex(text, _INT_ID)).as_py():
-        try:
-            natural = pc.cast(text, pa.int64())
-        except pa.ArrowInvalid:  # 19 digits beyond int64: the ids stay text
-            natural = None
-        if natural is not None:
-            order = pc.sort_indices(natural)
-            return pc.take(text, order), pc.take(natural, order)
+    natural = _integers(text)
+    if natural is not None:
+        order = pc.sort_indices(natural)
+        return pc.take(text, order), pc.take(natural, order)
     text = pc.take(text, pc.sort_indices(text))
     return text, text
+
+
+def _extended(id_lists: pa.ChunkedArray, base_ids: pa.ChunkedArray
+              ) -> tuple[pa.Array, pa.Array, int, int]:
+    """A base vocabulary extended by the blocks' distinct ids: the base's ids first, at their
+    indices (those absent from the blocks too: a model can still serve them), then the new
+    ids in :func:`_vocabulary`'s order for the union's type.
+
+    The union follows :func:`_vocabulary`'s rule as a whole: int64 only when every id, old and
+    new, is an integer's own text; else every id is saved as its text (a base of int64 ids
+    becomes text then, ``7`` stays ``7`` and a new ``007`` is another id).
+
+    Returns:
+        (ids as text, ids in their natural type, new ids, base ids absent from the blocks)
+    """
+    seen = pc.unique(pc.list_flatten(id_lists.combine_chunks()))
+    old = id_text(base_ids)
+    fresh = seen.filter(pc.invert(pc.is_in(seen, value_set=old)))
+    absent = len(old) - int(pc.sum(pc.is_in(old, value_set=seen)).as_py() or 0)
+    natural = _integers(pa.concat_arrays([old, fresh]))
+    order = pc.sort_indices(natural[len(old):] if natural is not None else fresh)
+    text = pa.concat_arrays([old, pc.take(fresh, order)])
+    natural = pc.cast(text, pa.int64()) if natural is not None else text
+    return text, natural, len(fresh), absent
+
+
+def _merged_metadata(items_text: pa.Array, new: Optional[pa.Table], base: pa.Table
+                     ) -> Optional[pa.Table]:
+    """The item metadata of an extended vocabulary, aligned with ``items_text``: for each
+    column, the new source's value where it has one, else the base's (the base's columns
+    first, in its order, then the source's others).
+
+    Raises:
+        DatasetError: a column of both cannot take the base's values in the source's type.
+    """
+    base_cols = [c for c in base.column_names if c not in ("index", "id")]
+    new_cols = [c for c in (new.column_names if new is not None else []) if c != "item"]
+    if not base_cols and new is None:
+        return None
+    in_base = pc.index_in(items_text, value_set=id_text(base["id"]))
+    in_new = pc.index_in(items_text, value_set=new["item"]) if new is not None else None
+    columns = {"item": items_text}
+    for col in base_cols + [c for c in new_cols if c not in base_cols]:
+        old = pc.take(base[col], in_base) if col in base_cols else None
+        ours = pc.take(new[col], in_new) if col in new_cols else None
+        if ours is not None and old is not None:
+            try:
+                old = old.cast(ours.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise DatasetError(f"--base: item metadata column {col!r} is {old.type} there "
+                                   f"and {ours.type} in the new data") from None
+        columns[col] = old if ours is None else ours if old is None else pc.coalesce(ours, old)
+    return pa.table(columns)
 
 
 def _save_vocab(path: Path, ids: pa.Array, extra: Optional[pa.Table] = None,

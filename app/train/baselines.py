@@ -1,107 +1,229 @@
-"""Strong baselines the model is judged against: EASE (and popularity, in :mod:`app.train.metrics`).
+"""Strong baselines the model is judged against: EASE and iALS (popularity is in
+:mod:`app.train.metrics`). Both are fitted on the driver from the binary matrix X (users x items)
+of training positives, choose their settings on a fixed, seeded sample of validation users
+(full-catalog Recall@20, training items excluded, exactly as the model is scored), then score
+every user of val and test once with the settings chosen.
 
 EASE (Steck 2019, "Embarrassingly Shallow Autoencoders for Sparse Data") is a closed-form
-item-item linear model over the binary matrix X (users x items) of training positives::
+item-item linear model::
 
     P = (XᵀX + λI)⁻¹,   B = I - P / diag(P)   (so diag(B) = 0),   scores = X B
 
-Fitting a grid of λ the direct way costs one items x items inverse per λ. Here one symmetric
-eigendecomposition serves the whole grid, in whichever of two forms is smaller:
+in whichever of two forms is smaller:
 
-- primal (items <= users): XᵀX = V diag(s) Vᵀ, so P = V diag(1 / (s + λ)) Vᵀ;
+- primal (items <= users): B itself, one Cholesky inverse of the items x items Gram matrix per
+  λ; X stays sparse, so scoring costs nnz(X_u)·n instead of u·n² (at 20k users x 5k items,
+  5,000 users take ~1 s instead of ~12 s per λ). No eigendecomposition: on two cores one of
+  5k x 5k costs about ten such inverses.
 - dual (users < items, e.g. MovieLens: 671 users, 9k items): by Woodbury,
-  λP = I - Xᵀ W diag(1 / (e + λ)) Wᵀ X with XXᵀ = W diag(e) Wᵀ, which needs only a users x users
-  eigendecomposition. λ cancels in P / diag(P).
+  λP = I - Xᵀ W diag(1 / (e + λ)) Wᵀ X with XXᵀ = W diag(e) Wᵀ, one users x users
+  eigendecomposition for the whole grid. λ cancels in P / diag(P).
 
 Only items with at least one training positive take part (the others score 0, as they do in
-EASE). The fit is skipped, with the reason, when the smaller side exceeds ``max_dim``.
+EASE). EASE is skipped, with the reason, when the smaller side exceeds ``max_dim``.
+
+iALS (Hu, Koren, Volinsky 2008) comes from the ``implicit`` library: its CUDA model where the
+installed build has CUDA, else its CPU model on the driver's cores.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from app.core.config import TrainConfig
 from app.data.dataset import read_split_arrays
-from app.train.metrics import UserItems, finish, ranking_sums
+from app.train.metrics import UserItems, finish, ranking_sums, sample_users
+
+Scorer = Callable[[np.ndarray], torch.Tensor]  # user indices (u,) -> scores (u, num_items)
+NAMES = {"ease": "EASE", "ials": "iALS"}
+
+
+def positives_matrix(users: np.ndarray, items: np.ndarray, shape: tuple[int, int]
+                     ) -> sp.csr_matrix:
+    """The binary (users x items) CSR matrix of training positives (repeats count once)."""
+    x = sp.csr_matrix((np.ones(len(users)), (users, items)), shape=shape)
+    x.sum_duplicates()
+    x.data[:] = 1.0
+    return x
+
+
+def split_metrics(score: Scorer, users: np.ndarray, *, exclude: UserItems,
+                  positives: UserItems, ks: list[int], chunk: int = 1024) -> dict[str, float]:
+    """Recall@K / NDCG@K of a scorer over the given users, as for the model."""
+    sums: dict[str, float] = {}
+    for s in range(0, len(users), chunk):
+        part = users[s:s + chunk]
+        for k, v in ranking_sums(score(part), part, exclude=exclude, positives=positives,
+                                 ks=ks).items():
+            sums[k] = sums.get(k, 0.0) + v
+    return finish(sums or {"users": 0.0})
+
+
+def select_key(ks: list[int]) -> str:
+    """The metric a grid is chosen on: Recall@20, or the largest K evaluated."""
+    return f"recall@{20 if 20 in ks else max(ks)}"
 
 
 @dataclass
+class Chosen:
+    """The grid point a baseline keeps, its metrics on the selection users, and the time spent
+    building scorers (fitting) and scoring the selection users (selecting)."""
+
+    name: str
+    score: Scorer
+    metrics: dict[str, float]
+    grid: dict[str, float]
+    fit_s: float
+    select_s: float
+
+
+def choose(candidates: Iterable[tuple[str, Callable[[], Scorer]]], users: np.ndarray, *,
+           exclude: UserItems, positives: UserItems, ks: list[int]) -> Chosen:
+    """Build each candidate's scorer in turn and keep the best on ``users`` (ties: the first
+    in the grid); only the best so far stays in memory."""
+    key = select_key(ks)
+    best: Optional[Chosen] = None
+    grid: dict[str, float] = {}
+    fit_s = select_s = 0.0
+    for name, build in candidates:
+        t0 = time.perf_counter()
+        score = build()
+        t1 = time.perf_counter()
+        m = split_metrics(score, users, exclude=exclude, positives=positives, ks=ks)
+        fit_s, select_s = fit_s + t1 - t0, select_s + time.perf_counter() - t1
+        grid[name] = m.get(key, 0.0)
+        if best is None or grid[name] > best.metrics.get(key, 0.0):
+            best = Chosen(name, score, m, grid, 0.0, 0.0)
+    best.fit_s, best.select_s = fit_s, select_s
+    return best
+
+
+def evaluate_chosen(chosen: Chosen, *, select_users: np.ndarray, epoch_users: np.ndarray,
+                    exclude: UserItems, positives: dict[str, UserItems], ks: list[int],
+                    select_on: str = "val") -> dict[str, Any]:
+    """The chosen scorer on every user of every split, and (``val_sample``) on the users the
+    model's epochs are scored on, when those are a sample (:mod:`app.train.evaluate`)."""
+    out: dict[str, Any] = {}
+    for split in positives:
+        out[split] = split_metrics(chosen.score, positives[split].users(), exclude=exclude,
+                                   positives=positives[split], ks=ks)
+    if len(epoch_users) < len(positives[select_on].users()):
+        out[f"{select_on}_sample"] = (
+            chosen.metrics if np.array_equal(epoch_users, select_users) else
+            split_metrics(chosen.score, epoch_users, exclude=exclude,
+                          positives=positives[select_on], ks=ks))
+    return out
+
+
+# ---------------------------------------------------------------- EASE
+
+@dataclass
 class EaseFit:
-    """One eigendecomposition of the training positives, from which any λ is cheap."""
+    """The training positives in the form EASE solves in, from which any λ's scores follow."""
 
     num_items: int
-    rows: np.ndarray      # (num_users + 1,) user index -> row of X, -1 if the user has none
+    rows: np.ndarray      # (num_users + 1,) user index -> row of X, U if the user has none
     cols: np.ndarray      # (n,) item index of each column of X
-    x: torch.Tensor       # (U, n) float64 binary training positives (dense)
+    x: sp.csr_matrix      # (U + 1, n) binary training positives; row U is empty
     form: str             # "primal" or "dual"
-    vecs: torch.Tensor    # primal: V (n, n); dual: W (U, U)
-    vals: torch.Tensor    # primal: s (n,); dual: e (U,)
-    a: Optional[torch.Tensor] = None  # dual: A = Wᵀ X (U, n)
+    gram: Optional[torch.Tensor] = None  # primal: XᵀX (n, n) float64
+    vecs: Optional[torch.Tensor] = None  # dual: W (U, U)
+    vals: Optional[torch.Tensor] = None  # dual: e (U,)
+    a: Optional[torch.Tensor] = None     # dual: A = Wᵀ X (U, n)
+
+    def weights(self, lam: float) -> torch.Tensor:
+        """Primal form: B = I - P / diag(P), (n, n) float64. One n x n matrix stays (the
+        others are freed on the way), so a grid holds at most two besides XᵀX."""
+        g = self.gram.clone()
+        g.diagonal().add_(lam)
+        chol = torch.linalg.cholesky(g)
+        del g
+        p = torch.cholesky_inverse(chol)                                       # P (n, n)
+        del chol
+        p.div_(-torch.diagonal(p).clone())                                     # -P_ij / P_jj
+        return p.fill_diagonal_(0.0)
+
+    def scorer(self, lam: float) -> Scorer:
+        """Scores of every item index for given users: (len(users), num_items) float64."""
+        cols, empty = torch.from_numpy(self.cols), self.x.shape[0] - 1
+        if self.form == "primal":
+            b = self.weights(lam).numpy()
+
+            def primal(users: np.ndarray) -> torch.Tensor:
+                # sparse rows times B: nnz(X_u)·n; a user without positives scores 0
+                block = torch.from_numpy(self.x[self.rows[users]] @ b)         # (u, n)
+                out = torch.zeros(len(users), self.num_items, dtype=torch.float64)
+                return out.index_copy_(1, cols, block)
+
+            return primal
+        inv = 1.0 / (self.vals.clamp(min=0) + lam)
+        e = self.vals.clamp(min=0)
+        diag = 1.0 - (self.a ** 2 * inv[:, None]).sum(0)                       # λ diag(P)
+
+        def score(users: np.ndarray) -> torch.Tensor:
+            out = torch.zeros(len(users), self.num_items, dtype=torch.float64)
+            r = self.rows[users]
+            have = np.flatnonzero(r < empty)
+            if len(have):
+                xu = torch.from_numpy(self.x[r[have]].toarray())               # (u, n)
+                xp = xu - (self.vecs[r[have]] * (e * inv)) @ self.a            # λ X_u P
+                out[torch.from_numpy(have)[:, None], cols[None, :]] = xu - xp / diag
+            return out
+
+        return score
 
     def scores(self, users: np.ndarray, lam: float) -> torch.Tensor:
         """EASE scores of every item index for the given users: (len(users), num_items)."""
-        out = torch.zeros(len(users), self.num_items, dtype=torch.float64)
-        r = self.rows[users]
-        have = np.flatnonzero(r >= 0)
-        if not len(have):
-            return out
-        xu = self.x[r[have]]                                                # (u, n)
-        inv = 1.0 / (self.vals.clamp(min=0) + lam)
-        if self.form == "primal":
-            xp = (xu @ self.vecs) * inv @ self.vecs.T                       # X_u P   (u, n)
-            diag = (self.vecs ** 2) @ inv                                   # diag(P) (n,)
-        else:
-            e = self.vals.clamp(min=0)
-            xp = xu - (self.vecs[r[have]] * (e * inv)) @ self.a             # λ X_u P (u, n)
-            diag = 1.0 - (self.a ** 2 * inv[:, None]).sum(0)                # λ diag(P)
-        block = xu - xp / diag
-        out[torch.from_numpy(have)[:, None], torch.from_numpy(self.cols)[None, :]] = block
-        return out
+        return self.scorer(lam)(users)
 
 
 def fit_ease(users: np.ndarray, items: np.ndarray, *, num_users: int, num_items: int,
              form: str = "auto") -> EaseFit:
-    """Eigendecompose the binary matrix of (user, item) training positives.
+    """Prepare EASE on the (user, item) training positives: the Gram matrix (primal) or one
+    eigendecomposition of XXᵀ (dual).
 
     Args:
         users, items: (N,) indices of the training positives (repeats count once).
         num_users, num_items: table sizes (index 0 included).
-        form: "primal", "dual" or "auto" (the smaller eigenproblem).
+        form: "primal", "dual" or "auto" (the smaller side).
     """
     row_users = np.unique(users)
     cols = np.unique(items)
-    rows = np.full(num_users + 1, -1, np.int64)
+    rows = np.full(num_users + 1, len(row_users), np.int64)  # no positives: the empty row
     rows[row_users] = np.arange(len(row_users))
     col_of = np.full(num_items, -1, np.int64)
     col_of[cols] = np.arange(len(cols))
-    x = torch.zeros(len(row_users), len(cols), dtype=torch.float64)
-    x[torch.from_numpy(rows[users]), torch.from_numpy(col_of[items])] = 1.0
+    x = positives_matrix(rows[users], col_of[items], (len(row_users) + 1, len(cols)))
     if form == "auto":
         form = "primal" if len(cols) <= len(row_users) else "dual"
     if form == "primal":
-        vals, vecs = torch.linalg.eigh(x.T @ x)
-        return EaseFit(num_items, rows, cols, x, "primal", vecs, vals)
-    vals, vecs = torch.linalg.eigh(x @ x.T)
-    return EaseFit(num_items, rows, cols, x, "dual", vecs, vals, a=vecs.T @ x)
+        gram = torch.from_numpy((x.T @ x).toarray())  # sparse product: nnz-bound, not U·n²
+        return EaseFit(num_items, rows, cols, x, "primal", gram=gram)
+    dense = torch.from_numpy(x[:-1].toarray())
+    vals, vecs = torch.linalg.eigh(dense @ dense.T)
+    return EaseFit(num_items, rows, cols, x, "dual", vecs=vecs, vals=vals, a=vecs.T @ dense)
 
 
 def ease_size(users: np.ndarray, items: np.ndarray) -> int:
-    """The side of the eigenproblem EASE would solve for these positives."""
+    """The side of the matrix EASE would solve for these positives."""
     return int(min(len(np.unique(users)), len(np.unique(items))))
 
 
 def ease_baseline(train_users: np.ndarray, train_items: np.ndarray, *,
                   exclude: UserItems, positives: dict[str, UserItems], num_users: int,
                   num_items: int, ks: list[int], lambdas: list[float], max_dim: int,
-                  select_on: str = "val", chunk: int = 1024) -> dict:
-    """EASE fitted on the training positives, λ chosen on one split, evaluated on all.
+                  select_users: int = 0, epoch_users: int = 0, select_on: str = "val"
+                  ) -> dict:
+    """EASE fitted on the training positives, λ chosen on a sample of one split's users, then
+    every split evaluated on all its users.
 
     Args:
         train_users, train_items: (N,) the training positives.
@@ -110,62 +232,192 @@ def ease_baseline(train_users: np.ndarray, train_items: np.ndarray, *,
         num_users, num_items: table sizes (index 0 included).
         ks: Recall/NDCG cut-offs.
         lambdas: the λ grid.
-        max_dim: largest eigenproblem side to attempt; above it the baseline is skipped.
+        max_dim: largest matrix side to attempt; above it the baseline is skipped.
+        select_users: users of ``select_on`` drawn to choose λ (0: all;
+            :func:`~app.train.metrics.sample_users`, seed 0).
+        epoch_users: the size of the model's per-epoch validation sample (same draw), on which
+            the result is also given (``val_sample``); 0: every user.
         select_on: the split whose Recall@20 (or the largest K below it) picks λ.
 
     Returns:
-        ``{"lambda", "form", "seconds", "grid": {λ: select-split recall}, split: metrics}``,
+        ``{"lambda", "form", "dim", "grid": {λ: sample recall}, "select_users", "seconds",
+        "timing": {"fit", "select", "evaluate"}, split: metrics, "val_sample"?: metrics}``,
         or ``{"skipped": reason}``.
     """
     side = ease_size(train_users, train_items)
     if side > max_dim:
-        return {"skipped": f"EASE needs a {side:,} x {side:,} eigendecomposition, above "
-                           f"--ease-max-dim {max_dim:,}"}
+        return {"skipped": f"a {side:,} x {side:,} solve, above --ease-max-dim {max_dim:,}"}
     if side == 0:
         return {"skipped": "no training positives"}
     t0 = time.perf_counter()
     fit = fit_ease(train_users, train_items, num_users=num_users, num_items=num_items)
-    key = f"recall@{20 if 20 in ks else max(ks)}"
-
-    def evaluate(split: str, lam: float) -> dict[str, float]:
-        users = np.flatnonzero(positives[split].counts() > 0)
-        sums: dict[str, float] = {}
-        for s in range(0, len(users), chunk):
-            part = users[s:s + chunk]
-            for k, v in ranking_sums(fit.scores(part, lam), part, exclude=exclude,
-                                     positives=positives[split], ks=ks).items():
-                sums[k] = sums.get(k, 0.0) + v
-        return finish(sums or {"users": 0.0})
-
-    grid = {float(lam): evaluate(select_on, float(lam)) for lam in lambdas}
-    best = max(grid, key=lambda lam: grid[lam].get(key, 0.0))
-    out: dict = {"lambda": best, "form": fit.form, "dim": side,
-                 "grid": {str(lam): m.get(key, 0.0) for lam, m in grid.items()},
-                 select_on: grid[best]}
-    for split in positives:
-        if split != select_on:
-            out[split] = evaluate(split, best)
-    out["seconds"] = round(time.perf_counter() - t0, 2)
+    prepare_s = time.perf_counter() - t0
+    chosen_users = sample_users(positives[select_on], select_users)
+    best = choose(((str(float(lam)), lambda lam=float(lam): fit.scorer(lam)) for lam in lambdas),
+                  chosen_users, exclude=exclude, positives=positives[select_on], ks=ks)
+    t1 = time.perf_counter()
+    out: dict[str, Any] = {"lambda": float(best.name), "form": fit.form, "dim": side,
+                           "grid": best.grid, "select_users": len(chosen_users)}
+    out.update(evaluate_chosen(best, select_users=chosen_users,
+                               epoch_users=sample_users(positives[select_on], epoch_users),
+                               exclude=exclude, positives=positives, ks=ks,
+                               select_on=select_on))
+    t2 = time.perf_counter()
+    out["timing"] = {"fit": round(prepare_s + best.fit_s, 2), "select": round(best.select_s, 2),
+                     "evaluate": round(t2 - t1, 2)}
+    out["seconds"] = round(t2 - t0, 2)
     return out
+
+
+# ---------------------------------------------------------------- iALS
+
+def driver_threads() -> int:
+    """CPUs this process may use: its affinity, capped by torch's thread count (which follows
+    OMP_NUM_THREADS). The baselines run before the training workers start, so they have the
+    driver's cores to themselves."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cpus or 1, torch.get_num_threads()))
+
+
+def fit_ials(x: sp.csr_matrix, *, factors: int, regularization: float, alpha: float,
+             iterations: int, seed: int = 0, threads: int = 0, gpu: Optional[bool] = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """iALS factors of a binary (users x items) matrix with the ``implicit`` library.
+
+    Args:
+        x: (U, I) CSR training positives.
+        factors, regularization, alpha, iterations: implicit's AlternatingLeastSquares.
+        seed: its random initialisation.
+        threads: OpenMP threads of the CPU model (0: :func:`driver_threads`).
+        gpu: use the CUDA model (None: where implicit was built with CUDA).
+
+    Returns:
+        User factors (U, factors) and item factors (I, factors), float32.
+    """
+    import implicit.gpu
+    import threadpoolctl
+    from implicit.als import AlternatingLeastSquares
+
+    gpu = implicit.gpu.HAS_CUDA if gpu is None else gpu
+    # implicit parallelises over users with OpenMP; BLAS threads inside its solves would
+    # oversubscribe the cores (implicit itself warns and asks for 1)
+    with threadpoolctl.threadpool_limits(1, "blas"):
+        model = AlternatingLeastSquares(
+            factors=factors, regularization=regularization, alpha=alpha,
+            iterations=iterations, use_gpu=gpu, num_threads=threads or driver_threads(),
+            random_state=seed)
+        model.fit(x.astype(np.float32), show_progress=False)
+    if gpu:
+        model = model.to_cpu()
+    return np.asarray(model.user_factors), np.asarray(model.item_factors)
+
+
+def ials_baseline(train_users: np.ndarray, train_items: np.ndarray, *,
+                  exclude: UserItems, positives: dict[str, UserItems], num_users: int,
+                  num_items: int, ks: list[int], factors: list[int],
+                  regularization: list[float], alpha: float, iterations: int,
+                  select_users: int = 0, epoch_users: int = 0, seed: int = 0,
+                  threads: int = 0, gpu: Optional[bool] = None, select_on: str = "val"
+                  ) -> dict:
+    """iALS fitted on the training positives for each (factors, regularization) of the grid,
+    chosen on a sample of one split's users, every split then evaluated on all its users.
+
+    Args: as :func:`ease_baseline`, and the grid (``factors`` x ``regularization``), the
+        confidence weight ``alpha`` and ``iterations`` of every fit; ``seed``, ``threads`` and
+        ``gpu`` as :func:`fit_ials`.
+
+    Returns:
+        ``{"factors", "regularization", "alpha", "iterations", "device", "grid":
+        {"factors=F regularization=R": sample recall}, "select_users", "seconds", "timing":
+        {"fit", "select", "evaluate"}, split: metrics, "val_sample"?: metrics}``, or
+        ``{"skipped": reason}``.
+    """
+    if len(train_users) == 0:
+        return {"skipped": "no training positives"}
+    import implicit.gpu
+
+    gpu = implicit.gpu.HAS_CUDA if gpu is None else gpu
+    t0 = time.perf_counter()
+    x = positives_matrix(train_users, train_items, (num_users, num_items))
+
+    def build(f: int, reg: float) -> Scorer:
+        u, v = fit_ials(x, factors=f, regularization=reg, alpha=alpha, iterations=iterations,
+                        seed=seed, threads=threads, gpu=gpu)
+        uf, vf = torch.from_numpy(u), torch.from_numpy(v)
+        return lambda users: uf[users] @ vf.T                                 # (u, items)
+
+    points = [(int(f), float(r)) for f in factors for r in regularization]
+    chosen_users = sample_users(positives[select_on], select_users)
+    best = choose(((f"factors={f} regularization={r:g}", lambda f=f, r=r: build(f, r))
+                   for f, r in points), chosen_users, exclude=exclude,
+                  positives=positives[select_on], ks=ks)
+    t1 = time.perf_counter()
+    f, r = points[list(best.grid).index(best.name)]
+    out: dict[str, Any] = {"factors": f, "regularization": r, "alpha": float(alpha),
+                           "iterations": int(iterations), "device": "gpu" if gpu else "cpu",
+                           "grid": best.grid, "select_users": len(chosen_users)}
+    out.update(evaluate_chosen(best, select_users=chosen_users,
+                               epoch_users=sample_users(positives[select_on], epoch_users),
+                               exclude=exclude, positives=positives, ks=ks,
+                               select_on=select_on))
+    t2 = time.perf_counter()
+    out["timing"] = {"fit": round(best.fit_s, 2), "select": round(t1 - t0 - best.fit_s, 2),
+                     "evaluate": round(t2 - t1, 2)}
+    out["seconds"] = round(t2 - t0, 2)
+    return out
+
+
+# ---------------------------------------------------------------- on the driver
+
+def which_baselines(choice: str) -> dict[str, Optional[str]]:
+    """For ``--baselines``: each driver-side baseline -> None if it runs, else why not. Both run
+    by default: at 1M rows (20k users x 5k items) EASE takes ~20 s and iALS ~5 s of a ~170 s
+    training stage on two cores, and neither wins everywhere."""
+    runs = {"all": ("ease", "ials"), "ease": ("ease",), "ials": ("ials",), "none": ()}[choice]
+    return {name: None if name in runs else f"--baselines {choice}" for name in NAMES}
 
 
 def driver_baselines(train: TrainConfig, data_dir: str, num_users: int, num_items: int
                      ) -> dict[str, Any]:
-    """Baselines that need the whole training matrix at once (EASE), fitted here once per run
-    and handed to the workers, which report them beside the model every epoch."""
+    """Baselines that need the whole training matrix at once (EASE, iALS), fitted here once per
+    run and handed to the workers, which report them beside the model every epoch."""
     tr = read_split_arrays(Path(data_dir, "train"))
     pos = tr["label"] > 0
+    users, items = tr["user"][pos].astype(np.int64), tr["item"][pos].astype(np.int64)
     positives = {}
     for split in ("val", "test"):
         rows = read_split_arrays(Path(data_dir, split))
         keep = rows["label"] > 0
         positives[split] = UserItems.build(rows["user"][keep].astype(np.int64),
                                            rows["item"][keep].astype(np.int64), num_users)
-    ease = ease_baseline(tr["user"][pos].astype(np.int64), tr["item"][pos].astype(np.int64),
-                         exclude=UserItems.build(tr["user"].astype(np.int64),
-                                                 tr["item"].astype(np.int64), num_users),
-                         positives=positives, num_users=num_users, num_items=num_items,
-                         ks=train.eval_ks(),
-                         lambdas=[float(x) for x in train.ease_lambdas],
-                         max_dim=train.ease_max_dim)
-    return {"ease": ease}
+    common = dict(exclude=UserItems.build(tr["user"].astype(np.int64),
+                                          tr["item"].astype(np.int64), num_users),
+                  positives=positives, num_users=num_users, num_items=num_items,
+                  ks=train.eval_ks(), select_users=train.baseline_select_users,
+                  epoch_users=train.val_sample_users)
+    plan = which_baselines(train.baselines)
+    out: dict[str, Any] = {}
+    out["ease"] = ({"skipped": plan["ease"]} if plan["ease"] else ease_baseline(
+        users, items, lambdas=[float(x) for x in train.ease_lambdas],
+        max_dim=train.ease_max_dim, **common))
+    out["ials"] = ({"skipped": plan["ials"]} if plan["ials"] else ials_baseline(
+        users, items, factors=[int(f) for f in train.ials_factors],
+        regularization=[float(r) for r in train.ials_regularization],
+        alpha=train.ials_alpha, iterations=train.ials_iterations, seed=train.train_seed,
+        **common))
+    return out
+
+
+def describe(name: str, result: dict[str, Any]) -> str:
+    """One line per baseline for the training log: what was chosen, on how many users, its
+    validation Recall@20, and where the time went (or why it was skipped)."""
+    label = NAMES[name]
+    if "skipped" in result:
+        return f"{label} skipped: {result['skipped']}"
+    chosen = (f"lambda {result['lambda']:g}" if name == "ease" else
+              f"factors {result['factors']}, regularization {result['regularization']:g}")
+    t = result["timing"]
+    return (f"{label}: {chosen} (chosen on {result['select_users']:,} val users), val "
+            f"recall@20 {result['val'].get('recall@20', float('nan')):.4f}; "
+            f"{result['seconds']}s (fit {t['fit']}s, select {t['select']}s, evaluate "
+            f"{t['evaluate']}s)")

@@ -43,6 +43,7 @@ from app.core.redact import redact_values
 from app.core.storage import Location, local_copy, ray_storage, resolve
 from app.data.dataset import SPLITS, DatasetError, Manifest, read_manifest
 from app.train import registry
+from app.train.baselines import describe as describe_baseline
 from app.train.baselines import driver_baselines
 from app.train.checkpoint import CheckpointState, checkpoint_of_epoch, latest_checkpoint
 from app.train.evaluate import calibrate, final_metrics
@@ -51,6 +52,7 @@ from app.train.loop import WorkerArgs, train_loop
 from app.train.model_folder import MLFLOW_FILE, MODEL_JSON
 from app.train.placement import placement, wait_for_placement
 from app.train.registry import RegisteredModel
+from app.train.sharding import check_requested_budget
 
 
 @dataclass
@@ -287,10 +289,8 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
     baselines: dict[str, Any] = {}
     if not refit:
         baselines = driver_baselines(cfg.train, run.data_dir, run.spec.num_users, run.spec.num_items)
-        ease = baselines["ease"]
-        say(f"EASE: {ease['skipped']}" if "skipped" in ease else
-            f"EASE: lambda {ease['lambda']:g} (chosen on val), val recall@20 "
-            f"{ease['val'].get('recall@20', float('nan')):.4f}, {ease['seconds']}s")
+        for key, result in baselines.items():
+            say(describe_baseline(key, result))
     storage, name = run_folder(cfg, lease.out, refit=refit, say=say)
     run_id = tracking.start_run(
         cfg, run_name=tracking.run_label(tag, cfg, run.manifest.source.get("dataset")),
@@ -344,6 +344,7 @@ def check_inputs(cfg: Config, data_root: str, *, refit: bool,
             raise DatasetError(f"{data_dir}: the {split} split is empty; training needs rows "
                                f"in train, val and test")
     spec = model_spec(cfg.model, manifest, item_features(cfg.model, data_dir))
+    check_requested_budget(cfg.train, spec, placement(cfg.train))  # before Ray starts
     init_ray(cfg.cluster)
     place = placement(cfg.train)
     tag = "refit" if refit else "train"

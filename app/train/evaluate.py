@@ -1,5 +1,10 @@
 """Evaluation during training: full-catalog ranking metrics computed jointly by all ranks,
 the validation loss, and the popularity and driver-side baselines on the same users.
+
+Per-epoch validation ranks a fixed sample of the validation users (``--val-sample-users``):
+ranking costs users x items, which outgrows an epoch as the data grows. The epoch that is
+exported is scored once more at the end on every validation and every test user
+(:func:`exported_metrics`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from app.train.metrics import (
     fit_platt,
     popularity_scores,
     ranking_sums,
+    sample_users,
 )
 from app.train.model import ModelSpec, TwoTower
 from app.train.model_folder import load_exported
@@ -31,12 +37,14 @@ class Evaluator:
     """Full-catalog retrieval metrics, computed jointly by all ranks.
 
     Item embeddings: each rank runs the candidate tower on a slice of the catalog and the
-    slices are all-gathered. Users: each rank ranks the catalog for its share of the users;
-    metric sums are all-reduced. Every rank runs the same number of sharded forward calls.
+    slices are all-gathered. Users: each rank ranks the catalog for its share of the users
+    (of the validation sample too); metric sums are all-reduced. Every rank runs the same
+    number of sharded forward calls.
     """
 
     def __init__(self, data_dir: str, spec: ModelSpec, maker: BatchMaker,
-                 train_rows: dict[str, np.ndarray], ks: list[int], device: torch.device) -> None:
+                 train_rows: dict[str, np.ndarray], ks: list[int], device: torch.device,
+                 val_sample_users: int = 0) -> None:
         self.spec, self.maker, self.ks, self.device = spec, maker, [int(k) for k in ks], device
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.exclude = UserItems.build(train_rows["user"].astype(np.int64),
@@ -50,9 +58,14 @@ class Evaluator:
                                                     spec.num_users)
         # each user scored at once: (users, items) floats, kept to ~64 MB
         self.chunk = int(max(1, min(2048, (1 << 24) // spec.num_items)))
+        # per-epoch validation's users: drawn once, so every epoch is scored on the same ones
+        self.sample = sample_users(self.positives["val"], val_sample_users)
+        self.sampled = len(self.sample) < len(self.positives["val"].users())
 
-    def _my_users(self, split: str) -> np.ndarray:
-        users = np.flatnonzero(self.positives[split].counts() > 0)
+    def _my_users(self, split: str, sample: bool = False) -> np.ndarray:
+        """This rank's share of a split's users with positives (of the validation sample)."""
+        assert not sample or split == "val", "only validation is sampled"
+        users = self.sample if sample else self.positives[split].users()
         return users[self.rank::self.world]
 
     def _n_chunks(self, n: int, chunk: int) -> int:
@@ -88,9 +101,11 @@ class Evaluator:
         return torch.cat(parts)[:n]
 
     @torch.no_grad()
-    def ranking(self, model: TwoTower, split: str, items: torch.Tensor) -> dict[str, float]:
-        """Recall@K / NDCG@K of the model on a split's positives (this rank's users, reduced)."""
-        users = self._my_users(split)
+    def ranking(self, model: TwoTower, split: str, items: torch.Tensor, *,
+                sample: bool = False) -> dict[str, float]:
+        """Recall@K / NDCG@K of the model on a split's positives (this rank's users, reduced),
+        over every user with positives or, with ``sample``, the validation sample."""
+        users = self._my_users(split, sample)
         sums: dict[str, float] = {}
         for c in range(self._n_chunks(len(users), self.chunk)):
             part = users[c * self.chunk:(c + 1) * self.chunk]
@@ -106,9 +121,10 @@ class Evaluator:
         return self._reduce(sums or {"users": 0.0, **{f"{m}@{k}": 0.0 for k in self.ks
                                                       for m in ("recall", "ndcg")}})
 
-    def popularity(self, split: str, positive_counts: np.ndarray) -> dict[str, float]:
+    def popularity(self, split: str, positive_counts: np.ndarray, *,
+                   sample: bool = False) -> dict[str, float]:
         """The same metrics for the popularity baseline (no model involved)."""
-        users = self._my_users(split)
+        users = self._my_users(split, sample)
         sums: dict[str, float] = {"users": 0.0, **{f"{m}@{k}": 0.0 for k in self.ks
                                                     for m in ("recall", "ndcg")}}
         for start in range(0, len(users), self.chunk):
@@ -121,10 +137,17 @@ class Evaluator:
 
 
 def validation_loss(dmp: Any, stream: InteractionStream, maker: BatchMaker,
-                     batch_size: int, device: torch.device, objective: str
-                     ) -> dict[str, float]:
-    """Mean validation loss (weighted by rows, or positives for softmax); AUROC for bce."""
-    ids = equal_share(stream.epoch_sample_ids(epoch=0), device)
+                     batch_size: int, device: torch.device, objective: str,
+                     users: Optional[np.ndarray] = None) -> dict[str, float]:
+    """Mean validation loss (weighted by rows, or positives for softmax); AUROC for bce.
+
+    Args:
+        users: only the rows of these users (the validation sample); None: every row.
+    """
+    ids = stream.epoch_sample_ids(epoch=0)
+    if users is not None:  # (the user column is decoded once per shard, then kept)
+        ids = ids[np.isin(stream.gather(ids, ("user",))["user"], users)]
+    ids = equal_share(ids, device)
     total, weight = 0.0, 0.0
     scores, labels = [], []
     with torch.no_grad():
@@ -151,35 +174,56 @@ def validation_loss(dmp: Any, stream: InteractionStream, maker: BatchMaker,
 
 
 def prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
-    return {f"{prefix}_{k}": v for k, v in metrics.items() if k != "users"}
+    """``<prefix>_<metric>`` entries, the user count among them (``<prefix>_users``)."""
+    return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
 
 def baseline_metrics(baselines: dict[str, Any]) -> dict[str, float]:
-    """Flat ``<baseline>_<split>_<metric>`` entries of baselines computed by the driver."""
+    """Flat ``<baseline>_<split>_<metric>`` entries of baselines computed by the driver, on
+    the users the model is scored on every epoch: validation's sample (``val_sample``, when
+    the driver scored one) and every test user."""
     out: dict[str, float] = {}
     for name, result in baselines.items():
-        for split in ("val", "test"):
-            out.update(prefixed(f"{name}_{split}", result.get(split, {})))
+        out.update(prefixed(f"{name}_val", result.get("val_sample", result.get("val", {}))))
+        out.update(prefixed(f"{name}_test", result.get("test", {})))
     return out
 
 
 def popularity_metrics(evaluator: Evaluator, positive_counts: np.ndarray
                          ) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for split in ("val", "test"):
-        out.update(prefixed(f"popularity_{split}", evaluator.popularity(split, positive_counts)))
+    """Popularity on the users the model is scored on every epoch: validation's sample and
+    every test user."""
+    return {**prefixed("popularity_val", evaluator.popularity("val", positive_counts,
+                                                              sample=True)),
+            **prefixed("popularity_test", evaluator.popularity("test", positive_counts))}
+
+
+def exported_metrics(evaluator: Evaluator, model: TwoTower, positive_counts: np.ndarray
+                     ) -> dict[str, float]:
+    """The exported epoch on every user, once at the end: the test split (``test_*``) and,
+    when the epochs were scored on a sample, validation again (``final_val_*``, with
+    popularity's beside it: ``popularity_final_val_*``)."""
+    items = evaluator.item_embeddings(model)
+    out = prefixed("test", evaluator.ranking(model, "test", items))
+    if evaluator.sampled:
+        out.update(prefixed("final_val", evaluator.ranking(model, "val", items)))
+        out.update(prefixed("popularity_final_val",
+                            evaluator.popularity("val", positive_counts)))
     return out
 
 
 def epoch_line(m: dict[str, Any], best_epoch: int) -> str:
-    """One line per epoch: losses, validation Recall@20 of the model and the baselines."""
+    """One line per epoch: losses, validation Recall@20 of the model and the baselines (on
+    the same users)."""
     key = "recall@20" if "val_recall@20" in m else next(
         k[4:] for k in m if k.startswith("val_recall@"))
     base = ", ".join(f"{name} {m[f'{prefix}_val_{key}']:.4f}"
-                     for name, prefix in (("popularity", "popularity"), ("EASE", "ease"))
+                     for name, prefix in (("popularity", "popularity"), ("EASE", "ease"),
+                                          ("iALS", "ials"))
                      if f"{prefix}_val_{key}" in m)
+    users = f" on {m['val_users']:,} users" if "val_users" in m else ""
     return (f"epoch {m['epoch']}: train_loss {m['train_loss']:.4f} val_loss "
-            f"{m['val_loss']:.4f} val {key} {m[f'val_{key}']:.4f} ({base})"
+            f"{m['val_loss']:.4f} val {key} {m[f'val_{key}']:.4f}{users} ({base})"
             + (f"; best epoch {best_epoch}" if best_epoch else ""))
 
 
@@ -187,21 +231,25 @@ def epoch_line(m: dict[str, Any], best_epoch: int) -> str:
 
 def final_metrics(history: list[dict[str, Any]], best_epoch: int,
                   baselines: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """The ``metrics.json`` shape: the model (its exported epoch), popularity and EASE, each
-    on val and test; ``epochs`` trained and the ``best_epoch`` exported."""
+    """The ``metrics.json`` shape: the model (its exported epoch), popularity and the driver's
+    baselines (EASE, iALS), each on val and test over every user with positives there
+    (``users``: how many); ``epochs`` trained and the ``best_epoch`` exported."""
     best = next(h for h in history if h["epoch"] == best_epoch)
 
     def pick(prefix: str) -> dict[str, float]:
         return {k[len(prefix):]: v for k, v in best.items() if k.startswith(prefix)}
 
-    out: dict[str, Any] = {"model": {"val": pick("val_"), "test": pick("test_")},
-                           "popularity": {"val": pick("popularity_val_"),
+    # final_val_*: every validation user, when the epochs were scored on a sample of them
+    out: dict[str, Any] = {"model": {"val": {**pick("val_"), **pick("final_val_")},
+                                     "test": pick("test_")},
+                           "popularity": {"val": {**pick("popularity_val_"),
+                                                  **pick("popularity_final_val_")},
                                           "test": pick("popularity_test_")}}
-    ease = (baselines or {}).get("ease")
-    if ease is not None:
-        out["ease"] = ({"val": pick("ease_val_"), "test": pick("ease_test_"),
-                        "lambda": ease["lambda"], "seconds": ease["seconds"]}
-                       if "skipped" not in ease else {"skipped": ease["skipped"]})
+    for name, result in (baselines or {}).items():  # ease, ials (app.train.baselines)
+        # the driver's figures over every user (the epochs show them on the sample), with
+        # what it chose and how long it took; a skipped one says why
+        out[name] = ({"skipped": result["skipped"]} if "skipped" in result else
+                     {k: v for k, v in result.items() if k != "val_sample"})
     out.update({"epochs": history[-1]["epoch"], "best_epoch": best_epoch})
     return out
 

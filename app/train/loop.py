@@ -6,9 +6,12 @@ all ranks (:mod:`app.train.sharding`) and trains it with a fused row-wise Adagra
 and Adam for the dense layers. The recipe, :func:`train_loop`, reads as its steps:
 
     setup -> restore -> per epoch: run_epoch -> evaluate -> save_and_report
+                                   (after the last: score_exported, inside save_and_report)
 
 After every epoch it evaluates (validation loss, AUROC for ``bce``, full-catalog Recall/NDCG@K
-beside the baselines: :mod:`app.train.evaluate`), writes a sharded checkpoint
+on a fixed sample of the validation users beside the baselines on the same users:
+:mod:`app.train.evaluate`); after the last, the exported epoch is scored once on every
+validation and test user. Each epoch writes a sharded checkpoint
 (``torch.distributed.checkpoint``: every rank writes its own shards, rank 0 the
 :class:`~app.train.checkpoint.CheckpointState`) and calls ``ray.train.report``. Restarted after
 a failure, it resumes from the latest checkpoint.
@@ -35,6 +38,7 @@ from app.data.reader import InteractionStream
 from app.train.batches import BatchMaker
 from app.train.checkpoint import (
     CheckpointState,
+    checkpoint_of_epoch,
     epoch_of,
     latest_checkpoint,
     load_sharded,
@@ -43,6 +47,7 @@ from app.train.evaluate import (
     Evaluator,
     baseline_metrics,
     epoch_line,
+    exported_metrics,
     popularity_metrics,
     prefixed,
     validation_loss,
@@ -137,7 +142,9 @@ def train_loop(config: dict[str, Any]) -> None:
         state.history.append(metrics)
         state.stopped_early = bool(patience) and state.epoch - state.best_epoch >= patience
         report_line(w, state, line, patience)
-        save_and_report(w, state, metrics)
+        last = state.stopped_early or state.epoch == w.cfg.train.epochs
+        save_and_report(w, state, metrics,
+                        final=loaders if last and w.args.evaluate else None)
         if state.stopped_early:
             break
 
@@ -222,7 +229,8 @@ def make_loaders(w: Worker) -> Loaders:
     if w.args.evaluate:
         loaders.val = InteractionStream(str(Path(w.data_dir, "val")), batch_size=t.batch_size)
         loaders.evaluator = Evaluator(w.data_dir, w.inputs.spec, loaders.maker, w.inputs.rows,
-                                      t.eval_ks(), w.device)
+                                      t.eval_ks(), w.device,
+                                      val_sample_users=t.val_sample_users)
         loaders.baselines = popularity_metrics(loaders.evaluator, w.inputs.positive_counts)
         loaders.baselines.update(baseline_metrics(w.args.baselines))
     if w.device.type == "cuda":
@@ -270,23 +278,72 @@ def run_epoch(w: Worker, loaders: Loaders, epoch: int) -> dict[str, Any]:
 
 def evaluate(w: Worker, loaders: Loaders, state: CheckpointState,
              metrics: dict[str, Any]) -> str:
-    """Validation every epoch; test only for the epoch that would be exported (the best so far
-    with early stopping, else the last). Adds to ``metrics``; returns the epoch's line."""
+    """Validation every epoch, ranked for the validation sample (the same users every epoch);
+    picks the epoch to export (the best so far with early stopping, else the last). The test
+    split waits for :func:`score_exported`. Adds to ``metrics``; returns the epoch's line."""
     assert loaders.evaluator is not None and loaders.val is not None
-    t = w.cfg.train
+    t, t0 = w.cfg.train, time.perf_counter()
     select = f"val_{t.select_metric}"
     w.dmp.eval()
+    ev = loaders.evaluator
+    # the loss too is over the sample's rows: at 1M rows it costs more than the ranking
     metrics.update(validation_loss(w.dmp, loaders.val, loaders.maker, t.batch_size, w.device,
-                                   w.inputs.spec.objective))
+                                   w.inputs.spec.objective,
+                                   users=ev.sample if ev.sampled else None))
     model = w.dmp.module.model
-    items = loaders.evaluator.item_embeddings(model)
-    metrics.update(prefixed("val", loaders.evaluator.ranking(model, "val", items)))
+    t_rank = time.perf_counter()
+    items = ev.item_embeddings(model)
+    metrics.update(prefixed("val", ev.ranking(model, "val", items, sample=True)))
+    metrics["ranking_seconds"] = time.perf_counter() - t_rank
     chosen = state.improved(metrics[select]) if t.patience else state.epoch == t.epochs
     if chosen:
-        metrics.update(prefixed("test", loaders.evaluator.ranking(model, "test", items)))
         state.best_epoch, state.best_value = state.epoch, metrics[select]
     metrics.update(loaders.baselines)
+    metrics["eval_seconds"] = time.perf_counter() - t0  # the epoch's evaluation, on rank 0
     return epoch_line(metrics, state.best_epoch)
+
+
+def score_exported(w: Worker, loaders: Loaders, state: CheckpointState) -> dict[str, float]:
+    """After the last epoch: the exported epoch on every validation and test user, once.
+
+    Its weights are loaded from its checkpoint when it is an earlier epoch (this epoch's are
+    saved already). The figures join its history entry, where ``metrics.json`` reads them,
+    and are returned for this epoch's report (MLflow)."""
+    assert loaders.evaluator is not None
+    t0 = time.perf_counter()
+    if state.best_epoch != state.epoch:
+        load_epoch_weights(w, state.best_epoch)
+    w.dmp.eval()
+    out = exported_metrics(loaders.evaluator, w.dmp.module.model, w.inputs.positive_counts)
+    if loaders.evaluator.sampled:  # the epochs' loss was over the sample's rows
+        assert loaders.val is not None
+        out.update(prefixed("final", validation_loss(
+            w.dmp, loaders.val, loaders.maker, w.cfg.train.batch_size, w.device,
+            w.inputs.spec.objective)))
+    best = next(h for h in state.history if h["epoch"] == state.best_epoch)
+    best.update(out)
+    ks = w.cfg.train.eval_ks()
+    key = f"recall@{20 if 20 in ks else max(ks)}"
+    val = "final_val" if "final_val_users" in best else "val"
+    w.say(f"epoch {state.best_epoch} (exported) on every user: val {key} "
+          f"{best[f'{val}_{key}']:.4f} ({best[f'{val}_users']:,} users), test {key} "
+          f"{best[f'test_{key}']:.4f} ({best['test_users']:,} users); "
+          f"{time.perf_counter() - t0:.1f}s")
+    return out
+
+
+def load_epoch_weights(w: Worker, epoch: int) -> None:
+    """Load an earlier epoch's model weights (not its optimizer) into this rank's shards
+    from that epoch's checkpoint under the run folder (a collective call)."""
+    from ray.train import Checkpoint
+
+    found = checkpoint_of_epoch(w.args.run_dir, epoch) if w.args.run_dir else None
+    if found is None:
+        raise RuntimeError(f"the checkpoint of epoch {epoch} is not under {w.args.run_dir}")
+    with Checkpoint(found.path, filesystem=found.fs).as_directory() as d:
+        sd = {"model": w.dmp.state_dict()}
+        load_sharded(sd, d)  # nothing but checkpoint data is unpickled
+        w.dmp.load_state_dict(sd["model"])
 
 
 def refit_line(w: Worker, state: CheckpointState, metrics: dict[str, Any]) -> str:
@@ -310,9 +367,16 @@ def report_line(w: Worker, state: CheckpointState, line: str, patience: int) -> 
         w.last_line = now
 
 
-def save_and_report(w: Worker, state: CheckpointState, metrics: dict[str, Any]) -> None:
+def save_and_report(w: Worker, state: CheckpointState, metrics: dict[str, Any],
+                    final: Optional[Loaders] = None) -> None:
     """Every rank saves its shards, rank 0 the state, the plan and the inputs the model folder
-    needs; then one ``ray.train.report`` per rank with the checkpoint."""
+    needs; then one ``ray.train.report`` per rank with the checkpoint.
+
+    Args:
+        final: after the last epoch, the evaluation's loaders: the exported epoch is scored
+            on every user (:func:`score_exported`) between this epoch's shards and its
+            state, so the state holds the figures while the shards stay this epoch's.
+    """
     import json
 
     import ray.train
@@ -322,6 +386,7 @@ def save_and_report(w: Worker, state: CheckpointState, metrics: dict[str, Any]) 
     with tempfile.TemporaryDirectory() as tmp:
         dcp.save({"model": w.dmp.state_dict(), "optim": w.optimizer.state_dict()},
                  checkpoint_id=tmp)
+        exported = score_exported(w, final, state) if final is not None else {}
         if w.rank == 0:
             state.write(tmp)
             Path(tmp, PLAN_FILE).write_text(json.dumps(
@@ -329,4 +394,4 @@ def save_and_report(w: Worker, state: CheckpointState, metrics: dict[str, Any]) 
                  "tables": plan_rows(w.plan)}, indent=1))
             np.save(os.path.join(tmp, POPULARITY_FILE), w.inputs.positive_counts)
             Path(tmp, HISTORY_FILE).write_bytes(w.inputs.history.to_bytes())
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        ray.train.report({**metrics, **exported}, checkpoint=Checkpoint.from_directory(tmp))

@@ -46,6 +46,36 @@ class UserItems:
         idx = np.repeat(starts - row_first, lengths) + np.arange(int(lengths.sum()))
         return np.repeat(np.arange(len(users)), lengths), self.items[idx]
 
+    def users(self) -> np.ndarray:
+        """(n,) the users with at least one item, ascending."""
+        return np.flatnonzero(self.counts() > 0)
+
+    def only(self, users: np.ndarray) -> "UserItems":
+        """The same items for ``users`` and none for anyone else (a split's positives
+        restricted to a sample of its users)."""
+        rows, items = self.rows_and_items(users)
+        return UserItems.build(users[rows], items, len(self.offsets) - 1)
+
+
+def sample_users(positives: UserItems, size: int, seed: int = 0) -> np.ndarray:
+    """A fixed random draw of ``size`` users among those with positives, ascending.
+
+    A function of the positives, ``size`` and ``seed`` only, so every epoch, every rank, the
+    driver's baselines and every run on the same dataset score the same users.
+
+    Args:
+        positives: a split's relevant items per user.
+        size: users to draw; 0, or at least the users with positives, takes them all.
+        seed: the draw's seed.
+
+    Returns:
+        (min(size, n),) user indices, ascending (every user, in order, when not smaller).
+    """
+    users = positives.users()
+    if size <= 0 or size >= len(users):
+        return users
+    return np.sort(np.random.default_rng(seed).choice(users, size=size, replace=False))
+
 
 def ranking_sums(scores: torch.Tensor, users: np.ndarray, *, exclude: UserItems,
                  positives: UserItems, ks: list[int]) -> dict[str, float]:

@@ -1,0 +1,154 @@
+"""Per-epoch validation on a fixed sample of users, and the exported epoch on every user.
+
+Unit tier: the draw of the sample, restricted positives, the metrics.json shape and the epoch
+line. Slow tier: 2 workers train with a sample smaller than the validation users; every epoch
+is scored on exactly the sample (the baselines too) and the exported epoch on every user.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.train.evaluate import baseline_metrics, epoch_line, final_metrics
+from app.train.metrics import UserItems, sample_users
+
+
+def _positives(num_users: int = 1_000, seed: int = 3) -> UserItems:
+    """Positives for about half of the users (the others have none)."""
+    rng = np.random.default_rng(seed)
+    users = rng.choice(np.arange(1, num_users), size=num_users // 2, replace=False)
+    users = np.repeat(users, rng.integers(1, 4, size=len(users)))
+    return UserItems.build(users, rng.integers(1, 50, size=len(users)), num_users)
+
+
+def test_the_sample_is_fixed_seeded_capped_and_only_users_with_positives():
+    pos = _positives()
+    have = set(np.flatnonzero(pos.counts() > 0).tolist())
+    first = sample_users(pos, 100)
+    assert len(first) == 100 and len(set(first.tolist())) == 100
+    assert set(first.tolist()) <= have
+    assert np.array_equal(first, np.sort(first))
+    assert np.array_equal(first, sample_users(pos, 100))  # every epoch: the same users
+    assert not np.array_equal(first, sample_users(pos, 100, seed=1))  # the seed draws
+    # 0, or a size beyond the users with positives: every one of them, in order
+    everyone = np.array(sorted(have))
+    assert np.array_equal(sample_users(pos, 0), everyone)
+    assert np.array_equal(sample_users(pos, len(have)), everyone)
+    assert np.array_equal(sample_users(pos, 10 * len(have)), everyone)
+
+
+def test_positives_restricted_to_the_sample_keep_each_users_items():
+    pos = _positives()
+    sample = sample_users(pos, 50)
+    only = pos.only(sample)
+    assert np.array_equal(only.users(), sample)
+    for u in sample[:10]:
+        assert sorted(only.items[only.offsets[u]:only.offsets[u + 1]]) == \
+            sorted(pos.items[pos.offsets[u]:pos.offsets[u + 1]])
+
+
+def _epoch(epoch: int, val: float, **extra: float) -> dict:
+    return {"epoch": epoch, "train_loss": 1.0, "val_loss": 0.5, "val_recall@20": val,
+            "val_users": 100, "popularity_val_recall@20": 0.05, "popularity_val_users": 100,
+            "popularity_test_recall@20": 0.04, "popularity_test_users": 900,
+            "ease_val_recall@20": 0.2, "ease_val_users": 100, **extra}
+
+
+def test_metrics_json_takes_every_user_figures_and_says_how_many_users():
+    ease = {"lambda": 100.0, "seconds": 1.0,
+            "val": {"recall@20": 0.19, "users": 1000},
+            "val_sample": {"recall@20": 0.2, "users": 100},
+            "test": {"recall@20": 0.18, "users": 900}}
+    history = [_epoch(1, 0.10),
+               _epoch(2, 0.12, test_users=900, **{"test_recall@20": 0.11,
+                                                  "final_val_loss": 0.6,
+                                                  "final_val_recall@20": 0.115,
+                                                  "final_val_users": 1000,
+                                                  "popularity_final_val_recall@20": 0.045,
+                                                  "popularity_final_val_users": 1000}),
+               _epoch(3, 0.11)]
+    m = final_metrics(history, 2, {"ease": ease})
+    # the epochs' validation was over 100 sampled users; metrics.json's over all 1,000
+    assert m["model"]["val"] == {"loss": 0.6, "recall@20": 0.115, "users": 1000}
+    assert m["model"]["test"] == {"recall@20": 0.11, "users": 900}
+    assert m["popularity"]["val"] == {"recall@20": 0.045, "users": 1000}
+    assert m["ease"]["val"] == {"recall@20": 0.19, "users": 1000}
+    assert (m["epochs"], m["best_epoch"]) == (3, 2)
+    # per epoch, EASE is reported on the sample the model is ranked on
+    assert baseline_metrics({"ease": ease})["ease_val_users"] == 100
+    assert baseline_metrics({"ease": ease})["ease_val_recall@20"] == 0.2
+    line = epoch_line({**history[0], **baseline_metrics({"ease": ease})}, 1)
+    assert "val recall@20 0.1000 on 100 users (popularity 0.0500, EASE 0.2000)" in line
+
+
+@pytest.mark.slow
+def test_epochs_score_the_sample_and_the_exported_epoch_every_user(ray_local, movielens_dir,
+                                                                      tmp_path):
+    """2 workers, a 200-user sample, an early stop (the exported epoch is an earlier one):
+    every epoch's model, popularity and EASE figures are over exactly the 200 users, and
+    metrics.json's over every validation and test user, as the exported weights score them."""
+    from app.core.config import load_config
+    from app.train.driver import train
+
+    size = 200
+    # a learning rate far too high and no dropout: validation recall peaks early
+    cfg = load_config(overrides={"num_workers": 2, "workdir": str(tmp_path), "epochs": 8,
+                                 "patience": 1, "embedding_lr": 0.5, "history_dropout": 0.0,
+                                 "temperature": 0.02, "val_sample_users": size,
+                                 "registered_model_name": "two-tower-sample"})
+    result = train(cfg, str(movielens_dir), str(tmp_path / "model"), verbose=False)
+    m, history = result.metrics, result.history
+    best = m["best_epoch"]
+    assert best < m["epochs"], "the exported epoch is the last one: no weights were reloaded"
+    for h in history:
+        assert h["val_users"] == h["popularity_val_users"] == h["ease_val_users"] == size
+    val_pos, test_pos = (_split_positives(movielens_dir, s) for s in ("val", "test"))
+    n_val, n_test = len(val_pos.users()), len(test_pos.users())
+    assert size < n_val
+    for who in ("model", "popularity", "ease"):
+        assert m[who]["val"]["users"] == n_val and m[who]["test"]["users"] == n_test
+    assert "test_recall@20" in history[best - 1] and "test_recall@20" not in history[-1]
+    # the figures are the exported (best) epoch's: its weights, on the sample and on everyone
+    model_dir = Path(result.model_dir)
+    sample = sample_users(val_pos, size)
+    assert _recall(model_dir, movielens_dir, val_pos, sample) == pytest.approx(
+        history[best - 1]["val_recall@20"], abs=2e-3)
+    assert _recall(model_dir, movielens_dir, val_pos, val_pos.users()) == pytest.approx(
+        m["model"]["val"]["recall@20"], abs=2e-3)
+    assert _recall(model_dir, movielens_dir, test_pos, test_pos.users()) == pytest.approx(
+        m["model"]["test"]["recall@20"], abs=2e-3)
+    saved = json.loads((model_dir / "metrics.json").read_text())
+    assert saved["model"]["test"]["users"] == n_test
+
+
+def _split_positives(data_dir: Path, split: str) -> UserItems:
+    from app.data.dataset import read_manifest, read_split_arrays
+
+    n = read_manifest(data_dir).vocab.users + 1
+    rows = read_split_arrays(data_dir / split)
+    pos = rows["label"] > 0
+    return UserItems.build(rows["user"][pos].astype(np.int64),
+                           rows["item"][pos].astype(np.int64), n)
+
+
+def _recall(model_dir: Path, data_dir: Path, positives: UserItems, users: np.ndarray) -> float:
+    """Recall@20 of a model folder's export for the given users, computed in this process
+    with the training-time protocol (full catalog, training items excluded)."""
+    import torch
+
+    from app.data.dataset import read_split_arrays
+    from app.serve.core import Recommender
+    from app.train.metrics import finish, ranking_sums
+
+    rec = Recommender(model_dir)
+    train = read_split_arrays(data_dir / "train")
+    exclude = UserItems.build(train["user"].astype(np.int64), train["item"].astype(np.int64),
+                              rec.model.spec.num_users)
+    with torch.no_grad():
+        scores = rec.model.user_embeddings(torch.from_numpy(users)) @ rec.item_embeddings.T
+    return finish(ranking_sums(scores, users, exclude=exclude, positives=positives,
+                               ks=[20]))["recall@20"]
