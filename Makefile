@@ -6,7 +6,7 @@ PY := .venv/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast bench-prepare bench-train bench-inference bench-quality bench-serve
+.PHONY: setup run test test-fast bench-prepare bench-train bench-inference bench-quality bench-serve bench-scale
 setup:
 	@bash scripts/setup_env.sh
 
@@ -33,3 +33,6 @@ bench-quality: setup
 
 bench-serve: setup
 	$(PY) bench/serve.py $(ARGS)
+
+bench-scale: setup
+	$(PY) bench/scale.py $(ARGS)

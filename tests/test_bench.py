@@ -27,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-BENCHES = ("prepare", "train", "inference", "quality", "serve")
+BENCHES = ("prepare", "train", "inference", "quality", "serve", "scale")
 TIMEOUT = 600.0  # seconds for one smoke, from its start
 
 
@@ -223,3 +223,39 @@ def test_serve_smoke(smokes):
     assert result["p50_ms_c16"] == result["concurrency"]["16"]["p50_ms"]
     assert result["qps_c64"] == result["concurrency"]["64"]["qps"]
     ratio(result, "qps_vs_floor_c64", "qps_c64", "floor_qps_c64")
+
+
+@pytest.mark.slow  # two whole full runs (Ray, training, refit, inference): minutes
+def test_scale_smoke(smokes):
+    result, out = smokes["scale"].result()
+    keys_present(result, {"sizes", "growth_exponent", "dominant_stage"})
+    stages = ("prepare", "baselines", "train", "eval", "refit", "infer")
+    sizes = result["sizes"]
+    assert [s["rows"] for s in sizes] == [20_000, 40_000]
+    for size in sizes:
+        assert set(size) == {"rows", "users", "items", "seconds", "epochs", "samples_per_s",
+                             "peak_rss_gb", "disk_gb", "test_recall@20"}, sorted(size)
+        # synthetic sizes: rows / 50 users, rows / 200 items (at least 100)
+        assert (size["users"], size["items"]) == (size["rows"] // 50,
+                                                  max(100, size["rows"] // 200)), size
+        sec = size["seconds"]
+        assert set(sec) == {*stages, "total"}, sorted(sec)
+        positive(sec, "prepare", "train", "eval", "refit", "infer", "total")
+        assert sec["baselines"] >= 0, sec
+        # the stages are parts of the run's wall time (the rest: Ray's start, worker groups)
+        assert sum(sec[k] for k in stages) < sec["total"], sec
+        assert size["epochs"] == 1, size  # --smoke's --epochs 1
+        positive(size, "samples_per_s", "disk_gb")
+        assert set(size["peak_rss_gb"]) == {"driver", "train_worker", "data_worker"}
+        positive(size["peak_rss_gb"], "driver", "train_worker", "data_worker")
+        assert all(v < 64 for v in size["peak_rss_gb"].values()), size["peak_rss_gb"]
+        recall = size["test_recall@20"]
+        assert {"model", "popularity", "ease"} <= set(recall), recall
+        assert all(0 < v <= 1 for v in recall.values()), recall
+    growth = result["growth_exponent"]
+    assert set(growth) == {*stages, "total"}, sorted(growth)
+    small, large = sizes[0]["seconds"], sizes[1]["seconds"]
+    expected = math.log(large["infer"] / small["infer"]) / math.log(2)  # 40k / 20k rows
+    assert growth["infer"] == pytest.approx(expected, abs=0.02), growth
+    assert result["dominant_stage"] == max(stages, key=lambda k: large[k])
+    assert "dominant stage at 40,000 rows" in out
