@@ -123,6 +123,25 @@ def evaluate_chosen(chosen: Chosen, *, select_users: np.ndarray, epoch_users: np
     return out
 
 
+def finish_baseline(out: dict[str, Any], chosen: Chosen, *, started: float, setup_s: float,
+                    select_users: np.ndarray, epoch_users: int, exclude: UserItems,
+                    positives: dict[str, UserItems], ks: list[int], select_on: str
+                    ) -> dict[str, Any]:
+    """``out`` (what the baseline chose) with the chosen scorer's metrics
+    (:func:`evaluate_chosen`) and how long it all took since ``started``: fitting (``setup_s``,
+    e.g. the matrices, and every grid point's fit), selecting, evaluating."""
+    t = time.perf_counter()
+    out.update(evaluate_chosen(chosen, select_users=select_users,
+                               epoch_users=sample_users(positives[select_on], epoch_users),
+                               exclude=exclude, positives=positives, ks=ks,
+                               select_on=select_on))
+    done = time.perf_counter()
+    out["timing"] = {"fit": round(setup_s + chosen.fit_s, 2),
+                     "select": round(chosen.select_s, 2), "evaluate": round(done - t, 2)}
+    out["seconds"] = round(done - started, 2)
+    return out
+
+
 # ---------------------------------------------------------------- EASE
 
 @dataclass
@@ -255,18 +274,11 @@ def ease_baseline(train_users: np.ndarray, train_items: np.ndarray, *,
     chosen_users = sample_users(positives[select_on], select_users)
     best = choose(((str(float(lam)), lambda lam=float(lam): fit.scorer(lam)) for lam in lambdas),
                   chosen_users, exclude=exclude, positives=positives[select_on], ks=ks)
-    t1 = time.perf_counter()
-    out: dict[str, Any] = {"lambda": float(best.name), "form": fit.form, "dim": side,
-                           "grid": best.grid, "select_users": len(chosen_users)}
-    out.update(evaluate_chosen(best, select_users=chosen_users,
-                               epoch_users=sample_users(positives[select_on], epoch_users),
-                               exclude=exclude, positives=positives, ks=ks,
-                               select_on=select_on))
-    t2 = time.perf_counter()
-    out["timing"] = {"fit": round(prepare_s + best.fit_s, 2), "select": round(best.select_s, 2),
-                     "evaluate": round(t2 - t1, 2)}
-    out["seconds"] = round(t2 - t0, 2)
-    return out
+    out = {"lambda": float(best.name), "form": fit.form, "dim": side, "grid": best.grid,
+           "select_users": len(chosen_users)}
+    return finish_baseline(out, best, started=t0, setup_s=prepare_s,
+                           select_users=chosen_users, epoch_users=epoch_users,
+                           exclude=exclude, positives=positives, ks=ks, select_on=select_on)
 
 
 # ---------------------------------------------------------------- iALS
@@ -339,6 +351,7 @@ def ials_baseline(train_users: np.ndarray, train_items: np.ndarray, *,
     gpu = implicit.gpu.HAS_CUDA if gpu is None else gpu
     t0 = time.perf_counter()
     x = positives_matrix(train_users, train_items, (num_users, num_items))
+    setup_s = time.perf_counter() - t0
 
     def build(f: int, reg: float) -> Scorer:
         u, v = fit_ials(x, factors=f, regularization=reg, alpha=alpha, iterations=iterations,
@@ -351,20 +364,13 @@ def ials_baseline(train_users: np.ndarray, train_items: np.ndarray, *,
     best = choose(((f"factors={f} regularization={r:g}", lambda f=f, r=r: build(f, r))
                    for f, r in points), chosen_users, exclude=exclude,
                   positives=positives[select_on], ks=ks)
-    t1 = time.perf_counter()
     f, r = points[list(best.grid).index(best.name)]
-    out: dict[str, Any] = {"factors": f, "regularization": r, "alpha": float(alpha),
-                           "iterations": int(iterations), "device": "gpu" if gpu else "cpu",
-                           "grid": best.grid, "select_users": len(chosen_users)}
-    out.update(evaluate_chosen(best, select_users=chosen_users,
-                               epoch_users=sample_users(positives[select_on], epoch_users),
-                               exclude=exclude, positives=positives, ks=ks,
-                               select_on=select_on))
-    t2 = time.perf_counter()
-    out["timing"] = {"fit": round(best.fit_s, 2), "select": round(t1 - t0 - best.fit_s, 2),
-                     "evaluate": round(t2 - t1, 2)}
-    out["seconds"] = round(t2 - t0, 2)
-    return out
+    out = {"factors": f, "regularization": r, "alpha": float(alpha),
+           "iterations": int(iterations), "device": "gpu" if gpu else "cpu",
+           "grid": best.grid, "select_users": len(chosen_users)}
+    return finish_baseline(out, best, started=t0, setup_s=setup_s,
+                           select_users=chosen_users, epoch_users=epoch_users,
+                           exclude=exclude, positives=positives, ks=ks, select_on=select_on)
 
 
 # ---------------------------------------------------------------- on the driver
