@@ -251,6 +251,10 @@ class TrainConfig:
     log_every: int = _f(20, "steps between progress lines on rank 0")
     train_seed: int = _f(0, "seed of model initialisation and data order")
     resume: bool = _f(False, "continue the run of this output folder from its latest checkpoint")
+    init_from: Optional[str] = _f(
+        None, "warm start: a trained model (folder, URI or models:/name@alias) whose embedding "
+              "rows are copied by id (new ids start fresh) and whose dense layers are copied; "
+              "the optimizer starts fresh. Its dimension, tower layers and features must match")
 
     def eval_ks(self) -> list[int]:
         """Cut-offs evaluated: --eval-k and the K of --select-metric."""
@@ -298,6 +302,8 @@ class TrainConfig:
                self.batch_size)
         _check(self.embedding_lr > 0, "embedding_lr", "must be positive", self.embedding_lr)
         _check(self.dense_lr > 0, "dense_lr", "must be positive", self.dense_lr)
+        _check(self.init_from is None or bool(self.init_from.strip()), "init_from",
+               "must name a model folder, URI or models:/name@alias", self.init_from)
         _check(len(self.eval_k) > 0 and all(_count(k, MAX_K) for k in self.eval_k), "eval_k",
                f"must be a non-empty list of integers in [1, {MAX_K:,}]", self.eval_k)
         # more users than any dataset has: 0 asks for all of them

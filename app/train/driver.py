@@ -142,7 +142,7 @@ def _trainer_class() -> type:
 def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Any,
                  mlflow_info: Optional[dict[str, str]] = None,
                  callbacks: Optional[list] = None, refit: bool = False,
-                 baselines: Optional[dict[str, Any]] = None) -> Any:
+                 baselines: Optional[dict[str, Any]] = None, warm: Any = None) -> Any:
     """The ``TorchTrainer`` of one training run (also what every tuning trial fits).
 
     Args:
@@ -153,6 +153,7 @@ def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Any,
         callbacks: Ray Train ``UserCallback``s (Tune's report callback in a sweep).
         refit: train on every split, without evaluation.
         baselines: driver-side baseline metrics the workers report beside the model's.
+        warm: an object store reference to a warm start (:func:`app.train.warm.payload`).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
@@ -166,7 +167,7 @@ def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Any,
         train_loop_config=WorkerArgs(
             config=cfg.to_dict(), data_dir=data_dir, mlflow=mlflow_info,
             run_dir=storage.join(name).uri, splits=tuple(SPLITS) if refit else ("train",),
-            evaluate=not refit, baselines=baselines or {}).to_dict(),
+            evaluate=not refit, baselines=baselines or {}, warm=warm).to_dict(),
         scaling_config=place.scaling_config(),
         torch_config=torch_config(place.backend),
         run_config=RunConfig(name=name, storage_path=storage_path,
@@ -183,7 +184,7 @@ def make_trainer(cfg: Config, data_dir: str, *, name: str, storage: Any,
 def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, lease: Lease, *, spec: Any,
                     manifest: Manifest, run_dir: Location, refit: bool,
                     baselines: dict[str, Any], data_root: str, data_version: Optional[str],
-                    register: Any, say: Any
+                    register: Any, say: Any, init_from: Optional[str] = None
                     ) -> tuple[CheckpointState, Location, dict[str, Any], RegisteredModel]:
     """Fit, then publish the best epoch's model folder as a new version of the output;
     returns (state, checkpoint, metrics, registered). Nothing is published or registered when
@@ -217,6 +218,8 @@ def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, lease: Lease, *, s
                else {"epochs": state.epoch, "best_epoch": best_epoch, "refit": True,
                      "train_loss": state.history[-1]["train_loss"]})
     metrics["resumed_at_epochs"] = state.resumed_at_epochs
+    if init_from is not None:
+        metrics["init_from"] = init_from
     with lease.staged() as tmp:
         best_local = local_copy(best_ckpt)  # on an object store: a copy in this node's cache
         weights = export_state_dict(consolidate(best_local))
@@ -291,19 +294,31 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
         baselines = driver_baselines(cfg.train, run.data_dir, run.spec.num_users, run.spec.num_items)
         for key, result in baselines.items():
             say(describe_baseline(key, result))
+    warm = warm_ref = None
+    if cfg.train.init_from:
+        import ray
+
+        from app.train.warm import payload, warm_start_from
+
+        warm = warm_start_from(cfg.train.init_from, cfg.cluster, run.spec, run.data_dir,
+                               say=say)
+        warm_ref = ray.put(payload(warm))
+    lineage = {"init_from": warm.label} if warm is not None else {}
     storage, name = run_folder(cfg, lease.out, refit=refit, say=say)
     run_id = tracking.start_run(
         cfg, run_name=tracking.run_label(tag, cfg, run.manifest.source.get("dataset")),
         tags={"stage": tag, "dataset": run.data_uri, "output": str(lease.out),
-              "refit": str(refit).lower(), **(tags or {})})
+              "refit": str(refit).lower(), **lineage, **(tags or {})})
     mlflow_info = {"tracking_uri": tracking.tracking_uri(cfg.cluster), "run_id": run_id}
     # the workers start from the latest checkpoint in the run folder: --resume keeps it
     trainer = make_trainer(cfg, run.data_uri, name=name, storage=storage,
-                           mlflow_info=mlflow_info, refit=refit, baselines=baselines)
+                           mlflow_info=mlflow_info, refit=refit, baselines=baselines,
+                           warm=warm_ref)
 
     def register(folder: Path) -> RegisteredModel:
         registered = registry.log_trained_model(cfg.cluster, run_id, folder,
-                                                run.manifest.vocab.to_dict())
+                                                run.manifest.vocab.to_dict(),
+                                                version_tags=lineage)
         (folder / MLFLOW_FILE).write_text(json.dumps(  # no credentials saved
             redact_values({**registered.to_dict(), **mlflow_info}), indent=2) + "\n")
         return registered
@@ -312,7 +327,8 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
         state, ckpt, metrics, registered = _fit_and_export(
             cfg, trainer, run.data_dir, lease, spec=run.spec, manifest=run.manifest,
             run_dir=storage.join(name), refit=refit, baselines=baselines, data_root=data_root,
-            data_version=run.data_version, register=register, say=say)
+            data_version=run.data_version, register=register, say=say,
+            init_from=warm.label if warm is not None else None)
     except BaseException as e:
         killed = isinstance(e, KeyboardInterrupt)  # SIGINT or SIGTERM (app.core.logs)
         if killed:

@@ -71,9 +71,11 @@ class WorkerArgs:
     splits: tuple[str, ...] = ("train",)   # the splits trained on (every split for a refit)
     evaluate: bool = True                  # evaluate each epoch on val/test (off for a refit)
     baselines: dict[str, Any] = field(default_factory=dict)  # driver-side baseline metrics
+    warm: Any = None                       # ObjectRef of app.train.warm.payload (--init-from)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # shallow: the warm start travels as an object store reference, not a copy
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "WorkerArgs":
@@ -197,6 +199,8 @@ def restore(w: Worker) -> CheckpointState:
     if found is not None and (restored is None or epoch_of(restored) < epoch_of(found)):
         restored = Checkpoint(found.path, filesystem=found.fs)
     if restored is None:
+        if w.args.warm is not None:
+            warm_start(w)
         if w.verbose:
             w.say(f"sharding plan ({w.world} rank(s), {w.device.type}):\n{w.plan}")
         elif w.args.evaluate:  # (a refit's plan is the evaluated run's)
@@ -211,6 +215,19 @@ def restore(w: Worker) -> CheckpointState:
     state.resumed_at_epochs.append(state.epoch)
     w.say(f"resumed from the checkpoint after epoch {state.epoch}")
     return state
+
+
+def warm_start(w: Worker) -> None:
+    """A fresh run with --init-from: this rank's shards of every table take the model's rows
+    of the same ids, the dense layers the model's (:mod:`app.train.warm`)."""
+    import ray
+
+    from app.train.warm import apply_warm_start
+
+    t0 = time.perf_counter()
+    apply_warm_start(w.dmp, ray.get(w.args.warm))
+    if w.verbose:
+        w.say(f"warm start applied to this rank's shards; {time.perf_counter() - t0:.1f}s")
 
 
 def make_loaders(w: Worker) -> Loaders:

@@ -84,12 +84,16 @@ def _requirements() -> list[str]:
 
 
 def log_trained_model(cluster: ClusterConfig, run_id: str, model_dir: str | os.PathLike,
-                      vocab_types: dict[str, str]) -> RegisteredModel:
+                      vocab_types: dict[str, str],
+                      version_tags: Optional[dict[str, str]] = None) -> RegisteredModel:
     """Log the model folder as artifacts and as a pyfunc model, and register it.
 
     The pyfunc model is logged as code (:data:`MODEL_CODE`), not pickled: the model folder is
     its ``model_dir`` artifact and ``app/`` travels as its code, so it loads in a fresh
     process with MLflow's pickle loading switched off.
+
+    Args:
+        version_tags: tags of the registered version (its lineage: ``init_from``).
 
     Returns:
         The run, the logged model's URI and the registered version.
@@ -108,6 +112,11 @@ def log_trained_model(cluster: ClusterConfig, run_id: str, model_dir: str | os.P
             pip_requirements=_requirements(),
             registered_model_name=cluster.registered_model_name)
     version = info.registered_model_version
+    if version is not None:
+        client = mlflow.MlflowClient()
+        for key, value in (version_tags or {}).items():
+            client.set_model_version_tag(cluster.registered_model_name, str(version), key,
+                                         value)
     return RegisteredModel(run_id=run_id, model_uri=info.model_uri,
                            registered_model=cluster.registered_model_name,
                            version=int(version) if version is not None else None,
