@@ -14,13 +14,13 @@ import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from app.core import logs
 from app.core.cluster import init_ray
 from app.core.config import Config, load_config
 from app.core.contracts import Contract
-from app.core.errors import DatasetError, OutputError
+from app.core.errors import ConfigError, DatasetError, OutputError
 from app.core.preflight import check_run
 from app.core.publish import current, version_uri, writer
 from app.core.redact import redact, redact_values
@@ -89,7 +89,7 @@ class RunSummary(Contract):
 
 
 def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False,
-        refit: bool = True) -> RunSummary:
+        refit: bool = True, refresh: Optional[str] = None) -> RunSummary:
     """Run the stages in order; returns the summary (also ``<workdir>/summary.json``).
 
     Args:
@@ -100,7 +100,16 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False,
             (train + val + test) for the evaluated run's best number of epochs; ``model/``,
             the registered model and the recommendations come from the refit, the held-out
             metrics from the evaluated run (its folder: ``model-heldout/``).
+        refresh: a trained model (``models:/name@alias``, a version, a folder) to refresh
+            with the new ratings: the dataset keeps its ids' rows (``--base``), training
+            starts from its weights (``--init-from``) with its model settings, and the gate
+            scores it beside the new model on the new test split (:func:`refresh_config`).
     """
+    if refresh is not None:
+        if tune:
+            raise ConfigError("--refresh keeps the refreshed model's settings; --tune would "
+                              "choose others (tune, then train from scratch)")
+        cfg = refresh_config(cfg, refresh)
     check_run(cfg, stages)  # every location, before the workdir's lease and Ray
     workdir = resolve(cfg.cluster.workdir)  # a local path or a URI (app.core.storage)
     # one full run per workdir at a time (each stage also holds its own output's lease)
@@ -191,12 +200,68 @@ def train_step(cfg: Config, data_dir: Location, workdir: Location, summary: RunS
 
         test = result.metrics.get("model", {}).get("test", {})
         summary.promotion = promote(cfg, served.version, test.get(PROMOTION_METRIC),
-                                    version_uri(data_dir.uri))
+                                    version_uri(data_dir.uri),
+                                    compare=same_split(cfg, result.model_dir, data_dir))
     from app.core.tracking import tracking_uri
 
     summary.tracking_uri = redact(tracking_uri(cfg.cluster))
     summary.plot = (workdir / "val_metrics.png").uri
     plot_history(result.history, summary.plot, [int(k) for k in cfg.train.eval_k])
+
+
+def same_split(cfg: Config, candidate: str, data_dir: Location
+               ) -> Callable[[str], Optional[dict[str, Any]]]:
+    """The gate's comparison with a champion of another dataset version: both scored on this
+    run's test split (:func:`app.train.gate.compare_on_split`), the candidate being the
+    evaluated model (the one with held-out figures)."""
+
+    def compare(champion_version: str) -> Optional[dict[str, Any]]:
+        from app.core.publish import local_dir
+        from app.train.gate import compare_on_split
+        from app.train.model_folder import resolve_model
+
+        t0 = time.perf_counter()
+        champion = resolve_model(f"models:/{cfg.cluster.registered_model_name}/"
+                                 f"{champion_version}", cfg.cluster)
+        ks = tuple(int(k) for k in cfg.train.eval_ks())
+        same = compare_on_split(local_dir(candidate), champion, local_dir(data_dir.uri),
+                                ks=ks if 20 in ks else (*ks, 20))
+        if same is not None:
+            logs.say("gate", f"the champion (version {champion_version}) and this model on "
+                             f"this dataset's test split: recall@20 "
+                             f"{same.champion['recall@20']:.4f} vs "
+                             f"{same.candidate['recall@20']:.4f} ({same.rows:,} positives, "
+                             f"{same.left_out:,} the champion was trained on left out); "
+                             f"{time.perf_counter() - t0:.1f}s")
+        return same.to_dict() if same is not None else None
+
+    return compare
+
+
+def refresh_config(cfg: Config, model: str) -> Config:
+    """The configuration of a refresh of ``model`` (``full_run --refresh``): the dataset
+    extends the model's vocabularies (``--base``: every id keeps its row), training starts
+    from its weights (``--init-from``, a registered alias fixed to its version now) with its
+    model settings (its folder's ``config.yaml``); the rest as given."""
+    from app.train.model_folder import CONFIG_FILE, MLFLOW_FILE, ModelRef, resolve_model
+
+    out = copy.deepcopy(cfg)
+    folder = resolve_model(model, cfg.cluster)
+    ref = ModelRef(model)
+    fixed = model
+    if ref.registered and ref.alias is not None and (folder / MLFLOW_FILE).is_file():
+        import json
+
+        fixed = json.loads((folder / MLFLOW_FILE).read_text()).get("registered_uri", model)
+    out.data.base, out.train.init_from = str(folder), fixed
+    if (folder / CONFIG_FILE).is_file():
+        out.model = load_config(str(folder / CONFIG_FILE)).model
+    logs.say("refresh", f"refreshing {redact(model)}"
+                        + (f" ({fixed})" if fixed != model else "")
+                        + f": its vocabularies kept, its weights the start, its model "
+                          f"settings (dim {out.model.embedding_dim}, towers "
+                          f"{list(out.model.tower_layers)})")
+    return out
 
 
 def infer_step(cfg: Config, data_dir: Location, workdir: Location, summary: RunSummary) -> None:

@@ -27,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     stages.add_argument("--no-refit", dest="refit", action="store_false",
                         help="serve the evaluated model (trained on the train split) instead "
                              "of refitting on every split for its best number of epochs")
+    stages.add_argument("--refresh", metavar="MODEL",
+                        help="refresh a trained model (models:/name@alias, models:/name/N, a "
+                             "folder or URI) with the ratings of --input: the new dataset "
+                             "keeps its ids' rows and adds new ids after them, training "
+                             "starts from its weights with its model settings, and the gate "
+                             "scores it beside the new model on the new test split")
     stages.add_argument("--stages", default=",".join(STAGES), type=_stages,
                         help=f"comma-separated stages to run, in order, among "
                              f"{', '.join(STAGES)} (default: all)")
@@ -39,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     def body(args: argparse.Namespace) -> None:
         cfg = config_from_args(args)
         print(cfg.describe(), flush=True)
-        run(cfg, args.stages, tune=args.tune, refit=args.refit)
+        run(cfg, args.stages, tune=args.tune, refit=args.refit, refresh=args.refresh)
 
     return cli.main(parser, body, argv)
 

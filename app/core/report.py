@@ -118,6 +118,9 @@ def render(summary: dict[str, Any]) -> str:
     if "train" in stages:
         out.append("")
         out += comparison(stages["train"]["metrics"])
+        if stages["train"]["metrics"].get("init_from"):
+            out.append(f"warm start: from {stages['train']['metrics']['init_from']} (its "
+                       f"rows copied by id, new ids fresh)")
     if "refit" in stages:
         r = stages["refit"]
         out.append(f"served model: refit on every split ({r['training_rows']:,} rows, "

@@ -13,7 +13,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import mlflow
 
@@ -174,22 +174,31 @@ def log_sweep(cluster: ClusterConfig, parent_run_id: str, *, best: dict[str, Any
 PROMOTION_METRIC = "recall@20"
 
 
-def promote(cfg: Config, version: Any, metric: Optional[float], dataset: str) -> dict[str, Any]:
+def promote(cfg: Config, version: Any, metric: Optional[float], dataset: str,
+            compare: Optional[Callable[[str], Optional[dict[str, Any]]]] = None
+            ) -> dict[str, Any]:
     """The promotion gate: point the alias ``cfg.serve.champion_alias`` (what serving follows)
     at a newly registered version, per ``cfg.serve.promote``.
 
-    ``if-better`` promotes when the version's test Recall@20 beats the current champion's on
-    the same dataset version, or when there is no champion yet; a champion trained on another
-    dataset version is not comparable and stays (``--promote always`` replaces it). The
-    version is tagged with its metric and dataset either way, so a later run can compare.
+    ``if-better`` promotes when the version beats the current champion on the same split, or
+    when there is no champion yet. On the same dataset version the two test Recall@20 tags
+    are compared. A champion trained on another dataset version is scored with the new
+    version on the new version's test split by ``compare`` (the rows it was not trained on:
+    :func:`app.train.gate.compare_on_split`); without ``compare``, or with no such row, it is
+    not comparable and stays (``--promote always`` replaces it). The version is tagged with
+    its metric and dataset either way, so a later run can compare.
 
     Args:
         version: the registered version (of ``cfg.cluster.registered_model_name``).
         metric: its test Recall@20 (None when not measured).
         dataset: the dataset version it was trained and evaluated on.
+        compare: champion version -> ``{"candidate": {...}, "champion": {...}, "rows",
+            "left_out"}`` (:class:`app.train.gate.SameSplit`), or None when nothing is left
+            to compare on.
 
     Returns:
-        ``{"promoted", "alias", "version", "champion" (the one before, or None), "reason"}``.
+        ``{"promoted", "alias", "version", "champion" (the one before, or None), "reason"}``,
+        and ``"same_split"`` when the champion was scored on this version's split.
     """
     configure(cfg.cluster)
     client = mlflow.MlflowClient()
@@ -205,7 +214,7 @@ def promote(cfg: Config, version: Any, metric: Optional[float], dataset: str) ->
     except Exception:  # noqa: BLE001 (MLflow raises its own error for a missing alias)
         champion = None
     before = champion.version if champion is not None else None
-    out = {"alias": alias, "version": version, "champion": before}
+    out: dict[str, Any] = {"alias": alias, "version": version, "champion": before}
 
     def decide(promoted: bool, reason: str) -> dict[str, Any]:
         if promoted:
@@ -218,11 +227,24 @@ def promote(cfg: Config, version: Any, metric: Optional[float], dataset: str) ->
         return decide(True, "--promote always")
     if champion is None:
         return decide(True, "the first model: no champion yet")
+    if str(before) == version:
+        return decide(False, f"version {version} is the champion already")
     theirs = champion.tags.get(f"test_{tag}")
     if champion.tags.get("dataset") != dataset or theirs is None:
-        return decide(False, f"the champion (version {before}) was evaluated on another "
-                             f"dataset version; not comparable (--promote always replaces "
-                             f"it)")
+        same = compare(str(before)) if compare is not None else None
+        if same is None:
+            return decide(False, f"the champion (version {before}) was evaluated on another "
+                                 f"dataset version and no test row of this one is left to "
+                                 f"score it on; not comparable (--promote always replaces "
+                                 f"it)")
+        out["same_split"] = same
+        mine, theirs = same["candidate"][PROMOTION_METRIC], same["champion"][PROMOTION_METRIC]
+        where = (f"on this dataset's test split ({same['rows']:,} positives of "
+                 f"{same['candidate']['users']:,} users; {same['left_out']:,} the champion was "
+                 f"trained on left out)")
+        verdict = "beats" if mine > theirs else "does not beat"
+        return decide(mine > theirs, f"test {PROMOTION_METRIC} {mine:.4f} {verdict} the "
+                                     f"champion's (version {before}) {theirs:.4f} {where}")
     if metric is None:
         return decide(False, f"this model has no test {PROMOTION_METRIC}")
     theirs = float(theirs)

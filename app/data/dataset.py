@@ -36,6 +36,7 @@ from app.data.mds import INTERACTION_COLUMNS, record_dtype
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
+MODEL_JSON = "model.json"  # a model folder (app.train.model_folder) as a --base
 _YEAR = re.compile(r"\((\d{4})\)\s*$")  # a title's release year: "Heat (1995)"
 
 
@@ -211,7 +212,9 @@ class BaseDataset:
 
 def read_base(base: str) -> BaseDataset:
     """The published version of the prepared dataset ``base`` (a folder or URI; on an object
-    store, read from this node's copy), checked for extending its vocabularies.
+    store, read from this node's copy), checked for extending its vocabularies. A model folder
+    is accepted too: its ``vocab/`` is the vocabularies of the dataset it was trained on, so a
+    new dataset keeps the model's rows.
 
     Raises:
         DatasetError: one line naming ``--base`` and the dataset: not a prepared dataset, of
@@ -220,18 +223,32 @@ def read_base(base: str) -> BaseDataset:
     try:
         uri, version = version_uri(base), version_of(base)
         folder = local_dir(uri)
-        manifest = read_manifest(folder)
+        if not (folder / MANIFEST).is_file() and (folder / MODEL_JSON).is_file():
+            record, fingerprint = _model_vocab(folder), folder / MODEL_JSON
+        else:
+            record, fingerprint = read_manifest(folder).vocab, folder / MANIFEST
         vocab = load_vocab(folder)
     except (DatasetError, OutputError, StorageError) as e:
         raise DatasetError(f"--base: {e}") from None
     except (OSError, pa.ArrowException) as e:  # a vocabulary file missing or not Parquet
         raise DatasetError(f"--base: {base}: unreadable vocabulary ({e})") from None
-    for kind, size, kind_type in (("users", manifest.vocab.users, manifest.vocab.user_id_type),
-                                  ("items", manifest.vocab.items, manifest.vocab.item_id_type)):
+    for kind, size, kind_type in (("users", record.users, record.user_id_type),
+                                  ("items", record.items, record.item_id_type)):
         _check_base_vocab(folder / "vocab" / f"{kind}.parquet", vocab[kind], size, kind_type)
-    sha = hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
+    sha = hashlib.sha256(fingerprint.read_bytes()).hexdigest()
     return BaseDataset(VocabBase(uri=uri, version=version, manifest_sha256=sha),
-                       manifest.vocab, vocab["users"], vocab["items"])
+                       record, vocab["users"], vocab["items"])
+
+
+def _model_vocab(folder: Path) -> Vocab:
+    """The vocabulary record of the dataset a model folder was trained on (its model.json)."""
+    try:
+        data = json.loads((folder / MODEL_JSON).read_text())
+        vocab = data["dataset"]["vocab"]
+        return Vocab(**{**vocab, "base": VocabBase(**(vocab.get("base") or {}))})
+    except (ValueError, KeyError, TypeError) as e:
+        raise DatasetError(f"{folder / MODEL_JSON}: no vocabulary record of the dataset the "
+                           f"model was trained on ({type(e).__name__}: {e})") from None
 
 
 def _check_base_vocab(path: Path, table: pa.Table, size: int, kind_type: str) -> None:

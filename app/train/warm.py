@@ -97,7 +97,7 @@ def source_rows(old_ids: Any, new_ids: Any) -> np.ndarray:
     return np.concatenate([[0], np.where(found >= 0, found + 1, -1)]).astype(np.int64)
 
 
-def _vocab_ids(folder: str | Path) -> dict[str, list[str]]:
+def vocab_ids(folder: str | Path) -> dict[str, list[str]]:
     """users, items (ids as text, index order) and the genre and year values of a dataset
     or model folder."""
     vocab = load_vocab(folder)
@@ -127,7 +127,7 @@ def warm_start_from(init_from: str, cluster: ClusterConfig, spec: ModelSpec, dat
     model = ModelSpec.from_dict(info.spec)
     check_spec(model, spec, shown)
     state = torch.load(Path(folder, WEIGHTS), map_location="cpu", weights_only=True)
-    old, new = _vocab_ids(folder), _vocab_ids(data_dir)
+    old, new = vocab_ids(folder), vocab_ids(data_dir)
     warm = WarmStart(label=_label(init_from, folder))
     rows = spec.table_rows()
     for feature, n in rows.items():
