@@ -6,7 +6,7 @@ PY := .venv/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast bench-prepare bench-train bench-inference bench-quality bench-serve bench-scale
+.PHONY: setup run test test-fast bench-prepare bench-train bench-inference bench-quality bench-serve bench-scale bench-refresh
 setup:
 	@bash scripts/setup_env.sh
 
@@ -36,3 +36,6 @@ bench-serve: setup
 
 bench-scale: setup
 	$(PY) bench/scale.py $(ARGS)
+
+bench-refresh: setup
+	$(PY) bench/refresh.py $(ARGS)

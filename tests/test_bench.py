@@ -27,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-BENCHES = ("prepare", "train", "inference", "quality", "serve", "scale")
+BENCHES = ("prepare", "train", "inference", "quality", "serve", "scale", "refresh")
 TIMEOUT = 600.0  # seconds for one smoke, from its start
 
 
@@ -259,3 +259,20 @@ def test_scale_smoke(smokes):
     assert growth["infer"] == pytest.approx(expected, abs=0.02), growth
     assert result["dominant_stage"] == max(stages, key=lambda k: large[k])
     assert "dominant stage at 40,000 rows" in out
+
+
+@pytest.mark.slow  # three training runs (day 1, warm, scratch)
+def test_refresh_smoke(smokes):
+    result, out = smokes["refresh"].result()
+    keys_present(result, {"warm_test_recall@20", "scratch_test_recall@20", "warm_vs_scratch",
+                          "warm_seconds", "scratch_seconds", "time_ratio", "new_users",
+                          "new_items"})
+    positive(result, "warm_test_recall@20", "scratch_test_recall@20", "warm_seconds",
+             "scratch_seconds")
+    ratio(result, "warm_vs_scratch", "warm_test_recall@20", "scratch_test_recall@20")
+    ratio(result, "time_ratio", "warm_seconds", "scratch_seconds")
+    assert result["dataset"] == "synthetic" and result["new_users"] >= 0
+    # the day-1 model is a real start: after the same 2 epochs the warm run is ahead
+    assert result["warm_test_recall@20"] > result["scratch_test_recall@20"], result
+    assert result["warm_test_recall@20"] > result["popularity_test_recall@20"], result
+    assert "warm / scratch: quality" in out

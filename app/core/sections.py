@@ -39,6 +39,7 @@ MAX_DIM = 8192  # embedding and layer sizes
 MAX_K = 10_000  # cut-offs and list lengths
 MAX_EPOCHS = 10_000
 DAY_S = 86_400  # timeouts and intervals, in seconds
+MAX_WINDOW_DAYS = 36_500  # --window-days: a century of ratings
 MAX_BATCH_WAIT_MS = 1000  # a batch waits at most this long for requests to fill it
 DATASETS = ("movielens-small", "lfs", "csv", "parquet", "synthetic")
 LFS_URL = "https://files.grouplens.org/datasets/learning-from-sets-2019/learning-from-sets-2019.zip"
@@ -54,6 +55,9 @@ class DataConfig:
     output: Optional[str] = _f(None, "prepared dataset folder (default: <workdir>/data)")
     base: Optional[str] = _f(None, "prepared dataset (folder or URI) whose vocabularies this "
                                    "one extends: its ids keep their rows, new ids follow")
+    window_days: float = _f(0.0, "keep only ratings of the last N days before the latest "
+                                 "timestamp of the input (a daily refresh on a recent window); "
+                                 "0: every rating")
     overwrite: bool = _f(False, "replace an existing prepared dataset at --output")
     download_url: str = _f(LFS_URL, "where --dataset lfs downloads from when --input is not given")
     user_col: str = _f("userId", "user id column in the raw ratings")
@@ -128,6 +132,8 @@ class DataConfig:
                                             f"({self.timestamp_max})", self.timestamp_min)
         _check(self.base is None or bool(self.base.strip()), "base",
                "must name a prepared dataset folder or URI", self.base)
+        _check(0 <= self.window_days <= MAX_WINDOW_DAYS, "window_days",
+               f"must be in [0, {MAX_WINDOW_DAYS:,}] days (0: every rating)", self.window_days)
 
     def timestamp_bounds(self) -> tuple[int, int]:
         """The plausible timestamp range, inclusive, as epoch seconds."""
