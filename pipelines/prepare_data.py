@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         from app.data.prepare import prepare_dataset
 
         check_prepare(cfg.data, output, cfg.cluster)
+        if cfg.data.base:  # a model's vocabularies as the base: folders and models:/ URIs
+            from app.train.model_folder import base_folder
+
+            cfg.data.base = base_folder(cfg.data.base, cfg.cluster)
         init_ray(cfg.cluster)
         manifest = prepare_dataset(cfg.data, output, lease_timeout=cfg.cluster.lease_timeout)
         counts = manifest.counts

@@ -1,7 +1,9 @@
 """The data stage's per-block functions, run in Ray tasks on the validated blocks.
 
-- :func:`block_stats`: one summary row per block (distinct ids, rating sum, rejects by reason),
-  from which the driver counts rows and builds the id vocabularies;
+- :func:`block_stats`: one summary row per block (distinct ids, rating sum, latest timestamp,
+  rejects by reason), from which the driver counts rows and builds the id vocabularies;
+- :func:`window_block`: a block without its accepted rows before a cutoff (``--window-days``),
+  and its new summary;
 - :func:`encode_blocks`: vocabulary indices, label and split code of each block's rows;
 - :func:`temporal_split`: the temporal rule, per user, after a repartition by user.
 
@@ -28,7 +30,8 @@ MERGED = REJECTED + 1   # split code of repeated rows merged into another (never
 
 
 def block_stats(table: pa.Table) -> pa.Table:
-    """One row summarising a validated block: distinct ids, rating sum, counts by reason."""
+    """One row summarising a validated block: distinct ids, rating sum, latest timestamp (epoch
+    seconds; null without an accepted row), counts by reason."""
     if table.num_rows == 0:  # an empty block may come without columns
         table = VALIDATED_SCHEMA.empty_table()
     ok = pc.is_null(table["reason"])
@@ -45,6 +48,7 @@ def block_stats(table: pa.Table) -> pa.Table:
         "users": one_list(acc["user"]),
         "items": one_list(acc["item"]),
         "rating_sum": [pc.sum(acc["rating"]).as_py() or 0.0],
+        "ts_max": pa.array([pc.max(acc["timestamp"]).as_py()], pa.int64()),
         "accepted": [acc.num_rows],
         "rejected": [json.dumps(by_reason)],
     })
@@ -52,6 +56,21 @@ def block_stats(table: pa.Table) -> pa.Table:
 
 # A plain task per materialised block: a tiny summary each, without a second Dataset plan.
 remote_block_stats = ray.remote(num_cpus=1)(block_stats)
+
+
+def window_block(table: pa.Table, cutoff: int) -> tuple[pa.Table, pa.Table]:
+    """A validated block without its accepted rows older than ``cutoff`` (epoch seconds), and
+    the summary of what is left (:func:`block_stats`). Rejected rows stay, for the rejects."""
+    if table.num_rows:
+        keep = pc.or_(pc.is_valid(table["reason"]),
+                      pc.fill_null(pc.greater_equal(table["timestamp"], cutoff), False))
+        if not pc.all(keep).as_py():  # a filter copies every column: only when it drops rows
+            table = table.filter(keep)
+    return table, block_stats(table)
+
+
+# A task per materialised block, returning the new block and its summary as two objects.
+remote_window_block = ray.remote(num_cpus=1, num_returns=2)(window_block)
 
 
 def split_hash(user: np.ndarray, item: np.ndarray, ts: np.ndarray, seed: int) -> np.ndarray:

@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +36,6 @@ from app.data.mds import INTERACTION_COLUMNS, record_dtype
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
-MODEL_JSON = "model.json"  # a model folder (app.train.model_folder) as a --base
 _YEAR = re.compile(r"\((\d{4})\)\s*$")  # a title's release year: "Heat (1995)"
 
 
@@ -52,7 +51,12 @@ class Duplicates(Part):
 @dataclass
 class Counts(Part):
     """Rows at each step: read = accepted + rejected; accepted = the splits' rows +
-    ``duplicates.rows_merged``."""
+    ``duplicates.rows_merged`` + ``outside_window``.
+
+    ``outside_window``: accepted rows older than ``--window-days`` before the latest accepted
+    timestamp, in no split (their ids enter the vocabularies only through ``--base``); 0
+    without a window, and then left out of the file, as before the field existed.
+    """
 
     read: int
     accepted: int
@@ -61,6 +65,7 @@ class Counts(Part):
     duplicates: Duplicates
     splits: dict[str, int]     # rows per split (train, val, test)
     positives: dict[str, int]  # rows labelled 1 per split
+    outside_window: int = 0    # accepted rows before the window (--window-days), not written
 
 
 @dataclass
@@ -69,7 +74,7 @@ class LabelRule(Part):
 
     rule: str           # threshold (--label-threshold) or mean (the mean rating)
     threshold: float
-    mean_rating: float  # over the accepted rows, one rating per merged pair
+    mean_rating: float  # over the accepted rows kept (in the window), one per merged pair
 
 
 @dataclass
@@ -135,11 +140,14 @@ class Manifest(Contract):
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        """As :meth:`Part.to_dict`, but ``vocab.base`` only when there is a base: a dataset
-        prepared without ``--base`` has the manifest it had before the field existed."""
+        """As :meth:`Part.to_dict`, but ``vocab.base`` only when there is a base and
+        ``counts.outside_window`` only when a window left rows out: a dataset prepared without
+        ``--base`` or ``--window-days`` has the manifest it had before those fields existed."""
         data = super().to_dict()
         if self.vocab.base == VocabBase():
             del data["vocab"]["base"]
+        if not self.counts.outside_window:
+            del data["counts"]["outside_window"]
         return data
 
     @classmethod
@@ -200,6 +208,12 @@ def id_rows(data_dir: str | os.PathLike) -> dict[str, dict[str, int]]:
             for kind, table in load_vocab(data_dir).items()}
 
 
+# Readers of a folder that is not a prepared dataset but carries one's vocabularies, for
+# --base: folder -> (its Vocab record, the file that fingerprints it), or None. A model folder
+# registers its own (app.train.model_folder), so a new dataset can keep a model's rows.
+VOCAB_RECORDS: list[Callable[[Path], Optional[tuple["Vocab", Path]]]] = []
+
+
 @dataclass
 class BaseDataset:
     """A prepared dataset read as the base of a new version's vocabularies (``--base``)."""
@@ -223,8 +237,10 @@ def read_base(base: str) -> BaseDataset:
     try:
         uri, version = version_uri(base), version_of(base)
         folder = local_dir(uri)
-        if not (folder / MANIFEST).is_file() and (folder / MODEL_JSON).is_file():
-            record, fingerprint = _model_vocab(folder), folder / MODEL_JSON
+        found = None if (folder / MANIFEST).is_file() else next(
+            (r for r in (read(folder) for read in VOCAB_RECORDS) if r is not None), None)
+        if found is not None:
+            record, fingerprint = found
         else:
             record, fingerprint = read_manifest(folder).vocab, folder / MANIFEST
         vocab = load_vocab(folder)
@@ -238,17 +254,6 @@ def read_base(base: str) -> BaseDataset:
     sha = hashlib.sha256(fingerprint.read_bytes()).hexdigest()
     return BaseDataset(VocabBase(uri=uri, version=version, manifest_sha256=sha),
                        record, vocab["users"], vocab["items"])
-
-
-def _model_vocab(folder: Path) -> Vocab:
-    """The vocabulary record of the dataset a model folder was trained on (its model.json)."""
-    try:
-        data = json.loads((folder / MODEL_JSON).read_text())
-        vocab = data["dataset"]["vocab"]
-        return Vocab(**{**vocab, "base": VocabBase(**(vocab.get("base") or {}))})
-    except (ValueError, KeyError, TypeError) as e:
-        raise DatasetError(f"{folder / MODEL_JSON}: no vocabulary record of the dataset the "
-                           f"model was trained on ({type(e).__name__}: {e})") from None
 
 
 def _check_base_vocab(path: Path, table: pa.Table, size: int, kind_type: str) -> None:

@@ -3,6 +3,7 @@
 Recipe (:func:`prepare_dataset`; the steps of :func:`_build`):
     read -> validate (bad rows tagged with a reason) -> materialise               _validated
     -> per-block statistics + unreadable lines -> counts by reason                _tally
+    -> with --window-days: accepted rows before the window left out (counted)     _window
     -> id vocabularies (driver), extending --base's if given                      _vocabularies
     -> repeated (user, item) rows resolved by --duplicates (:mod:`app.data.duplicates`)
     -> the label threshold (driver)                                               _label_rule
@@ -19,11 +20,14 @@ vocabularies and manifest when the staging folder is published), so the version'
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
@@ -39,7 +43,13 @@ from app.core.publish import check_writable, is_published, writer
 from app.core.redact import redact, redact_values
 from app.core.storage import FileSum, Location, resolve
 from app.data import duplicates
-from app.data.blocks import block_stats, encode_blocks, remote_block_stats, temporal_split
+from app.data.blocks import (
+    block_stats,
+    encode_blocks,
+    remote_block_stats,
+    remote_window_block,
+    temporal_split,
+)
 from app.data.dataset import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -71,6 +81,7 @@ from app.data.sources import DataError, Source, open_source
 from app.data.validate import VALIDATED_SCHEMA, Columns, first_repeated, validate_table
 
 _INT_ID = r"^-?[1-9]\d{0,18}$|^0$"  # an integer as int64 writes it (range checked after)
+_DAY_S = 86_400  # seconds in a day (validated timestamps are epoch seconds)
 
 
 def _check_output(out: Location, overwrite: bool) -> None:
@@ -127,10 +138,14 @@ def _build(cfg: DataConfig, tmp: Path, target: Location, *,
         f"{tally.rejected:,} rejected")
     if tally.accepted == 0:
         raise tally.nothing_accepted(where)
+    if cfg.window_days > 0:
+        # before the vocabularies: ids seen only before the window get no row (but --base's)
+        blocks, tally = _window(blocks, tally, cfg.window_days, say=say)
+        validated = None  # the blocks with the older rows are released
 
     vocab = _vocabularies(tally.stats, tmp / "vocab", item_metadata=source.item_metadata,
                           base=base)
-    merge = _resolve_duplicates(blocks, vocab, accepted=tally.accepted, policy=cfg.duplicates,
+    merge = _resolve_duplicates(blocks, vocab, accepted=tally.kept, policy=cfg.duplicates,
                                 say=say)
     label = _label_rule(cfg, tally, merge)
     say(f"vocabularies: {_vocab_sizes(vocab.part)}; label: "
@@ -142,7 +157,7 @@ def _build(cfg: DataConfig, tmp: Path, target: Location, *,
     validated = blocks = merge = None  # release the materialised blocks
     detail("wrote MDS shards")
 
-    splits = _splits_written(target, written, kept=tally.accepted - dup.rows_merged,
+    splits = _splits_written(target, written, kept=tally.kept - dup.rows_merged,
                              rejected=tally.rejected)
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
@@ -153,7 +168,8 @@ def _build(cfg: DataConfig, tmp: Path, target: Location, *,
         counts=Counts(read=tally.read, accepted=tally.accepted, rejected=tally.rejected,
                       rejected_by_reason=dict(sorted(tally.by_reason.items())),
                       duplicates=dup, splits=splits,
-                      positives={name: written[f"{name}_positives"] for name in SPLITS}),
+                      positives={name: written[f"{name}_positives"] for name in SPLITS},
+                      outside_window=tally.outside_window),
         label=label,
         split=SplitRule(rule=cfg.split, seed=cfg.seed,
                         fractions={"train": cfg.train_fraction, "val": cfg.val_fraction,
@@ -207,6 +223,12 @@ class _Tally:
     accepted: int
     by_reason: Counter  # rejected rows by reason, unreadable lines included
     files: dict[str, FileSum]  # what it wrote into the version (the unreadable lines' rejects)
+    outside_window: int = 0  # accepted rows before --window-days' window (not in ``stats``)
+
+    @property
+    def kept(self) -> int:
+        """Accepted rows that go on to the splits (before duplicates are merged)."""
+        return self.accepted - self.outside_window
 
     @property
     def rejected(self) -> int:
@@ -264,6 +286,33 @@ def _malformed_rejects(source: Source, target: Location
         counts.update(r["reason"] for r in records)
     recorded.delete()
     return counts, files
+
+
+def _window(blocks: list, tally: _Tally, days: float, *, say: Callable[[str], None]
+            ) -> tuple[list, _Tally]:
+    """Leave out the accepted rows older than ``days`` days before the latest accepted
+    timestamp: a task per block returns it without them (its rejected rows stay) and its new
+    summary. The rows left out are counted, never written.
+
+    Returns:
+        (the new blocks, the tally of what they hold, with ``outside_window``)
+
+    Raises:
+        DataError: no accepted row is left in the window.
+    """
+    latest = int(pc.max(tally.stats["ts_max"]).as_py())
+    cutoff = math.ceil(latest - days * _DAY_S)  # timestamps are whole seconds: ts >= cutoff
+    pairs = [remote_window_block.remote(ref, cutoff) for ref in blocks]
+    stats = pa.concat_tables([block_stats(VALIDATED_SCHEMA.empty_table())]
+                             + ray.get([summary for _, summary in pairs]))
+    kept = int(pc.sum(stats["accepted"]).as_py() or 0)
+    since = datetime.fromtimestamp(cutoff, timezone.utc).date().isoformat()
+    if kept == 0:
+        raise DataError(f"--window-days {days:g}: no accepted row from {since} on")
+    say(f"window: the last {days:g} days (from {since}): {tally.accepted - kept:,} rows "
+        f"older left out")
+    return ([block for block, _ in pairs],
+            dataclasses.replace(tally, stats=stats, outside_window=tally.accepted - kept))
 
 
 @dataclass
@@ -441,7 +490,7 @@ def _resolve_duplicates(blocks: list, vocab: _Vocabularies, *, accepted: int, po
 def _label_rule(cfg: DataConfig, tally: _Tally, merge: duplicates.Plan) -> LabelRule:
     """The label threshold: ``--label-threshold``, or the mean rating of the rows kept (one
     rating per merged pair)."""
-    kept = tally.accepted - merge.rows_merged
+    kept = tally.kept - merge.rows_merged
     mean = (float(pc.sum(tally.stats["rating_sum"]).as_py()) + merge.rating_delta) / kept
     threshold = mean if cfg.label_rule == "mean" else cfg.label_threshold
     return LabelRule(rule=cfg.label_rule, threshold=threshold, mean_rating=mean)

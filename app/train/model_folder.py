@@ -44,7 +44,16 @@ from app.core.contracts import Contract, Part
 from app.core.errors import ModelError, OutputError
 from app.core.publish import current, local_dir
 from app.core.storage import Location, is_remote
-from app.data.dataset import SPLITS, ItemFeatures, Manifest, Vocab, read_split_arrays
+from app.data.dataset import (
+    SPLITS,
+    VOCAB_RECORDS,
+    DatasetError,
+    ItemFeatures,
+    Manifest,
+    Vocab,
+    VocabBase,
+    read_split_arrays,
+)
 from app.data.history import HISTORY_FILE, UserHistory
 from app.train.export import ExportedTwoTower
 from app.train.metrics import UserItems
@@ -122,6 +131,36 @@ class ModelInfo(Contract):
     @property
     def weights_sha256(self) -> str:
         return self.sha256.get(WEIGHTS, "")
+
+
+def vocab_record(folder: Path) -> Optional[tuple[Vocab, Path]]:
+    """A model folder as a ``--base``: the vocabulary record of the dataset it was trained on
+    (its ``vocab/`` holds those vocabularies) and the file that fingerprints it; None for a
+    folder that is not a model folder."""
+    path = Path(folder, MODEL_JSON)
+    if not path.is_file():
+        return None
+    try:
+        vocab = json.loads(path.read_text())["dataset"]["vocab"]
+        return Vocab(**{**vocab, "base": VocabBase(**(vocab.get("base") or {}))}), path
+    except (ValueError, KeyError, TypeError) as e:
+        raise DatasetError(f"{path}: no vocabulary record of the dataset the model was "
+                           f"trained on ({type(e).__name__}: {e})") from None
+
+
+VOCAB_RECORDS.append(vocab_record)
+
+
+def base_folder(base: str, cluster: "ClusterConfig") -> str:
+    """A ``--base`` value as ``prepare_data`` reads it: an MLflow model (``models:/name@alias``,
+    ``models:/name/N``, ``runs:/...``) becomes its downloaded model folder; a folder or URI
+    stays as it is (a model folder is read through :func:`vocab_record`)."""
+    if not ModelRef(base).mlflow:
+        return base
+    try:
+        return str(resolve_model(base, cluster))
+    except ModelError as e:
+        raise DatasetError(f"--base: {str(e).removeprefix('--model ')}") from None
 
 
 def write_model_json(model_dir: str | os.PathLike, spec: ModelSpec, *,
