@@ -105,3 +105,20 @@ def test_reader_rejects_a_dataset_that_does_not_match(tmp_path, movielens_dir):
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(DatasetError, match="truncated"):
         read_split_arrays(bad / "val")
+
+
+def test_reading_a_split_does_not_import_transformers():
+    """mosaicml-streaming's package imports transformers (its text datasets); a training
+    worker imports only what reading MDS splits needs, and the package's names still work."""
+    import subprocess
+    import sys
+
+    code = ("import sys, app.train.loop, app.data.reader as r\n"
+            "assert 'transformers' not in sys.modules, 'transformers imported'\n"
+            "from streaming import StreamingDataset, MDSWriter, Stream\n"
+            "import streaming\n"
+            "assert StreamingDataset is r.StreamingDataset and Stream is r.Stream\n"
+            "assert streaming.__version__ and MDSWriter.__name__ == 'MDSWriter'\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]

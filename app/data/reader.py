@@ -7,15 +7,60 @@ time; :mod:`app.train.model` turns such batches into ``KeyedJaggedTensor`` input
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from typing import Any, Iterator, Optional
 
 import numpy as np
 from filelock import FileLock
-from streaming import StreamingDataset
 
 from app.data.dataset import ItemFeatures, shard_records  # noqa: F401  (ItemFeatures re-exported)
 from app.data.mds import INTERACTION_COLUMNS, record_dtype
+
+
+def _lazy_package(name: str) -> None:
+    """Register the package ``name`` without running its ``__init__`` yet: its submodules
+    import as usual (the package has its path; ``from package import submodule`` too), and
+    the first access to any other of its names runs the ``__init__`` then, on the same module
+    object."""
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+        importlib.import_module(name)  # not a plain package: imported as it is
+        return
+    module = importlib.util.module_from_spec(spec)
+
+    def __getattr__(attr: str) -> Any:  # PEP 562: only names the module does not have
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        if importlib.util.find_spec(f"{name}.{attr}") is not None:  # a submodule: itself
+            return importlib.import_module(f"{name}.{attr}")
+        del module.__dict__["__getattr__"]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        return getattr(module, attr)
+
+    module.__dict__["__getattr__"] = __getattr__
+    sys.modules[name] = module
+
+
+def streaming_classes() -> tuple[type, type]:
+    """mosaicml-streaming's ``StreamingDataset`` and ``Stream``, imported from their own
+    modules without the ``__init__`` of ``streaming`` and ``streaming.base``: those import the
+    text, vision and multimodal datasets and the data loader, and through them
+    ``transformers`` (2.5 s in every process that reads a split: each training worker, the
+    driver) for code this project never runs. ``from streaming import MDSWriter`` and the like
+    still work afterwards: the first such name runs the package's own ``__init__``."""
+    _lazy_package("streaming")
+    _lazy_package("streaming.base")
+    from streaming.base.dataset import StreamingDataset
+    from streaming.base.stream import Stream
+
+    return StreamingDataset, Stream
+
+
+StreamingDataset, Stream = streaming_classes()
 
 
 class InteractionStream(StreamingDataset):

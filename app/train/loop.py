@@ -233,7 +233,7 @@ def warm_start(w: Worker) -> None:
 def make_loaders(w: Worker) -> Loaders:
     """The streams an epoch reads, and (when evaluating) the evaluator and the baselines'
     metrics, which do not change between epochs."""
-    from streaming import Stream
+    from app.data.reader import Stream
 
     t = w.cfg.train
     loaders = Loaders(
