@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
-
 from app.core import logs
 from app.core.config import Config
 from app.core.errors import TrainError  # noqa: F401  (raised here, importable from here)
@@ -45,6 +43,7 @@ from app.data.dataset import SPLITS, DatasetError, Manifest, read_manifest
 from app.train import registry
 from app.train.baselines import describe as describe_baseline
 from app.train.baselines import driver_baselines
+from app.train.callbacks import EpochMetricsToMlflow
 from app.train.checkpoint import CheckpointState, checkpoint_of_epoch, latest_checkpoint
 from app.train.evaluate import calibrate, final_metrics
 from app.train.inputs import item_features, model_spec
@@ -84,34 +83,6 @@ def consolidate(checkpoint_dir: Path) -> dict[str, Any]:
     from app.train.checkpoint import load_full
 
     return load_full(checkpoint_dir)["model"]
-
-
-def _epoch_logger_base() -> type:
-    from ray.train import UserCallback
-
-    return UserCallback
-
-
-class EpochMetricsToMlflow(_epoch_logger_base()):
-    """Logs each epoch's metrics (rank 0's report) to the MLflow run, from Ray Train's
-    controller, which runs on the driver's node: the workers never write to the tracking
-    store, which may be a file only the driver's machine has (the default SQLite store)."""
-
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.tracking_uri, self.run_id = tracking_uri, run_id
-
-    def after_report(self, run_context: Any, metrics: list, checkpoint: Any) -> None:
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
-
-        m = metrics[0] if metrics else {}
-        if "epoch" not in m:
-            return
-        stamp = int(time.time() * 1000)
-        MlflowClient(self.tracking_uri).log_batch(self.run_id, metrics=[
-            Metric(k.replace("@", "_at_"), float(v), stamp, int(m["epoch"]))
-            for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and np.isfinite(v)])
 
 
 def _trainer_class() -> type:
