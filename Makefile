@@ -1,7 +1,7 @@
 # make run   -- set up .venv and run the whole pipeline on the embedded default
 # make test  -- set up .venv and run the whole test suite (what CI runs)
 # make test-fast -- the fast tier for daily work: no training runs, one shared local Ray, tiny
-#                   data, every benchmark's --smoke mode (a few minutes on 2 cores)
+#                   data, the --smoke of every benchmark that trains nothing (under 3 minutes)
 PY := .venv/bin/python
 ARGS ?=
 PYTEST_ARGS ?=

@@ -134,6 +134,7 @@ def test_prepare_smoke(smokes):
     assert "run 1: floor" in out
 
 
+@pytest.mark.slow  # training runs: two worker groups, five jobs
 def test_train_smoke(smokes):
     result, out = smokes["train"].result()
     throughputs = ("ceiling_samples_per_s", "pipeline_samples_per_s", "seed_samples_per_s",
@@ -183,6 +184,7 @@ def test_inference_smoke(smokes):
     assert stages["topk"] > 0
 
 
+@pytest.mark.slow  # a training run with early stopping
 def test_quality_smoke(smokes):
     result, _ = smokes["quality"].result()
     keys_present(result, {"dataset", "rungs", "popularity_test_recall@20",
