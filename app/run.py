@@ -243,16 +243,11 @@ def refresh_config(cfg: Config, model: str) -> Config:
     extends the model's vocabularies (``--base``: every id keeps its row), training starts
     from its weights (``--init-from``, a registered alias fixed to its version now) with its
     model settings (its folder's ``config.yaml``); the rest as given."""
-    from app.train.model_folder import CONFIG_FILE, MLFLOW_FILE, ModelRef, resolve_model
+    from app.train.model_folder import CONFIG_FILE, fixed_reference, resolve_model
 
     out = copy.deepcopy(cfg)
-    folder = resolve_model(model, cfg.cluster)
-    ref = ModelRef(model)
-    fixed = model
-    if ref.registered and ref.alias is not None and (folder / MLFLOW_FILE).is_file():
-        import json
-
-        fixed = json.loads((folder / MLFLOW_FILE).read_text()).get("registered_uri", model)
+    fixed = fixed_reference(model, cfg.cluster)  # the alias's version now, for the run
+    folder = resolve_model(fixed, cfg.cluster)
     out.data.base, out.train.init_from = str(folder), fixed
     if (folder / CONFIG_FILE).is_file():
         out.model = load_config(str(folder / CONFIG_FILE)).model

@@ -120,7 +120,7 @@ def test_a_refresh_warm_starts_from_the_champion_beats_it_and_serving_follows(
     assert "on this dataset's test split" in promotion["reason"]
     client = mlflow.MlflowClient()
     served = client.get_model_version_by_alias("refresh-t", "champion")
-    assert served.version == promotion["version"] != champion_v
+    assert str(served.version) == promotion["version"] != str(champion_v)
     assert served.tags["init_from"] == train.metrics["init_from"]
 
     # serving follows the alias: a user seen only on day 2 gets the model's own list

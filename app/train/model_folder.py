@@ -372,6 +372,29 @@ class ModelRef:
         return self.text[len("models:/"):] if self.registered else self.text
 
 
+def fixed_reference(model: str, cluster: "ClusterConfig") -> str:
+    """``models:/name@alias`` as the version the alias points at now (``models:/name/N``);
+    any other reference as it is.
+
+    Raises:
+        ModelError: the alias names no version.
+    """
+    ref = ModelRef(model)
+    if not ref.registered or ref.alias is None:
+        return model
+    import mlflow
+
+    from app.core import tracking
+
+    tracking.configure(cluster)
+    try:
+        version = mlflow.MlflowClient().get_model_version_by_alias(ref.name, ref.alias).version
+    except Exception as e:  # noqa: BLE001 (MLflow raises its own errors for a missing alias)
+        raise ModelError(f"{model}: no version has the alias {ref.alias!r} "
+                         f"({type(e).__name__})") from None
+    return f"models:/{ref.name}/{version}"
+
+
 def resolve_model(model: str, cluster: "ClusterConfig", cache_dir: Optional[str] = None
                   ) -> Path:
     """A local model folder for ``model``: a folder path, a folder on an object store

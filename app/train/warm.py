@@ -27,9 +27,9 @@ from app.data.dataset import ItemFeatures, id_text, load_vocab
 from app.train.export import export_state_dict
 from app.train.model import ModelSpec
 from app.train.model_folder import (
-    MLFLOW_FILE,
     WEIGHTS,
     ModelRef,
+    fixed_reference,
     read_model_json,
     resolve_model,
     verify_files,
@@ -128,7 +128,7 @@ def warm_start_from(init_from: str, cluster: ClusterConfig, spec: ModelSpec, dat
     check_spec(model, spec, shown)
     state = torch.load(Path(folder, WEIGHTS), map_location="cpu", weights_only=True)
     old, new = vocab_ids(folder), vocab_ids(data_dir)
-    warm = WarmStart(label=_label(init_from, folder))
+    warm = WarmStart(label=_label(init_from, folder, cluster))
     rows = spec.table_rows()
     for feature, n in rows.items():
         tower = "query" if feature in spec.query_features() else "candidate"
@@ -144,17 +144,14 @@ def warm_start_from(init_from: str, cluster: ClusterConfig, spec: ModelSpec, dat
     return warm
 
 
-def _label(init_from: str, folder: Path) -> str:
-    """``models:/name/N`` for a registered model (an alias resolved to its version), else the
-    folder (its published version)."""
+def _label(init_from: str, folder: Path, cluster: ClusterConfig) -> str:
+    """``models:/name/N`` for a registered model (an alias with the version it names now),
+    the reference for another MLflow model, else the folder (its published version)."""
     ref = ModelRef(init_from)
     if ref.registered and ref.alias is not None:
-        import json
-
         try:
-            registered = json.loads(Path(folder, MLFLOW_FILE).read_text())["registered_uri"]
-            return f"{init_from} ({registered})"
-        except (OSError, ValueError, KeyError):
+            return f"{init_from} ({fixed_reference(init_from, cluster)})"
+        except ModelError:
             return init_from
     return redact(init_from) if ref.mlflow else str(folder)
 
