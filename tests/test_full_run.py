@@ -36,3 +36,19 @@ def test_full_run_rejects_unknown_stages(capsys):
         full_run.main(["--stages", "prepare,serve"])
     assert e.value.code == 2
     assert "argument --stages: unknown stage(s) serve" in capsys.readouterr().err
+
+
+def test_a_refresh_is_a_flag_and_refuses_a_sweep(tmp_path, capsys):
+    assert "--refresh MODEL" in full_run.build_parser().format_help()
+    assert full_run.main(["--refresh", "models:/two-tower@champion", "--tune",
+                          "--workdir", str(tmp_path)]) == 2
+    assert "--refresh keeps the refreshed model's settings" in capsys.readouterr().err
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_refresh_of_a_model_that_is_not_there_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "no-model"
+    assert full_run.main(["--refresh", str(missing), "--workdir", str(tmp_path / "wd"),
+                          "--stages", "prepare"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-model: no such folder" in err[0], err
