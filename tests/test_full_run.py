@@ -52,3 +52,20 @@ def test_a_refresh_of_a_model_that_is_not_there_is_one_line(tmp_path, capsys):
                           "--stages", "prepare"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no-model: no such folder" in err[0], err
+
+
+def test_ray_train_notices_a_runs_end_within_half_a_second(ray_local):
+    """Ray Train's controller polls its workers every 2 s by default: a run's end waited for
+    the next poll. The embedded Ray's processes get 0.5 s (a value set by the user wins)."""
+    import os
+
+    import ray
+
+    from app.core.cluster import TRAIN_POLL_ENV, TRAIN_POLL_S
+
+    @ray.remote(num_cpus=0)
+    def seen() -> str:
+        return os.environ.get(TRAIN_POLL_ENV, "")
+
+    want = os.environ.get(TRAIN_POLL_ENV)
+    assert ray.get(seen.remote()) == want and float(want) <= float(TRAIN_POLL_S)
