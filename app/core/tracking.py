@@ -232,19 +232,9 @@ def promote(cfg: Config, version: Any, metric: Optional[float], dataset: str,
     theirs = champion.tags.get(f"test_{tag}")
     if champion.tags.get("dataset") != dataset or theirs is None:
         same = compare(str(before)) if compare is not None else None
-        if same is None:
-            return decide(False, f"the champion (version {before}) was evaluated on another "
-                                 f"dataset version and no test row of this one is left to "
-                                 f"score it on; not comparable (--promote always replaces "
-                                 f"it)")
-        out["same_split"] = same
-        mine, theirs = same["candidate"][PROMOTION_METRIC], same["champion"][PROMOTION_METRIC]
-        where = (f"on this dataset's test split ({same['rows']:,} positives of "
-                 f"{same['candidate']['users']:,} users; {same['left_out']:,} the champion was "
-                 f"trained on left out)")
-        verdict = "beats" if mine > theirs else "does not beat"
-        return decide(mine > theirs, f"test {PROMOTION_METRIC} {mine:.4f} {verdict} the "
-                                     f"champion's (version {before}) {theirs:.4f} {where}")
+        if same is not None:
+            out["same_split"] = same
+        return decide(*_across_versions(same, before))
     if metric is None:
         return decide(False, f"this model has no test {PROMOTION_METRIC}")
     theirs = float(theirs)
@@ -253,3 +243,19 @@ def promote(cfg: Config, version: Any, metric: Optional[float], dataset: str,
                             f"(version {before}) {theirs:.4f}")
     return decide(False, f"test {PROMOTION_METRIC} {metric:.4f} does not beat the champion's "
                          f"(version {before}) {theirs:.4f}")
+
+
+def _across_versions(same: Optional[dict[str, Any]], champion: Any) -> tuple[bool, str]:
+    """The gate's decision against a champion of another dataset version, from both models'
+    figures on this version's test split (None: no row left to compare on)."""
+    if same is None:
+        return False, (f"the champion (version {champion}) was evaluated on another dataset "
+                       f"version and no test row of this one is left to score it on; not "
+                       f"comparable (--promote always replaces it)")
+    mine, theirs = same["candidate"][PROMOTION_METRIC], same["champion"][PROMOTION_METRIC]
+    where = (f"on this dataset's test split ({same['rows']:,} positives of "
+             f"{same['candidate']['users']:,} users; {same['left_out']:,} the champion was "
+             f"trained on left out)")
+    verdict = "beats" if mine > theirs else "does not beat"
+    return mine > theirs, (f"test {PROMOTION_METRIC} {mine:.4f} {verdict} the champion's "
+                           f"(version {champion}) {theirs:.4f} {where}")
