@@ -406,7 +406,7 @@ def run(args: argparse.Namespace) -> None:
     print(json.dumps({"rows": args.rows, "ceiling_samples_per_s": round(c),
                       "pipeline_samples_per_s": round(pl), "seed_samples_per_s": round(s),
                       "pipeline_vs_ceiling": round(pl / c, 3),
-                      "pipeline_vs_seed": round(pl / s, 2),
+                      "pipeline_vs_seed": round(pl / s, 3),
                       "pipeline_2_workers_samples_per_s": round(pl2),
                       "default_objective_samples_per_s": round(d_def),
                       "bce_same_model_samples_per_s": round(d_bce),
