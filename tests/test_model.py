@@ -349,3 +349,16 @@ def test_platt_scaling_recovers_a_known_calibration():
     labels = rng.random(50_000) < 1 / (1 + np.exp(-(0.5 * scores - 1.0)))
     a, b = fit_platt(scores, labels)
     assert a == pytest.approx(0.5, abs=0.03) and b == pytest.approx(-1.0, abs=0.05)
+
+
+def test_equal_pairs_finds_every_equal_pair_without_comparing_all():
+    from app.train.objectives import equal_pairs
+
+    rng = np.random.default_rng(5)
+    for n_a, n_b, high in ((50, 30, 10), (7, 0, 3), (0, 9, 3), (200, 64, 1000)):
+        a = torch.from_numpy(rng.integers(0, high, n_a))
+        b = torch.from_numpy(rng.integers(0, high, n_b))
+        rows, cols = equal_pairs(a, b)
+        want = {(i, j) for i in range(n_a) for j in range(n_b) if a[i] == b[j]}
+        assert set(zip(rows.tolist(), cols.tolist())) == want
+        assert len(rows) == len(want)  # no pair twice

@@ -58,11 +58,11 @@ def sampled_softmax_loss(query: torch.Tensor, candidate: torch.Tensor, labels: t
         (mean loss over positives, or 0 when the batch has none; per-row dot products (B,)).
     """
     pos = labels > 0
-    q, c, it = query[pos], candidate[pos], items[pos]                 # (P, D), (P, D), (P,)
-    logits = q @ c.T / temperature - log_q[it].unsqueeze(0)           # (P, P)
-    same_item = it.unsqueeze(0) == it.unsqueeze(1)
-    diagonal = torch.eye(len(it), dtype=torch.bool, device=it.device)
-    logits = logits.masked_fill(same_item & ~diagonal, float("-inf"))
+    q, c, it = query[pos] / temperature, candidate[pos], items[pos]   # (P, D), (P, D), (P,)
+    logits = torch.addmm(-log_q[it], q, c.T)                          # (P, P)
+    rows, cols = equal_pairs(it, it)
+    off = rows != cols                                                # the diagonal stays
+    logits = logits.index_put((rows[off], cols[off]), logits.new_tensor(float("-inf")))
     target = torch.arange(len(it), device=it.device)
     loss = F.cross_entropy(logits, target, reduction="sum") / pos.sum().clamp(min=1)
     return loss, (query * candidate).sum(-1)
@@ -85,7 +85,7 @@ def catalog_softmax_loss(query: torch.Tensor, catalog: torch.Tensor, labels: tor
         (mean loss over positives, or 0 when the batch has none; per-row dot products (B,)).
     """
     pos = labels > 0
-    logits = query[pos] @ catalog.T / temperature                     # (P, N)
+    logits = (query[pos] / temperature) @ catalog.T                   # (P, N)
     logits[:, 0] = float("-inf")
     loss = F.cross_entropy(logits, items[pos], reduction="sum") / pos.sum().clamp(min=1)
     return loss, (query * catalog[items]).sum(-1)
@@ -117,7 +117,8 @@ def mixed_softmax_loss(query: torch.Tensor, candidate: torch.Tensor, labels: tor
         (mean loss over positives, or 0 when the batch has none; per-row dot products (B,)).
     """
     pos = labels > 0
-    q, c, it = query[pos], candidate[pos], items[pos]                 # (P, D)
+    # the temperature divides the (P, D) queries, not the (P, M') logits
+    q, c, it = query[pos] / temperature, candidate[pos], items[pos]  # (P, D)
     m_in = min(int(in_batch), len(it))
     neg = torch.cat([c[:m_in], sampled])                              # (M', D)
     neg_items = torch.cat([it[:m_in], sampled_items])                 # (M',)
@@ -126,14 +127,29 @@ def mixed_softmax_loss(query: torch.Tensor, candidate: torch.Tensor, labels: tor
     def log_expected(i: torch.Tensor) -> torch.Tensor:
         return torch.log(m_in * item_prob[i] + uniform + 1e-12)
 
-    pos_logit = (q * c).sum(-1) / temperature - log_expected(it)      # (P,)
-    neg_logits = q @ neg.T / temperature - log_expected(neg_items)    # (P, M')
-    neg_logits = neg_logits.masked_fill(it.unsqueeze(1) == neg_items.unsqueeze(0),
-                                        float("-inf"))
-    logits = torch.cat([pos_logit.unsqueeze(1), neg_logits], dim=1)
+    pos_logit = (q * c).sum(-1) - log_expected(it)                    # (P,)
+    # one pass over the (P, M') logits: the product and the correction in one addmm
+    neg_logits = torch.addmm(-log_expected(neg_items), q, neg.T)      # (P, M')
+    logits = torch.cat([pos_logit.unsqueeze(1), neg_logits], dim=1)   # (P, 1 + M')
+    rows, cols = equal_pairs(it, neg_items)
+    logits[rows, cols + 1] = float("-inf")  # in place: cat's backward does not need it
     target = torch.zeros(len(it), dtype=torch.int64, device=it.device)
     loss = F.cross_entropy(logits, target, reduction="sum") / pos.sum().clamp(min=1)
     return loss, (query * candidate).sum(-1)
+
+
+def equal_pairs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (i, j) with ``a[i] == b[j]``, found by sorting ``b`` (O((|a| + |b|) log |b|)),
+    not by comparing every pair: the accidental hits of a sampled softmax are few."""
+    order = torch.argsort(b)
+    sorted_b = b[order]
+    lo = torch.searchsorted(sorted_b, a)
+    counts = torch.searchsorted(sorted_b, a, right=True) - lo         # matches of each a[i]
+    rows = torch.repeat_interleave(torch.arange(len(a), device=a.device), counts)
+    first = torch.repeat_interleave(lo, counts)
+    within = torch.arange(len(rows), device=a.device) \
+        - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    return rows, order[first + within]
 
 
 def log_sampling_probability(positive_counts: np.ndarray) -> torch.Tensor:
