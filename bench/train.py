@@ -25,8 +25,10 @@ thread's start as the epoch loop times itself. The seed path is slow, so it time
 Two worker groups take every measurement, each running its jobs one after the other (a
 group's start-up, ~10 s on 2 cores, is paid twice, not once per job): the 1-worker group
 ceiling + pipeline, then seed; the 2-worker group pipeline, then the objective comparison
-(bce, then the defaults, at the training default batch: ``--objective-batch-size``). Each
-job builds its own sharded model in the group's process group (the job before it released),
+(bce, then the defaults, at the training default batch: ``--objective-batch-size``), then a
+full softmax against mixed negatives on a ``--catalog-items`` catalog (the default model at the
+same batch): what a full softmax costs per training row and catalog item, the figure the
+``auto`` negatives' limit (``--catalog-max-logits``) is written from. Each job builds its own sharded model in the group's process group (the job before it released),
 seeded as a group of its own would; worker imports come before any job. ``--gpu``: every
 worker on its own GPU (nccl, FBGEMM's CUDA kernels).
 Prints samples/s per worker, the ratios against the targets, and one JSON line.
@@ -65,7 +67,7 @@ WARMUP = 2
 # --smoke's sizes (flags given explicitly still win)
 SMOKE = {"rows": 20_000, "repeats": 1, "steps": 3, "memory_batches": 2, "seed_batches": 1,
          "objective_items": 2_000, "objective_steps": 3, "batch_size": 1024,
-         "objective_batch_size": 512}
+         "objective_batch_size": 512, "catalog_items": 500}
 
 
 def prepared(rows: int, cache: Path, items: int = 0) -> Path:
@@ -310,6 +312,8 @@ def main() -> None:
                    help="DataLoader worker processes of the seed path")
     p.add_argument("--objective-items", type=int, default=50_000,
                    help="catalog size of the default-objective vs bce comparison")
+    p.add_argument("--catalog-items", type=int, default=5_000,
+                   help="catalog size of the full-softmax vs mixed-negatives comparison")
     p.add_argument("--objective-steps", type=int, default=30,
                    help="timed steps per window of that comparison")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
@@ -348,6 +352,8 @@ def run(args: argparse.Namespace) -> None:
     # the data paths' dataset, and the objective comparison's (--objective-items items)
     data_dir = show_data(args.rows, Path(args.cache))
     big = show_data(args.rows, Path(args.cache), items=args.objective_items)
+    # the cost of a full softmax against mixed negatives, per logit (auto's limit)
+    mid = show_data(args.rows, Path(args.cache), items=args.catalog_items)
 
     # the first release's model shape (user id only), so the data paths compare as before
     base = {"overrides": {"objective": "bce", "batch_size": args.batch_size,
@@ -364,6 +370,10 @@ def run(args: argparse.Namespace) -> None:
                                **over},
          "data_dir": str(big), "mode": "train", "modes": ["pipeline"], "repeats": 2,
          "steps": args.objective_steps} for over in ({"objective": "bce"}, {})]
+    catalog_jobs = [
+        {**base, "overrides": {"batch_size": args.objective_batch_size, "negatives": neg},
+         "data_dir": str(mid), "mode": "train", "modes": ["pipeline"], "repeats": 2,
+         "steps": args.objective_steps} for neg in ("catalog", "mixed")]
     scratch = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
         # two worker groups, each running its jobs in turn: 1 worker, then 2
@@ -375,8 +385,9 @@ def run(args: argparse.Namespace) -> None:
             print(f"    run {r + 1}: ceiling {c:,.0f}  pipeline {pl:,.0f} samples/s")
         print(f"  seed, 1 worker: {seed['seconds']:.0f}s")
         two, *objective = run_group(2, [{**base, "mode": "train", "modes": ["pipeline"],
-                                         "repeats": 1, "breakdown": True}, *objective_jobs],
-                                    scratch, "two-workers", args.gpu)
+                                         "repeats": 1, "breakdown": True}, *objective_jobs,
+                                     *catalog_jobs], scratch, "two-workers", args.gpu)
+        objective, (full, mixed) = objective[:2], objective[2:]
         print(f"  pipeline, 2 workers: {two['seconds']:.0f}s")
         print(f"  default objective vs bce, 2 workers, {args.objective_items:,} items: "
               f"{sum(o['seconds'] for o in objective):.0f}s")
@@ -411,11 +422,21 @@ def run(args: argparse.Namespace) -> None:
     d_bce = statistics.median(objective[0]["pipeline"])
     d_def = statistics.median(objective[1]["pipeline"])
     defaults = load_config(overrides=smoke_model)
+    big_rows = Manifest.read(big).counts.splits["train"]
     print(f"default objective ({defaults.model.objective}, "
-          f"{defaults.model.resolved_negatives(args.objective_items + 1)} negatives, history "
+          f"{defaults.model.resolved_negatives(args.objective_items + 1, big_rows)} negatives, "
+          f"history "
           f"{defaults.model.history_length}) vs bce, batch {args.objective_batch_size}, 2 "
           f"workers, {args.objective_items:,} items: {d_def:,.0f} vs {d_bce:,.0f} samples/s "
           f"per worker = {d_def / d_bce:.2f} (target: >= 0.6)")
+    # one step reads batch rows and scores each positive against the catalog or the mixed
+    # negatives; per row of the split, a full softmax costs (1/full - 1/mixed) s more
+    s_full, s_mixed = statistics.median(full["pipeline"]), statistics.median(mixed["pipeline"])
+    ns_per_logit = 1e9 * (1 / s_full - 1 / s_mixed) / (args.catalog_items + 1)
+    print(f"full softmax vs mixed negatives, default model, batch {args.objective_batch_size}, "
+          f"2 workers, {args.catalog_items:,} items: {s_full:,.0f} vs {s_mixed:,.0f} samples/s "
+          f"per worker = {s_full / s_mixed:.2f}; {ns_per_logit:.1f} ns per row and catalog "
+          f"item (the limit `auto` uses, --catalog-max-logits, is written for about 8)")
     print(f"pipeline / ceiling: {pl / c:.1%} (target: >= 80%)")
     print(f"pipeline / seed: {pl / s:.1f}x (target: >= 20x)")
     print(json.dumps({"rows": args.rows, "device": "gpu" if args.gpu else "cpu",
@@ -428,7 +449,12 @@ def run(args: argparse.Namespace) -> None:
                       "pipeline_2_workers_samples_per_s": round(pl2),
                       "default_objective_samples_per_s": round(d_def),
                       "bce_same_model_samples_per_s": round(d_bce),
-                      "default_vs_bce": round(d_def / d_bce, 3)}))
+                      "default_vs_bce": round(d_def / d_bce, 3),
+                      "catalog_items": args.catalog_items,
+                      "catalog_samples_per_s": round(s_full),
+                      "mixed_samples_per_s": round(s_mixed),
+                      "catalog_vs_mixed": round(s_full / s_mixed, 3),
+                      "catalog_ns_per_logit": round(ns_per_logit, 2)}))
 
 
 if __name__ == "__main__":

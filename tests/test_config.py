@@ -48,6 +48,7 @@ def test_saved_yaml_round_trips(tmp_path):
     (["--batch-wait-ms", "5000"], "--batch-wait-ms must be in [0, 1,000] ms, got 5000.0"),
     (["--lease-timeout", "1e6"], "--lease-timeout must be in (0, 86,400] seconds"),
     (["--eval-k", "10,nan"], "--eval-k must hold finite numbers, got '10,nan'"),
+    (["--catalog-max-logits", "-1"], "--catalog-max-logits must be in [0, 1e15]"),
 ])
 def test_invalid_values_name_the_flag(argv, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")
@@ -109,3 +110,18 @@ def test_a_yaml_boolean_is_not_a_number(tmp_path):
     f.write_text("train:\n  epochs: true\n")
     with pytest.raises(ConfigError, match="--epochs expects int, got True"):
         load_config(str(f))
+
+
+def test_auto_negatives_take_a_full_softmax_only_while_it_is_cheap():
+    m = load_config().model
+    assert m.negatives == "auto"
+    # movielens-small: 9k items x 80k training rows (7e8 logits an epoch) keeps the full softmax
+    assert m.resolved_negatives(9_067, 80_000) == "catalog"
+    # 1M synthetic rows: 5k items x 670k rows (3e9) is mixed, as is any catalog above the limit
+    assert m.resolved_negatives(5_001, 670_000) == "mixed"
+    assert m.resolved_negatives(20_001, 1_000) == "mixed"
+    bigger = load_config(overrides={"catalog_max_logits": 1e10}).model
+    assert bigger.resolved_negatives(5_001, 670_000) == "catalog"
+    for pinned in ("catalog", "mixed", "in_batch"):
+        cfg = load_config(overrides={"negatives": pinned}).model
+        assert cfg.resolved_negatives(50_001, 10_000_000) == pinned

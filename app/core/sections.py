@@ -155,9 +155,14 @@ class ModelConfig:
     objective: Literal["bce", "softmax"] = _f("softmax", "training objective")
     negatives: Literal["auto", "catalog", "mixed", "in_batch"] = _f(
         "auto", "softmax negatives: the whole catalog, a fixed mix of in-batch and uniformly "
-                "sampled items, or the batch's positives; auto: catalog up to "
-                "--catalog-max-items items, else mixed")
+                "sampled items, or the batch's positives; auto: catalog while an epoch's full "
+                "softmax stays cheap (--catalog-max-logits, --catalog-max-items), else mixed")
     catalog_max_items: int = _f(20000, "largest catalog that auto trains with a full softmax")
+    catalog_max_logits: float = _f(
+        1e9, "auto: a full softmax only while an epoch's logits (training rows x catalog "
+             "items) are at most this many; measured on CPU (bench/train) a logit costs "
+             "about 8 ns more than mixed negatives do, so 1e9 adds ~8 CPU-seconds an epoch. "
+             "Above it, mixed negatives, whose cost per row does not grow with the catalog")
     in_batch_negatives: int = _f(512, "mixed negatives: in-batch positives used per batch")
     sampled_negatives: int = _f(512, "mixed negatives: uniformly sampled items per batch")
     temperature: float = _f(0.2, "softmax temperature (divides the dot products)")
@@ -183,6 +188,8 @@ class ModelConfig:
         # a full softmax holds batch x catalog logits: 2048 x 1,000,000 floats is 8 GB
         _check(0 <= self.catalog_max_items <= 1_000_000, "catalog_max_items",
                "must be in [0, 1,000,000]", self.catalog_max_items)
+        _check(0 <= self.catalog_max_logits <= 1e15, "catalog_max_logits",
+               "must be in [0, 1e15]", self.catalog_max_logits)
         for name in ("in_batch_negatives", "sampled_negatives"):
             _check(0 <= getattr(self, name) <= 100_000, name, "must be in [0, 100,000]",
                    getattr(self, name))
@@ -193,11 +200,15 @@ class ModelConfig:
                "can be off only with --history-length above 0 (the query tower needs a "
                "feature)", self.use_user_id)
 
-    def resolved_negatives(self, num_items: int) -> str:
-        """The negatives training uses for a catalog of ``num_items`` items."""
+    def resolved_negatives(self, num_items: int, train_rows: int) -> str:
+        """The negatives training uses for a catalog of ``num_items`` items and a training
+        split of ``train_rows`` rows: with ``auto``, a full softmax (exact) while its cost
+        is small (catalog and epoch logits under their limits), else mixed negatives."""
         if self.negatives != "auto":
             return self.negatives
-        return "catalog" if num_items <= self.catalog_max_items else "mixed"
+        cheap = num_items <= self.catalog_max_items \
+            and float(num_items) * train_rows <= self.catalog_max_logits
+        return "catalog" if cheap else "mixed"
 
 
 @dataclass

@@ -49,7 +49,9 @@ def model_spec(m: ModelConfig, manifest: Manifest, features: list[ItemFeatures]
                      tower_layers=tuple(int(x) for x in m.tower_layers),
                      objective=m.objective, temperature=m.temperature,
                      history_length=m.history_length, use_user_id=m.use_user_id,
-                     normalize=m.normalize, negatives=m.resolved_negatives(num_items),
+                     normalize=m.normalize,
+                     negatives=m.resolved_negatives(num_items,
+                                                    manifest.counts.splits["train"]),
                      in_batch_negatives=m.in_batch_negatives,
                      sampled_negatives=m.sampled_negatives)
 
