@@ -48,7 +48,7 @@ def test_saved_yaml_round_trips(tmp_path):
     (["--batch-wait-ms", "5000"], "--batch-wait-ms must be in [0, 1,000] ms, got 5000.0"),
     (["--lease-timeout", "1e6"], "--lease-timeout must be in (0, 86,400] seconds"),
     (["--eval-k", "10,nan"], "--eval-k must hold finite numbers, got '10,nan'"),
-    (["--catalog-max-logits", "-1"], "--catalog-max-logits must be in [0, 1e15]"),
+    (["--catalog-max-logits", "-1"], "--catalog-max-logits must be in [0, 1e11]"),
 ])
 def test_invalid_values_name_the_flag(argv, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")

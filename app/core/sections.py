@@ -188,8 +188,8 @@ class ModelConfig:
         # a full softmax holds batch x catalog logits: 2048 x 1,000,000 floats is 8 GB
         _check(0 <= self.catalog_max_items <= 1_000_000, "catalog_max_items",
                "must be in [0, 1,000,000]", self.catalog_max_items)
-        _check(0 <= self.catalog_max_logits <= 1e15, "catalog_max_logits",
-               "must be in [0, 1e15]", self.catalog_max_logits)
+        _check(0 <= self.catalog_max_logits <= 1e11, "catalog_max_logits",
+               "must be in [0, 1e11]", self.catalog_max_logits)
         for name in ("in_batch_negatives", "sampled_negatives"):
             _check(0 <= getattr(self, name) <= 100_000, name, "must be in [0, 100,000]",
                    getattr(self, name))
