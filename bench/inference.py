@@ -3,7 +3,7 @@ side by side in one run.
 
     .venv/bin/python bench/inference.py [--users 100000] [--items 50000] [--dim 64] [--k 100]
                                         [--actors 1,2] [--batch-sizes 1024] [--repeats 1]
-                                        [--smoke]
+                                        [--gpu] [--smoke]
 
 Builds once (cached under .bench/) a synthetic model folder and a prepared dataset that
 matches it, without training:
@@ -42,6 +42,11 @@ constructor); the driver's set-up before the pool and its read-back of the outpu
 the parts do not account for is Ray Data's own (scheduling, pool teardown, output that could
 not overlap the scoring). Prints users/s side by side, the ratio against the target, and one
 JSON line. At the defaults on 2 cores the whole run takes about 3 minutes.
+``--gpu``: the pipeline's actors score on a GPU each (``inference_device="gpu"``: one GPU per
+actor, so pool sizes above the GPU count are left out), the ceiling's matrix product and topk
+run on ``cuda`` (the embeddings moved there before the clock, one chunk scored untimed first:
+CUDA's context and cuBLAS start-up), and so does the actor's work timed stage by stage; the
+JSON keys are the same, with ``"device"`` saying which (``cpu`` without the flag).
 ``--smoke``: 2,000 users x 1,000 items (dim 16, top-10, batches of 256), one pool size (1
 actor: each pool size is one more run, most of it actor start-up; the keys per pool size are
 those of ``--actors 1``), everything written in a temporary folder (removed after): the same
@@ -204,39 +209,54 @@ def chunk_rows(num_items: int) -> int:
 
 def ceiling(q: torch.Tensor, items: torch.Tensor, k: int
             ) -> tuple[float, torch.Tensor, dict[str, float]]:
-    """Top-k of every user in this process: (users/s, indices (U, k), seconds per stage)."""
+    """Top-k of every user in this process, on the device ``q`` and ``items`` are on:
+    (users/s, indices (U, k) on the CPU, seconds per stage)."""
     chunk = chunk_rows(len(items))
     n = len(q)
-    top_v = torch.empty(n, k)
-    top_i = torch.empty(n, k, dtype=torch.int64)
+    device = q.device
+    # CUDA runs asynchronously: each stage's clock stops once the device has finished it
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    top_v = torch.empty(n, k, device=device)
+    top_i = torch.empty(n, k, dtype=torch.int64, device=device)
     mm = tk = 0.0
     with torch.no_grad():
+        if device.type == "cuda":  # untimed: CUDA's context, cuBLAS handles, topk's kernels
+            (q[:chunk] @ items.T).topk(k, dim=1)
+            sync()
         t0 = time.perf_counter()
         for s in range(0, n, chunk):
             a = time.perf_counter()
             scores = q[s:s + chunk] @ items.T
             scores[:, 0] = float("-inf")
+            sync()
             b = time.perf_counter()
             top = scores.topk(k, dim=1)
             top_v[s:s + chunk], top_i[s:s + chunk] = top.values, top.indices
+            sync()
             mm += b - a
             tk += time.perf_counter() - b
         seconds = time.perf_counter() - t0
-    return n / seconds, top_i, {"matmul": mm, "topk": tk, "total": seconds}
+    return n / seconds, top_i.cpu(), {"matmul": mm, "topk": tk, "total": seconds}
 
 
 def pipeline(model_dir: Path, data_dir: Path, out: Path, *, k: int, actors: int,
-             batch_size: int, exclude: str, users: str = "all"
+             batch_size: int, exclude: str, users: str = "all", device: str = "cpu"
              ) -> tuple[float, Any]:
     """``batch_inference`` end to end: (wall seconds, its summary); output left in ``out``
-    (published: its files are in ``local_dir(out)``, the version ``CURRENT`` names)."""
+    (published: its files are in ``local_dir(out)``, the version ``CURRENT`` names).
+    ``device``: the config's ``inference_device``, ``cpu`` (an actor per CPU) or ``gpu`` (an
+    actor per GPU)."""
     cfg = load_config(overrides={"top_k": k, "inference_actors": actors,
                                  "inference_batch_size": batch_size, "exclude_rated": exclude,
-                                 "inference_device": "cpu"})
+                                 "inference_device": device})
     t0 = time.perf_counter()
     summary = batch_inference(cfg, str(model_dir), str(data_dir), str(out), users=users,
                               verbose=False)
-    return time.perf_counter() - t0, summary
+    seconds = time.perf_counter() - t0
+    want = "cuda" if device == "gpu" else "cpu"
+    if summary.device != want:  # a figure of the wrong device must not pass for this one
+        raise RuntimeError(f"the pipeline's actors ran on {summary.device}, not {want}")
+    return seconds, summary
 
 
 def agreement(out: Path, top_i: torch.Tensor, users: int, k: int) -> float:
@@ -305,9 +325,10 @@ def readback_seconds(out: Path) -> float:
 
 
 def actor_stages(model_dir: Path, k: int, batch_size: int, batches: int,
-                 scratch: Path) -> dict[str, float]:
+                 scratch: Path, device: str = "cpu") -> dict[str, float]:
     """Where one actor's time goes, each stage timed on its own in this process with one
-    torch thread: ms per 1,000 users (``setup_s``: the TopK constructor, once per actor)."""
+    torch thread, the scoring on ``device`` (``cpu`` or ``cuda``): ms per 1,000 users
+    (``setup_s``: the TopK constructor, once per actor)."""
     vocab_u = pq.read_table(model_dir / "vocab" / "users.parquet")["id"]
     model = load_exported(model_dir)
     with torch.no_grad():
@@ -317,7 +338,7 @@ def actor_stages(model_dir: Path, k: int, batch_size: int, batches: int,
     torch.set_num_threads(1)  # an actor of the CPU pool gets one (Ray sets OMP_NUM_THREADS=1)
     try:
         t = time.perf_counter()
-        topk = TopK(str(model_dir), [shared], k, "cpu")
+        topk = TopK(str(model_dir), [shared], k, device)
         setup = time.perf_counter() - t
         ids = vocab_u.to_pandas()
         n = min(batches * batch_size, len(ids))
@@ -382,6 +403,8 @@ def main() -> None:
                    help="skip the reference run with the default exclusion")
     p.add_argument("--stage-batches", type=int, default=4,
                    help="batches of one actor's work timed stage by stage in this process")
+    p.add_argument("--gpu", action="store_true",
+                   help="actors score on a GPU each, the ceiling on cuda (default: CPUs)")
     p.add_argument("--cache", default=str(ROOT / ".bench"))
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes in a temporary folder: checks the benchmark runs")
@@ -390,12 +413,25 @@ def main() -> None:
 
 def run(args: argparse.Namespace) -> None:
     cache = Path(args.cache)
+    device = "gpu" if args.gpu else "cpu"
+    if args.gpu:
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            raise SystemExit("--gpu: torch sees no CUDA device (is this the CUDA build of "
+                             "torch, and does nvidia-smi work?)")
+        # one GPU per actor: a larger pool would wait for GPUs that never come
+        if [a for a in args.actors if a > gpus]:
+            print(f"--gpu: {gpus} GPU(s), so pool sizes above {gpus} are left out of "
+                  f"--actors {','.join(map(str, args.actors))}")
+            args.actors = [a for a in args.actors if a <= gpus] or [gpus]
     t = time.perf_counter()
     model_dir, data_dir = build_fixture(args.users, args.items, args.dim, args.rated, cache)
     print(f"model: {model_dir}\ndata:  {data_dir} ({args.users:,} users, {args.items:,} items, "
           f"dim {args.dim}, {args.rated} interactions per user; ready in "
           f"{time.perf_counter() - t:.1f}s)")
     q, items = embeddings(model_dir)
+    if args.gpu:  # the ceiling's operands live on the GPU, as an in-memory ceiling's would
+        q, items = q.cuda(), items.cuda()
 
     # Ray workers start from the node's environment: let them import app from any cwd
     os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -421,8 +457,9 @@ def run(args: argparse.Namespace) -> None:
         few = scratch / "few-users.parquet"
         pq.write_table(pa.table({"userId": np.arange(1, 65, dtype=np.int64) + ID_BASE}), few)
         seconds, _ = pipeline(model_dir, data_dir, scratch / "warm-up", k=args.k, actors=1,
-                              batch_size=args.batch_sizes[0], exclude="none", users=str(few))
-        print(f"warm-up: pipeline on 64 users, 1 actor: {seconds:.1f}s", flush=True)
+                              batch_size=args.batch_sizes[0], exclude="none", users=str(few),
+                              device=device)
+        print(f"warm-up: pipeline on 64 users, 1 actor ({device}): {seconds:.1f}s", flush=True)
         for r in range(max(1, args.repeats)):  # interleaved, so drift hits every path alike
             c, top_i, st = ceiling(q, items, args.k)
             ceilings.append(c)
@@ -431,7 +468,7 @@ def run(args: argparse.Namespace) -> None:
             for a, b in configs:
                 out = scratch / "out"
                 seconds, summary = pipeline(model_dir, data_dir, out, k=args.k, actors=a,
-                                            batch_size=b, exclude="none")
+                                            batch_size=b, exclude="none", device=device)
                 if summary.users != args.users or summary.rows != args.users * args.k:
                     raise RuntimeError(f"pipeline wrote {summary.rows:,} rows for "
                                        f"{summary.users:,} users; expected "
@@ -449,7 +486,7 @@ def run(args: argparse.Namespace) -> None:
             a, b = max(runs, key=lambda x: statistics.median(runs[x]))
             out = scratch / "out"
             seconds, summary = pipeline(model_dir, data_dir, out, k=args.k, actors=a,
-                                        batch_size=b, exclude="all")
+                                        batch_size=b, exclude="all", device=device)
             shutil.rmtree(out, ignore_errors=True)
             exclude_run = {"actors": a, "batch_size": b, "seconds": seconds,
                            "users_per_s": args.users / seconds,
@@ -457,7 +494,8 @@ def run(args: argparse.Namespace) -> None:
             print(f"exclude_rated=all: pipeline, {a} actor(s), batch {b}: {seconds:.1f}s "
                   f"({args.users / seconds:,.0f} users/s)", flush=True)
         parts = actor_stages(model_dir, args.k, args.batch_sizes[0],
-                             max(1, args.stage_batches), scratch)
+                             max(1, args.stage_batches), scratch,
+                             "cuda" if args.gpu else "cpu")
         driver = driver_seconds(model_dir, data_dir)
         imports = import_seconds()
     finally:
@@ -470,9 +508,12 @@ def run(args: argparse.Namespace) -> None:
     best = max(med, key=med.get)
     pl = med[best]
     st = {key: statistics.median(s[key] for s in stages) for key in stages[0]}
+    where = (f"{torch.cuda.get_device_name(0)}: ceiling on cuda, actors with a GPU each"
+             if args.gpu else f"ceiling with {torch.get_num_threads()} torch thread(s), "
+                              f"actors with 1 each")
     print(f"\nbatch top-{args.k}: {args.users:,} users x {args.items:,} items, dim {args.dim}; "
-          f"{os.cpu_count()} CPUs; ceiling with {torch.get_num_threads()} torch thread(s), "
-          f"actors with 1 each; {args.repeats} round(s), medians; {total:.0f}s in all")
+          f"{os.cpu_count()} CPUs; {where}; {args.repeats} round(s), medians; {total:.0f}s in "
+          f"all")
     print(f"{'':<34}{'actors':>7}{'batch':>7}{'seconds':>9}{'users/s':>10}{'vs ceiling':>12}")
     print(f"{'ceiling (one process, in memory)':<34}{'-':>7}{'-':>7}{args.users / c:>9.1f}"
           f"{c:>10,.0f}{1:>12.0%}")
@@ -487,11 +528,13 @@ def run(args: argparse.Namespace) -> None:
           f"(chunks of {chunk_rows(args.items + 1)} users)")
     print(f"pipeline lists vs the ceiling's top-{args.k} on {SAMPLE_USERS} users: "
           f"{agree:.2%} of items shared")
-    print(f"config default pool here (inference_actors=0): {default_pool} actor(s)")
+    print(f"config default pool here (inference_actors=0, inference_device=auto): "
+          f"{default_pool} actor(s)")
     per_k = parts["topk_ms"] + parts["rest_of_recommend_ms"]      # ms per 1,000 users
     write_k = parts["arrow_ms"] + parts["parquet_ms"]
     start_s = sum(imports.values()) + parts["setup_s"]
-    print(f"one actor, stage by stage (1 torch thread, {parts['users']:,} users in batches of "
+    print(f"one actor, stage by stage ({'scoring on cuda, ' if args.gpu else ''}1 torch "
+          f"thread, {parts['users']:,} users in batches of "
           f"{args.batch_sizes[0]}), ms per 1,000 users: matrix product + topk "
           f"{parts['topk_ms']:.0f}, rest of Recommender.recommend (id lookup, output DataFrame) "
           f"{parts['rest_of_recommend_ms']:.0f}, to Arrow {parts['arrow_ms']:.0f}, Parquet "
@@ -511,6 +554,7 @@ def run(args: argparse.Namespace) -> None:
     for (a, b), secs in sorted(seconds_of.items()):
         wall = statistics.median(secs)
         score = args.users * per_k / 1e6 / a
+        # every actor holds a CPU, a GPU actor too (Ray Data reserves one for its UDF)
         out_s = args.users * write_k / 1e6 / max(1, (os.cpu_count() or 1) - a)
         known = driver["setup_s"] + start_s + score + readback
         print(f"  {a} actor(s), batch {b}: {wall:.1f}s = driver set-up "
@@ -522,6 +566,7 @@ def run(args: argparse.Namespace) -> None:
           f"(target: >= {TARGET:.0%})")
     result: dict[str, Any] = {
         "users": args.users, "items": args.items, "dim": args.dim, "k": args.k,
+        "device": device,
         "ceiling_users_per_s": round(c), "pipeline_users_per_s": round(pl),
         "pipeline_vs_ceiling": round(pl / c, 3),
         "pipeline_actors": best[0], "pipeline_batch_size": best[1],

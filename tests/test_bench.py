@@ -6,6 +6,9 @@ its own closing JSON line: the keys a
 full run prints, figures that are sane (positive throughputs, ratios that match the figures
 they are made of, rows and users counted as asked), and that the run removed everything it
 wrote there. A benchmark broken by a change of the library fails its test here.
+Also, without Ray or a GPU: the GPU check (scripts/gpu_check.sh) parses and, where nvidia-smi
+is missing or fails, stops at once with one line and exit code 2; bench/inference.py offers
+``--gpu``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -278,3 +282,51 @@ def test_refresh_smoke(smokes):
     assert result["warm_test_recall@20"] > result["scratch_test_recall@20"], result
     assert result["warm_test_recall@20"] > result["popularity_test_recall@20"], result
     assert "warm / scratch: quality" in out
+
+
+# ---------------------------------------------------------------- the GPU check, without a GPU
+
+GPU_CHECK = ROOT / "scripts" / "gpu_check.sh"
+
+
+def test_gpu_check_script_parses_and_is_executable():
+    done = subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, f"bash -n {GPU_CHECK.name}:\n{done.stderr}"
+    assert os.access(GPU_CHECK, os.X_OK), f"{GPU_CHECK} is not executable"
+
+
+@pytest.mark.parametrize("nvidia_smi", ["not found", "fails"])
+def test_gpu_check_stops_at_once_without_a_gpu(nvidia_smi, tmp_path):
+    """A PATH with nothing but ``dirname`` (the script's first command) and, for "fails", an
+    ``nvidia-smi`` that exits 9 as a driverless machine's does: one line, exit code 2, no log,
+    no step run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dirname").symlink_to(shutil.which("dirname"))
+    if nvidia_smi == "fails":
+        fake = bin_dir / "nvidia-smi"
+        fake.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+        fake.chmod(0o755)
+    logs = ROOT / ".bench" / "gpu"
+    before = sorted(os.listdir(logs)) if logs.is_dir() else []
+    t0 = time.monotonic()
+    done = subprocess.run([shutil.which("bash"), str(GPU_CHECK)], cwd=tmp_path,
+                          env={**os.environ, "PATH": str(bin_dir)}, capture_output=True,
+                          text=True, timeout=60)
+    took = time.monotonic() - t0
+    assert done.returncode == 2, \
+        f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"gpu_check: no NVIDIA GPU here (nvidia-smi {nvidia_smi}): nothing to check"]
+    assert took < 10, f"took {took:.1f}s: it should stop before any step"
+    assert (sorted(os.listdir(logs)) if logs.is_dir() else []) == before, "it wrote a log"
+
+
+def test_inference_bench_offers_gpu():
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "inference.py"), "--help"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # an option line of argparse's help, not the docstring's usage line
+    assert re.search(r"^\s+--gpu\s", done.stdout, re.MULTILINE), done.stdout[-3000:]
