@@ -152,7 +152,8 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from app.data.reader import InteractionStream
-    from app.train.inputs import BATCH_COLUMNS, epoch_batches, equal_share, training_inputs
+    from app.train.inputs import (BATCH_COLUMNS, epoch_batches, training_inputs,
+                                  training_share)
     from app.train.sharding import build_sharded, train_step
 
     cfg = load_config(overrides=config["overrides"])
@@ -219,7 +220,8 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
 
         def pipeline(epoch: int) -> float:
             """One epoch's first ``steps`` steps, as the epoch loop runs them."""
-            ids, n, batches = epoch_batches(stream, maker, epoch, device, bs, max_steps=steps)
+            share, n, batches = epoch_batches(stream, maker, epoch, device, bs,
+                                              max_steps=steps)
             wait = 0.0
             t0 = time.perf_counter()
             for _ in range(n):
@@ -230,12 +232,15 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
             seconds = time.perf_counter() - t0
             out["pipeline_ms_per_step"].append({"wait": 1e3 * wait / n,
                                                 "step": 1e3 * (seconds - wait) / n})
-            return min(n * bs, len(ids)) / seconds
+            return share.rows_in(n) / seconds
 
         # the in-memory batches of the ceiling: full batches of epoch 0, built before any clock
-        ids0 = equal_share(stream.epoch_sample_ids(epoch=0), device)
-        n_mem = max(1, min(int(config["memory_batches"]), len(ids0) // bs))
-        gathered = [stream.gather(ids0[i * bs:(i + 1) * bs], BATCH_COLUMNS)
+        # (a softmax's batches hold positives alone, as the epoch loop's)
+        share0 = training_share(stream, stream.epoch_sample_ids(epoch=0), device, bs,
+                                positives_only=inputs.spec.objective == "softmax")
+        ids0, bs0 = share0.ids, share0.batch_size
+        n_mem = max(1, min(int(config["memory_batches"]), len(ids0) // bs0))
+        gathered = [stream.gather(ids0[i * bs0:(i + 1) * bs0], BATCH_COLUMNS)
                     for i in range(n_mem)]
         in_memory = [make_batch(g) for g in gathered]
         for i in range(WARMUP):
@@ -245,7 +250,7 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
             t0 = time.perf_counter()
             for s in range(steps):
                 step(in_memory[s % n_mem])
-            return steps * bs / (time.perf_counter() - t0)
+            return steps * bs0 * share0.rows / max(len(ids0), 1) / (time.perf_counter() - t0)
 
         modes = config["modes"]
         for m in modes:
@@ -261,7 +266,7 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
             k = min(n_mem, 8)
             t0 = time.perf_counter()
             for i in range(k):
-                stream.gather(ids0[i * bs:(i + 1) * bs], BATCH_COLUMNS)
+                stream.gather(ids0[i * bs0:(i + 1) * bs0], BATCH_COLUMNS)
             t1 = time.perf_counter()
             for g in gathered[:k]:
                 make_batch(g)

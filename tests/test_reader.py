@@ -60,13 +60,22 @@ def _read_partition(config: dict) -> None:
     """Ray Train worker: read this rank's partition of the split and record it."""
     import ray.train
 
+    import torch
+
+    from app.train.inputs import training_share
+
     ctx = ray.train.get_context()
     ds = InteractionStream(config["split"], batch_size=256)
     batches = list(ds.iter_batches())
     users = np.concatenate([b["user"] for b in batches]).tolist()
     items = np.concatenate([b["item"] for b in batches]).tolist()
+    # a softmax's epoch share: this rank's positives, evened out with the other rank's
+    share = training_share(ds, ds.epoch_sample_ids(epoch=0), torch.device("cpu"), 1000,
+                           positives_only=True)
     Path(config["out"], f"rank{ctx.get_world_rank()}.json").write_text(
-        json.dumps({"pairs": list(zip(users, items)), "world": ctx.get_world_size()}))
+        json.dumps({"pairs": list(zip(users, items)), "world": ctx.get_world_size(),
+                    "positive_ids": share.ids.tolist(), "batch_size": share.batch_size,
+                    "total_rows": share.total_rows}))
 
 
 @pytest.mark.slow  # a Ray Train worker group
@@ -87,6 +96,16 @@ def test_two_ray_train_workers_each_read_their_half(ray_local, movielens_dir, tm
     a, b = (sorted(map(tuple, p["pairs"])) for p in parts)
     assert abs(len(a) - len(b)) <= 1 and len(a) > 0.45 * len(want)
     assert sorted(a + b) == want  # together exactly the split, no row read twice
+    # a softmax epoch: as many positive ids on each rank (TorchRec's row-wise tables need
+    # batches of one size), each a positive, none twice, fewer than 2 left out
+    pos0, pos1 = (p["positive_ids"] for p in parts)
+    positives = int((rows["label"] > 0).sum())
+    assert len(pos0) == len(pos1) == positives // 2 and not set(pos0) & set(pos1)
+    ds = InteractionStream(str(movielens_dir / "test"), batch_size=256)
+    assert (ds.gather(np.array(pos0 + pos1), ("label",))["label"] > 0).all()
+    assert parts[0]["batch_size"] == parts[1]["batch_size"] \
+        == round(1000 * positives / len(want))  # as many positives a step as 1,000 rows hold
+    assert parts[0]["total_rows"] == len(want) - positives % 2
 
 
 def test_reader_rejects_a_dataset_that_does_not_match(tmp_path, movielens_dir):

@@ -134,14 +134,8 @@ class BatchMaker:
 
     def __call__(self, rows: dict[str, np.ndarray], *, train: bool = False) -> TwoTowerBatch:
         """Decoded rows (``user``, ``item``, ``label``[, ``timestamp``]) -> a batch; ``train``
-        applies history dropout, and with a softmax objective keeps only the positive rows: a
-        softmax loss is over positives alone, so a negative row's towers would be computed for
-        nothing (a batch without positives stays whole: its loss is 0)."""
+        applies history dropout."""
         spec = self.spec
-        if train and spec.objective == "softmax":
-            positive = rows["label"] > 0
-            if positive.any() and not positive.all():
-                rows = {k: v[positive] for k, v in rows.items()}
         users = rows["user"]
         hidden = np.zeros(len(users), bool)  # rows that play a new user: id hidden
         if train and self.user_id_dropout > 0 and spec.use_user_id:

@@ -123,18 +123,77 @@ def prefetch(make: Callable[[int], Any], n: int, depth: int = 2) -> Iterator[Any
         yield item
 
 
+@dataclass
+class EpochShare:
+    """This rank's part of a training epoch (:func:`training_share`)."""
+
+    ids: np.ndarray     # the sample ids its batches read, in order
+    batch_size: int     # ids per batch: the same on every rank
+    rows: int           # the epoch's rows this share stands for (what samples/s counts)
+    total_rows: int     # the epoch's rows all the ranks' shares cover
+
+    def rows_in(self, steps: int) -> int:
+        """The epoch rows the first ``steps`` batches stand for."""
+        return round(min(steps * self.batch_size, len(self.ids)) * self.rows
+                     / max(len(self.ids), 1))
+
+
+def training_share(stream: InteractionStream, epoch_ids: np.ndarray, device: torch.device,
+                   batch_size: int, positives_only: bool) -> EpochShare:
+    """This rank's share of an epoch's sample ids, and the batch size its steps take (a
+    collective call: every rank gets as many ids and the same batch size).
+
+    ``positives_only`` (a softmax, whose loss is over positives alone: a label-0 row's towers
+    would be computed for nothing): the batches take only the positive rows, ``batch_size``
+    times the positives' share of the epoch, so that an epoch takes as many steps as with
+    every row and a step as many positives as a batch of ``batch_size`` rows holds on
+    average. The ranks' positives are
+    evened out (:func:`balanced`), not each batch filtered: TorchRec's sharded tables exchange
+    batches between ranks and need them the same size.
+    """
+    world = dist.get_world_size()
+    if positives_only:
+        positive = epoch_ids[stream.gather(epoch_ids, ("label",))["label"] > 0]
+        counts: list[Any] = [None] * world
+        dist.all_gather_object(counts, (len(epoch_ids), len(positive)))
+        rows, positives = (sum(c[i] for c in counts) for i in (0, 1))
+        if positives > 0:
+            kept = balanced(positive, [c[1] for c in counts])
+            total = rows - (positives - world * len(kept))
+            return EpochShare(kept, max(1, round(batch_size * positives / rows)),
+                              round(total / world), total)
+    kept = equal_share(epoch_ids, device)
+    return EpochShare(kept, batch_size, len(kept), len(kept) * world)
+
+
+def balanced(ids: np.ndarray, counts: list[int]) -> np.ndarray:
+    """This rank's ids evened out with the other ranks' (``counts``: every rank's number of
+    ids) to ``sum(counts) // ranks`` each: a rank with more hands the ids past that to the
+    ranks with fewer (a collective call), so fewer ids than ranks are left out."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    target = sum(counts) // world
+    surplus: list[Any] = [None] * world
+    dist.all_gather_object(surplus, ids[target:])
+    pool = np.concatenate(surplus)
+    need = [max(0, target - c) for c in counts]
+    start = sum(need[:rank])
+    return np.concatenate([ids[:target], pool[start:start + need[rank]]])
+
+
 def epoch_batches(stream: InteractionStream, maker: BatchMaker, epoch: int,
                   device: torch.device, batch_size: int, max_steps: int = 0
-                  ) -> tuple[np.ndarray, int, Iterator[Any]]:
+                  ) -> tuple[EpochShare, int, Iterator[Any]]:
     """This rank's share of an epoch as training batches.
 
     Returns:
-        (sample ids, steps, batches): the ids of this rank's equal share (:func:`equal_share`),
-        the number of steps (at most ``max_steps`` when given) and the batches, prefetched.
+        (share, steps, batches): this rank's share (:func:`training_share`), the number of
+        steps (at most ``max_steps`` when given) and the batches, prefetched.
     """
-    ids = equal_share(stream.epoch_sample_ids(epoch=epoch), device)
-    steps = (len(ids) + batch_size - 1) // batch_size
+    share = training_share(stream, stream.epoch_sample_ids(epoch=epoch), device, batch_size,
+                           positives_only=maker.spec.objective == "softmax")
+    ids, size = share.ids, share.batch_size
+    steps = (len(ids) + size - 1) // size
     steps = min(steps, max_steps) if max_steps else steps
-    batches = prefetch(lambda i: maker(stream.gather(
-        ids[i * batch_size:(i + 1) * batch_size], BATCH_COLUMNS), train=True), steps)
-    return ids, steps, batches
+    batches = prefetch(lambda i: maker(stream.gather(ids[i * size:(i + 1) * size],
+                                                     BATCH_COLUMNS), train=True), steps)
+    return share, steps, batches

@@ -263,7 +263,7 @@ def run_epoch(w: Worker, loaders: Loaders, epoch: int) -> dict[str, Any]:
     bs, t = w.cfg.train.batch_size, w.cfg.train
     w.dmp.train()
     loaders.maker.reseed(t.train_seed + 2 + epoch)  # sampled negatives: a function of the epoch
-    ids, steps, batches = epoch_batches(loaders.train, loaders.maker, epoch, w.device, bs)
+    share, steps, batches = epoch_batches(loaders.train, loaders.maker, epoch, w.device, bs)
     if loaders.pipeline is not None:
         loaders.pipeline.reset()  # a fresh iterator each epoch
     t0 = t_last = time.perf_counter()
@@ -279,7 +279,7 @@ def run_epoch(w: Worker, loaders: Loaders, epoch: int) -> dict[str, Any]:
         # enough to need one
         if w.rank == 0 and ((step + 1) % t.log_every == 0 or step + 1 == steps) \
                 and w.line_due(now):
-            rows = min((step + 1) * bs, len(ids)) - seen_last
+            rows = share.rows_in(step + 1) - seen_last
             w.say(f"epoch {epoch + 1}/{t.epochs} step {step + 1}/{steps} "
                   f"loss {np.mean(losses[-t.log_every:]):.4f} "
                   f"{rows / max(now - t_last, 1e-9):,.0f} samples/s/worker")
@@ -289,8 +289,8 @@ def run_epoch(w: Worker, loaders: Loaders, epoch: int) -> dict[str, Any]:
     if loaders.pipeline is not None:
         loaders.pipeline.detach()  # restore the sharded modules' own forward for evaluation
     return {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
-            "train_rows": len(ids) * w.world,  # equal shares
-            "train_samples_per_s_per_worker": len(ids) / max(seconds, 1e-9)}
+            "train_rows": share.total_rows,
+            "train_samples_per_s_per_worker": share.rows / max(seconds, 1e-9)}
 
 
 def evaluate(w: Worker, loaders: Loaders, state: CheckpointState,
