@@ -279,22 +279,19 @@ import time
 t0 = time.perf_counter()
 import numpy, pandas, pyarrow, ray, torch
 t1 = time.perf_counter()
-import streaming
-t2 = time.perf_counter()
 import app.serve.batch
-t3 = time.perf_counter()
-print(t1 - t0, t2 - t1, t3 - t2)
+t2 = time.perf_counter()
+print(t1 - t0, t2 - t1)
 """
 
 
 def import_seconds() -> dict[str, float]:
     """What a fresh actor process spends importing before its constructor runs: the
-    libraries, then ``streaming`` (which app.serve.batch reaches through app.train.export ->
-    app.train.model -> app.data.reader), then the rest of app.serve.batch."""
+    libraries, then app.serve.batch (which reaches neither streaming nor TorchRec)."""
     done = subprocess.run([sys.executable, "-c", IMPORTS], cwd=ROOT, capture_output=True,
                           text=True, check=True)
-    libs, stream, app = (float(x) for x in done.stdout.split()[-3:])
-    return {"libraries_s": libs, "streaming_s": stream, "app_s": app}
+    libs, app = (float(x) for x in done.stdout.split()[-2:])
+    return {"libraries_s": libs, "app_s": app}
 
 
 def driver_seconds(model_dir: Path, data_dir: Path) -> dict[str, float]:
@@ -541,10 +538,8 @@ def run(args: argparse.Namespace) -> None:
           f"write {parts['parquet_ms']:.0f} -> {1e6 / (per_k + write_k):,.0f} users/s per "
           f"actor at most")
     print(f"actor start: imports in a fresh process {sum(imports.values()):.1f}s (numpy, "
-          f"pandas, pyarrow, ray, torch {imports['libraries_s']:.1f}s; streaming, reached "
-          f"through app.train.export -> app.train.model -> app.data.reader, "
-          f"{imports['streaming_s']:.1f}s; "
-          f"the rest of app.serve.batch {imports['app_s']:.1f}s), TopK constructor "
+          f"pandas, pyarrow, ray, torch {imports['libraries_s']:.1f}s; "
+          f"app.serve.batch {imports['app_s']:.1f}s), TopK constructor "
           f"{parts['setup_s']:.2f}s")
     print(f"driver: set-up before the pool (dataset check, model, item embeddings) "
           f"{driver['setup_s']:.1f}s, rated items for exclusion {driver['rated_s']:.1f}s, "
