@@ -147,9 +147,8 @@ def training_share(stream: InteractionStream, epoch_ids: np.ndarray, device: tor
     would be computed for nothing): the batches take only the positive rows, ``batch_size``
     times the positives' share of the epoch, so that an epoch takes as many steps as with
     every row and a step as many positives as a batch of ``batch_size`` rows holds on
-    average. The ranks' positives are
-    evened out (:func:`balanced`), not each batch filtered: TorchRec's sharded tables exchange
-    batches between ranks and need them the same size.
+    average. The ranks' positives are evened out (:func:`balanced`), not each batch filtered:
+    TorchRec's sharded tables exchange batches between ranks and need them the same size.
     """
     world = dist.get_world_size()
     if positives_only:
