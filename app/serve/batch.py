@@ -6,13 +6,17 @@ each user's rated items in Ray's object store. Users (or pairs) then flow throug
 ``map_batches`` on an actor pool; each actor holds one copy of the shared arrays (zero-copy
 numpy from the object store), computes query embeddings on its device (a GPU per actor when
 the cluster has them) and the exact top-K by matrix product and ``topk``, or searches an
-approximate FAISS inner-product index. The result is a Parquet folder written beside its final
-place and renamed into it when complete.
+approximate FAISS inner-product index. Each actor writes its batches' rows as Parquet files
+straight into the version being published, hashing the bytes it wrote, and returns one row per
+file (its name, size, sha256 and counts): the driver never reads the output back and no write
+task waits for a free CPU behind the pool. The version is published when complete.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -21,15 +25,15 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from app.core import logs
 from app.core.config import Config
 from app.core.contracts import Contract
 from app.core.preflight import check_infer
 from app.core.publish import OutputError, check_writable, local_dir, version_uri, writer
-from app.core.storage import is_remote, pack, resolve, unpack
+from app.core.storage import FileSum, Location, is_remote, pack, resolve, unpack
 from app.data.dataset import SPLITS, DatasetError, load_vocab, read_manifest
+from app.data.sink import put_parquet
 from app.serve.core import Recommender, build_faiss, id_keys
 from app.serve.inputs import read_histories, read_table, unique_users, with_history_users
 from app.train.model_folder import ModelError, rated_items, resolve_model
@@ -101,9 +105,28 @@ def model_folder(model_dir: Any) -> str:
     return str(model_dir)
 
 
-class TopK:
+class PartWriter:
+    """Base of the pool's actors: each batch's output is written as one Parquet file
+    ``part-<uuid>.parquet`` into the version's folder (``target``, on any node), and the actor
+    returns one row for it: ``file``, ``size``, ``sha256`` and the counts of :meth:`tally`."""
+
+    target: Location
+
+    def tally(self, table: pa.Table) -> dict[str, int]:
+        """Counts of one written file that the driver adds up for the summary."""
+        raise NotImplementedError
+
+    def written(self, frame: pd.DataFrame) -> pd.DataFrame:
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        done = put_parquet(table, self.target.join(name))
+        return pd.DataFrame([{"file": name, "size": done.size, "sha256": done.sha256,
+                              **self.tally(table)}])
+
+
+class TopK(PartWriter):
     """Ray Data actor: top-K items for a batch of users (column ``userId``), by the serving
-    core (:class:`app.serve.core.Recommender`).
+    core (:class:`app.serve.core.Recommender`), written as one Parquet file (:class:`PartWriter`).
 
     Args:
         model_dir: the model folder (each actor loads its own towers): a path, or ``[ref]``
@@ -113,9 +136,10 @@ class TopK:
             of a history, or None) and ``faiss`` (serialized index or None).
         k: items per user.
         device: ``cpu`` or ``cuda``.
+        target: the folder the files go to.
     """
 
-    def __init__(self, model_dir: Any, shared: list, k: int, device: str,
+    def __init__(self, model_dir: Any, shared: list, k: int, device: str, target: Location,
                  ef_search: int = 128) -> None:
         import ray
 
@@ -124,24 +148,41 @@ class TopK:
                                 items=s["items"], faiss_index=s["faiss"], ef_search=ef_search)
         self.given: dict[str, np.ndarray] = s.get("given") or {}  # user id -> recent items
         self.k = min(k, self.core.num_items - 1)
+        self.target = target
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         given = None
         if self.given:
             given = [self.given.get(v) if v is not pd.NA else None
                      for v in id_keys(batch["userId"]).tolist()]
-        return self.core.recommend(batch["userId"], self.k, given=given)
+        return self.written(self.core.recommend(batch["userId"], self.k, given=given))
+
+    def tally(self, table: pa.Table) -> dict[str, int]:
+        firsts = pc.equal(table["rank"], 1)
+        return {"rows": table.num_rows,
+                "users": pc.count_distinct(table["userId"]).as_py(),
+                "firsts": int(pc.sum(firsts).as_py() or 0),
+                "fallback_users": int(pc.sum(pc.and_(firsts, table["fallback"])).as_py() or 0),
+                "history_users": int(pc.sum(pc.and_(
+                    firsts, pc.equal(table["source"], "history"))).as_py() or 0)}
 
 
-class PairScores:
+class PairScores(PartWriter):
     """Ray Data actor: scores of (userId, movieId) pairs by the serving core, unknown ids
-    flagged, never dropped."""
+    flagged, never dropped; written as one Parquet file per batch (:class:`PartWriter`)."""
 
-    def __init__(self, model_dir: Any, device: str) -> None:
+    def __init__(self, model_dir: Any, device: str, target: Location) -> None:
         self.core = Recommender(model_folder(model_dir), device, rated=None)
+        self.target = target
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return self.core.score_pairs(batch["userId"], batch["movieId"])
+        return self.written(self.core.score_pairs(batch["userId"], batch["movieId"]))
+
+    def tally(self, table: pa.Table) -> dict[str, int]:
+        n = table.num_rows
+        return {"rows": n,
+                "unknown_user_rows": n - int(pc.sum(table["known_user"]).as_py() or 0),
+                "unknown_item_rows": n - int(pc.sum(table["known_item"]).as_py() or 0)}
 
 
 def _device_and_pool(cfg: Config) -> tuple[str, int, dict[str, Any]]:
@@ -178,8 +219,8 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
     """Write recommendations (or pair scores) for a prepared dataset's users to ``output``.
 
     Recipe: check the dataset and the model -> the job (:func:`recommend_job` or
-    :func:`pairs_job`) -> one actor pool writes the version's Parquet files
-    (:func:`write_with_actors`) -> the counts read back -> ``_summary.json`` -> publish.
+    :func:`pairs_job`) -> one actor pool writes the version's Parquet files and returns their
+    sums and counts (:func:`write_with_actors`) -> ``_summary.json`` -> publish.
 
     Args:
         cfg: the resolved configuration (``cfg.inference``).
@@ -212,7 +253,9 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
             job = pairs_job(ctx, pairs, say) if pairs is not None \
                 else recommend_job(ctx, users, history, say)
             summary.update(job.fields)
-            summary.update(job.summarize(write_with_actors(ctx, job, lease.target)))
+            files, counts = write_with_actors(ctx, job, lease.target)
+            lease.record(files)  # hashed by the actors as written: never read back
+            summary.update(job.summarize(counts))
             summary["seconds"] = round(time.perf_counter() - t0, 2)
             # the version this block publishes: its name is chosen before it is written
             summary["output"] = lease.version.uri
@@ -244,14 +287,13 @@ class Context:
 @dataclass
 class Job:
     """One job over the actor pool: the rows in, the actor that maps a batch of them, its
-    arguments, the summary fields known up front, and what the summary reads back from the
-    written files."""
+    arguments, the summary fields known up front, and the summary's fields from the written
+    files' counts added up (:meth:`PartWriter.tally`)."""
 
     rows: Any                              # a Ray dataset
     actor: type                            # TopK or PairScores
-    kwargs: dict[str, Any]                 # the actor's arguments besides the model and device
-    columns: list[str]                     # the written columns the summary counts
-    summarize: Callable[[pa.Table], dict[str, Any]]
+    kwargs: dict[str, Any]                 # the actor's arguments besides model, device, target
+    summarize: Callable[[Counter], dict[str, Any]]
     fields: dict[str, Any] = field(default_factory=dict)
 
 
@@ -275,37 +317,45 @@ def open_context(cfg: Config, model: str, data_dir: str) -> Context:
                    device=device, pool=pool, resources=resources)
 
 
-def write_with_actors(ctx: Context, job: Job, target: Any) -> pa.Table:
-    """The job's rows through ``map_batches`` on one actor pool, written as Parquet into the
-    version's folder ``target``; returns the written ``job.columns``, read back."""
+def write_with_actors(ctx: Context, job: Job, target: Location
+                      ) -> tuple[dict[str, FileSum], Counter]:
+    """The job's rows through ``map_batches`` on one actor pool, each batch written by its
+    actor as a Parquet file in the version's folder ``target``.
+
+    Returns:
+        (file name -> its sum as written, the files' counts added up: 0 where none). A file in ``target``
+        that no returned row names (a retried batch's first attempt) is deleted, so the
+        version holds each row once.
+    """
     from ray.data import ActorPoolStrategy
 
-    result = job.rows.map_batches(
+    parts = job.rows.map_batches(
         job.actor, batch_format="pandas", batch_size=ctx.cfg.inference.inference_batch_size,
-        fn_constructor_kwargs={"model_dir": ctx.model_ref, **job.kwargs, "device": ctx.device},
+        fn_constructor_kwargs={"model_dir": ctx.model_ref, **job.kwargs,
+                               "device": ctx.device, "target": target},
         compute=ActorPoolStrategy(size=ctx.pool), **ctx.resources)
-    # Ray Data writes these files itself, so we never hold their bytes: publishing hashes them
-    # for _SUCCESS by reading them back (app.core.publish.Lease._sums), once.
     with logs.native_notices_filtered():
-        result.write_parquet(target.path, filesystem=target.fs)
-    return pq.read_table(target.path, filesystem=target.fs, columns=job.columns)
+        rows = parts.to_pandas()
+    files = {r.file: FileSum(int(r.size), r.sha256) for r in rows.itertuples()}
+    for name in target.children():
+        if name.startswith("part-") and name not in files:
+            target.join(name).delete()
+    counted = rows.drop(columns=["file", "size", "sha256"], errors="ignore")
+    return files, Counter({c: int(counted[c].sum()) for c in counted.columns})
 
 
 def pairs_job(ctx: Context, pairs: str, say: Callable[[str], None]) -> Job:
     """Scores of the (userId, movieId) pairs of a file; unknown ids are kept and counted."""
-    def summarize(written: pa.Table) -> dict[str, Any]:
-        n = written.num_rows
-        unknown_users = n - int(pc.sum(written["known_user"]).as_py() or 0)
-        unknown_items = n - int(pc.sum(written["known_item"]).as_py() or 0)
+    def summarize(counts: Counter) -> dict[str, Any]:
+        unknown_users, unknown_items = counts["unknown_user_rows"], counts["unknown_item_rows"]
         if unknown_items or unknown_users:
             say(f"pairs with unknown ids (kept, score NaN, known_* False): {unknown_users:,} "
                 f"unknown users, {unknown_items:,} unknown items")
-        return {"rows": n, "unknown_user_rows": unknown_users,
+        return {"rows": counts["rows"], "unknown_user_rows": unknown_users,
                 "unknown_item_rows": unknown_items}
 
     return Job(rows=read_table(pairs, ["userId", "movieId"]), actor=PairScores, kwargs={},
-               columns=["known_user", "known_item"], summarize=summarize,
-               fields={"mode": "pairs", "input": str(pairs)})
+               summarize=summarize, fields={"mode": "pairs", "input": str(pairs)})
 
 
 def recommend_job(ctx: Context, users: str, history: Optional[str],
@@ -323,21 +373,20 @@ def recommend_job(ctx: Context, users: str, history: Optional[str],
     rows = ray.data.from_arrow([pa.table({"userId": ids.slice(s, step)})
                                 for s in range(0, len(ids), step)])
 
-    def summarize(written: pa.Table) -> dict[str, Any]:
-        n = written.num_rows
-        n_users = pc.count_distinct(written["userId"]).as_py()
-        firsts = pc.equal(written["rank"], 1)
-        if n_users != int(pc.sum(firsts).as_py() or 0):
-            raise ModelError("the written lists do not start at rank 1 once per user")
-        return {"users": n_users, "k": k, "rows": n, "short_lists": n_users * k - n,
-                "fallback_users": int(pc.sum(pc.and_(firsts, written["fallback"])).as_py() or 0),
-                "history_users": int(pc.sum(pc.and_(
-                    firsts, pc.equal(written["source"], "history"))).as_py() or 0)}
+    def summarize(counts: Counter) -> dict[str, Any]:
+        # every user is in one batch (ids are unique), so the batches' counts add up
+        n_users = counts["users"]
+        if n_users != counts["firsts"]:
+            raise ModelError(f"the written lists start at rank 1 {counts['firsts']:,} times "
+                             f"for {n_users:,} users")
+        return {"users": n_users, "k": k, "rows": counts["rows"],
+                "short_lists": n_users * k - counts["rows"],
+                "fallback_users": counts["fallback_users"],
+                "history_users": counts["history_users"]}
 
     return Job(rows=rows, actor=TopK,
                kwargs={"shared": [ray.put(shared)], "k": k, "ef_search": inf.faiss_ef_search},
-               columns=["userId", "rank", "fallback", "source"], summarize=summarize,
-               fields=fields)
+               summarize=summarize, fields=fields)
 
 
 def shared_state(ctx: Context, history: Optional[str], fields: dict[str, Any],
