@@ -25,10 +25,11 @@ actor: that run reads a users file, whose read tasks need a CPU the pool leaves 
               column 0 (unknown item) masked, ``torch.topk`` K per row; every torch thread;
   pipeline -- ``app.serve.batch.batch_inference`` end to end (model and dataset checks, item
               embeddings, actor pool start-up, ``map_batches(TopK)``, each actor writing its
-              batches' Parquet files, the counts added up), with ``exclude_rated="none"`` so the work equals the
-              ceiling's; one run per pool size in ``--actors`` (and batch size), users/s over
-              its wall time. Ceiling and pipeline runs are interleaved ``--repeats`` times
-              (medians are reported), so drift hits all alike;
+              batches' Parquet files, the counts added up), with ``exclude_rated="none"``
+              so the work equals the ceiling's; one run per pool size in ``--actors`` (and
+              batch size), users/s over its wall time. Ceiling and pipeline runs are
+              interleaved ``--repeats`` times (medians are reported), so drift hits all
+              alike;
   exclude  -- one pipeline run with the default exclusion (``exclude_rated="all"``) at the
               fastest pool size, for reference (``--no-exclude-run`` skips it).
 The query and item embeddings of the ceiling come from the saved weights through
@@ -39,8 +40,9 @@ stage on a few batches in this process with one torch thread (an actor's share):
 product + topk, the rest of ``Recommender.recommend`` (id lookup, output DataFrame), Arrow
 conversion, Parquet writing; an actor's start (imports in a fresh interpreter, the TopK
 constructor); the driver's set-up before the pool. Whatever the parts do not account for is
-Ray Data's own (scheduling, batches waiting on a busy actor, pool teardown). Prints users/s side by side, the ratio against the target, and one
-JSON line. At the defaults on 2 cores the whole run takes about 4 minutes.
+Ray Data's own (scheduling, batches waiting on a busy actor, pool teardown). Prints users/s
+side by side, the ratio against the target, and one JSON line. At the defaults on 2 cores the
+whole run takes about 4 minutes.
 ``--gpu``: the pipeline's actors score on a GPU each (``inference_device="gpu"``: one GPU per
 actor, so pool sizes above the GPU count are left out), the ceiling's matrix product and topk
 run on ``cuda`` (the embeddings moved there before the clock, one chunk scored untimed first:

@@ -129,7 +129,7 @@ def recall_of_users(model_dir: str, data_dir: Path, first_new_user: int) -> dict
             part = users[s:s + 1024]
             scores = model.user_embeddings(torch.from_numpy(part)) @ items.T
             for k, v in ranking_sums(scores, part, exclude=exclude, positives=positives,
-                                     ks=[20]).items():
+                                     ks=[20], owned=True).items():
                 sums[k] += v
     return {k: (round(v, 4) if k != "users" else v) for k, v in finish(sums).items()}
 

@@ -281,13 +281,30 @@ def test_ranking_metrics_match_a_brute_force_reading():
     positives = UserItems.build(np.array([p[0] for p in ppairs]),
                                 np.array([p[1] for p in ppairs]), n_users)
     users = np.arange(n_users)
-    got = finish(ranking_sums(torch.from_numpy(scores), users, exclude=exclude,
-                              positives=positives, ks=[5, 10]))
+    given = torch.from_numpy(scores.copy())
+    got = finish(ranking_sums(given, users, exclude=exclude, positives=positives, ks=[5, 10]))
+    assert np.array_equal(given.numpy(), scores)  # not handed over: left as it was
     assert got["users"] == sum(1 for u in users if pos.get(u))
     for k in (5, 10):
         recall, ndcg = _brute_force(scores, users, train, pos, k)
         assert got[f"recall@{k}"] == pytest.approx(recall, abs=1e-6)
         assert got[f"ndcg@{k}"] == pytest.approx(ndcg, abs=1e-6)
+    # a positive listed twice counts once; handed-over (owned) scores give the same figures
+    twice = UserItems.build(np.array([p[0] for p in ppairs * 2]),
+                            np.array([p[1] for p in ppairs * 2]), n_users)
+    again = finish(ranking_sums(torch.from_numpy(scores.copy()), users, exclude=exclude,
+                                positives=twice, ks=[5, 10], owned=True))
+    assert again == pytest.approx(got)
+
+
+def test_an_epoch_counts_as_better_only_by_more_than_the_minimum_improvement():
+    from app.train.checkpoint import CheckpointState
+
+    state = CheckpointState(best_value=0.25)
+    assert state.improved(0.2501) and not state.improved(0.25)
+    assert not state.improved(0.2520, 0.01)         # +0.8%: noise at a 1% minimum
+    assert state.improved(0.2530, 0.01)             # +1.2%
+    assert CheckpointState().improved(0.0, 0.01)    # the first epoch is always the best so far
 
 
 def test_auroc_matches_the_pairwise_definition():

@@ -221,6 +221,10 @@ class TrainConfig:
     epochs: int = _f(30, "most passes over the training split (early stopping may end sooner)")
     patience: int = _f(3, "stop after this many epochs without a better validation metric "
                           "and keep the best epoch's model (0: no early stopping)")
+    min_improvement: float = _f(
+        0.0, "early stopping: an epoch counts as better only when its validation metric beats "
+             "the best so far by more than this fraction of it (0.01: 1%); smaller gains are "
+             "noise on a validation sample and neither move the best epoch nor reset patience")
     select_metric: str = _f("recall@20", "validation metric of early stopping and of the "
                                          "best epoch (recall@K or ndcg@K)")
     batch_size: int = _f(2048, "samples per batch per worker")
@@ -287,6 +291,8 @@ class TrainConfig:
                self.epochs)
         _check(0 <= self.patience <= MAX_EPOCHS, "patience", f"must be in [0, {MAX_EPOCHS:,}]",
                self.patience)
+        _check(0 <= self.min_improvement < 1, "min_improvement", "must be in [0, 1)",
+               self.min_improvement)
         _check(0 <= self.history_dropout < 1, "history_dropout", "must be in [0, 1)",
                self.history_dropout)
         _check(0 <= self.user_id_dropout < 1, "user_id_dropout", "must be in [0, 1)",

@@ -323,9 +323,9 @@ def write_with_actors(ctx: Context, job: Job, target: Location
     actor as a Parquet file in the version's folder ``target``.
 
     Returns:
-        (file name -> its sum as written, the files' counts added up: 0 where none). A file in ``target``
-        that no returned row names (a retried batch's first attempt) is deleted, so the
-        version holds each row once.
+        (file name -> its sum as written, the files' counts added up: 0 where none). A
+        file in ``target`` that no returned row names (a retried batch's first attempt) is
+        deleted, so the version holds each row once.
     """
     from ray.data import ActorPoolStrategy
 

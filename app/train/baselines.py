@@ -42,7 +42,8 @@ from app.core.config import TrainConfig
 from app.data.dataset import read_split_arrays
 from app.train.metrics import UserItems, finish, ranking_sums, sample_users
 
-Scorer = Callable[[np.ndarray], torch.Tensor]  # user indices (u,) -> scores (u, num_items)
+# user indices (u,) -> scores (u, num_items), a fresh tensor (ranking masks it in place)
+Scorer = Callable[[np.ndarray], torch.Tensor]
 NAMES = {"ease": "EASE", "ials": "iALS"}
 
 
@@ -62,7 +63,7 @@ def split_metrics(score: Scorer, users: np.ndarray, *, exclude: UserItems,
     for s in range(0, len(users), chunk):
         part = users[s:s + chunk]
         for k, v in ranking_sums(score(part), part, exclude=exclude, positives=positives,
-                                 ks=ks).items():
+                                 ks=ks, owned=True).items():
             sums[k] = sums.get(k, 0.0) + v
     return finish(sums or {"users": 0.0})
 

@@ -187,9 +187,10 @@ class CheckpointState(Contract):
     best_value: Optional[float] = None            # its validation metric (early stopping)
     stopped_early: bool = False
 
-    def improved(self, value: float) -> bool:
-        """True when ``value`` beats the best validation value so far."""
-        return self.best_value is None or value > self.best_value
+    def improved(self, value: float, min_improvement: float = 0.0) -> bool:
+        """True when ``value`` beats the best validation value so far by more than
+        ``min_improvement`` times it."""
+        return self.best_value is None or value > self.best_value * (1 + min_improvement)
 
 
 def epoch_of(checkpoint: Any) -> int:

@@ -116,7 +116,8 @@ class Evaluator:
                 continue
             scores = (q @ items.T).cpu()                                      # (U, num_items)
             for k, v in ranking_sums(scores, part, exclude=self.exclude,
-                                     positives=self.positives[split], ks=self.ks).items():
+                                     positives=self.positives[split], ks=self.ks,
+                                     owned=True).items():
                 sums[k] = sums.get(k, 0.0) + v
         return self._reduce(sums or {"users": 0.0, **{f"{m}@{k}": 0.0 for k in self.ks
                                                       for m in ("recall", "ndcg")}})

@@ -133,6 +133,6 @@ def _ranked(model: ExportedTwoTower, *, users: np.ndarray, user_rows: np.ndarray
         if (~modelled).any():  # neither known nor a history it can read: popularity
             scores[torch.from_numpy(~modelled)] = torch.from_numpy(pop)
         for k, v in ranking_sums(scores, part, exclude=exclude, positives=positives,
-                                 ks=ks).items():
+                                 ks=ks, owned=True).items():
             sums[k] = sums.get(k, 0.0) + v
     return finish(sums or {"users": 0.0})

@@ -312,7 +312,8 @@ def evaluate(w: Worker, loaders: Loaders, state: CheckpointState,
     items = ev.item_embeddings(model)
     metrics.update(prefixed("val", ev.ranking(model, "val", items, sample=True)))
     metrics["ranking_seconds"] = time.perf_counter() - t_rank
-    chosen = state.improved(metrics[select]) if t.patience else state.epoch == t.epochs
+    chosen = state.improved(metrics[select], t.min_improvement) if t.patience \
+        else state.epoch == t.epochs
     if chosen:
         state.best_epoch, state.best_value = state.epoch, metrics[select]
     metrics.update(loaders.baselines)

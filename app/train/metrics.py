@@ -78,7 +78,7 @@ def sample_users(positives: UserItems, size: int, seed: int = 0) -> np.ndarray:
 
 
 def ranking_sums(scores: torch.Tensor, users: np.ndarray, *, exclude: UserItems,
-                 positives: UserItems, ks: list[int]) -> dict[str, float]:
+                 positives: UserItems, ks: list[int], owned: bool = False) -> dict[str, float]:
     """Sums of Recall@K and NDCG@K over a chunk of users, and the number of users counted.
 
     Args:
@@ -87,21 +87,28 @@ def ranking_sums(scores: torch.Tensor, users: np.ndarray, *, exclude: UserItems,
         exclude: items removed from each user's ranking (their training items).
         positives: the relevant items of each user in the evaluated split.
         ks: cut-offs.
+        owned: the caller hands ``scores`` over: they are masked in place instead of copied
+            (a chunk of 1,024 users x 50,000 items is 200 MB).
 
     Returns:
         ``{"recall@K": sum, "ndcg@K": sum, ..., "users": count}``.
     """
-    scores = scores.float().clone()
+    n_rows, n_items = scores.shape
+    as_float = scores.float()
+    if not owned and as_float.data_ptr() == scores.data_ptr():
+        as_float = as_float.clone()
+    scores = as_float
     scores[:, 0] = float("-inf")
     rows, items = exclude.rows_and_items(users)
     scores[torch.from_numpy(rows), torch.from_numpy(items)] = float("-inf")
-    relevant = torch.zeros(scores.shape, dtype=torch.bool)
+    # each user's relevant items as sorted (row, item) keys, each pair once
     rows, items = positives.rows_and_items(users)
-    relevant[torch.from_numpy(rows), torch.from_numpy(items)] = True
-    n_pos = relevant.sum(1)                                                   # (U,)
-    kmax = min(max(ks), scores.shape[1])
-    top = scores.topk(kmax, dim=1).indices                                    # (U, kmax)
-    hits = relevant.gather(1, top).float()                                    # (U, kmax)
+    relevant = np.unique(rows * n_items + items)
+    n_pos = torch.from_numpy(np.bincount(relevant // n_items, minlength=n_rows))   # (U,)
+    kmax = min(max(ks), n_items)
+    top = scores.topk(kmax, dim=1).indices.numpy()                            # (U, kmax)
+    keys = np.arange(n_rows, dtype=np.int64)[:, None] * n_items + top
+    hits = torch.from_numpy(np.isin(keys, relevant)).float()                  # (U, kmax)
     discount = 1.0 / torch.log2(torch.arange(2, kmax + 2, dtype=torch.float32))
     keep = n_pos > 0
     out: dict[str, float] = {"users": float(keep.sum())}
