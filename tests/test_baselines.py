@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 
 from app.train.baselines import (
+    IALS,
     describe,
     driver_baselines,
     ease_baseline,
     fit_ease,
+    fit_ials,
     ials_baseline,
+    positives_matrix,
     which_baselines,
 )
 from app.train.metrics import UserItems, finish, popularity_scores, ranking_sums
@@ -106,6 +109,14 @@ def test_ials_learns_the_taste_groups_far_above_popularity():
     assert pop < 0.35
     assert out["test"]["recall@5"] > 0.8 and out["test"]["recall@5"] > 2.5 * pop
     assert out["val"]["users"] == 80
+    # the grid's first round fits a third of the passes; the kept point is fitted on from its
+    # factors, which is the same as fitting it once with every pass
+    x = positives_matrix(tr_u, tr_i, (kw["num_users"], kw["num_items"]))
+    kw = dict(factors=8, regularization=10.0, alpha=10.0, seed=0, threads=1, gpu=False)
+    stepped = IALS(x, **kw).fit(3).fit(7)
+    assert stepped.iterations == 10
+    for a, b in zip(stepped.factors(), fit_ials(x, iterations=10, **kw)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_baselines_setting_picks_which_run():
