@@ -112,3 +112,30 @@ def test_the_model_folder_and_the_recommendations_carry_typed_contracts(trained,
     written = RecommendationsSummary.read(current(tmp_path / "recs"))
     assert done.mode == written.mode == "recommend" and written.rows == done.rows == 671 * 3
     assert written.output == done.output == str(current(tmp_path / "recs"))
+
+
+def test_the_reports_examples_are_the_smallest_users_first_items_read_by_a_scan(tmp_path):
+    """The report's example lists come from a scan of the recommendations folder (the users
+    found a batch at a time, then only their first rows read), whatever the files' order."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from app.core.report import examples
+
+    out = tmp_path / "recs"
+    out.mkdir()
+    users = np.repeat(np.array([40, 7, 12, 3, 25], dtype=np.int64), 10)
+    for part, rows in enumerate(np.array_split(np.arange(len(users))[::-1], 3)):
+        pq.write_table(pa.table({"userId": users[rows], "rank": (rows % 10 + 1).astype(np.int32),
+                                 "movieId": users[rows] * 100 + rows % 10}),
+                       out / f"part-{part}.parquet", row_group_size=7)
+    (out / "_summary.json").write_text("{}")  # beside the files, never read as one
+    text = examples(out, users=3, k=2).splitlines()
+    assert text == ["  user 3: 300; 301", "  user 7: 700; 701", "  user 12: 1200; 1201"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pq.write_table(pa.table({"userId": pa.array([], pa.int64()),
+                             "rank": pa.array([], pa.int32()),
+                             "movieId": pa.array([], pa.int64())}), empty / "part-0.parquet")
+    assert examples(empty) == "  (no recommendations)"

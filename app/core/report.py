@@ -50,20 +50,30 @@ def plot_history(history: list[dict[str, Any]], path: Any, ks: list[int]) -> Non
 
 
 def examples(recommendations: Any, users: int = 3, k: int = 5) -> str:
-    """The first ``users`` users' top ``k`` items (with titles when known), as text, from a
-    recommendations folder (a path, URI or :class:`~app.core.storage.Location`)."""
-    import pyarrow.parquet as pq
+    """The ``users`` smallest user ids' top ``k`` items (with titles when known), as text, from
+    a recommendations folder (a path, URI or :class:`~app.core.storage.Location`).
+
+    The folder is scanned, not loaded: one pass over the ``userId`` column a batch at a time
+    finds the users, then only their first ``k`` rows are read (at 10M ratings the folder holds
+    20M rows, several GB as a DataFrame)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
 
     from app.core.storage import resolve
 
     loc = resolve(recommendations)
-    df = pq.read_table(loc.path, filesystem=loc.fs).to_pandas()
-    if df.empty:
+    data = ds.dataset(loc.path, filesystem=loc.fs, format="parquet")
+    first: list[Any] = []
+    for batch in data.to_batches(columns=["userId"]):
+        ids = pc.unique(batch.column(0).drop_null()).to_pylist()
+        first = sorted(set(first).union(ids))[:users]
+    if not first:
         return "  (no recommendations)"
-    first = sorted(df["userId"].unique())[:users]
+    df = data.to_table(filter=pc.field("userId").isin(first) & (pc.field("rank") <= k)
+                       ).to_pandas()
     lines = []
     for user in first:
-        rows = df[(df["userId"] == user) & (df["rank"] <= k)].sort_values("rank")
+        rows = df[df["userId"] == user].sort_values("rank")
         titles = rows["title"] if "title" in rows else pd.Series([None] * len(rows))
         names = [str(t) if pd.notna(t) else str(m)
                  for m, t in zip(rows["movieId"], titles.to_numpy())]
