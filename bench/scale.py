@@ -10,7 +10,9 @@ reads what the run itself records:
 
   prepare, refit, infer   ``summary.json``'s stage seconds
   baselines               the evaluated model folder's ``metrics.json``: each driver-side
-                          baseline's ``seconds`` (EASE; a skipped one adds nothing)
+                          baseline's ``seconds`` (EASE, iALS; a skipped one adds nothing),
+                          and their share of the training stage (``baselines_share``: over
+                          ``summary.json``'s train seconds)
   train, eval             ``history.json`` per epoch: training rows / samples per second, and
                           the evaluation's ``eval_seconds`` (rank 0)
   total                   the process's wall time (interpreter, Ray's start and stop included)
@@ -262,6 +264,9 @@ def measure(rows: int, epochs: Optional[int], tmp: Path, every: float, keep: boo
              "samples_per_s": round(sum(h["train_rows"] for h in history) / sum(train_s)),
              "peak_rss_gb": {k: round(mem.peak[k] / GB, 3) for k in KINDS},
              "disk_gb": round(sum(disk.values()) / GB, 3),
+             # the issue's budget: the baselines against the whole training stage (baselines,
+             # epochs, evaluation, export, registration), as the run's summary times it
+             "baselines_share": round(base_s / stages["train"].seconds, 3),
              "test_recall@20": {"model": round(run["metrics"]["model"]["test"]["recall@20"],
                                                4), **recall}}
     extra = {"exported": exported, "per_epoch": list(zip(train_s, eval_s)),
@@ -320,6 +325,8 @@ def table(sizes: list[dict[str, Any]], extras: list[dict[str, Any]]) -> str:
                      + ", ".join(f"{k} {v / GB:.2f}" for k, v in top))
     lines.append("(object store: not measured apart; plasma pages count in the processes "
                  "that touch them)")
+    lines.append("\nthe baselines' share of the training stage (target <= 20%): " + ", ".join(
+        f"{s['rows']:,} rows {s['baselines_share']:.0%}" for s in sizes))
     lines.append("\ntest recall@20, full-catalog ranking")
     for s in sizes:
         lines.append(f"{s['rows']:>11,}  " + "  ".join(
