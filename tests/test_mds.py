@@ -2,6 +2,7 @@ import filecmp
 import os
 
 import numpy as np
+import pytest
 from streaming import MDSWriter, StreamingDataset
 
 from app.data.mds import INTERACTION_COLUMNS, write_mds_columns
@@ -39,3 +40,17 @@ def test_streaming_dataset_reads_back_every_row(tmp_path):
         s = ds[i]
         assert s["user"] == cols["user"][i] and s["timestamp"] == cols["timestamp"][i]
         assert s["rating"] == cols["rating"][i]
+
+
+def test_a_splits_columns_are_read_alone_and_an_unknown_one_is_named(movielens_dir):
+    from app.core.publish import current
+    from app.data.dataset import DatasetError, read_split_arrays
+
+    split = current(movielens_dir) / "val"
+    every = read_split_arrays(split)
+    some = read_split_arrays(split, ("user", "label"))
+    assert list(some) == ["user", "label"] and len(some["user"]) == len(every["user"]) > 0
+    for name in some:
+        assert np.array_equal(some[name], every[name]) and some[name].dtype == every[name].dtype
+    with pytest.raises(DatasetError, match="no column 'score'"):
+        read_split_arrays(split, ("user", "score"))

@@ -21,7 +21,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -292,15 +292,33 @@ def shard_records(path: str, columns: list[str], encodings: list[str]) -> np.nda
     return np.memmap(path, dtype=expected, mode="r", offset=start, shape=(n,))
 
 
-def read_split_arrays(split_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All rows of one split, in stored order, as numpy arrays (for evaluation and checks)."""
+def read_split_arrays(split_dir: str | os.PathLike,
+                      columns: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+    """All rows of one split, in stored order, as numpy arrays (for evaluation and checks).
+
+    Args:
+        split_dir: the split's folder (``index.json`` and its shards).
+        columns: the columns to read (default: every one); each is copied out of the
+            memory-mapped shards straight into its own array, so a split costs the memory of
+            the columns asked for, once.
+    """
     index = json.loads((Path(split_dir) / "index.json").read_text())
     record = record_dtype(INTERACTION_COLUMNS)
+    names = list(record.names) if columns is None else list(columns)
+    unknown = [n for n in names if n not in record.names]
+    if unknown:
+        raise DatasetError(f"{split_dir}: no column {unknown[0]!r} (the splits have "
+                           f"{', '.join(record.names)})")
     parts = [shard_records(os.path.join(split_dir, s["raw_data"]["basename"]),
                            s["column_names"], s["column_encodings"])
              for s in index["shards"]]
-    rows = np.concatenate(parts) if parts else np.empty(0, record)
-    return {name: np.ascontiguousarray(rows[name]) for name in record.names}
+    out = {n: np.empty(sum(len(p) for p in parts), record[n]) for n in names}
+    at = 0
+    for part in parts:
+        for n in names:
+            out[n][at:at + len(part)] = part[n]
+        at += len(part)
+    return out
 
 
 @dataclass
