@@ -280,7 +280,8 @@ def test_scale_smoke(smokes):
     assert [s["rows"] for s in sizes] == [20_000, 40_000]
     for size in sizes:
         assert set(size) == {"rows", "users", "items", "seconds", "epochs", "samples_per_s",
-                             "peak_rss_gb", "disk_gb", "test_recall@20"}, sorted(size)
+                             "peak_rss_gb", "disk_gb", "baselines_share", "test_recall@20"
+                             }, sorted(size)
         # synthetic sizes: rows / 50 users, rows / 200 items (at least 100)
         assert (size["users"], size["items"]) == (size["rows"] // 50,
                                                   max(100, size["rows"] // 200)), size
@@ -288,6 +289,7 @@ def test_scale_smoke(smokes):
         assert set(sec) == {*stages, "total"}, sorted(sec)
         positive(sec, "prepare", "train", "eval", "refit", "infer", "total")
         assert sec["baselines"] >= 0, sec
+        assert 0 <= size["baselines_share"] < 1, size  # a part of the training stage
         # the stages are parts of the run's wall time (the rest: Ray's start, worker groups)
         assert sum(sec[k] for k in stages) < sec["total"], sec
         assert size["epochs"] == 1, size  # --smoke's --epochs 1
