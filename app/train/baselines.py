@@ -317,13 +317,16 @@ class IALS:
     def __init__(self, x: sp.csr_matrix, *, factors: int, regularization: float, alpha: float,
                  seed: int = 0, threads: int = 0, gpu: Optional[bool] = None) -> None:
         import implicit.gpu
+        import threadpoolctl
         from implicit.als import AlternatingLeastSquares
 
         self.x = x.astype(np.float32, copy=False)
         self.gpu = implicit.gpu.HAS_CUDA if gpu is None else gpu
-        self.model = AlternatingLeastSquares(
-            factors=factors, regularization=regularization, alpha=alpha, iterations=1,
-            use_gpu=self.gpu, num_threads=threads or driver_threads(), random_state=seed)
+        # implicit checks BLAS's threads when the model is made (see fit)
+        with threadpoolctl.threadpool_limits(1, "blas"):
+            self.model = AlternatingLeastSquares(
+                factors=factors, regularization=regularization, alpha=alpha, iterations=1,
+                use_gpu=self.gpu, num_threads=threads or driver_threads(), random_state=seed)
         self.iterations = 0
 
     def fit(self, iterations: int) -> "IALS":
