@@ -12,7 +12,8 @@ that quantile: the later rows are quarantined), day 2 is all of them.
 2. Day 2: prepare with ``--base`` the day-1 dataset: every id keeps its row, new ids follow.
 3. Warm: ``train --init-from`` the day-1 model. Scratch: the same settings from random tables.
    Same dataset, split, stopping rule and seed; the driver-side baselines are off in both
-   timed runs and fitted once on day 2 instead (EASE, beside the popularity the runs report).
+   timed runs and fitted once on day 2 instead (EASE where it fits, iALS; beside the
+   popularity the runs report).
 4. Per run: test Recall@20 and NDCG@20 on every test user and on the users new on day 2,
    training seconds (``train()`` from its call to its registered model) and epochs.
 
@@ -35,7 +36,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -134,16 +135,21 @@ def recall_of_users(model_dir: str, data_dir: Path, first_new_user: int) -> dict
     return {k: (round(v, 4) if k != "users" else v) for k, v in finish(sums).items()}
 
 
-def ease_on(data_dir: Path) -> dict[str, Any]:
-    """EASE (λ chosen on validation) on a dataset's test split, fitted once."""
+def baselines_on(data_dir: Path) -> dict[str, Optional[float]]:
+    """Test Recall@20 of the strong baselines a training run fits (EASE where it fits under
+    --ease-max-dim, iALS; settings chosen on validation) on a dataset, fitted once; None for
+    one that was skipped."""
     from app.data.dataset import read_manifest
-    from app.train.baselines import driver_baselines
+    from app.train.baselines import describe, driver_baselines
 
     manifest = read_manifest(data_dir)
-    cfg = load_config(overrides={"baselines": "ease"})
+    cfg = load_config(overrides={"baselines": "all"})
     out = driver_baselines(cfg.train, str(data_dir), manifest.vocab.users + 1,
-                           manifest.vocab.items + 1)["ease"]
-    return out.get("test") or {"skipped": out.get("skipped")}
+                           manifest.vocab.items + 1)
+    for key, result in out.items():
+        print(f"  {describe(key, result)}", flush=True)
+    return {key: (round(result["test"]["recall@20"], 4) if "test" in result else None)
+            for key, result in out.items()}
 
 
 def bench_dataset(name: str, rows: int, items: int, max_epochs: int, work: Path
@@ -162,13 +168,13 @@ def bench_dataset(name: str, rows: int, items: int, max_epochs: int, work: Path
     first_new = before.vocab.users + 1
     for run in (warm, scratch):
         run["new_users"] = recall_of_users(run.pop("model_dir"), day2, first_new)
-    ease = ease_on(day2)
+    strong = baselines_on(day2)
     out = {"dataset": name, "cut": cut, "day1_ratings": before.counts.accepted,
            "day2_ratings": manifest.counts.accepted, "new_users": base.new_users,
            "new_items": base.new_items, "warm": warm, "scratch": scratch,
            "popularity_test_recall@20": round(scratch.pop("popularity")["recall@20"], 4),
-           "ease_test_recall@20": round(ease["recall@20"], 4) if "recall@20" in ease
-           else None}
+           "ease_test_recall@20": strong.get("ease"),
+           "ials_test_recall@20": strong.get("ials")}
     warm.pop("popularity")
     out["warm_vs_scratch"] = round(warm["test_recall@20"] / max(scratch["test_recall@20"],
                                                                 1e-9), 3)
@@ -187,9 +193,10 @@ def report(r: dict[str, Any]) -> None:
         print(f"  {name:<10}{run['test_recall@20']:>11.4f}{run['test_ndcg@20']:>11.4f}"
               f"{run['new_users']['recall@20']:>16.4f}{run['epochs']:>8}{run['best_epoch']:>6}"
               f"{run['seconds']:>9.1f}")
-    ease = r["ease_test_recall@20"]
-    print(f"  popularity test R@20 {r['popularity_test_recall@20']:.4f}; EASE "
-          + (f"{ease:.4f}" if ease is not None else "skipped"))
+    shown = [f"{name} " + (f"{r[key]:.4f}" if r[key] is not None else "skipped")
+             for name, key in (("EASE", "ease_test_recall@20"), ("iALS", "ials_test_recall@20"))]
+    print(f"  test R@20 on the same split: popularity {r['popularity_test_recall@20']:.4f}, "
+          + ", ".join(shown))
     print(f"  warm / scratch: quality {r['warm_vs_scratch']:.3f}x, time {r['time_ratio']:.3f}x",
           flush=True)
 
@@ -219,7 +226,8 @@ def run(args: argparse.Namespace) -> None:
             "warm_new_users_recall@20": first["warm"]["new_users"]["recall@20"],
             "scratch_new_users_recall@20": first["scratch"]["new_users"]["recall@20"],
             "popularity_test_recall@20": first["popularity_test_recall@20"],
-            "ease_test_recall@20": first["ease_test_recall@20"]}
+            "ease_test_recall@20": first["ease_test_recall@20"],
+            "ials_test_recall@20": first["ials_test_recall@20"]}
     if rest:
         line["others"] = rest
     import shutil

@@ -82,6 +82,10 @@ class MemoryPeaks:
     tree: int = 0
     titles: dict[str, set[str]] = field(default_factory=lambda: {k: set() for k in KINDS})
     seen: dict[int, float] = field(default_factory=dict)  # pid -> create_time
+    stage: str = "start"                  # the run's latest ``[stage]`` line
+    # the driver's peak per stage: its resident bytes and the shared memory among them
+    # (RssShmem: object-store pages it maps, counted in the object store's budget too)
+    driver_stages: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def kind(self, pid: int, root: int, title: str) -> str:
         if pid == root:
@@ -105,10 +109,27 @@ class MemoryPeaks:
                 continue
             kind = self.kind(p.pid, root.pid, title)
             self.peak[kind] = max(self.peak[kind], rss)
+            if kind == "driver":
+                was = self.driver_stages.get(self.stage, (0, 0))
+                self.driver_stages[self.stage] = (max(was[0], rss),
+                                                  max(was[1], shmem_bytes(p.pid)))
             if kind in self.titles:
                 self.titles[kind].add(title.split(" ")[0][:60])
             total += rss
         self.tree = max(self.tree, total)
+
+
+def shmem_bytes(pid: int) -> int:
+    """A process's resident shared memory (``RssShmem``: Ray's object store pages it maps),
+    from ``/proc/<pid>/status``; 0 where that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssShmem:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def sample_until_done(proc: subprocess.Popen, mem: MemoryPeaks, every: float) -> None:
@@ -118,12 +139,13 @@ def sample_until_done(proc: subprocess.Popen, mem: MemoryPeaks, every: float) ->
         time.sleep(every)
 
 
-def echo_stages(stream: Any, lines: list[str], rows: int) -> None:
+def echo_stages(stream: Any, lines: list[str], rows: int, mem: "MemoryPeaks") -> None:
     """Keep every line of the run's output; show its stage lines (``[stage] ...``) as they
-    come, so a run of many minutes says where it is."""
+    come, so a run of many minutes says where it is, and tell ``mem`` the stage."""
     for line in stream:
         lines.append(line.rstrip("\n"))
         if line.startswith("["):
+            mem.stage = line[1:line.find("]")] if "]" in line else mem.stage
             print(f"  {rows:>10,} {line.rstrip()}", flush=True)
 
 
@@ -170,7 +192,7 @@ def run_size(rows: int, epochs: Optional[int], tmp: Path, every: float
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err,
                                 text=True, bufsize=1)
-        reader = threading.Thread(target=echo_stages, args=(proc.stdout, lines, rows),
+        reader = threading.Thread(target=echo_stages, args=(proc.stdout, lines, rows, mem),
                                   daemon=True)
         reader.start()
         try:
@@ -272,7 +294,8 @@ def measure(rows: int, epochs: Optional[int], tmp: Path, every: float, keep: boo
     extra = {"exported": exported, "per_epoch": list(zip(train_s, eval_s)),
              "val": [h.get("val_recall@20") for h in history],
              "best_epoch": run["metrics"]["best_epoch"], "tree_gb": mem.tree / GB,
-             "other_gb": mem.peak["other"] / GB, "disk": disk, "titles": mem.titles}
+             "other_gb": mem.peak["other"] / GB, "disk": disk, "titles": mem.titles,
+             "driver_stages": dict(mem.driver_stages)}
     if not keep:
         shutil.rmtree(work.parent, ignore_errors=True)
     return entry, extra
@@ -325,6 +348,11 @@ def table(sizes: list[dict[str, Any]], extras: list[dict[str, Any]]) -> str:
                      + ", ".join(f"{k} {v / GB:.2f}" for k, v in top))
     lines.append("(object store: not measured apart; plasma pages count in the processes "
                  "that touch them)")
+    lines.append("\nthe driver's peak resident GB by stage (of it, object-store pages it maps)")
+    for s, x in zip(sizes, extras):
+        lines.append(f"{s['rows']:>11,}  " + "  ".join(
+            f"{stage} {rss / GB:.2f} ({shm / GB:.2f})"
+            for stage, (rss, shm) in x["driver_stages"].items()))
     lines.append("\nthe baselines' share of the training stage (target <= 20%): " + ", ".join(
         f"{s['rows']:,} rows {s['baselines_share']:.0%}" for s in sizes))
     lines.append("\ntest recall@20, full-catalog ranking")

@@ -49,6 +49,8 @@ def test_saved_yaml_round_trips(tmp_path):
     (["--lease-timeout", "1e6"], "--lease-timeout must be in (0, 86,400] seconds"),
     (["--eval-k", "10,nan"], "--eval-k must hold finite numbers, got '10,nan'"),
     (["--catalog-max-logits", "-1"], "--catalog-max-logits must be in [0, 1e11]"),
+    (["--warm-lr-scale", "0"], "--warm-lr-scale must be in (0, 1], got 0"),
+    (["--warm-lr-scale", "2"], "--warm-lr-scale must be in (0, 1], got 2"),
 ])
 def test_invalid_values_name_the_flag(argv, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")

@@ -132,8 +132,9 @@ def test_the_automatic_budget_is_a_third_of_the_host_over_its_workers():
 
 
 def _row_wise_worker(config: dict) -> None:
-    """Ray Train worker: the sharded model under a 2 MB budget, its local user-table rows and
-    a few training steps on one batch."""
+    """Ray Train worker: the sharded model under a 2 MB budget (at half the learning rates, as
+    a warm start's ``--warm-lr-scale 0.5``), its local user-table rows and a few training steps
+    on one batch."""
     import ray.train
 
     from app.train.batches import BatchMaker
@@ -144,7 +145,8 @@ def _row_wise_worker(config: dict) -> None:
     cfg = load_config(overrides={"table_memory_gb": config["gb"]})
     dmp, optimizer, plan = build_sharded(cfg.train, SPEC, np.ones(SPEC.num_items),
                                          device=torch.device("cpu"),
-                                         local_world_size=ctx.get_local_world_size())
+                                         local_world_size=ctx.get_local_world_size(),
+                                         lr_scale=0.5)
     weight = next(v for k, v in dmp.state_dict().items() if k.endswith("t_user_id.weight"))
     shards = [{"offsets": list(s.metadata.shard_offsets), "shape": list(s.tensor.shape)}
               for s in weight.local_shards()]
@@ -156,7 +158,8 @@ def _row_wise_worker(config: dict) -> None:
     dmp.train()
     losses = [float(train_step(dmp, optimizer, batch).detach()) for _ in range(5)]
     Path(config["out"], f"rank{ctx.get_world_rank()}.json").write_text(json.dumps(
-        {"shards": shards, "losses": losses, "plan": plan_rows(plan)}))
+        {"shards": shards, "losses": losses, "plan": plan_rows(plan),
+         "lrs": sorted({g["lr"] for g in optimizer.param_groups})}))
 
 
 @pytest.mark.slow  # a Ray Train worker group that trains
@@ -185,6 +188,10 @@ def test_two_cpu_workers_each_hold_half_the_rows_of_a_table_over_budget(ray_loca
     for r in ranks:
         assert all(math.isfinite(x) for x in r["losses"]), r["losses"]
         assert r["losses"][-1] < r["losses"][0], r["losses"]  # the steps learn
+        # both optimizers (fused row-wise Adagrad, Adam) at the scaled rates
+        cfg = load_config()
+        assert r["lrs"] == pytest.approx(sorted([cfg.train.dense_lr / 2,
+                                                 cfg.train.embedding_lr / 2])), r["lrs"]
 
 
 @pytest.mark.slow  # trains

@@ -278,6 +278,11 @@ class TrainConfig:
         None, "warm start: a trained model (folder, URI or models:/name@alias) whose embedding "
               "rows are copied by id (new ids start fresh) and whose dense layers are copied; "
               "the optimizer starts fresh. Its dimension, tower layers and features must match")
+    warm_lr_scale: float = _f(
+        0.3, "warm start: both learning rates are multiplied by this. A fresh optimizer's first "
+             "steps are its largest; at the full rates they push a converged model away from "
+             "its optimum and the run spends as many epochs as one from scratch finding it "
+             "again (1: the full rates)")
 
     def eval_ks(self) -> list[int]:
         """Cut-offs evaluated: --eval-k and the K of --select-metric."""
@@ -295,6 +300,8 @@ class TrainConfig:
                self.patience)
         _check(0 <= self.min_improvement < 1, "min_improvement", "must be in [0, 1)",
                self.min_improvement)
+        _check(0 < self.warm_lr_scale <= 1, "warm_lr_scale", "must be in (0, 1]",
+               self.warm_lr_scale)
         _check(0 <= self.history_dropout < 1, "history_dropout", "must be in [0, 1)",
                self.history_dropout)
         _check(0 <= self.user_id_dropout < 1, "user_id_dropout", "must be in [0, 1)",

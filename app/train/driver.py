@@ -272,7 +272,7 @@ def _train(cfg: Config, data_root: str, lease: Lease, *, verbose: bool, refit: b
         from app.train.warm import payload, warm_start_from
 
         warm = warm_start_from(cfg.train.init_from, cfg.cluster, run.spec, run.data_dir,
-                               say=say)
+                               say=say, lr_scale=cfg.train.warm_lr_scale)
         warm_ref = ray.put(payload(warm))
     lineage = {"init_from": warm.label} if warm is not None else {}
     storage, name = run_folder(cfg, lease.out, refit=refit, say=say)

@@ -172,7 +172,9 @@ def setup(args: WorkerArgs) -> Worker:
     inputs = training_inputs(cfg.model, data_dir, args.splits)
     dmp, optimizer, plan = build_sharded(cfg.train, inputs.spec, inputs.positive_counts,
                                          device=device,
-                                         local_world_size=ctx.get_local_world_size())
+                                         local_world_size=ctx.get_local_world_size(),
+                                         lr_scale=cfg.train.warm_lr_scale
+                                         if args.warm is not None else 1.0)
     rank_nodes: list[Any] = [None] * world
     dist.all_gather_object(rank_nodes, ray.get_runtime_context().get_node_id())
     return Worker(cfg=cfg, args=args, data_dir=data_dir, rank=rank, world=world, device=device,

@@ -260,11 +260,13 @@ def plan_rows(plan: Any) -> list[dict[str, Any]]:
 
 
 def build_sharded(train: TrainConfig, spec: ModelSpec, positive_counts: np.ndarray, *,
-                  device: torch.device, local_world_size: int) -> tuple[Any, Any, Any]:
+                  device: torch.device, local_world_size: int, lr_scale: float = 1.0
+                  ) -> tuple[Any, Any, Any]:
     """The sharded train task on this rank (call on every rank of an initialised process
     group): tables built on meta, planned by TorchRec's planner under the smallest worker's
     table budget (``--table-memory-gb``), materialised by ``DistributedModelParallel``; fused
-    row-wise Adagrad for the tables, Adam for the rest.
+    row-wise Adagrad for the tables, Adam for the rest, at ``lr_scale`` times their learning
+    rates (a warm start's ``--warm-lr-scale``).
 
     Raises:
         ResourceError: the tables do not fit the workers' budget (on every rank alike).
@@ -284,7 +286,7 @@ def build_sharded(train: TrainConfig, spec: ModelSpec, positive_counts: np.ndarr
     apply_optimizer_in_backward(RowWiseAdagrad,
                                 list(model.query.ebc.parameters())
                                 + list(model.candidate.ebc.parameters()),
-                                {"lr": train.embedding_lr})
+                                {"lr": train.embedding_lr * lr_scale})
     budget = smallest_budget(worker_budget(train.table_memory_gb, device, local_world_size),
                              device)
     sharder = _sharder()
@@ -293,7 +295,7 @@ def build_sharded(train: TrainConfig, spec: ModelSpec, positive_counts: np.ndarr
                        sharder=sharder)
     dmp = DistributedModelParallel(task, device=device, plan=plan, sharders=[sharder])
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())),
-                                  lambda ps: torch.optim.Adam(ps, lr=train.dense_lr))
+                                  lambda ps: torch.optim.Adam(ps, lr=train.dense_lr * lr_scale))
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense]), plan
 
 

@@ -6,7 +6,9 @@ field that differs) and matches rows by id: for every row of every embedding tab
 run, the model's row of the same user, item, genre or year, or -1 where the id is new
 (:func:`source_rows`). Each worker (:func:`apply_warm_start`) then copies those rows into its
 own shards and the dense layers as they are; new ids keep the fresh initialisation a run from
-scratch gives them, and the optimizer starts fresh. The rows are matched by the ids' exact
+scratch gives them, and the optimizer starts fresh, at ``--warm-lr-scale`` times the learning
+rates (a fresh optimizer's first steps are its largest: at the full rates they undo much of
+what the model learnt before it learns the new ratings). The rows are matched by the ids' exact
 text, so a model whose vocabulary has another row order, or fewer ids, warm-starts the same.
 """
 
@@ -57,12 +59,13 @@ class WarmStart:
         return {f: (int((src >= 0).sum()), int((src < 0).sum()))
                 for f, (src, _) in self.tables.items()}
 
-    def describe(self) -> str:
+    def describe(self, lr_scale: float = 1.0) -> str:
         c = self.counts()
         parts = [f"{c[f][0]:,} of {c[f][0] + c[f][1]:,} {noun} rows"
                  for f, noun in (("user_id", "user"), ("item_id", "item")) if f in c]
         return f"warm start from {self.label}: " + ", ".join(parts) + \
-            " copied by id, the rest fresh; dense layers copied; a fresh optimizer"
+            " copied by id, the rest fresh; dense layers copied; a fresh optimizer" + \
+            (f" at {lr_scale:g}x the learning rates" if lr_scale != 1 else "")
 
 
 def check_spec(model: ModelSpec, run: ModelSpec, where: str) -> None:
@@ -110,7 +113,7 @@ def vocab_ids(folder: str | Path) -> dict[str, list[str]]:
 
 
 def warm_start_from(init_from: str, cluster: ClusterConfig, spec: ModelSpec, data_dir: str,
-                    say: Any = None) -> WarmStart:
+                    say: Any = None, lr_scale: float = 1.0) -> WarmStart:
     """Open ``init_from``, check its shape against ``spec`` and match every table's rows by id
     with the dataset ``data_dir`` (the run's vocabularies).
 
@@ -140,7 +143,7 @@ def warm_start_from(init_from: str, cluster: ClusterConfig, spec: ModelSpec, dat
         warm.tables[feature] = (src, table)
     warm.dense = {k: v.numpy() for k, v in state.items() if ".tables." not in k}
     if say is not None:
-        say(warm.describe())
+        say(warm.describe(lr_scale))
     return warm
 
 
