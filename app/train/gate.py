@@ -59,7 +59,8 @@ def compare_on_split(candidate_dir: str | os.PathLike, champion_dir: str | os.Pa
     item_map = source_rows(theirs["items"], ours["items"])
     if len(user_map) != n_users or len(item_map) != n_items:
         raise ValueError(f"{candidate_dir} was not trained on {data_dir}")
-    train, rows = read_split_arrays(data_dir / "train"), read_split_arrays(data_dir / split)
+    train = read_split_arrays(data_dir / "train", ("user", "item", "label", "timestamp"))
+    rows = read_split_arrays(data_dir / split, ("user", "item", "label"))
     pos = rows["label"] > 0
     seen = _seen_pairs(read_rated_items(champion_dir), user_map, item_map, n_items)
     keys = rows["user"].astype(np.int64) * n_items + rows["item"].astype(np.int64)

@@ -267,10 +267,10 @@ def rated_items(data_dir: str | os.PathLike, splits: Sequence[str], num_users: i
                 ) -> UserItems:
     """Each user's items in the given splits of a prepared dataset (what is left out)."""
     users, items = [], []
-    for split in splits:
-        rows = read_split_arrays(Path(data_dir, split))
-        users.append(rows["user"].astype(np.int64))
-        items.append(rows["item"].astype(np.int64))
+    for split in splits:  # the two columns only, as stored (int32): 8 bytes a row
+        rows = read_split_arrays(Path(data_dir, split), ("user", "item"))
+        users.append(rows["user"])
+        items.append(rows["item"])
     return UserItems.build(np.concatenate(users) if users else np.empty(0, np.int64),
                            np.concatenate(items) if items else np.empty(0, np.int64),
                            num_users)
