@@ -250,3 +250,21 @@ def test_a_killed_actor_still_yields_complete_output(trained, movielens_dir, tmp
     assert len(df) == n_users * 10 == summary.rows
     assert not df.duplicated(["userId", "rank"]).any()
     assert df["userId"].nunique() == n_users
+
+
+def test_the_calibration_is_the_same_fitted_in_chunks(trained, movielens_dir, monkeypatch):
+    """Platt scaling scores its validation pairs in bounded chunks: the fit is the one the
+    model folder recorded, and the same as scoring every pair at once."""
+    import app.train.evaluate as evaluate
+    from app.train.model_folder import read_model_json
+
+    model_dir = trained["model_dir"]
+    recorded = read_model_json(model_dir).calibration
+    monkeypatch.setattr(evaluate, "CALIBRATION_CHUNK", 1_000)
+    chunked = evaluate.calibrate(model_dir, str(movielens_dir), "softmax")
+    monkeypatch.setattr(evaluate, "CALIBRATION_CHUNK", 10**9)
+    whole = evaluate.calibrate(model_dir, str(movielens_dir), "softmax")
+    assert chunked["pairs"] == whole["pairs"] == recorded["pairs"] > 1_000
+    for key in ("a", "b"):
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-4)
+        assert chunked[key] == pytest.approx(recorded[key], rel=1e-4)

@@ -255,6 +255,9 @@ def final_metrics(history: list[dict[str, Any]], best_epoch: int,
     return out
 
 
+CALIBRATION_CHUNK = 16_384  # pairs scored at once by calibrate()
+
+
 def calibrate(model_dir: Path, data_dir: str, objective: str,
               max_pairs: int = 500_000) -> dict[str, float]:
     """Pair probabilities: ``bce`` logits are probabilities already (a=1, b=0); a ``softmax``
@@ -265,11 +268,17 @@ def calibrate(model_dir: Path, data_dir: str, objective: str,
 
     from app.data.dataset import read_split_arrays
 
-    rows = read_split_arrays(Path(data_dir, "val"))
+    rows = read_split_arrays(Path(data_dir, "val"), ("user", "item", "label"))
     pick = np.random.default_rng(0).permutation(len(rows["user"]))[:max_pairs]
     model = load_exported(model_dir)
+    users = torch.from_numpy(rows["user"][pick].astype(np.int64))
+    items = torch.from_numpy(rows["item"][pick].astype(np.int64))
+    # in chunks: a user's embedding gathers its history bag (up to --history-length items),
+    # so 500,000 pairs at once would index ~25M history entries several times over
     with torch.no_grad():
-        scores = model.score(torch.from_numpy(rows["user"][pick].astype(np.int64)),
-                             torch.from_numpy(rows["item"][pick].astype(np.int64))).numpy()
+        scores = np.concatenate([model.score(users[s:s + CALIBRATION_CHUNK],
+                                             items[s:s + CALIBRATION_CHUNK]).numpy()
+                                 for s in range(0, len(pick), CALIBRATION_CHUNK)]
+                                or [np.empty(0, np.float32)])
     a, b = fit_platt(scores, rows["label"][pick])
     return {"a": a, "b": b, "fitted_on": "val", "pairs": int(len(pick))}
