@@ -27,7 +27,6 @@ the Ray Serve app and the pyfunc turn a reference (a folder, a URI, ``models:/na
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -278,11 +277,19 @@ def rated_items(data_dir: str | os.PathLike, splits: Sequence[str], num_users: i
 
 def write_rated_items(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
                       num_users: int) -> None:
-    """The model folder's :data:`RATED_FILE`: every split's (user, item) pairs as CSR arrays."""
-    rated = rated_items(data_dir, SPLITS, num_users)
-    buf = io.BytesIO()
-    np.savez(buf, offsets=rated.offsets, items=rated.items.astype(np.int32))
-    Path(model_dir, RATED_FILE).write_bytes(buf.getvalue())
+    """The model folder's :data:`RATED_FILE`: every split's (user, item) pairs as CSR arrays.
+
+    Built in the splits' own int32 and written straight to the file: at 10M rows the int64
+    form and an in-memory copy of the file were ~0.3 GB of the driver's peak."""
+    parts = [read_split_arrays(Path(data_dir, split), ("user", "item")) for split in SPLITS]
+    users = np.concatenate([p["user"] for p in parts])
+    items = np.concatenate([p["item"] for p in parts])
+    del parts
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(users, minlength=num_users))])
+    items = items[np.argsort(users, kind="stable")]
+    del users
+    with open(Path(model_dir, RATED_FILE), "wb") as f:  # a file object: no suffix added
+        np.savez(f, offsets=offsets.astype(np.int64), items=items)
 
 
 def read_rated_items(model_dir: str | os.PathLike) -> Optional[UserItems]:
