@@ -22,7 +22,9 @@ the peak resident memory of one process per kind: the driver (the run's own proc
 training workers (``ray::RayTrainWorker``) and Ray Data workers (``ray::`` tasks and actors
 named after Ray Data operators: ReadX, MapBatches, MapWorker, Write, ...); the whole tree's
 peak is printed too. Ray's object store (plasma, shared memory the raylet maps) is not
-measured separately: its pages count in the processes that touch them.
+measured separately: its pages count in the processes that touch them. The driver's peak is
+also kept per stage (the latest ``[stage]`` line it printed: a stage's own work and whatever
+runs before the next stage's first line), with the object-store pages among it (RssShmem).
 
 Prints a table per size (seconds per stage, per epoch, memory, disk, test Recall@20 of the
 model beside every baseline in ``metrics.json``), the growth exponent of each stage's time
