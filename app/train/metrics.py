@@ -15,6 +15,7 @@ The functions return sums and a user count, so that ranks of a distributed job c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,12 +29,14 @@ class UserItems:
     items: np.ndarray    # (nnz,) int64
 
     @classmethod
-    def build(cls, users: np.ndarray, items: np.ndarray, num_users: int) -> "UserItems":
-        """From parallel arrays of user and item indices (user indices < num_users)."""
+    def build(cls, users: np.ndarray, items: np.ndarray, num_users: int,
+              dtype: Any = np.int64) -> "UserItems":
+        """From parallel arrays of user and item indices (user indices < num_users); the
+        items in ``dtype`` (int32 for a file, where half the bytes matter)."""
         order = np.argsort(users, kind="stable")
         counts = np.bincount(users, minlength=num_users)
         return cls(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                   items[order].astype(np.int64))
+                   items[order].astype(dtype, copy=False))
 
     def counts(self) -> np.ndarray:
         return np.diff(self.offsets)

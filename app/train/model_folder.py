@@ -262,34 +262,28 @@ def item_popularity(model_dir: str | os.PathLike) -> np.ndarray:
     return np.load(Path(model_dir, POPULARITY_FILE))
 
 
+def split_pairs(data_dir: str | os.PathLike, splits: Sequence[str]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(users, items) of the given splits, concatenated, as stored (int32)."""
+    parts = [read_split_arrays(Path(data_dir, split), ("user", "item")) for split in splits]
+    return (np.concatenate([p["user"] for p in parts] or [np.empty(0, np.int32)]),
+            np.concatenate([p["item"] for p in parts] or [np.empty(0, np.int32)]))
+
+
 def rated_items(data_dir: str | os.PathLike, splits: Sequence[str], num_users: int
                 ) -> UserItems:
     """Each user's items in the given splits of a prepared dataset (what is left out)."""
-    users, items = [], []
-    for split in splits:  # the two columns only, as stored (int32): 8 bytes a row
-        rows = read_split_arrays(Path(data_dir, split), ("user", "item"))
-        users.append(rows["user"])
-        items.append(rows["item"])
-    return UserItems.build(np.concatenate(users) if users else np.empty(0, np.int64),
-                           np.concatenate(items) if items else np.empty(0, np.int64),
-                           num_users)
+    return UserItems.build(*split_pairs(data_dir, splits), num_users)
 
 
 def write_rated_items(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
                       num_users: int) -> None:
-    """The model folder's :data:`RATED_FILE`: every split's (user, item) pairs as CSR arrays.
-
-    Built in the splits' own int32 and written straight to the file: at 10M rows the int64
-    form and an in-memory copy of the file were ~0.3 GB of the driver's peak."""
-    parts = [read_split_arrays(Path(data_dir, split), ("user", "item")) for split in SPLITS]
-    users = np.concatenate([p["user"] for p in parts])
-    items = np.concatenate([p["item"] for p in parts])
-    del parts
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(users, minlength=num_users))])
-    items = items[np.argsort(users, kind="stable")]
-    del users
+    """The model folder's :data:`RATED_FILE`: every split's (user, item) pairs as CSR arrays,
+    the items in int32 and written straight to the file (at 10M rows an int64 form and an
+    in-memory copy of the file were ~0.3 GB of the driver's peak)."""
+    rated = UserItems.build(*split_pairs(data_dir, SPLITS), num_users, dtype=np.int32)
     with open(Path(model_dir, RATED_FILE), "wb") as f:  # a file object: no suffix added
-        np.savez(f, offsets=offsets.astype(np.int64), items=items)
+        np.savez(f, offsets=rated.offsets, items=rated.items)
 
 
 def read_rated_items(model_dir: str | os.PathLike) -> Optional[UserItems]:
