@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator, Union
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import Block
@@ -67,18 +68,20 @@ class InteractionSink(Datasink):
         code = table["split"].to_numpy()
         part = f"part-{ctx.task_idx:05d}"
         root = resolve(self.root)
+        # the MDS columns as numpy, taken per split (the id texts are not copied)
+        mds = {"user": "user_idx", "item": "item_idx", "label": "label", "rating": "rating32",
+               "timestamp": "timestamp"}
+        arrays = {k: pc.fill_null(table[v], 0).to_numpy() for k, v in mds.items()} \
+            if (code < len(SPLITS)).any() else {}  # nulls: rejected rows' timestamps
         for sid, name in enumerate(SPLITS):
             idx = np.flatnonzero(code == sid)
             if len(idx):
-                t = table.take(pa.array(idx))
+                rows = {k: a[idx] for k, a in arrays.items()}
                 with _local_folder(root.join(name, part)) as folder:
-                    sums = write_mds_files(str(folder), {
-                        "user": t["user_idx"].to_numpy(), "item": t["item_idx"].to_numpy(),
-                        "label": t["label"].to_numpy(), "rating": t["rating32"].to_numpy(),
-                        "timestamp": t["timestamp"].to_numpy()}, size_limit=self.size_limit)
+                    sums = write_mds_files(str(folder), rows, size_limit=self.size_limit)
                 out.files.update({f"{name}/{part}/{f}": s for f, s in sums.items()})
                 counts[name] = len(idx)
-                counts[f"{name}_positives"] = int(t["label"].to_numpy().sum())
+                counts[f"{name}_positives"] = int(rows["label"].sum())
         rejected = np.flatnonzero(code == REJECTED)
         if len(rejected):
             t = table.take(pa.array(rejected))

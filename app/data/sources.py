@@ -8,9 +8,7 @@ or URI pyarrow's filesystems understand) and ``synthetic`` (see :mod:`app.data.s
 from __future__ import annotations
 
 import base64
-import csv
 import fnmatch
-import io
 import json
 import os
 import shutil
@@ -20,7 +18,7 @@ import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -55,15 +53,25 @@ class MalformedLines:
     none vanishes silently.
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str,
+                 line_in_file: Optional[Callable[[int], int]] = None) -> None:
         self.directory = directory
+        self.line_in_file = line_in_file
         self._path: Optional[str] = None
         self._count = 0
+
+    def task(self, line_in_file: Callable[[int], int]) -> "MalformedLines":
+        """The handler of one read task, whose parser numbers lines from the start of the
+        bytes it reads: ``line_in_file`` turns that number into the line in the file."""
+        return MalformedLines(self.directory, line_in_file)
 
     def __call__(self, row: Any) -> str:
         from app.core.storage import resolve
 
-        record = {"line": row.number, "text": row.text,
+        line = row.number
+        if line is not None and line >= 0 and self.line_in_file is not None:
+            line = self.line_in_file(line)
+        record = {"line": line, "text": row.text,
                   "reason": f"malformed line: expected {row.expected_columns} fields, "
                             f"got {row.actual_columns}"}
         folder = resolve(self.directory)
@@ -81,7 +89,7 @@ class MalformedLines:
         return "skip"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"directory": self.directory, "_path": None, "_count": 0}
+        return {"directory": self.directory, "line_in_file": None, "_path": None, "_count": 0}
 
 
 def _filesystem(spec: str) -> tuple[pafs.FileSystem, str]:
@@ -127,13 +135,6 @@ def resolve_files(spec: str, extensions: tuple[str, ...]) -> tuple[list[str], pa
     return sorted(files), fs
 
 
-def _num_blocks(files: list[str], fs: pafs.FileSystem, block_size: int) -> int:
-    """About one block per ``block_size`` bytes of input (Ray Data's default of at least 200
-    blocks turns a 250 MB file into ~1 MB blocks, and per-block overhead then dominates)."""
-    total = sum(i.size or 0 for i in fs.get_file_info(files))
-    return max(len(files), min(200, -(-total // block_size)))
-
-
 def delimiter_of(files: list[str]) -> str:
     """The field separator of delimited text files: a tab for ``.tsv`` (``.tsv.gz``), else a
     comma; one read takes one kind."""
@@ -143,15 +144,6 @@ def delimiter_of(files: list[str]) -> str:
                         f"mixes tab-separated (.tsv) and comma-separated files; read them "
                         f"separately")
     return "\t" if tabs and tabs[0] else ","
-
-
-def _csv_header(path: str, fs: pafs.FileSystem, delimiter: str = ",") -> list[str]:
-    with fs.open_input_stream(path) as f:
-        head = f.read(1 << 16)
-    if not head.strip():
-        raise DataError(f"{path}: file is empty")
-    first = head.decode("utf-8", errors="replace").lstrip("\ufeff").splitlines()[0]
-    return next(csv.reader(io.StringIO(first), delimiter=delimiter))
 
 
 def _require(found: list[str], columns: Columns, path: str) -> None:
@@ -167,20 +159,24 @@ def _require(found: list[str], columns: Columns, path: str) -> None:
 
 def read_csv_files(files: list[str], fs: pafs.FileSystem, columns: Columns, *,
                    malformed_dir: str, block_size: int) -> ray.data.Dataset:
-    """Read CSV (or, named ``.tsv``, tab-separated) files with Ray Data: required columns as
-    text, unreadable lines recorded."""
+    """Read CSV (or, named ``.tsv``, tab-separated) files with Ray Data, each cut into byte
+    ranges of about ``block_size`` (:mod:`app.data.csvread`): required columns as text,
+    unreadable lines recorded."""
+    from app.data.csvread import CsvRanges, inspect_file
+
     delimiter = delimiter_of(files)
+    found = []
     for path in files:
-        _require(_csv_header(path, fs, delimiter), columns, path)
-    return ray.data.read_csv(
-        files, filesystem=fs, override_num_blocks=_num_blocks(files, fs, block_size),
-        read_options=pacsv.ReadOptions(use_threads=True, block_size=block_size),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter, ignore_empty_lines=False,
-                                          invalid_row_handler=MalformedLines(malformed_dir)),
-        convert_options=pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in columns.required()},
-            include_columns=columns.required(), strings_can_be_null=False),
-    )
+        try:
+            file = inspect_file(path, fs, delimiter)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        _require(file.names, columns, path)
+        found.append(file)
+    source = CsvRanges(found, fs, columns=columns.required(), delimiter=delimiter,
+                       range_bytes=block_size, on_malformed=MalformedLines(malformed_dir).task)
+    # one block per range: Ray Data would otherwise split them to reach its default count
+    return ray.data.read_datasource(source, override_num_blocks=len(source.ranges()))
 
 
 def read_parquet_files(files: list[str], fs: pafs.FileSystem, columns: Columns) -> ray.data.Dataset:
