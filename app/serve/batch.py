@@ -30,6 +30,7 @@ from app.core import logs
 from app.core.config import Config
 from app.core.contracts import Contract
 from app.core.preflight import check_infer
+from app.core.redact import redact
 from app.core.publish import OutputError, check_writable, local_dir, version_uri, writer
 from app.core.storage import FileSum, Location, is_remote, pack, resolve, unpack
 from app.data.dataset import SPLITS, DatasetError, load_vocab, read_manifest
@@ -245,6 +246,8 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
         out = resolve(output)
         check_writable(out, "batch inference output", SUMMARY)
         ctx = open_context(cfg, model, data_dir)
+        say(f"{'scoring pairs' if pairs is not None else f'top {cfg.inference.top_k}'} with "
+            f"{ctx.pool} {ctx.device} actor(s) from {redact(model)}")
         with writer(out, "batch_inference", timeout=cfg.cluster.lease_timeout,
                     say=say) as lease, lease.staged() as tmp:
             summary: dict[str, Any] = {
