@@ -71,6 +71,33 @@ def test_a_dataset_prepared_into_a_bucket_from_a_bucket(ray_local, s3, tmp_path,
     assert len(ds) == counts.splits["train"] and (got == rows["train"]["user"]).all()
 
 
+def check_node_folder_on_both_nodes(folder: Path) -> None:
+    """A folder handed to tasks as a NodeFolder: read in place on its node, fetched (packed
+    by a task there) and unpacked on the other node, the same files either way."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from app.core.storage import NodeFolder
+
+    (folder / "vocab").mkdir(parents=True)
+    files = {"weights.pt": os.urandom(3000), "vocab/users.parquet": b"ids"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    where = NodeFolder.here(folder)
+
+    @ray.remote(num_cpus=0)
+    def read(f: NodeFolder) -> tuple[str, dict[str, bytes]]:
+        local = Path(f.local())
+        return str(local), {str(p.relative_to(local)): p.read_bytes() for p in local.rglob("*")
+                            if p.is_file() and p.name != ".complete"}  # the cache's marker
+
+    for node in (n["NodeID"] for n in ray.nodes() if n["Alive"]):
+        on = NodeAffinitySchedulingStrategy(node, soft=False)
+        path, got = ray.get(read.options(scheduling_strategy=on).remote(where))
+        assert got == files
+        assert (path == str(folder)) == (node == where.node_id), (path, node)
+
+
 def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_path,
                                                             isolated):
     """The README's cluster recipe: two nodes, every output in the bucket (dataset, model,
@@ -108,6 +135,7 @@ def test_full_run_on_two_nodes_with_the_workdir_in_a_bucket(ray_local, s3, tmp_p
         # (the workers import the project from its folder: this process's cwd is elsewhere)
         ray.init(address=cluster.address, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        check_node_folder_on_both_nodes(tmp_path / "folder")
         checkpoints = resolve(f"{workdir}/checkpoints")
         killer = kill_a_worker_in_epoch_two(lambda: any(
             f.endswith("/state.json") for f, _ in checkpoints.files()), killed)

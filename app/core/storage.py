@@ -400,6 +400,37 @@ def unpack(files: dict[str, bytes]) -> Path:
     return dest
 
 
+@dataclass(frozen=True)
+class NodeFolder:
+    """A small folder on one node's disk (a model folder), handed to Ray tasks and actors
+    without copying it into the object store up front: a process on that node reads it in
+    place; one on another node gets it packed (:func:`pack`) by a task on that node, through
+    the object store, and unpacked into its own node's cache. (Putting the packed folder from
+    the driver held it three times in the driver's memory at once: the files, their pickle
+    and the object store's pages it wrote, 0.6 GB for a 10M-rating model.)"""
+
+    path: str
+    node_id: str
+
+    @classmethod
+    def here(cls, folder: str | os.PathLike) -> "NodeFolder":
+        """The folder on the node of this process (Ray is initialised)."""
+        import ray
+
+        return cls(str(folder), ray.get_runtime_context().get_node_id())
+
+    def local(self) -> str:
+        """The folder as a path on this process's node."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if ray.get_runtime_context().get_node_id() == self.node_id:
+            return self.path
+        on_its_node = NodeAffinitySchedulingStrategy(self.node_id, soft=False)
+        task = ray.remote(num_cpus=0)(pack).options(scheduling_strategy=on_its_node)
+        return str(unpack(ray.get(task.remote(self.path))))
+
+
 def ray_storage(target: str | os.PathLike) -> tuple[str, Optional[pafs.FileSystem]]:
     """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig``: the same
     filesystem as everywhere else (Ray would not honour ``AWS_ENDPOINT_URL`` by itself)."""

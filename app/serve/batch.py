@@ -32,7 +32,7 @@ from app.core.contracts import Contract
 from app.core.preflight import check_infer
 from app.core.redact import redact
 from app.core.publish import OutputError, check_writable, local_dir, version_uri, writer
-from app.core.storage import FileSum, Location, is_remote, pack, resolve, unpack
+from app.core.storage import FileSum, Location, NodeFolder, is_remote, resolve, unpack
 from app.data.dataset import SPLITS, DatasetError, load_vocab, read_manifest
 from app.data.sink import put_parquet
 from app.serve.core import Recommender, build_faiss, id_keys
@@ -94,9 +94,12 @@ def check_dataset_matches(model_dir: Path, data_dir: str) -> None:
 
 
 def model_folder(model_dir: Any) -> str:
-    """The model folder on this node: a path as given, or ``[ref]`` of a folder packed by the
-    driver (:func:`app.core.storage.pack`), unpacked into this node's cache: an actor on another
-    node never needs the driver's disk."""
+    """The model folder on this node: a path as given, a :class:`NodeFolder` (read in place on
+    its node, fetched from it elsewhere), or ``[ref]`` of a folder packed by the driver
+    (:func:`app.core.storage.pack`), unpacked into this node's cache: an actor on another node
+    never needs the driver's disk."""
+    if isinstance(model_dir, NodeFolder):
+        return model_dir.local()
     if isinstance(model_dir, list):
         import ray
 
@@ -278,7 +281,7 @@ class Context:
 
     cfg: Config
     model_dir: Path                        # the model folder on this machine
-    model_ref: list                        # [ref] of the packed folder, for the actors
+    model_ref: NodeFolder                  # the folder, as the actors find it
     data_dir: str                          # the dataset version on this machine
     data_uri: str                          # the dataset version read throughout
     vocab: dict[str, Any]
@@ -303,8 +306,6 @@ class Job:
 def open_context(cfg: Config, model: str, data_dir: str) -> Context:
     """One version of the dataset throughout (on an object store: its copy on this machine),
     Ray, the model resolved and checked against the dataset, and the pool's shape."""
-    import ray
-
     from app.core.cluster import init_ray
 
     data_uri = version_uri(data_dir)
@@ -314,8 +315,8 @@ def open_context(cfg: Config, model: str, data_dir: str) -> Context:
     model_dir = resolve_model(model, cfg.cluster)
     check_dataset_matches(model_dir, local)
     device, pool, resources = _device_and_pool(cfg)
-    # the model folder travels to the actors through the object store
-    return Context(cfg=cfg, model_dir=model_dir, model_ref=[ray.put(pack(model_dir))],
+    # the actors on this node read the folder in place; one elsewhere fetches it from here
+    return Context(cfg=cfg, model_dir=model_dir, model_ref=NodeFolder.here(model_dir),
                    data_dir=local, data_uri=data_uri, vocab=load_vocab(model_dir),
                    device=device, pool=pool, resources=resources)
 
@@ -402,7 +403,8 @@ def shared_state(ctx: Context, history: Optional[str], fields: dict[str, Any],
     exclude = {"all": SPLITS, "train": ("train",), "none": ()}[inf.exclude_rated]
     shared: dict[str, Any] = {
         "items": items, "faiss": None, "given": None,
-        "rated": rated_items(ctx.data_dir, exclude, spec.num_users) if exclude else None}
+        "rated": rated_items(ctx.data_dir, exclude, spec.num_users, dtype=np.int32)
+        if exclude else None}  # int32 items: half the bytes in the object store
     if history is not None:
         if not spec.history_length:
             raise ModelError(f"--history {history}: this model has no history feature "

@@ -26,7 +26,7 @@ class UserItems:
     """Items per user as CSR arrays: the items of user u are ``items[offsets[u]:offsets[u+1]]``."""
 
     offsets: np.ndarray  # (num_users + 1,) int64
-    items: np.ndarray    # (nnz,) int64
+    items: np.ndarray    # (nnz,) int64 (or int32 where stored or shared: rows_and_items gives int64)
 
     @classmethod
     def build(cls, users: np.ndarray, items: np.ndarray, num_users: int,
@@ -47,7 +47,8 @@ class UserItems:
         lengths = ends - starts
         row_first = np.cumsum(lengths) - lengths
         idx = np.repeat(starts - row_first, lengths) + np.arange(int(lengths.sum()))
-        return np.repeat(np.arange(len(users)), lengths), self.items[idx]
+        return (np.repeat(np.arange(len(users)), lengths),
+                self.items[idx].astype(np.int64, copy=False))  # int64 whatever is stored
 
     def users(self) -> np.ndarray:
         """(n,) the users with at least one item, ascending."""

@@ -270,10 +270,11 @@ def split_pairs(data_dir: str | os.PathLike, splits: Sequence[str]
             np.concatenate([p["item"] for p in parts] or [np.empty(0, np.int32)]))
 
 
-def rated_items(data_dir: str | os.PathLike, splits: Sequence[str], num_users: int
-                ) -> UserItems:
-    """Each user's items in the given splits of a prepared dataset (what is left out)."""
-    return UserItems.build(*split_pairs(data_dir, splits), num_users)
+def rated_items(data_dir: str | os.PathLike, splits: Sequence[str], num_users: int,
+                dtype: Any = np.int64) -> UserItems:
+    """Each user's items in the given splits of a prepared dataset (what is left out), the
+    items in ``dtype``."""
+    return UserItems.build(*split_pairs(data_dir, splits), num_users, dtype=dtype)
 
 
 def write_rated_items(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
