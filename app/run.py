@@ -21,6 +21,7 @@ from app.core.cluster import init_ray
 from app.core.config import Config, load_config
 from app.core.contracts import Contract
 from app.core.errors import ConfigError, DatasetError, OutputError
+from app.core.memory import release_freed
 from app.core.preflight import check_run
 from app.core.publish import current, version_uri, writer
 from app.core.redact import redact, redact_values
@@ -120,11 +121,13 @@ def run(cfg: Config, stages: tuple[str, ...] = STAGES, *, tune: bool = False,
         summary = RunSummary(schema_version=SUMMARY_SCHEMA_VERSION, workdir=str(workdir))
         data_dir = resolve(cfg.data.output) if cfg.data.output else workdir / "data"
         summary.stages["prepare"] = prepare_step(cfg, workdir, data_dir)
+        release_freed()  # each stage starts without the last one's leftover heap pages
         if tune:
             cfg = tune_step(cfg, data_dir, workdir, summary)
         if "train" in stages:
             train_step(cfg, data_dir, workdir, summary, refit=refit)
         if "infer" in stages:
+            release_freed()
             infer_step(cfg, data_dir, workdir, summary)
         summary.write(workdir)
         print(render(summary.to_dict()))
@@ -184,6 +187,7 @@ def train_step(cfg: Config, data_dir: Location, workdir: Location, summary: RunS
         metrics=result.metrics, mlflow=result.mlflow.to_dict())
     served = result.mlflow
     if refit:
+        release_freed()
         best = result.metrics["best_epoch"]
         logs.say("refit", f"training on every split (train + val + test) for {best} "
                           f"epoch(s), the evaluated run's best; it is the model served")

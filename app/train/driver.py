@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 from app.core import logs
 from app.core.config import Config
 from app.core.errors import TrainError  # noqa: F401  (raised here, importable from here)
+from app.core.memory import release_freed
 from app.core.preflight import check_train
 from app.core.publish import (
     Lease,
@@ -200,6 +201,7 @@ def _fit_and_export(cfg: Config, trainer: Any, data_dir: str, lease: Lease, *, s
                            manifest=manifest, config=cfg, metrics=metrics,
                            history=state.history,
                            calibrate=lambda folder: calibrate(folder, data_dir, spec.objective))
+        release_freed()  # calibration's model and pairs, before MLflow loads the model again
         now = version_of(data_root)
         if now != data_version:
             raise TrainError(f"{data_root} was replaced while training (version {data_version} "

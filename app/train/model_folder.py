@@ -288,12 +288,13 @@ def write_rated_items(model_dir: str | os.PathLike, data_dir: str | os.PathLike,
 
 
 def read_rated_items(model_dir: str | os.PathLike) -> Optional[UserItems]:
-    """The model folder's rated items (None for a folder without them); plain arrays only."""
+    """The model folder's rated items (None for a folder without them); plain arrays only,
+    the items as stored (int32: every process that serves holds them)."""
     path = Path(model_dir, RATED_FILE)
     if not path.is_file():
         return None
     with np.load(path, allow_pickle=False) as z:
-        return UserItems(z["offsets"].astype(np.int64), z["items"].astype(np.int64))
+        return UserItems(z["offsets"].astype(np.int64), z["items"])
 
 
 def write_model_folder(folder: Path, *, weights: dict[str, torch.Tensor], data_dir: str,
