@@ -14,7 +14,16 @@ import numpy as np
 import pytest
 
 from app.train.evaluate import baseline_metrics, epoch_line, final_metrics
-from app.train.metrics import UserItems, sample_users
+from app.train.metrics import (
+    UserItems,
+    finish,
+    popularity_order,
+    popularity_scores,
+    popularity_top,
+    ranking_sums,
+    sample_users,
+    top_sums,
+)
 
 
 def _positives(num_users: int = 1_000, seed: int = 3) -> UserItems:
@@ -56,6 +65,40 @@ def _epoch(epoch: int, val: float, **extra: float) -> dict:
             "val_users": 100, "popularity_val_recall@20": 0.05, "popularity_val_users": 100,
             "popularity_test_recall@20": 0.04, "popularity_test_users": 900,
             "ease_val_recall@20": 0.2, "ease_val_users": 100, **extra}
+
+
+def test_popularity_ranks_without_scoring_the_whole_catalog():
+    """The popularity baseline's top k from the first k + (most excluded) places of one
+    global order: the same items as ranking every item per user, ties by item index; a user
+    who excluded almost everything gets the few left, then -1."""
+    rng = np.random.default_rng(5)
+    n_users, n_items, k = 300, 400, 20
+    users = np.arange(n_users)
+    ex_u = rng.integers(0, n_users, 6_000)
+    ex_i = rng.integers(1, n_items, 6_000)
+    ex_u = np.r_[ex_u, np.zeros(n_items - 3, np.int64)]  # user 0: all but two items excluded
+    ex_i = np.r_[ex_i, np.arange(1, n_items - 2)]
+    exclude = UserItems.build(ex_u, ex_i, n_users)
+    positives = UserItems.build(rng.integers(0, n_users, 900), rng.integers(1, n_items, 900),
+                                n_users)
+    for counts in (rng.permutation(n_items) * 3,          # no ties
+                   rng.integers(0, 6, n_items)):          # many ties
+        top = popularity_top(popularity_order(counts), users, exclude, k)
+        # the reference: every item ranked per user by (count desc, index asc), exclusions out
+        hidden = np.zeros((n_users, n_items), bool)
+        rows, items = exclude.rows_and_items(users)
+        hidden[rows, items] = hidden[:, 0] = True
+        for u in (0, 1, 7, 150, 299):
+            ranked = [i for i in np.lexsort((np.arange(n_items), -counts)) if not hidden[u, i]]
+            want = (ranked + [-1] * k)[:k]
+            assert top[u].tolist() == want, u
+        assert (top[0] == -1).sum() >= k - 2  # at most two items were left to user 0
+        got = finish(top_sums(top, users, positives=positives, ks=[5, k], n_items=n_items))
+        if len(set(counts.tolist())) == n_items:  # without ties the full ranking agrees
+            full = finish(ranking_sums(popularity_scores(counts, n_users), users,
+                                       exclude=exclude, positives=positives, ks=[5, k]))
+            assert got == pytest.approx(full)
+        assert got["users"] == len(positives.users())
 
 
 def test_metrics_json_takes_every_user_figures_and_says_how_many_users():

@@ -25,12 +25,17 @@ from app.train.metrics import (
     binary_auroc,
     finish,
     fit_platt,
-    popularity_scores,
+    popularity_order,
+    popularity_top,
     ranking_sums,
     sample_users,
+    top_sums,
 )
 from app.train.model import ModelSpec, TwoTower
 from app.train.model_folder import load_exported
+
+
+QUERY_CHUNK = 8192  # users per query-tower forward while ranking (their scores in chunks)
 
 
 class Evaluator:
@@ -107,18 +112,19 @@ class Evaluator:
         over every user with positives or, with ``sample``, the validation sample."""
         users = self._my_users(split, sample)
         sums: dict[str, float] = {}
-        for c in range(self._n_chunks(len(users), self.chunk)):
-            part = users[c * self.chunk:(c + 1) * self.chunk]
-            # the query tower reads each user's latest training positives
-            q = model.query(self.maker.query(part if len(part) else np.zeros(1, np.int64))
+        for c in range(self._n_chunks(len(users), QUERY_CHUNK)):
+            batch = users[c * QUERY_CHUNK:(c + 1) * QUERY_CHUNK]
+            # the query tower reads each user's latest training positives: one sharded
+            # forward (collectives on every rank) per QUERY_CHUNK users, not per score chunk
+            q = model.query(self.maker.query(batch if len(batch) else np.zeros(1, np.int64))
                             .to(self.device))
-            if not len(part):
-                continue
-            scores = (q @ items.T).cpu()                                      # (U, num_items)
-            for k, v in ranking_sums(scores, part, exclude=self.exclude,
-                                     positives=self.positives[split], ks=self.ks,
-                                     owned=True).items():
-                sums[k] = sums.get(k, 0.0) + v
+            for s in range(0, len(batch), self.chunk):
+                part = batch[s:s + self.chunk]
+                scores = (q[s:s + self.chunk] @ items.T).cpu()                # (U, num_items)
+                for k, v in ranking_sums(scores, part, exclude=self.exclude,
+                                         positives=self.positives[split], ks=self.ks,
+                                         owned=True).items():
+                    sums[k] = sums.get(k, 0.0) + v
         return self._reduce(sums or {"users": 0.0, **{f"{m}@{k}": 0.0 for k in self.ks
                                                       for m in ("recall", "ndcg")}})
 
@@ -128,11 +134,13 @@ class Evaluator:
         users = self._my_users(split, sample)
         sums: dict[str, float] = {"users": 0.0, **{f"{m}@{k}": 0.0 for k in self.ks
                                                     for m in ("recall", "ndcg")}}
+        order = popularity_order(positive_counts)
+        kmax = min(max(self.ks), self.spec.num_items)
         for start in range(0, len(users), self.chunk):
             part = users[start:start + self.chunk]
-            for k, v in ranking_sums(popularity_scores(positive_counts, len(part)), part,
-                                     exclude=self.exclude, positives=self.positives[split],
-                                     ks=self.ks).items():
+            top = popularity_top(order, part, self.exclude, kmax)
+            for k, v in top_sums(top, part, positives=self.positives[split], ks=self.ks,
+                                 n_items=self.spec.num_items).items():
                 sums[k] += v
         return self._reduce(sums)
 

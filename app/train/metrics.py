@@ -105,13 +105,21 @@ def ranking_sums(scores: torch.Tensor, users: np.ndarray, *, exclude: UserItems,
     scores[:, 0] = float("-inf")
     rows, items = exclude.rows_and_items(users)
     scores[torch.from_numpy(rows), torch.from_numpy(items)] = float("-inf")
+    kmax = min(max(ks), n_items)
+    top = scores.topk(kmax, dim=1).indices.numpy()                            # (U, kmax)
+    return top_sums(top, users, positives=positives, ks=ks, n_items=n_items)
+
+
+def top_sums(top: np.ndarray, users: np.ndarray, *, positives: UserItems, ks: list[int],
+             n_items: int) -> dict[str, float]:
+    """:func:`ranking_sums` from each user's ranked items: ``top`` (U, kmax) item indices,
+    best first (-1: no item there)."""
+    n_rows, kmax = top.shape
     # each user's relevant items as sorted (row, item) keys, each pair once
     rows, items = positives.rows_and_items(users)
     relevant = np.unique(rows * n_items + items)
     n_pos = torch.from_numpy(np.bincount(relevant // n_items, minlength=n_rows))   # (U,)
-    kmax = min(max(ks), n_items)
-    top = scores.topk(kmax, dim=1).indices.numpy()                            # (U, kmax)
-    keys = np.arange(n_rows, dtype=np.int64)[:, None] * n_items + top
+    keys = np.where(top >= 0, np.arange(n_rows, dtype=np.int64)[:, None] * n_items + top, -1)
     hits = torch.from_numpy(np.isin(keys, relevant)).float()                  # (U, kmax)
     discount = 1.0 / torch.log2(torch.arange(2, kmax + 2, dtype=torch.float32))
     keep = n_pos > 0
@@ -135,6 +143,35 @@ def finish(sums: dict[str, float]) -> dict[str, float]:
 def popularity_scores(positive_counts: np.ndarray, n_users: int) -> torch.Tensor:
     """The popularity baseline's scores: every user gets each item's training positives."""
     return torch.from_numpy(positive_counts.astype(np.float32)).expand(n_users, -1)
+
+
+def popularity_order(positive_counts: np.ndarray) -> np.ndarray:
+    """Item indices by training positives, most first, ties by index (item 0, the unknown
+    item, left out): the popularity baseline's ranking, the same for every user."""
+    order = np.argsort(-positive_counts, kind="stable")
+    return order[order != 0]
+
+
+def popularity_top(order: np.ndarray, users: np.ndarray, exclude: UserItems, k: int
+                   ) -> np.ndarray:
+    """Each user's top ``k`` of :func:`popularity_order` without its excluded items: (U, k)
+    item indices, -1 where fewer are left. Only the first ``k`` + (the most items a user of
+    the chunk has excluded) places of the order can hold them, so this scans that many
+    columns instead of ranking the whole catalog per user."""
+    rows, items = exclude.rows_and_items(users)
+    counts = np.bincount(rows, minlength=len(users))
+    width = min(len(order), k + (int(counts.max()) if len(counts) else 0))
+    place = np.full(int(order.max(initial=0)) + 1, width, np.int64)
+    place[order[:width]] = np.arange(width)
+    p = place[items]
+    hidden = np.zeros((len(users), width + 1), bool)  # (the last column: beyond the width)
+    hidden[rows, p] = True
+    shown = ~hidden[:, :width]
+    first = shown & (np.cumsum(shown, axis=1) <= k)
+    top = np.full((len(users), k), -1, np.int64)
+    r, c = np.nonzero(first)
+    top[r, np.cumsum(first, axis=1)[r, c] - 1] = order[c]
+    return top
 
 
 def binary_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
