@@ -37,7 +37,7 @@ from app.core.publish import local_dir
 from app.data.dataset import load_vocab
 from app.data.validate import id_text
 from app.train.export import pair_probabilities
-from app.train.metrics import UserItems
+from app.train.metrics import UserItems, score_rows
 from app.train.model_folder import (
     item_popularity,
     load_exported,
@@ -223,14 +223,21 @@ class Recommender:
     def _exact(self, users: np.ndarray, given: Optional[list], exclude: np.ndarray, k: int
                ) -> tuple[np.ndarray, np.ndarray]:
         q = self._queries(users, given)
-        scores = q @ self.item_embeddings.T                                  # (U, num_items)
-        scores[:, 0] = float("-inf")  # the unknown-item row is never recommended
         rows, items = self._excluded(users, given, exclude)
-        if len(rows):
-            scores[torch.from_numpy(rows).to(self.device),
-                   torch.from_numpy(items).to(self.device)] = float("-inf")
-        top = scores.topk(k, dim=1)
-        return top.values.cpu().numpy(), top.indices.cpu().numpy()
+        values = np.empty((len(users), k), np.float32)
+        indices = np.empty((len(users), k), np.int64)
+        step = score_rows(self.num_items, self.device.type, cap=len(users))
+        for s in range(0, len(users), step):  # the queries in one call, scores in cache-sized parts
+            e = min(len(users), s + step)
+            scores = q[s:e] @ self.item_embeddings.T                        # (rows, num_items)
+            scores[:, 0] = float("-inf")  # the unknown-item row is never recommended
+            mine = (rows >= s) & (rows < e) if step < len(users) else slice(None)
+            if len(rows):
+                scores[torch.from_numpy(rows[mine] - s).to(self.device),
+                       torch.from_numpy(items[mine]).to(self.device)] = float("-inf")
+            top = scores.topk(k, dim=1)
+            values[s:e], indices[s:e] = top.values.cpu().numpy(), top.indices.cpu().numpy()
+        return values, indices
 
     def _approximate(self, users: np.ndarray, given: Optional[list], exclude: np.ndarray,
                      k: int) -> tuple[np.ndarray, np.ndarray]:

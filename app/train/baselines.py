@@ -40,7 +40,7 @@ import torch
 
 from app.core.config import TrainConfig
 from app.data.dataset import read_split_arrays
-from app.train.metrics import UserItems, finish, ranking_sums, sample_users
+from app.train.metrics import UserItems, finish, ranking_sums, sample_users, score_rows
 
 # user indices (u,) -> scores (u, num_items), a fresh tensor (ranking masks it in place)
 Scorer = Callable[[np.ndarray], torch.Tensor]
@@ -60,8 +60,8 @@ def split_metrics(score: Scorer, users: np.ndarray, *, exclude: UserItems,
                   positives: UserItems, ks: list[int], chunk: int = 0) -> dict[str, float]:
     """Recall@K / NDCG@K of a scorer over the given users, as for the model.
 
-    ``chunk``: users scored at once; 0 sizes chunks as the model's evaluation does, about 64 MB
-    of float32 scores (335 users at 50,000 items), learning the width from a first chunk of 64.
+    ``chunk``: users scored at once; 0 sizes chunks as the model's evaluation does on a CPU
+    (:func:`app.train.metrics.score_rows`), learning the width from a first chunk of 64.
     """
     sums: dict[str, float] = {}
     step, s = chunk or 64, 0
@@ -69,7 +69,7 @@ def split_metrics(score: Scorer, users: np.ndarray, *, exclude: UserItems,
         part = users[s:s + step]
         scores = score(part)
         if not chunk:
-            step = max(1, min(2048, (1 << 24) // max(1, scores.shape[1])))
+            step = score_rows(scores.shape[1])
         for k, v in ranking_sums(scores, part, exclude=exclude, positives=positives,
                                  ks=ks, owned=True).items():
             sums[k] = sums.get(k, 0.0) + v

@@ -29,6 +29,7 @@ from app.train.metrics import (
     popularity_top,
     ranking_sums,
     sample_users,
+    score_rows,
     top_sums,
 )
 from app.train.model import ModelSpec, TwoTower
@@ -61,8 +62,7 @@ class Evaluator:
             self.positives[split] = UserItems.build(rows["user"][pos].astype(np.int64),
                                                     rows["item"][pos].astype(np.int64),
                                                     spec.num_users)
-        # each user scored at once: (users, items) floats, kept to ~64 MB
-        self.chunk = int(max(1, min(2048, (1 << 24) // spec.num_items)))
+        self.chunk = score_rows(spec.num_items, device.type)  # users scored at once
         # per-epoch validation's users: drawn once, so every epoch is scored on the same ones
         self.sample = sample_users(self.positives["val"], val_sample_users)
         self.sampled = len(self.sample) < len(self.positives["val"].users())

@@ -26,7 +26,7 @@ class UserItems:
     """Items per user as CSR arrays: the items of user u are ``items[offsets[u]:offsets[u+1]]``."""
 
     offsets: np.ndarray  # (num_users + 1,) int64
-    items: np.ndarray    # (nnz,) int64 (or int32 where stored or shared: rows_and_items gives int64)
+    items: np.ndarray    # (nnz,) int64, or int32 where stored (rows_and_items: int64)
 
     @classmethod
     def build(cls, users: np.ndarray, items: np.ndarray, num_users: int,
@@ -59,6 +59,15 @@ class UserItems:
         restricted to a sample of its users)."""
         rows, items = self.rows_and_items(users)
         return UserItems.build(users[rows], items, len(self.offsets) - 1)
+
+
+def score_rows(num_items: int, device: str = "cpu", cap: int = 2048) -> int:
+    """Users to score at once against every item: on a CPU about 8 MB of float32 scores
+    (2^21), so that the matrix product's output and the top-K that reads it stay in cache
+    (at 50,000 items 41 users: the product and top-K of 1,000 users 0.11 s against 0.21 s
+    in 64 MB chunks); on a GPU about 64 MB, where larger calls pay."""
+    floats = 1 << 21 if device == "cpu" else 1 << 24
+    return int(max(1, min(cap, floats // max(num_items, 1))))
 
 
 def sample_users(positives: UserItems, size: int, seed: int = 0) -> np.ndarray:
