@@ -32,7 +32,7 @@ from app.core.contracts import Contract
 from app.core.preflight import check_infer
 from app.core.redact import redact
 from app.core.publish import OutputError, check_writable, local_dir, version_uri, writer
-from app.core.storage import FileSum, Location, NodeFolder, is_remote, resolve, unpack
+from app.core.storage import FileSum, Location, NodeFolder, is_remote, resolve
 from app.data.dataset import SPLITS, DatasetError, load_vocab, read_manifest
 from app.data.sink import put_parquet
 from app.serve.core import Recommender, build_faiss, id_keys
@@ -94,18 +94,11 @@ def check_dataset_matches(model_dir: Path, data_dir: str) -> None:
 
 
 def model_folder(model_dir: Any) -> str:
-    """The model folder on this node: a path as given, a :class:`NodeFolder` (read in place on
-    its node, fetched from it elsewhere), or ``[ref]`` of a folder packed by the driver
-    (:func:`app.core.storage.pack`), unpacked into this node's cache: an actor on another node
-    never needs the driver's disk."""
+    """The model folder on this node: a path as given, or a :class:`NodeFolder` (read in place
+    on its node, fetched from it and unpacked into this node's cache elsewhere: an actor on
+    another node never needs the driver's disk)."""
     if isinstance(model_dir, NodeFolder):
         return model_dir.local()
-    if isinstance(model_dir, list):
-        import ray
-
-        files = ray.get(model_dir[0]) if isinstance(model_dir[0], ray.ObjectRef) \
-            else model_dir[0]
-        return str(unpack(files))
     return str(model_dir)
 
 
@@ -133,8 +126,8 @@ class TopK(PartWriter):
     core (:class:`app.serve.core.Recommender`), written as one Parquet file (:class:`PartWriter`).
 
     Args:
-        model_dir: the model folder (each actor loads its own towers): a path, or ``[ref]``
-            of the packed folder (:func:`model_folder`).
+        model_dir: the model folder (each actor loads its own towers): a path, or a
+            :class:`NodeFolder` (:func:`model_folder`).
         shared: ``[ref]`` of a dict with ``items`` (num_items, D) embeddings, ``rated``
             (UserItems or None: what is left out), ``given`` (user id text -> item indices
             of a history, or None) and ``faiss`` (serialized index or None).
