@@ -101,27 +101,22 @@ def test_popularity_ranks_without_scoring_the_whole_catalog():
         assert got["users"] == len(positives.users())
 
 
-def test_metrics_json_takes_every_user_figures_and_says_how_many_users():
+def test_metrics_json_has_the_sample_on_val_every_user_on_test_and_says_how_many():
     ease = {"lambda": 100.0, "seconds": 1.0,
-            "val": {"recall@20": 0.19, "users": 1000},
-            "val_sample": {"recall@20": 0.2, "users": 100},
+            "val": {"recall@20": 0.2, "users": 100},
             "test": {"recall@20": 0.18, "users": 900}}
     history = [_epoch(1, 0.10),
-               _epoch(2, 0.12, test_users=900, **{"test_recall@20": 0.11,
-                                                  "final_val_loss": 0.6,
-                                                  "final_val_recall@20": 0.115,
-                                                  "final_val_users": 1000,
-                                                  "popularity_final_val_recall@20": 0.045,
-                                                  "popularity_final_val_users": 1000}),
+               _epoch(2, 0.12, test_users=900, **{"test_recall@20": 0.11}),
                _epoch(3, 0.11)]
     m = final_metrics(history, 2, {"ease": ease})
-    # the epochs' validation was over 100 sampled users; metrics.json's over all 1,000
-    assert m["model"]["val"] == {"loss": 0.6, "recall@20": 0.115, "users": 1000}
+    # validation: the exported epoch's figures on the 100 sampled users; test: all 900
+    assert m["model"]["val"] == {"loss": 0.5, "recall@20": 0.12, "users": 100}
     assert m["model"]["test"] == {"recall@20": 0.11, "users": 900}
-    assert m["popularity"]["val"] == {"recall@20": 0.045, "users": 1000}
-    assert m["ease"]["val"] == {"recall@20": 0.19, "users": 1000}
+    assert m["popularity"]["val"] == {"recall@20": 0.05, "users": 100}
+    assert m["popularity"]["test"] == {"recall@20": 0.04, "users": 900}
+    assert m["ease"] == ease
     assert (m["epochs"], m["best_epoch"]) == (3, 2)
-    # per epoch, EASE is reported on the sample the model is ranked on
+    # per epoch, EASE is reported on the same users as the model
     assert baseline_metrics({"ease": ease})["ease_val_users"] == 100
     assert baseline_metrics({"ease": ease})["ease_val_recall@20"] == 0.2
     line = epoch_line({**history[0], **baseline_metrics({"ease": ease})}, 1)
@@ -129,11 +124,11 @@ def test_metrics_json_takes_every_user_figures_and_says_how_many_users():
 
 
 @pytest.mark.slow
-def test_epochs_score_the_sample_and_the_exported_epoch_every_user(ray_local, movielens_dir,
-                                                                      tmp_path):
+def test_validation_scores_the_sample_and_test_every_user(ray_local, movielens_dir, tmp_path):
     """2 workers, a 200-user sample, an early stop (the exported epoch is an earlier one):
-    every epoch's model, popularity and EASE figures are over exactly the 200 users, and
-    metrics.json's over every validation and test user, as the exported weights score them."""
+    every epoch's model, popularity and EASE validation figures are over exactly the 200
+    users, metrics.json's too, and its test figures over every test user, as the exported
+    weights score them."""
     from app.core.config import load_config
     from app.train.driver import train
 
@@ -153,14 +148,13 @@ def test_epochs_score_the_sample_and_the_exported_epoch_every_user(ray_local, mo
     n_val, n_test = len(val_pos.users()), len(test_pos.users())
     assert size < n_val
     for who in ("model", "popularity", "ease"):
-        assert m[who]["val"]["users"] == n_val and m[who]["test"]["users"] == n_test
+        assert m[who]["val"]["users"] == size and m[who]["test"]["users"] == n_test
     assert "test_recall@20" in history[best - 1] and "test_recall@20" not in history[-1]
     # the figures are the exported (best) epoch's: its weights, on the sample and on everyone
     model_dir = Path(result.model_dir)
     sample = sample_users(val_pos, size)
+    assert m["model"]["val"]["recall@20"] == history[best - 1]["val_recall@20"]
     assert _recall(model_dir, movielens_dir, val_pos, sample) == pytest.approx(
-        history[best - 1]["val_recall@20"], abs=2e-3)
-    assert _recall(model_dir, movielens_dir, val_pos, val_pos.users()) == pytest.approx(
         m["model"]["val"]["recall@20"], abs=2e-3)
     assert _recall(model_dir, movielens_dir, test_pos, test_pos.users()) == pytest.approx(
         m["model"]["test"]["recall@20"], abs=2e-3)

@@ -232,10 +232,11 @@ class TrainConfig:
     dense_lr: float = _f(1e-3, "learning rate of the dense (MLP) optimizer")
     eval_k: list = _f([10, 20, 50], "cut-offs K of the Recall@K and NDCG@K evaluated")
     val_sample_users: int = _f(
-        5000, "validation users ranked after every epoch (early stopping, the epoch line): a "
-              "fixed seeded draw of those with validation positives, the same every epoch; "
-              "the exported epoch is then scored once on every user. 5,000 keeps an "
-              "evaluation under ~10% of an epoch from 1M rows up (0: every user)")
+        5000, "validation users ranked after every epoch (early stopping, the epoch line, "
+              "metrics.json's val figures, for the model and the baselines alike): a fixed "
+              "seeded draw of those with validation positives, the same every epoch; test is "
+              "ranked once on every user. 5,000 keeps an evaluation under ~10% of an epoch "
+              "from 1M rows up (0: every user)")
     history_dropout: float = _f(0.9, "share of history items dropped at random from each "
                                      "training batch (denoising)")
     user_id_dropout: float = _f(0.1, "share of training rows whose user id is hidden (the "
@@ -248,7 +249,8 @@ class TrainConfig:
                                  "above, where iALS is the strong baseline")
     baseline_select_users: int = _f(
         5000, "EASE and iALS baselines: validation users (a fixed seeded draw) their settings "
-              "are chosen on; val and test are then scored on every user (0: every user)")
+              "are chosen on; they are then scored on --val-sample-users validation users "
+              "and every test user, as the model is (0: every user)")
     baselines: Literal["all", "ease", "ials", "none"] = _f(
         "all", "driver-side baselines beside popularity: all = EASE (where it fits under "
                "--ease-max-dim) and iALS")

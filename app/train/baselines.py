@@ -120,17 +120,17 @@ def choose(candidates: Iterable[tuple[str, Callable[[], Scorer]]], users: np.nda
 def evaluate_chosen(chosen: Chosen, *, select_users: np.ndarray, epoch_users: np.ndarray,
                     exclude: UserItems, positives: dict[str, UserItems], ks: list[int],
                     select_on: str = "val") -> dict[str, Any]:
-    """The chosen scorer on every user of every split, and (``val_sample``) on the users the
-    model's epochs are scored on, when those are a sample (:mod:`app.train.evaluate`)."""
+    """The chosen scorer on the users the model is scored on: every user of each split, but
+    for ``select_on`` the model's per-epoch sample (``epoch_users``) when that is one
+    (:mod:`app.train.evaluate`); the selection's figures are reused when those are the same
+    users."""
     out: dict[str, Any] = {}
     for split in positives:
-        out[split] = split_metrics(chosen.score, positives[split].users(), exclude=exclude,
-                                   positives=positives[split], ks=ks)
-    if len(epoch_users) < len(positives[select_on].users()):
-        out[f"{select_on}_sample"] = (
-            chosen.metrics if np.array_equal(epoch_users, select_users) else
-            split_metrics(chosen.score, epoch_users, exclude=exclude,
-                          positives=positives[select_on], ks=ks))
+        users = epoch_users if split == select_on else positives[split].users()
+        out[split] = (chosen.metrics if split == select_on
+                      and np.array_equal(users, select_users) else
+                      split_metrics(chosen.score, users, exclude=exclude,
+                                    positives=positives[split], ks=ks))
     return out
 
 
@@ -253,7 +253,7 @@ def ease_baseline(train_users: np.ndarray, train_items: np.ndarray, *,
                   select_users: int = 0, epoch_users: int = 0, select_on: str = "val"
                   ) -> dict:
     """EASE fitted on the training positives, λ chosen on a sample of one split's users, then
-    every split evaluated on all its users.
+    evaluated on the users the model is: every test user, validation's per-epoch sample.
 
     Args:
         train_users, train_items: (N,) the training positives.
@@ -265,13 +265,13 @@ def ease_baseline(train_users: np.ndarray, train_items: np.ndarray, *,
         max_dim: largest matrix side to attempt; above it the baseline is skipped.
         select_users: users of ``select_on`` drawn to choose λ (0: all;
             :func:`~app.train.metrics.sample_users`, seed 0).
-        epoch_users: the size of the model's per-epoch validation sample (same draw), on which
-            the result is also given (``val_sample``); 0: every user.
+        epoch_users: the size of the model's per-epoch validation sample (same draw): the
+            users of the ``select_on`` figures; 0: every user.
         select_on: the split whose Recall@20 (or the largest K below it) picks λ.
 
     Returns:
         ``{"lambda", "form", "dim", "grid": {λ: sample recall}, "select_users", "seconds",
-        "timing": {"fit", "select", "evaluate"}, split: metrics, "val_sample"?: metrics}``,
+        "timing": {"fit", "select", "evaluate"}, split: metrics}``,
         or ``{"skipped": reason}``.
     """
     side = ease_size(train_users, train_items)
@@ -369,7 +369,7 @@ def ials_baseline(train_users: np.ndarray, train_items: np.ndarray, *,
                   threads: int = 0, gpu: Optional[bool] = None, select_on: str = "val"
                   ) -> dict:
     """iALS on the training positives, its (factors, regularization) chosen from a grid on a
-    sample of one split's users, every split then evaluated on all its users.
+    sample of one split's users, then evaluated as :func:`ease_baseline`.
 
     The grid is searched in two rounds, as successive halving does: every point is fitted
     for a third of ``iterations`` (at least one pass) and scored on the sample; the best one
@@ -384,8 +384,8 @@ def ials_baseline(train_users: np.ndarray, train_items: np.ndarray, *,
     Returns:
         ``{"factors", "regularization", "alpha", "iterations", "device", "grid":
         {"factors=F regularization=R": sample recall after the first round}, "select_users",
-        "seconds", "timing": {"fit", "select", "evaluate"}, split: metrics, "val_sample"?:
-        metrics}``, or ``{"skipped": reason}``.
+        "seconds", "timing": {"fit", "select", "evaluate"}, split: metrics}``, or
+        ``{"skipped": reason}``.
     """
     if len(train_users) == 0:
         return {"skipped": "no training positives"}

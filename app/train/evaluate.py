@@ -2,8 +2,9 @@
 the validation loss, and the popularity and driver-side baselines on the same users.
 
 Per-epoch validation ranks a fixed sample of the validation users (``--val-sample-users``):
-ranking costs users x items, which outgrows an epoch as the data grows. The epoch that is
-exported is scored once more at the end on every validation and every test user
+ranking costs users x items, which grows with the square of the data when users and items
+both grow. Validation's figures are the sample's throughout (``users`` says how many); the
+held-out test split is ranked once, at the end, on every user by the exported epoch
 (:func:`exported_metrics`).
 """
 
@@ -189,11 +190,10 @@ def prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
 
 def baseline_metrics(baselines: dict[str, Any]) -> dict[str, float]:
     """Flat ``<baseline>_<split>_<metric>`` entries of baselines computed by the driver, on
-    the users the model is scored on every epoch: validation's sample (``val_sample``, when
-    the driver scored one) and every test user."""
+    the users the model is scored on: validation's sample and every test user."""
     out: dict[str, float] = {}
     for name, result in baselines.items():
-        out.update(prefixed(f"{name}_val", result.get("val_sample", result.get("val", {}))))
+        out.update(prefixed(f"{name}_val", result.get("val", {})))
         out.update(prefixed(f"{name}_test", result.get("test", {})))
     return out
 
@@ -207,18 +207,9 @@ def popularity_metrics(evaluator: Evaluator, positive_counts: np.ndarray
             **prefixed("popularity_test", evaluator.popularity("test", positive_counts))}
 
 
-def exported_metrics(evaluator: Evaluator, model: TwoTower, positive_counts: np.ndarray
-                     ) -> dict[str, float]:
-    """The exported epoch on every user, once at the end: the test split (``test_*``) and,
-    when the epochs were scored on a sample, validation again (``final_val_*``, with
-    popularity's beside it: ``popularity_final_val_*``)."""
-    items = evaluator.item_embeddings(model)
-    out = prefixed("test", evaluator.ranking(model, "test", items))
-    if evaluator.sampled:
-        out.update(prefixed("final_val", evaluator.ranking(model, "val", items)))
-        out.update(prefixed("popularity_final_val",
-                            evaluator.popularity("val", positive_counts)))
-    return out
+def exported_metrics(evaluator: Evaluator, model: TwoTower) -> dict[str, float]:
+    """The exported epoch on every test user, once at the end (``test_*``)."""
+    return prefixed("test", evaluator.ranking(model, "test", evaluator.item_embeddings(model)))
 
 
 def epoch_line(m: dict[str, Any], best_epoch: int) -> str:
@@ -241,24 +232,19 @@ def epoch_line(m: dict[str, Any], best_epoch: int) -> str:
 def final_metrics(history: list[dict[str, Any]], best_epoch: int,
                   baselines: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The ``metrics.json`` shape: the model (its exported epoch), popularity and the driver's
-    baselines (EASE, iALS), each on val and test over every user with positives there
-    (``users``: how many); ``epochs`` trained and the ``best_epoch`` exported."""
+    baselines (EASE, iALS), each on the same users: validation's per-epoch sample and every
+    test user (``users``: how many); ``epochs`` trained and the ``best_epoch`` exported."""
     best = next(h for h in history if h["epoch"] == best_epoch)
 
     def pick(prefix: str) -> dict[str, float]:
         return {k[len(prefix):]: v for k, v in best.items() if k.startswith(prefix)}
 
-    # final_val_*: every validation user, when the epochs were scored on a sample of them
-    out: dict[str, Any] = {"model": {"val": {**pick("val_"), **pick("final_val_")},
-                                     "test": pick("test_")},
-                           "popularity": {"val": {**pick("popularity_val_"),
-                                                  **pick("popularity_final_val_")},
+    out: dict[str, Any] = {"model": {"val": pick("val_"), "test": pick("test_")},
+                           "popularity": {"val": pick("popularity_val_"),
                                           "test": pick("popularity_test_")}}
     for name, result in (baselines or {}).items():  # ease, ials (app.train.baselines)
-        # the driver's figures over every user (the epochs show them on the sample), with
-        # what it chose and how long it took; a skipped one says why
-        out[name] = ({"skipped": result["skipped"]} if "skipped" in result else
-                     {k: v for k, v in result.items() if k != "val_sample"})
+        # with what it chose and how long it took; a skipped one says why
+        out[name] = {"skipped": result["skipped"]} if "skipped" in result else dict(result)
     out.update({"epochs": history[-1]["epoch"], "best_epoch": best_epoch})
     return out
 

@@ -324,7 +324,7 @@ def evaluate(w: Worker, loaders: Loaders, state: CheckpointState,
 
 
 def score_exported(w: Worker, loaders: Loaders, state: CheckpointState) -> dict[str, float]:
-    """After the last epoch: the exported epoch on every validation and test user, once.
+    """After the last epoch: the exported epoch on every test user, once.
 
     Its weights are loaded from its checkpoint when it is an earlier epoch (this epoch's are
     saved already). The figures join its history entry, where ``metrics.json`` reads them,
@@ -334,21 +334,14 @@ def score_exported(w: Worker, loaders: Loaders, state: CheckpointState) -> dict[
     if state.best_epoch != state.epoch:
         load_epoch_weights(w, state.best_epoch)
     w.dmp.eval()
-    out = exported_metrics(loaders.evaluator, w.dmp.module.model, w.inputs.positive_counts)
-    if loaders.evaluator.sampled:  # the epochs' loss was over the sample's rows
-        assert loaders.val is not None
-        out.update(prefixed("final", validation_loss(
-            w.dmp, loaders.val, loaders.maker, w.cfg.train.batch_size, w.device,
-            w.inputs.spec.objective)))
+    out = exported_metrics(loaders.evaluator, w.dmp.module.model)
     best = next(h for h in state.history if h["epoch"] == state.best_epoch)
     best.update(out)
     ks = w.cfg.train.eval_ks()
     key = f"recall@{20 if 20 in ks else max(ks)}"
-    val = "final_val" if "final_val_users" in best else "val"
-    w.say(f"epoch {state.best_epoch} (exported) on every user: val {key} "
-          f"{best[f'{val}_{key}']:.4f} ({best[f'{val}_users']:,} users), test {key} "
-          f"{best[f'test_{key}']:.4f} ({best['test_users']:,} users); "
-          f"{time.perf_counter() - t0:.1f}s")
+    w.say(f"epoch {state.best_epoch} (exported): test {key} {best[f'test_{key}']:.4f} on "
+          f"every user ({best['test_users']:,}), val {key} {best[f'val_{key}']:.4f} on "
+          f"{best['val_users']:,}; {time.perf_counter() - t0:.1f}s")
     return out
 
 
