@@ -307,6 +307,8 @@ def test_scale_smoke(smokes):
     assert growth["infer"] == pytest.approx(expected, abs=0.02), growth
     assert result["dominant_stage"] == max(stages, key=lambda k: large[k])
     assert "dominant stage at 40,000 rows" in out
+    # eval counts the exported epoch's ranking of every test user, read from the run's log
+    assert len(re.findall(r"every test user ranked once: [0-9.]+s", out)) == 2, out
 
 
 @pytest.mark.slow  # three training runs (day 1, warm, scratch)

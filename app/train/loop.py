@@ -341,7 +341,7 @@ def score_exported(w: Worker, loaders: Loaders, state: CheckpointState) -> dict[
     key = f"recall@{20 if 20 in ks else max(ks)}"
     w.say(f"epoch {state.best_epoch} (exported): test {key} {best[f'test_{key}']:.4f} on "
           f"every user ({best['test_users']:,}), val {key} {best[f'val_{key}']:.4f} on "
-          f"{best['val_users']:,}; {time.perf_counter() - t0:.1f}s")
+          f"{best['val_users']:,}; {time.perf_counter() - t0:.2f}s")
     return out
 
 
