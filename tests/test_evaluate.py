@@ -1,8 +1,9 @@
-"""Per-epoch validation on a fixed sample of users, and the exported epoch on every user.
+"""Per-epoch validation on a fixed sample of users, and the test split on every user.
 
-Unit tier: the draw of the sample, restricted positives, the metrics.json shape and the epoch
-line. Slow tier: 2 workers train with a sample smaller than the validation users; every epoch
-is scored on exactly the sample (the baselines too) and the exported epoch on every user.
+Unit tier: the draw of the sample, restricted positives, popularity's and the catalog's top-K,
+the metrics.json shape and the epoch line. Slow tier: 2 workers train with a sample smaller
+than the validation users; every epoch and metrics.json's val are scored on exactly the sample
+(the baselines too) and the exported epoch on every test user.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from app.train.metrics import (
     popularity_top,
     ranking_sums,
     sample_users,
+    top_k,
     top_sums,
+    topk_block,
 )
 
 
@@ -65,6 +68,29 @@ def _epoch(epoch: int, val: float, **extra: float) -> dict:
             "val_users": 100, "popularity_val_recall@20": 0.05, "popularity_val_users": 100,
             "popularity_test_recall@20": 0.04, "popularity_test_users": 900,
             "ease_val_recall@20": 0.2, "ease_val_users": 100, **extra}
+
+
+@pytest.mark.parametrize("n, k", [(50_000, 50), (40_007, 100), (20_000, 50), (3_000, 20)])
+def test_block_top_k_is_the_catalogs_top_k(n, k):
+    """The blocked top-K (large catalogs, on a CPU) returns topk's scores, in order, and
+    columns holding them: with excluded (-inf) columns, ties, a partial last block, and rows
+    with fewer than k finite scores."""
+    import torch
+
+    gen = torch.Generator().manual_seed(n)
+    scores = torch.randn(64, n, generator=gen)
+    scores[:, torch.randint(0, n, (n // 10,), generator=gen)] = float("-inf")
+    scores[:8] = torch.randint(0, 40, (8, n), generator=gen).float()   # many ties
+    scores[8, k // 2:] = float("-inf")                                  # fewer than k left
+    scores[9, : n - 7] = float("-inf")                                  # only the tail left
+    want = scores.topk(k, dim=1)
+    values, columns = top_k(scores, k)
+    assert (topk_block(n, k) > 0) == (n >= 400 * k)
+    assert torch.equal(values, want.values)
+    assert torch.equal(scores.gather(1, columns), values)
+    assert all(len(set(r)) == k for r in columns.tolist())              # k distinct columns
+    untied = torch.arange(10, 64)
+    assert torch.equal(columns[untied], want.indices[untied])
 
 
 def test_popularity_ranks_without_scoring_the_whole_catalog():

@@ -37,7 +37,7 @@ from app.core.publish import local_dir
 from app.data.dataset import load_vocab
 from app.data.validate import id_text
 from app.train.export import pair_probabilities
-from app.train.metrics import UserItems, score_rows
+from app.train.metrics import UserItems, score_rows, top_k
 from app.train.model_folder import (
     item_popularity,
     load_exported,
@@ -235,8 +235,8 @@ class Recommender:
             if len(rows):
                 scores[torch.from_numpy(rows[mine] - s).to(self.device),
                        torch.from_numpy(items[mine]).to(self.device)] = float("-inf")
-            top = scores.topk(k, dim=1)
-            values[s:e], indices[s:e] = top.values.cpu().numpy(), top.indices.cpu().numpy()
+            top_values, top_indices = top_k(scores, k)
+            values[s:e], indices[s:e] = top_values.cpu().numpy(), top_indices.cpu().numpy()
         return values, indices
 
     def _approximate(self, users: np.ndarray, given: Optional[list], exclude: np.ndarray,

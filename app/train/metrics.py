@@ -62,12 +62,44 @@ class UserItems:
 
 
 def score_rows(num_items: int, device: str = "cpu", cap: int = 2048) -> int:
-    """Users to score at once against every item: on a CPU about 8 MB of float32 scores
-    (2^21), so that the matrix product's output and the top-K that reads it stay in cache
-    (at 50,000 items 41 users: the product and top-K of 1,000 users 0.11 s against 0.21 s
-    in 64 MB chunks); on a GPU about 64 MB, where larger calls pay."""
-    floats = 1 << 21 if device == "cpu" else 1 << 24
+    """Users to score at once against every item: on a CPU about 16 MB of float32 scores
+    (2^22), so that the matrix product's output and the top-K that reads it stay in cache
+    (at 50,000 items 83 users; the product, exclusions and top-50 of 6,000 users on one
+    thread: 0.89 s, against 1.05 s in 8 MB parts and 1.30 s in 64 MB); on a GPU about 64 MB,
+    where larger calls pay."""
+    floats = 1 << 22 if device == "cpu" else 1 << 24
     return int(max(1, min(cap, floats // max(num_items, 1))))
+
+
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``k`` largest scores and their columns, largest first: ``scores.topk(k,
+    dim=1)``, exact, and on a CPU 1.4x faster or more over a large catalog.
+
+    On a CPU the columns are cut into blocks; a row's k largest scores lie in its k blocks
+    with the largest maxima (any other block's maximum is below k distinct larger scores), so
+    the top-k is taken over those k x block candidates only. Which of several equal scores
+    comes first may differ from ``topk``'s (its order among ties is unspecified too)."""
+    n_rows, n = scores.shape
+    k = min(k, n)
+    block = topk_block(n, k) if scores.device.type == "cpu" else 0
+    if not block:
+        out = scores.topk(k, dim=1)
+        return out.values, out.indices
+    full = n // block * block
+    maxima = scores[:, :full].view(n_rows, full // block, block).amax(2)
+    blocks = maxima.topk(k, dim=1, sorted=False).indices                        # (rows, k)
+    columns = (blocks[:, :, None] * block + torch.arange(block)).reshape(n_rows, -1)
+    if full < n:  # the last, partial block is always a candidate
+        columns = torch.cat([columns, torch.arange(full, n).expand(n_rows, -1)], 1)
+    values, at = scores.gather(1, columns).topk(k, dim=1)
+    return values, columns.gather(1, at)
+
+
+def topk_block(n: int, k: int) -> int:
+    """:func:`top_k`'s block width for ``n`` columns: 32 where the catalog is at least 400
+    times ``k`` (the top 50 of 50,000 items: 1.4x ``topk``'s speed, of 200,000: 1.5-3.7x, on 2
+    cores), else 0: a plain ``topk``, faster on smaller catalogs (15,000 items: 0.7x)."""
+    return 32 if n >= 400 * k else 0
 
 
 def sample_users(positives: UserItems, size: int, seed: int = 0) -> np.ndarray:
@@ -115,7 +147,7 @@ def ranking_sums(scores: torch.Tensor, users: np.ndarray, *, exclude: UserItems,
     rows, items = exclude.rows_and_items(users)
     scores[torch.from_numpy(rows), torch.from_numpy(items)] = float("-inf")
     kmax = min(max(ks), n_items)
-    top = scores.topk(kmax, dim=1).indices.numpy()                            # (U, kmax)
+    top = top_k(scores, kmax)[1].numpy()                                       # (U, kmax)
     return top_sums(top, users, positives=positives, ks=ks, n_items=n_items)
 
 
