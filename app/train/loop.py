@@ -10,8 +10,8 @@ and Adam for the dense layers. The recipe, :func:`train_loop`, reads as its step
 
 After every epoch it evaluates (validation loss, AUROC for ``bce``, full-catalog Recall/NDCG@K
 on a fixed sample of the validation users beside the baselines on the same users:
-:mod:`app.train.evaluate`); after the last, the exported epoch is scored once on every
-validation and test user. Each epoch writes a sharded checkpoint
+:mod:`app.train.evaluate`); after the last, the exported epoch ranks every test user
+once. Each epoch writes a sharded checkpoint
 (``torch.distributed.checkpoint``: every rank writes its own shards, rank 0 the
 :class:`~app.train.checkpoint.CheckpointState`) and calls ``ray.train.report``. Restarted after
 a failure, it resumes from the latest checkpoint.
@@ -386,8 +386,8 @@ def save_and_report(w: Worker, state: CheckpointState, metrics: dict[str, Any],
     needs; then one ``ray.train.report`` per rank with the checkpoint.
 
     Args:
-        final: after the last epoch, the evaluation's loaders: the exported epoch is scored
-            on every user (:func:`score_exported`) between this epoch's shards and its
+        final: after the last epoch, the evaluation's loaders: the exported epoch ranks
+            every test user (:func:`score_exported`) between this epoch's shards and its
             state, so the state holds the figures while the shards stay this epoch's.
     """
     import json
