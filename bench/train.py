@@ -277,6 +277,9 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
             out["ms_per_batch"] = {"gather": 1e3 * (t1 - t0) / k,
                                    "make_batch": 1e3 * (t2 - t1) / k,
                                    "step": 1e3 * (t3 - t2) / k}
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank has read its last batch
+        stream.release()
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,27 @@ def test_batches_cover_the_split_once_per_epoch_and_reshuffle(movielens_dir):
     for got in epochs:
         assert np.array_equal(np.sort(got), want)  # every row once
     assert not np.array_equal(epochs[0], epochs[1])  # a new order each epoch
+
+
+def test_release_removes_the_streams_shared_memory_and_locks(movielens_dir):
+    """A stream's shared memory blocks and file locks are named by its prefix; after
+    release() none of them is left, and batches already being read still decode."""
+    import tempfile
+
+    ds = InteractionStream(str(movielens_dir / "val"), batch_size=1000)
+    tag = f"{ds._shm_prefix_int:06}_"
+    first = next(ds.iter_batches())
+
+    def left() -> list[str]:
+        return sorted([n for n in os.listdir("/dev/shm") if n.startswith(tag)]
+                      + [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(tag)])
+
+    assert any(n.endswith("_locals") for n in left()), left()  # what the stream made
+    assert any(n.endswith("_filelock") for n in left()), left()
+    ds.release()
+    assert left() == []
+    assert len(first["user"]) == 1000 and ds.size > 0
+    ds.release()  # twice is harmless
 
 
 def test_kjt_from_a_batch(movielens_dir):

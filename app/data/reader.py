@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -63,6 +64,19 @@ def streaming_classes() -> tuple[type, type]:
 StreamingDataset, Stream = streaming_classes()
 
 
+def _streaming_parts(obj: Any, kind: type, depth: int = 0) -> list[Any]:
+    """Instances of ``kind`` among ``obj``'s attributes and their streaming-owned attributes
+    (a SharedArray's block, a SharedScalar's array, a SharedBarrier's array), 3 levels deep."""
+    found: list[Any] = []
+    for value in vars(obj).values():
+        if isinstance(value, kind):
+            found.append(value)
+        elif depth < 3 and type(value).__module__.startswith("streaming.") \
+                and hasattr(value, "__dict__"):
+            found += _streaming_parts(value, kind, depth + 1)
+    return found
+
+
 class InteractionStream(StreamingDataset):
     """A ``StreamingDataset`` over one split that yields decoded batches of this rank's rows.
 
@@ -79,6 +93,30 @@ class InteractionStream(StreamingDataset):
         self._record = record_dtype(INTERACTION_COLUMNS)
         self._maps: dict[int, np.ndarray] = {}
         self._columns: dict[tuple[int, str], np.ndarray] = {}
+
+    def release(self) -> None:
+        """Remove the names of the shared memory blocks and file locks this process created
+        for the stream, once every rank is done with it.
+
+        streaming removes them at a normal interpreter exit only; Ray's workers are stopped
+        without one, so every run would leave its blocks in /dev/shm and its locks in the
+        temp folder (and later runs scan past them for a free prefix). Mappings already open,
+        in this process or another rank's, stay valid; only a new open by name would fail.
+        """
+        from streaming.base.shared.memory import SharedMemory
+
+        created = []
+        for block in _streaming_parts(self, SharedMemory):
+            created += block.created_shms
+            block.created_shms = []  # streaming's own exit handler has nothing left to do
+        for shm in created:
+            try:
+                shm.unlink()
+            except FileNotFoundError:
+                pass
+        if created:  # this process made the prefix: its locks are its own too
+            for path in (self._shared_barrier.filelock_path, self._cache_filelock_path):
+                Path(path).unlink(missing_ok=True)
 
     def _shard_array(self, shard_id: int) -> np.ndarray:
         if shard_id not in self._maps:

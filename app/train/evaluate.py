@@ -10,6 +10,7 @@ held-out test split is ranked once, at the end, on every user by the exported ep
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -67,6 +68,9 @@ class Evaluator:
         # per-epoch validation's users: drawn once, so every epoch is scored on the same ones
         self.sample = sample_users(self.positives["val"], val_sample_users)
         self.sampled = len(self.sample) < len(self.positives["val"].users())
+        # seconds spent by this rank since the last reset: the candidate tower over the
+        # catalog ("items"), the query tower ("queries"), scores and top-K ("ranking")
+        self.timing = {"items": 0.0, "queries": 0.0, "ranking": 0.0}
 
     def _my_users(self, split: str, sample: bool = False) -> np.ndarray:
         """This rank's share of a split's users with positives (of the validation sample)."""
@@ -88,6 +92,7 @@ class Evaluator:
     @torch.no_grad()
     def item_embeddings(self, model: TwoTower) -> torch.Tensor:
         """(num_items, D) candidate-tower outputs for every item index, on every rank."""
+        t0 = time.perf_counter()
         n = self.spec.num_items
         per = (n + self.world - 1) // self.world
         mine = np.arange(self.rank * per, min(n, (self.rank + 1) * per))
@@ -104,6 +109,7 @@ class Evaluator:
         padded[: len(local)] = local
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(parts, padded)
+        self.timing["items"] += time.perf_counter() - t0
         return torch.cat(parts)[:n]
 
     @torch.no_grad()
@@ -117,8 +123,10 @@ class Evaluator:
             batch = users[c * QUERY_CHUNK:(c + 1) * QUERY_CHUNK]
             # the query tower reads each user's latest training positives: one sharded
             # forward (collectives on every rank) per QUERY_CHUNK users, not per score chunk
+            t0 = time.perf_counter()
             q = model.query(self.maker.query(batch if len(batch) else np.zeros(1, np.int64))
                             .to(self.device))
+            t1 = time.perf_counter()
             for s in range(0, len(batch), self.chunk):
                 part = batch[s:s + self.chunk]
                 scores = (q[s:s + self.chunk] @ items.T).cpu()                # (U, num_items)
@@ -126,6 +134,8 @@ class Evaluator:
                                          positives=self.positives[split], ks=self.ks,
                                          owned=True).items():
                     sums[k] = sums.get(k, 0.0) + v
+            self.timing["queries"] += t1 - t0
+            self.timing["ranking"] += time.perf_counter() - t1
         return self._reduce(sums or {"users": 0.0, **{f"{m}@{k}": 0.0 for k in self.ks
                                                       for m in ("recall", "ndcg")}})
 

@@ -121,6 +121,13 @@ class Loaders:
     baselines: dict[str, float] = field(default_factory=dict)
     pipeline: Any = None                   # TorchRec's TrainPipelineSparseDist on a GPU
 
+    def release(self) -> None:
+        """Once every rank is done reading: the streams' shared memory and locks go
+        (:meth:`~app.data.reader.InteractionStream.release`)."""
+        for stream in (self.train, self.val):
+            if stream is not None:
+                stream.release()
+
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker function: setup -> restore -> per epoch: run_epoch -> evaluate ->
@@ -149,6 +156,8 @@ def train_loop(config: dict[str, Any]) -> None:
                         final=loaders if last and w.args.evaluate else None)
         if state.stopped_early:
             break
+    dist.barrier()  # every rank has read its last batch
+    loaders.release()
 
 
 def setup(args: WorkerArgs) -> Worker:
@@ -334,14 +343,19 @@ def score_exported(w: Worker, loaders: Loaders, state: CheckpointState) -> dict[
     if state.best_epoch != state.epoch:
         load_epoch_weights(w, state.best_epoch)
     w.dmp.eval()
-    out = exported_metrics(loaders.evaluator, w.dmp.module.model)
+    evaluator = loaders.evaluator
+    evaluator.timing = dict.fromkeys(evaluator.timing, 0.0)
+    t1 = time.perf_counter()
+    out = exported_metrics(evaluator, w.dmp.module.model)
     best = next(h for h in state.history if h["epoch"] == state.best_epoch)
     best.update(out)
     ks = w.cfg.train.eval_ks()
     key = f"recall@{20 if 20 in ks else max(ks)}"
+    parts = ", ".join(f"{k} {v:.1f}s" for k, v in
+                      {"weights": t1 - t0, **evaluator.timing}.items())
     w.say(f"epoch {state.best_epoch} (exported): test {key} {best[f'test_{key}']:.4f} on "
           f"every user ({best['test_users']:,}), val {key} {best[f'val_{key}']:.4f} on "
-          f"{best['val_users']:,}; {time.perf_counter() - t0:.2f}s")
+          f"{best['val_users']:,} ({parts}); {time.perf_counter() - t0:.2f}s")
     return out
 
 
