@@ -335,7 +335,8 @@ def _deploy(cfg: Config, model: str, say: Any, ours: Optional[list[Any]]) -> tup
     if not logs.level() == "verbose":
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     app = application(model, cfg)  # (checks the loopback bind before anything starts)
-    serve.start(http_options={"host": s.host, "port": s.port})
+    started = time.perf_counter()
+    start_serve(s)
     if ours is not None:
         ours.extend(descendants())
     say(f"deploying {model} (version {label}) at {url} ...")
@@ -347,9 +348,57 @@ def _deploy(cfg: Config, model: str, say: Any, ours: Optional[list[Any]]) -> tup
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ClusterError(f"the app did not deploy: {first[:300]} (the replicas' "
                            f"logs: {logs.log_dir()}/serve)") from None
+    wait_for_proxies(PROXY_START_S - (time.perf_counter() - started))
     say(f"ready in {time.perf_counter() - t0:.1f}s: POST {url}/recommend, POST "
         f"{url}/score, GET {url}/healthz, GET {url}/version; API page {url}/docs")
     return setup, url
+
+
+PROXY_START_S = 180.0  # for Serve's HTTP proxies to answer, from serve.start
+
+
+def start_serve(s: ServeConfig) -> None:
+    """``serve.start`` on ``s.host:s.port``, proof against a busy machine.
+
+    Serve gives a new HTTP proxy 5 s to start; one that has not (its worker process still
+    starting on loaded CPUs) is killed and ``serve.start`` raises, although the controller
+    starts another with a longer wait. So a proxy killed at start-up (``ActorDiedError``), or
+    not ready in Serve's 60 s (``TimeoutError``), is not an error here: ``serve.start`` joins
+    the running controller and :func:`wait_for_proxies` waits for the proxy it restarts.
+    """
+    import ray
+
+    try:
+        serve.start(http_options={"host": s.host, "port": s.port})
+    except (ray.exceptions.ActorDiedError, TimeoutError):
+        serve.start(http_options={"host": s.host, "port": s.port})
+
+
+def wait_for_proxies(timeout_s: float) -> None:
+    """Return once every Serve HTTP proxy is healthy (so the URL answers when the app is
+    called ready).
+
+    Raises:
+        ClusterError: a proxy not healthy within ``timeout_s`` (at least 10 s), naming its
+            node, its state and where Serve's logs are.
+    """
+    from app.core import logs
+    from app.core.cluster import ClusterError
+
+    deadline = time.monotonic() + max(timeout_s, 10.0)
+    while True:
+        proxies = {node: str(getattr(state, "value", state))
+                   for node, state in serve.status().proxies.items()}
+        waiting = {node: state for node, state in proxies.items()
+                   if state not in ("HEALTHY", "DRAINING")}
+        if proxies and not waiting:
+            return
+        if time.monotonic() >= deadline:
+            node, state = next(iter(waiting.items()), ("(none)", "not started"))
+            raise ClusterError(f"Serve's HTTP proxy on node {node[:12]} is {state} after "
+                               f"{PROXY_START_S:.0f}s (the proxies' logs: "
+                               f"{logs.log_dir()}/serve)")
+        time.sleep(0.25)
 
 
 def _serve_forever(s: ServeConfig, say: Any) -> None:
