@@ -16,6 +16,7 @@ import pytest
 
 from app.train.evaluate import baseline_metrics, epoch_line, final_metrics
 from app.train.metrics import (
+    Product,
     UserItems,
     finish,
     popularity_order,
@@ -91,6 +92,24 @@ def test_block_top_k_is_the_catalogs_top_k(n, k):
     assert all(len(set(r)) == k for r in columns.tolist())              # k distinct columns
     untied = torch.arange(10, 64)
     assert torch.equal(columns[untied], want.indices[untied])
+
+
+def test_the_product_reuses_one_block_and_equals_the_matrix_product():
+    """Chunks of queries of any size are scored into one block (no new allocation after the
+    largest), with the scores of ``q @ items.T``."""
+    import torch
+
+    gen = torch.Generator().manual_seed(3)
+    items = torch.randn(5000, 16, generator=gen)
+    product = Product(items, host=True)  # (host: no copy on a CPU)
+    first = product(torch.randn(40, 16, generator=gen))
+    for rows in (40, 7, 40, 1):
+        q = torch.randn(rows, 16, generator=gen)
+        scores = product(q)
+        assert scores.shape == (rows, 5000) and scores.data_ptr() == first.data_ptr()
+        assert torch.allclose(scores, q @ items.T, rtol=1e-5, atol=1e-5)
+    bigger = product(torch.randn(41, 16, generator=gen))
+    assert bigger.shape == (41, 5000)
 
 
 def test_popularity_ranks_without_scoring_the_whole_catalog():

@@ -37,7 +37,7 @@ from app.core.publish import local_dir
 from app.data.dataset import load_vocab
 from app.data.validate import id_text
 from app.train.export import pair_probabilities
-from app.train.metrics import UserItems, score_rows, top_k
+from app.train.metrics import Product, UserItems, score_rows, top_k
 from app.train.model_folder import (
     item_popularity,
     load_exported,
@@ -155,6 +155,7 @@ class Recommender:
         else:  # the object store's arrays are read-only: a copy, on the device
             self.item_embeddings = torch.tensor(items, device=self.device)
         self.num_items = len(self.item_embeddings)
+        self._items_t: Optional[torch.Tensor] = None  # (D, num_items), for batches of users
         self.faiss = None
         if faiss_index is not None:
             import faiss
@@ -227,9 +228,15 @@ class Recommender:
         values = np.empty((len(users), k), np.float32)
         indices = np.empty((len(users), k), np.int64)
         step = score_rows(self.num_items, self.device.type, cap=len(users))
+        if step < len(users):  # several parts (batch inference): into one reused block
+            if self._items_t is None:
+                self._items_t = self.item_embeddings.T.contiguous()
+            product = Product(items_t=self._items_t)
+        else:  # one part (a request): no copy of the catalog
+            product = lambda part: part @ self.item_embeddings.T  # noqa: E731
         for s in range(0, len(users), step):  # the queries in one call, scores in cache-sized parts
             e = min(len(users), s + step)
-            scores = q[s:e] @ self.item_embeddings.T                        # (rows, num_items)
+            scores = product(q[s:e])                                        # (rows, num_items)
             scores[:, 0] = float("-inf")  # the unknown-item row is never recommended
             mine = (rows >= s) & (rows < e) if step < len(users) else slice(None)
             if len(rows):

@@ -40,9 +40,17 @@ import torch
 
 from app.core.config import TrainConfig
 from app.data.dataset import read_split_arrays
-from app.train.metrics import UserItems, finish, ranking_sums, sample_users, score_rows
+from app.train.metrics import (
+    Product,
+    UserItems,
+    finish,
+    ranking_sums,
+    sample_users,
+    score_rows,
+)
 
-# user indices (u,) -> scores (u, num_items), a fresh tensor (ranking masks it in place)
+# user indices (u,) -> scores (u, num_items), the caller's until the scorer's next call
+# (ranking masks them in place; iALS writes every call into one reused block)
 Scorer = Callable[[np.ndarray], torch.Tensor]
 NAMES = {"ease": "EASE", "ials": "iALS"}
 
@@ -349,7 +357,7 @@ class IALS:
 
     def scorer(self) -> Scorer:
         uf, vf = (torch.from_numpy(a) for a in self.factors())
-        return lambda users: uf[users] @ vf.T                                 # (u, items)
+        return lambda users, product=Product(vf): product(uf[users])          # (u, items)
 
 
 def fit_ials(x: sp.csr_matrix, *, factors: int, regularization: float, alpha: float,

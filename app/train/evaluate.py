@@ -23,6 +23,7 @@ from app.data.reader import InteractionStream
 from app.train.batches import BatchMaker
 from app.train.inputs import BATCH_COLUMNS, equal_share
 from app.train.metrics import (
+    Product,
     UserItems,
     binary_auroc,
     finish,
@@ -119,6 +120,7 @@ class Evaluator:
         over every user with positives or, with ``sample``, the validation sample."""
         users = self._my_users(split, sample)
         sums: dict[str, float] = {}
+        product = Product(items, host=True)
         for c in range(self._n_chunks(len(users), QUERY_CHUNK)):
             batch = users[c * QUERY_CHUNK:(c + 1) * QUERY_CHUNK]
             # the query tower reads each user's latest training positives: one sharded
@@ -129,7 +131,7 @@ class Evaluator:
             t1 = time.perf_counter()
             for s in range(0, len(batch), self.chunk):
                 part = batch[s:s + self.chunk]
-                scores = (q[s:s + self.chunk] @ items.T).cpu()                # (U, num_items)
+                scores = product(q[s:s + self.chunk])                          # (U, num_items)
                 for k, v in ranking_sums(scores, part, exclude=self.exclude,
                                          positives=self.positives[split], ks=self.ks,
                                          owned=True).items():

@@ -15,7 +15,7 @@ The functions return sums and a user count, so that ranks of a distributed job c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -69,6 +69,39 @@ def score_rows(num_items: int, device: str = "cpu", cap: int = 2048) -> int:
     where larger calls pay."""
     floats = 1 << 22 if device == "cpu" else 1 << 24
     return int(max(1, min(cap, floats // max(num_items, 1))))
+
+
+class Product:
+    """``q @ items.T`` for chunks of queries, written into one reused block of scores.
+
+    A new block per chunk (16 MB on a CPU) is returned to the operating system when freed,
+    so every chunk paid its page faults again: at 50,000 items and 32 dimensions that was
+    half the product's time (2.3 s against 1.1 s for 20,000 users on one thread), and the
+    product is most of ranking a catalog. The items are kept transposed and contiguous.
+
+    The returned scores are a view of the block: use them (or copy them) before the next
+    call. ``host``: scores computed on a GPU are copied into a reused block in CPU memory.
+    ``items_t``: the items already transposed (contiguous), to share between products.
+    """
+
+    def __init__(self, items: Optional[torch.Tensor] = None, *, host: bool = False,
+                 items_t: Optional[torch.Tensor] = None) -> None:
+        self.items_t = items_t if items_t is not None else items.T.contiguous()  # (D, items)
+        self.host = host and self.items_t.device.type != "cpu"
+        self.out: Optional[torch.Tensor] = None
+        self.out_host: Optional[torch.Tensor] = None
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        n, width = len(q), self.items_t.shape[1]
+        if self.out is None or len(self.out) < n:
+            self.out = torch.empty(n, width, dtype=torch.result_type(q, self.items_t),
+                                   device=self.items_t.device)
+        scores = torch.mm(q, self.items_t, out=self.out[:n])
+        if not self.host:
+            return scores
+        if self.out_host is None or len(self.out_host) < n:
+            self.out_host = torch.empty(n, width, dtype=scores.dtype)
+        return self.out_host[:n].copy_(scores)
 
 
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
