@@ -70,8 +70,9 @@ class Evaluator:
         self.sample = sample_users(self.positives["val"], val_sample_users)
         self.sampled = len(self.sample) < len(self.positives["val"].users())
         # seconds spent by this rank since the last reset: the candidate tower over the
-        # catalog ("items"), the query tower ("queries"), scores and top-K ("ranking")
-        self.timing = {"items": 0.0, "queries": 0.0, "ranking": 0.0}
+        # catalog ("items"), the query tower ("queries"), the scores' matrix product
+        # ("scores"), exclusions, top-K and metrics ("ranking")
+        self.timing = {"items": 0.0, "queries": 0.0, "scores": 0.0, "ranking": 0.0}
 
     def _my_users(self, split: str, sample: bool = False) -> np.ndarray:
         """This rank's share of a split's users with positives (of the validation sample)."""
@@ -128,16 +129,18 @@ class Evaluator:
             t0 = time.perf_counter()
             q = model.query(self.maker.query(batch if len(batch) else np.zeros(1, np.int64))
                             .to(self.device))
-            t1 = time.perf_counter()
+            self.timing["queries"] += time.perf_counter() - t0
             for s in range(0, len(batch), self.chunk):
                 part = batch[s:s + self.chunk]
+                t1 = time.perf_counter()
                 scores = product(q[s:s + self.chunk])                          # (U, num_items)
+                t2 = time.perf_counter()
                 for k, v in ranking_sums(scores, part, exclude=self.exclude,
                                          positives=self.positives[split], ks=self.ks,
                                          owned=True).items():
                     sums[k] = sums.get(k, 0.0) + v
-            self.timing["queries"] += t1 - t0
-            self.timing["ranking"] += time.perf_counter() - t1
+                self.timing["scores"] += t2 - t1
+                self.timing["ranking"] += time.perf_counter() - t2
         return self._reduce(sums or {"users": 0.0, **{f"{m}@{k}": 0.0 for k in self.ks
                                                       for m in ("recall", "ndcg")}})
 
