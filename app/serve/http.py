@@ -396,8 +396,9 @@ def wait_for_proxies(timeout_s: float) -> None:
         if time.monotonic() >= deadline:
             node, state = next(iter(waiting.items()), ("(none)", "not started"))
             raise ClusterError(f"Serve's HTTP proxy on node {node[:12]} is {state} after "
-                               f"{PROXY_START_S:.0f}s (the proxies' logs: "
-                               f"{logs.log_dir()}/serve)")
+                               f"{PROXY_START_S:.0f}s: its node is too busy to start it, "
+                               f"or it fails (the proxies' logs: {logs.log_dir()}/serve); "
+                               f"free CPUs there, or see the logs, and deploy again")
         time.sleep(0.25)
 
 
