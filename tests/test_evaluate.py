@@ -96,20 +96,32 @@ def test_block_top_k_is_the_catalogs_top_k(n, k):
 
 def test_the_product_reuses_one_block_and_equals_the_matrix_product():
     """Chunks of queries of any size are scored into one block (no new allocation after the
-    largest), with the scores of ``q @ items.T``."""
+    largest), with the scores of ``q @ items.T``; an odd catalog's rows are padded to 64
+    bytes, and a product that shares another's items scores the same."""
     import torch
 
     gen = torch.Generator().manual_seed(3)
-    items = torch.randn(5000, 16, generator=gen)
+    items = torch.randn(5001, 16, generator=gen)
     product = Product(items, host=True)  # (host: no copy on a CPU)
+    assert product.items_t.shape == (16, 5008)
     first = product(torch.randn(40, 16, generator=gen))
     for rows in (40, 7, 40, 1):
         q = torch.randn(rows, 16, generator=gen)
         scores = product(q)
-        assert scores.shape == (rows, 5000) and scores.data_ptr() == first.data_ptr()
+        assert scores.shape == (rows, 5001) and scores.data_ptr() == first.data_ptr()
+        assert scores.stride() == (5008, 1)
         assert torch.allclose(scores, q @ items.T, rtol=1e-5, atol=1e-5)
     bigger = product(torch.randn(41, 16, generator=gen))
-    assert bigger.shape == (41, 5000)
+    assert bigger.shape == (41, 5001)
+    shared = Product(share=product)
+    assert shared.items_t is product.items_t
+    q = torch.randn(9, 16, generator=gen)
+    assert torch.equal(shared(q), product(q).clone())
+    # the padded scores rank as the plain ones do
+    values, columns = top_k(product(q), 50)
+    want = (q @ items.T).topk(50, dim=1)
+    assert torch.allclose(values, want.values, rtol=1e-5, atol=1e-5)
+    assert torch.equal(columns, want.indices)
 
 
 def test_popularity_ranks_without_scoring_the_whole_catalog():

@@ -155,7 +155,7 @@ class Recommender:
         else:  # the object store's arrays are read-only: a copy, on the device
             self.item_embeddings = torch.tensor(items, device=self.device)
         self.num_items = len(self.item_embeddings)
-        self._items_t: Optional[torch.Tensor] = None  # (D, num_items), for batches of users
+        self._catalog: Optional[Product] = None  # the items transposed, for batches of users
         self.faiss = None
         if faiss_index is not None:
             import faiss
@@ -229,9 +229,9 @@ class Recommender:
         indices = np.empty((len(users), k), np.int64)
         step = score_rows(self.num_items, self.device.type, cap=len(users))
         if step < len(users):  # several parts (batch inference): into one reused block
-            if self._items_t is None:
-                self._items_t = self.item_embeddings.T.contiguous()
-            product = Product(items_t=self._items_t)
+            if self._catalog is None:
+                self._catalog = Product(self.item_embeddings)
+            product = Product(share=self._catalog)
         else:  # one part (a request): no copy of the catalog
             product = lambda part: part @ self.item_embeddings.T  # noqa: E731
         for s in range(0, len(users), step):  # the queries in one call, scores in cache-sized parts

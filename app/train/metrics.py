@@ -77,31 +77,45 @@ class Product:
     A new block per chunk (16 MB on a CPU) is returned to the operating system when freed,
     so every chunk paid its page faults again: at 50,000 items and 32 dimensions that was
     half the product's time (2.3 s against 1.1 s for 20,000 users on one thread), and the
-    product is most of ranking a catalog. The items are kept transposed and contiguous.
+    product is most of ranking a catalog.
+
+    The items are kept transposed, contiguous, and padded with zero columns to a multiple of
+    16 (64 bytes): a catalog's tables have one row more than its items (index 0, unknown),
+    and a matrix product whose width is odd runs at about half speed on a CPU (279 queries x
+    15,001 items x 64 on one thread: 46 GFLOP/s, against 81 at 15,008; 39 against 69 at
+    50,001). The scores returned are the first ``len(items)`` columns of the block.
 
     The returned scores are a view of the block: use them (or copy them) before the next
     call. ``host``: scores computed on a GPU are copied into a reused block in CPU memory.
-    ``items_t``: the items already transposed (contiguous), to share between products.
+    ``share``: a product of the same items whose transposed copy this one uses (no new copy).
     """
 
+    ALIGN = 16  # columns: 64 bytes of float32
+
     def __init__(self, items: Optional[torch.Tensor] = None, *, host: bool = False,
-                 items_t: Optional[torch.Tensor] = None) -> None:
-        self.items_t = items_t if items_t is not None else items.T.contiguous()  # (D, items)
+                 share: Optional["Product"] = None) -> None:
+        if share is not None:
+            self.items_t, self.width = share.items_t, share.width
+        else:
+            self.width, dim = items.shape
+            padded = -(-self.width // self.ALIGN) * self.ALIGN
+            self.items_t = items.new_zeros(dim, padded)                       # (D, padded)
+            self.items_t[:, :self.width] = items.T
         self.host = host and self.items_t.device.type != "cpu"
         self.out: Optional[torch.Tensor] = None
         self.out_host: Optional[torch.Tensor] = None
 
     def __call__(self, q: torch.Tensor) -> torch.Tensor:
-        n, width = len(q), self.items_t.shape[1]
+        n, padded = len(q), self.items_t.shape[1]
         if self.out is None or len(self.out) < n:
-            self.out = torch.empty(n, width, dtype=torch.result_type(q, self.items_t),
+            self.out = torch.empty(n, padded, dtype=torch.result_type(q, self.items_t),
                                    device=self.items_t.device)
         scores = torch.mm(q, self.items_t, out=self.out[:n])
-        if not self.host:
-            return scores
-        if self.out_host is None or len(self.out_host) < n:
-            self.out_host = torch.empty(n, width, dtype=scores.dtype)
-        return self.out_host[:n].copy_(scores)
+        if self.host:
+            if self.out_host is None or len(self.out_host) < n:
+                self.out_host = torch.empty(n, padded, dtype=scores.dtype)
+            scores = self.out_host[:n].copy_(scores)
+        return scores[:, :self.width]
 
 
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
