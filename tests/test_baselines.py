@@ -163,3 +163,43 @@ def test_on_movielens_ials_beats_popularity_and_the_sampled_lambda_is_the_full_g
     assert out["ease"]["lambda"] == full["lambda"] == half["lambda"]
     assert half["select_users"] < full["select_users"] == out["ease"]["select_users"]
     assert half["val"] == full["val"]  # the same λ scored on every user
+
+
+def test_users_ranked_in_threads_give_the_figures_of_one_thread():
+    """iALS's scorer ranked from several threads at once (each scoring into a block of its own)
+    sums the same figures as one thread, and torch's thread count is restored after, an
+    error included."""
+    import torch
+
+    from app.train.baselines import split_metrics
+
+    rng = np.random.default_rng(4)
+    n_users, n_items = 300, 501
+    users, items = rng.integers(1, n_users, 6000), rng.integers(1, n_items, 6000)
+    x = positives_matrix(users[:5000], items[:5000], (n_users, n_items))
+    model = IALS(x, factors=8, regularization=1.0, alpha=10.0, threads=1, gpu=False).fit(3)
+    score = model.scorer()
+    exclude = UserItems.build(users[:5000], items[:5000], n_users)
+    positives = UserItems.build(users[5000:], items[5000:], n_users)
+    ranked = positives.users()
+    kw = dict(exclude=exclude, positives=positives, ks=[5, 20], chunk=7)
+    one = split_metrics(score, ranked, threads=1, **kw)
+    before = torch.get_num_threads()
+    assert split_metrics(score, ranked, threads=3, **kw) == one
+    assert torch.get_num_threads() == before
+    assert one["users"] == len(ranked) and 0 < one["recall@20"] < 1
+    # the same as ranking every user at once
+    uf, vf = model.factors()
+    scores = torch.from_numpy(uf[ranked] @ vf.T)
+    whole = finish(ranking_sums(scores, ranked, exclude=exclude, positives=positives,
+                                ks=[5, 20]))
+    assert whole["users"] == one["users"]
+    assert abs(whole["recall@20"] - one["recall@20"]) < 1e-9
+
+    def broken(part):
+        raise ValueError("no scores")
+
+    with pytest.raises(ValueError, match="no scores"):
+        split_metrics(lambda part: score(part) if part[0] == ranked[0] else broken(part),
+                      ranked, threads=2, **kw)
+    assert torch.get_num_threads() == before
