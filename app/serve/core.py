@@ -227,7 +227,7 @@ class Recommender:
         rows, items = self._excluded(users, given, exclude)
         values = np.empty((len(users), k), np.float32)
         indices = np.empty((len(users), k), np.int64)
-        step = score_rows(self.num_items, self.device.type, cap=len(users))
+        step = score_rows(self.num_items, cap=len(users))
         if step < len(users):  # several parts (batch inference): into one reused block
             if self._catalog is None:
                 self._catalog = Product(self.item_embeddings)

@@ -65,7 +65,7 @@ class Evaluator:
             self.positives[split] = UserItems.build(rows["user"][pos].astype(np.int64),
                                                     rows["item"][pos].astype(np.int64),
                                                     spec.num_users)
-        self.chunk = score_rows(spec.num_items, device.type)  # users scored at once
+        self.chunk = score_rows(spec.num_items)  # users scored at once
         # per-epoch validation's users: drawn once, so every epoch is scored on the same ones
         self.sample = sample_users(self.positives["val"], val_sample_users)
         self.sampled = len(self.sample) < len(self.positives["val"].users())
