@@ -272,19 +272,25 @@ def test_the_calibration_is_the_same_fitted_in_chunks(trained, movielens_dir, mo
 
 def test_scores_in_cache_sized_parts_rank_as_one_product(trained, monkeypatch):
     """The serving core scores a chunk of users in parts (about 64 MB of scores each; here
-    parts of 100 users): the same lists (items and scores) as one product for the whole
-    chunk, with rated items and a given history left out on the right rows."""
+    parts of 100 users) through a padded copy of the catalog: the same lists (items and
+    scores) as one product for the whole chunk, and as the item embeddings as they are (a
+    real-time request's path), with rated items and a given history left out on the right
+    rows."""
     import app.serve.core as core
     from app.serve.core import Recommender
 
     rec = Recommender(trained["model_dir"])
     users = np.arange(rec.model.spec.num_users)
     given = [np.array([5, 9, 11]) if u % 7 == 0 else None for u in users]
-    assert len(users) > 300
+    assert len(users) > core.BATCH_ROWS
     monkeypatch.setattr(core, "score_rows", lambda n, cap=2048: min(cap, 100))
     parted = rec.top_k(users, 20, given)
+    assert rec._catalog is not None and rec._catalog.items_t.shape[1] % 16 == 0
     monkeypatch.setattr(core, "score_rows", lambda n, cap=2048: cap)
     whole = rec.top_k(users, 20, given)
-    assert np.array_equal(parted[1], whole[1]) and np.array_equal(parted[2], whole[2])
-    assert np.allclose(parted[0], whole[0])
+    monkeypatch.setattr(core, "BATCH_ROWS", len(users) + 1)
+    plain = rec.top_k(users, 20, given)
+    for other in (whole, plain):
+        assert np.array_equal(parted[1], other[1]) and np.array_equal(parted[2], other[2])
+        assert np.allclose(parted[0], other[0])
     assert not np.isin(parted[1][::7], [5, 9, 11]).any()  # the given histories' items
