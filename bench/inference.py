@@ -20,9 +20,11 @@ matches it, without training:
            ``check_dataset_matches`` passes; the splits are only read when exclusion is on.
 Then, with Ray started and one untimed pipeline run on 64 users done before any clock (one
 actor: that run reads a users file, whose read tasks need a CPU the pool leaves free):
-  ceiling  -- the same scoring in this process on in-memory tensors: query embeddings (U, D)
-              @ item embeddings (N + 1, D).T in chunks of users (the pipeline's chunk rule),
-              column 0 (unknown item) masked, ``torch.topk`` K per row; every torch thread;
+  ceiling  -- the same scoring in this process on in-memory tensors, with the serving core's
+              kernels: query embeddings (U, D) x item embeddings (N + 1, D) in chunks of
+              users (the pipeline's chunk rule) into one reused block with rows padded to 64
+              bytes (``app.train.metrics.Product``), column 0 (unknown item) masked, the
+              blocked top-K (``app.train.metrics.top_k``); every torch thread;
   pipeline -- ``app.serve.batch.batch_inference`` end to end (model and dataset checks, item
               embeddings, actor pool start-up, ``map_batches(TopK)``, each actor writing its
               batches' Parquet files, the counts added up), with ``exclude_rated="none"``
@@ -94,6 +96,7 @@ from app.serve.batch import (  # noqa: E402
     check_dataset_matches,
 )
 from app.train.export import ExportedTwoTower  # noqa: E402
+from app.train.metrics import Product, top_k  # noqa: E402
 from app.train.model_folder import (  # noqa: E402
     WEIGHTS,
     item_popularity,
@@ -221,18 +224,18 @@ def ceiling(q: torch.Tensor, items: torch.Tensor, k: int
     top_i = torch.empty(n, k, dtype=torch.int64, device=device)
     mm = tk = 0.0
     with torch.no_grad():
+        product = Product(items)  # the serving core's kernels: padded product, blocked top-K
         if device.type == "cuda":  # untimed: CUDA's context, cuBLAS handles, topk's kernels
-            (q[:chunk] @ items.T).topk(k, dim=1)
+            top_k(product(q[:chunk]), k)
             sync()
         t0 = time.perf_counter()
         for s in range(0, n, chunk):
             a = time.perf_counter()
-            scores = q[s:s + chunk] @ items.T
+            scores = product(q[s:s + chunk])
             scores[:, 0] = float("-inf")
             sync()
             b = time.perf_counter()
-            top = scores.topk(k, dim=1)
-            top_v[s:s + chunk], top_i[s:s + chunk] = top.values, top.indices
+            top_v[s:s + chunk], top_i[s:s + chunk] = top_k(scores, k)
             sync()
             mm += b - a
             tk += time.perf_counter() - b
