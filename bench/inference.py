@@ -18,8 +18,8 @@ matches it, without training:
            checks (schema version, MDS columns) and ``write_model_json`` reads (created_unix,
            vocab, counts.splits). The vocab files are copies of the model's, so
            ``check_dataset_matches`` passes; the splits are only read when exclusion is on.
-Then, with Ray started and one untimed pipeline run on 64 users done before any clock (one
-actor: that run reads a users file, whose read tasks need a CPU the pool leaves free):
+Then, with Ray started and one untimed pipeline run on 64 users (a users file: one batch, so
+one actor) done before any clock:
   ceiling  -- the same scoring in this process on in-memory tensors, with the serving core's
               kernels: query embeddings (U, D) x item embeddings (N + 1, D) in chunks of
               users (the pipeline's chunk rule) into one reused block with rows padded to 64
@@ -353,7 +353,8 @@ def actor_stages(model_dir: Path, k: int, batch_size: int, batches: int,
                 c = time.perf_counter()
                 table = pa.Table.from_pandas(out, preserve_index=False)
                 d = time.perf_counter()
-                put_parquet(table, resolve(scratch / f"stages-{i}.parquet"))  # as an actor does
+                put_parquet(table, resolve(scratch / f"stages-{i}.parquet"),  # as an actor
+                            TopK.DICTIONARY)
                 e = time.perf_counter()
                 exact += b - a
                 recommend += c - b
@@ -430,7 +431,7 @@ def run(args: argparse.Namespace) -> None:
              log_to_driver=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # no per-dataset execution lines
-    default_pool = _device_and_pool(load_config())[1]
+    default_pool = _device_and_pool(load_config(), model_dir)[1]
     scratch = Path(tempfile.mkdtemp(prefix="inference-", dir=cache))
     configs = [(a, b) for b in args.batch_sizes for a in args.actors]
     ceilings: list[float] = []
@@ -441,9 +442,8 @@ def run(args: argparse.Namespace) -> None:
     seconds_of: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
     t_all = time.perf_counter()
     try:
-        # warm-up, untimed: the driver's first Ray Data execution and first actor process.
-        # One actor: a users file is read by Ray Data tasks, which need a CPU the pool leaves
-        # free (with the pool on every CPU the run waits for one forever)
+        # warm-up, untimed: the driver's first Ray Data execution (a users file read by its
+        # tasks before the pool starts) and first actor process
         few = scratch / "few-users.parquet"
         pq.write_table(pa.table({"userId": np.arange(1, 65, dtype=np.int64) + ID_BASE}), few)
         seconds, _ = pipeline(model_dir, data_dir, scratch / "warm-up", k=args.k, actors=1,

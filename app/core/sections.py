@@ -425,7 +425,8 @@ class InferenceConfig:
 
     top_k: int = _f(100, "length of each user's recommendation list")
     inference_batch_size: int = _f(1024, "users (or pairs) per map_batches call")
-    inference_actors: int = _f(0, "actors in the pool (0: one per GPU, else one per 2 CPUs)")
+    inference_actors: int = _f(
+        0, "actors in the pool (0: one per GPU, else one per CPU, as many as memory holds)")
     inference_device: Literal["auto", "cpu", "gpu"] = _f(
         "auto", "where actors score: a GPU each when the cluster has GPUs (auto), or as given")
     exclude_rated: Literal["all", "train", "none"] = _f(

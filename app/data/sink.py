@@ -101,11 +101,14 @@ class InteractionSink(Datasink):
             self.files[f"{name}/index.json"] = merge_split_index(resolve(self.root).join(name))
 
 
-def put_parquet(table: pa.Table, target: Location) -> FileSum:
+def put_parquet(table: pa.Table, target: Location,
+                use_dictionary: Union[bool, list[str]] = True) -> FileSum:
     """Write ``table`` as one Parquet file at ``target`` (one PUT on an object store),
-    hashing the bytes written rather than reading the file back. Returns their sum."""
+    hashing the bytes written rather than reading the file back. Returns their sum.
+    ``use_dictionary``: every column dictionary-encoded where it pays (pyarrow's default), or
+    only the columns named (the rest plain: no dictionary is built and dropped)."""
     buf = pa.BufferOutputStream()
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, use_dictionary=use_dictionary)
     data = buf.getvalue().to_pybytes()
     target.write_bytes(data)
     return FileSum.of(data)
