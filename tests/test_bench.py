@@ -204,12 +204,14 @@ def test_inference_smoke(smokes):
                           "pipeline_users_per_s", "pipeline_vs_ceiling", "pipeline_actors",
                           "pipeline_batch_size", "lists_agree_with_ceiling",
                           "pipeline_exclude_all_users_per_s", "stage_ms_per_1000_users",
-                          "actor_start_s", "seconds_total", *per_pool})
+                          "actor_start_s", "seconds_total", "pipeline_startup_s",
+                          "pipeline_batches_vs_ceiling", *per_pool})
     assert (result["users"], result["items"], result["dim"], result["k"]) == (2000, 1000, 16, 10)
     assert not [key for key in result if key.startswith("pipeline_2_actors")], sorted(result)
     positive(result, "ceiling_users_per_s", "pipeline_users_per_s",
              "pipeline_1_actors_users_per_s", "pipeline_exclude_all_users_per_s",
-             "actor_start_s", "seconds_total")
+             "actor_start_s", "seconds_total", "pipeline_startup_s",
+             "pipeline_batches_vs_ceiling")
     # at these sizes the pipeline's fixed costs dwarf the ceiling's milliseconds: its share
     # may round to 0.000, but it is the share of the figures beside it
     for a in ("", "_1_actors"):

@@ -63,6 +63,9 @@ def test_every_user_gets_k_ranked_unrated_items(recommendations, movielens_dir):
     pairs = zip(df["userId"].map(user_index), df["movieId"].map(item_index))
     assert not any(p in rated for p in pairs)
     assert not list(out.glob(".partial-*"))
+    # the pool's start and its batches, as the actors' clocks saw them, within the run's time
+    assert 0 < summary.startup_seconds and 0 < summary.batch_seconds
+    assert summary.startup_seconds + summary.batch_seconds <= summary.seconds
 
 
 def test_recommendations_reproduce_the_training_test_recall(trained, movielens_dir, tmp_path):

@@ -70,6 +70,8 @@ class RecommendationsSummary(Contract):
     rows: int
     seconds: float
     output: Optional[str] = None  # the published version (set once published)
+    startup_seconds: Optional[float] = None  # the pool's start: to the first batch
+    batch_seconds: Optional[float] = None    # the first batch's start to the last one's end
     users: Optional[int] = None
     k: Optional[int] = None
     short_lists: Optional[int] = None
@@ -112,7 +114,8 @@ def model_folder(model_dir: Any) -> str:
 class PartWriter:
     """Base of the pool's actors: each batch's output is written as one Parquet file
     ``part-<uuid>.parquet`` into the version's folder (``target``, on any node), and the actor
-    returns one row for it: ``file``, ``size``, ``sha256`` and the counts of :meth:`tally`."""
+    returns one row for it: ``file``, ``size``, ``sha256``, ``started`` and ``ended`` (the
+    batch's wall-clock span, Unix seconds) and the counts of :meth:`tally`."""
 
     target: Location
     DICTIONARY: Any = True  # the columns put_parquet dictionary-encodes (True: any that pays)
@@ -121,11 +124,13 @@ class PartWriter:
         """Counts of one written file that the driver adds up for the summary."""
         raise NotImplementedError
 
-    def written(self, frame: pd.DataFrame) -> pd.DataFrame:
+    def written(self, frame: pd.DataFrame, started: float) -> pd.DataFrame:
+        """``frame`` written as one file; ``started``: when the batch's call began."""
         table = pa.Table.from_pandas(frame, preserve_index=False)
         name = f"part-{uuid.uuid4().hex}.parquet"
         done = put_parquet(table, self.target.join(name), self.DICTIONARY)
         return pd.DataFrame([{"file": name, "size": done.size, "sha256": done.sha256,
+                              "started": started, "ended": time.time(),
                               **self.tally(table)}])
 
 
@@ -160,11 +165,13 @@ class TopK(PartWriter):
         self.target = target
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        started = time.time()
         given = None
         if self.given:
             given = [self.given.get(v) if v is not pd.NA else None
                      for v in id_keys(batch["userId"]).tolist()]
-        return self.written(self.core.recommend(batch["userId"], self.k, given=given))
+        return self.written(self.core.recommend(batch["userId"], self.k, given=given),
+                            started)
 
     def tally(self, table: pa.Table) -> dict[str, int]:
         firsts = pc.equal(table["rank"], 1)
@@ -185,7 +192,8 @@ class PairScores(PartWriter):
         self.target = target
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        return self.written(self.core.score_pairs(batch["userId"], batch["movieId"]))
+        started = time.time()
+        return self.written(self.core.score_pairs(batch["userId"], batch["movieId"]), started)
 
     def tally(self, table: pa.Table) -> dict[str, int]:
         n = table.num_rows
@@ -300,9 +308,10 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
                 "model": model if ":/" in model and not is_remote(model) else version_uri(model),
                 "device": ctx.device, "dataset": ctx.data_uri, "actors": ctx.pool,
                 **job.fields}
-            files, counts = write_with_actors(ctx, job, lease.target)
+            files, counts, timing = write_with_actors(ctx, job, lease.target)
             lease.record(files)  # hashed by the actors as written: never read back
             summary.update(job.summarize(counts))
+            summary.update(timing)
             summary["seconds"] = round(time.perf_counter() - t0, 2)
             # the version this block publishes: its name is chosen before it is written
             summary["output"] = lease.version.uri
@@ -311,7 +320,10 @@ def batch_inference(cfg: Config, model: str, data_dir: str, output: str, *,
             done.write(tmp)
         what = (f"{done.users:,} users x {done.k} = {done.rows:,} rows"
                 if done.mode == "recommend" else f"{done.rows:,} pairs")
-        say(f"{what} in {done.seconds:.1f}s ({ctx.pool} {ctx.device} actor(s)) -> {done.output}")
+        pool = (f"; {done.startup_seconds:.1f}s starting, {done.batch_seconds:.1f}s on the "
+                f"batches" if done.batch_seconds is not None else "")
+        say(f"{what} in {done.seconds:.1f}s ({ctx.pool} {ctx.device} actor(s){pool}) -> "
+            f"{done.output}")
         return done
 
 
@@ -364,14 +376,17 @@ def open_context(cfg: Config, model: str, data_dir: str, *, reads: bool = False)
 
 
 def write_with_actors(ctx: Context, job: Job, target: Location
-                      ) -> tuple[dict[str, FileSum], Counter]:
+                      ) -> tuple[dict[str, FileSum], Counter, dict[str, float]]:
     """The job's rows through ``map_batches`` on one actor pool, each batch written by its
     actor as a Parquet file in the version's folder ``target``.
 
     Returns:
-        (file name -> its sum as written, the files' counts added up: 0 where none). A
-        file in ``target`` that no returned row names (a retried batch's first attempt) is
-        deleted, so the version holds each row once.
+        (file name -> its sum as written, the files' counts added up: 0 where none, the
+        pool's timing: ``startup_seconds`` from the execution's start to the first batch's
+        (the actors' start: a fresh process each, importing torch), ``batch_seconds`` from
+        then to the last batch's end; wall clocks of the actors' nodes). A file in
+        ``target`` that no returned row names (a retried batch's first attempt) is deleted,
+        so the version holds each row once.
     """
     from ray.data import ActorPoolStrategy
 
@@ -380,14 +395,19 @@ def write_with_actors(ctx: Context, job: Job, target: Location
         fn_constructor_kwargs={"model_dir": ctx.model_ref, **job.kwargs,
                                "device": ctx.device, "target": target},
         compute=ActorPoolStrategy(size=ctx.pool), **ctx.resources)
+    submitted = time.time()  # the pool starts with the execution
     with logs.native_notices_filtered():
         rows = parts.to_pandas()
     files = {r.file: FileSum(int(r.size), r.sha256) for r in rows.itertuples()}
     for name in target.children():
         if name.startswith("part-") and name not in files:
             target.join(name).delete()
-    counted = rows.drop(columns=["file", "size", "sha256"], errors="ignore")
-    return files, Counter({c: int(counted[c].sum()) for c in counted.columns})
+    counted = rows.drop(columns=["file", "size", "sha256", "started", "ended"],
+                        errors="ignore")
+    timing = {"startup_seconds": round(float(rows["started"].min()) - submitted, 2),
+              "batch_seconds": round(float(rows["ended"].max() - rows["started"].min()), 2)} \
+        if len(rows) else {}
+    return files, Counter({c: int(counted[c].sum()) for c in counted.columns}), timing
 
 
 def pairs_job(ctx: Context, pairs: str, say: Callable[[str], None]) -> Job:
