@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from app.core import logs
-from app.core.config import Config
+from app.core.config import Config, InferenceConfig
 from app.core.contracts import Contract
 from app.core.preflight import check_infer
 from app.core.redact import redact
@@ -218,7 +218,7 @@ def _device_and_pool(cfg: Config, model_dir: Path, *, reads: bool = False
                       reads=reads)
 
 
-def pool_shape(resources: dict[str, float], inf: Any, model_bytes: int, *,
+def pool_shape(resources: dict[str, float], inf: InferenceConfig, model_bytes: int, *,
                reads: bool = False) -> tuple[str, int, dict[str, Any]]:
     """(device, pool size, Ray resources per actor) from the cluster's resources and the
     inference config (``inference_device``, ``inference_actors``).
@@ -404,7 +404,8 @@ def write_with_actors(ctx: Context, job: Job, target: Location
             target.join(name).delete()
     counted = rows.drop(columns=["file", "size", "sha256", "started", "ended"],
                         errors="ignore")
-    timing = {"startup_seconds": round(float(rows["started"].min()) - submitted, 2),
+    # clocks of other nodes may run a little apart from this one's: never below 0
+    timing = {"startup_seconds": round(max(0.0, float(rows["started"].min()) - submitted), 2),
               "batch_seconds": round(float(rows["ended"].max() - rows["started"].min()), 2)} \
         if len(rows) else {}
     return files, Counter({c: int(counted[c].sum()) for c in counted.columns}), timing
