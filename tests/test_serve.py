@@ -94,6 +94,7 @@ def test_recommendations_equal_the_batch_table_and_the_core(app_url, trained, mo
         assert [i["item_id"] for i in body["items"]] == want["movieId"].astype(str).tolist()
         assert np.allclose([i["score"] for i in body["items"]], want["score"], atol=1e-4)
         assert body["source"] == want["source"].iloc[0]
+        assert [i["title"] for i in body["items"]] == want["title"].tolist()
         assert body["user_known"] == (user != 99999999)
         mine = core.recommend([user], k=20)
         assert mine["movieId"].tolist() == want["movieId"].astype(int).tolist()

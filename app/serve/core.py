@@ -147,10 +147,9 @@ class Recommender:
         self.user_ids = vocab["users"]["id"].to_pandas()
         self.item_ids = vocab["items"]["id"].to_pandas()
         self.item_id_text = np.asarray(vocab_index(vocab["items"]["id"]), dtype=object)
-        self.titles = (np.asarray(vocab["items"]["title"].to_pylist(), dtype=object)
+        # each item's title (an Arrow array: taken for a list's rows without a copy per row)
+        self.titles = (vocab["items"]["title"].combine_chunks()
                        if "title" in vocab["items"].column_names else None)
-        self._title_text = (vocab["items"]["title"].combine_chunks()
-                            if self.titles is not None else None)
         self._user_index = vocab_index(vocab["users"]["id"])
         self._item_index = vocab_index(vocab["items"]["id"])
         self.popularity = item_popularity(model_dir).astype(np.float32)
@@ -379,7 +378,7 @@ class Recommender:
             "fallback": np.repeat(source == "popularity", k),
             "source": _SOURCE_TEXT.take(np.repeat(code, k)).to_pandas()})
         if self.titles is not None:
-            out["title"] = self._title_text.take(row).to_pandas()
+            out["title"] = self.titles.take(row).to_pandas()
         keep = np.isfinite(scores.ravel()) & (flat > 0)
         return out if keep.all() else out[keep].reset_index(drop=True)
 

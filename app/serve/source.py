@@ -108,7 +108,8 @@ def recommend_many(core: Any, requests: list[RecommendRequest]) -> list[dict[str
         n = min(r.k, scores.shape[1])
         keep = np.isfinite(scores[row, :n]) & (items[row, :n] > 0)
         idx, sc = items[row, :n][keep], scores[row, :n][keep]
-        titles = core.titles[idx - 1] if core.titles is not None else [None] * len(idx)
+        titles = (core.titles.take(idx - 1).to_pylist() if core.titles is not None
+                  else [None] * len(idx))
         out.append({"model_version": core.version, "user_known": bool(users[row] > 0),
                     "source": str(source[row]), "unknown_history_items": int(unknown[row]),
                     "items": [{"item_id": core.item_id_text[i - 1], "score": float(v),
